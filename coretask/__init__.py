@@ -1,0 +1,31 @@
+"""coretask: reliable background tasks for synchronous Python on Redis, Valkey and ElastiCache.
+
+Delivery contract: at least once — a task may run twice if its worker dies mid-task, never zero
+times once ``enqueue_task`` has returned.
+"""
+from __future__ import annotations
+
+from .batch import BatchBuilder
+from .client import TaskProcessor
+from .context import TaskContext
+from .encoding import Call, Serializer, TaskData, call
+from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,
+                     ScriptError, SerializationError, StoreError, StoreFull, TargetError, TaskCanceled,
+                     TaskLoadError)
+from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo
+from .options import Options
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # client
+    "TaskProcessor", "Options", "BatchBuilder", "TaskContext",
+    # what can be enqueued
+    "call", "Call", "TaskData", "Serializer",
+    # introspection views
+    "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask",
+    # errors
+    "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
+    "PayloadTooLarge", "TaskLoadError", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
+    "TaskCanceled",
+]

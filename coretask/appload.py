@@ -1,0 +1,48 @@
+"""Finding the user's TaskProcessor from a ``MODULE:ATTRIBUTE`` string (CLI and child processes)."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .client import TaskProcessor
+
+
+def load_processor(app: str) -> TaskProcessor:
+    """Import ``module:attribute``; the attribute is a TaskProcessor or a callable returning one.
+    The current directory is importable, as for ``python -m``."""
+    from .client import TaskProcessor
+
+    module_name, _, attr = app.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"--app must look like MODULE:ATTRIBUTE (e.g. myapp.tasks:processor), got {app!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: object = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--app {app}: module {module_name!r} cannot be imported: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"--app {app}: {module_name} has no attribute {attr!r}") from None
+    if not isinstance(obj, TaskProcessor) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, TaskProcessor):
+        raise ConfigurationError(f"--app {app} is a {type(obj).__name__}, not a TaskProcessor")
+    return obj
+
+
+def with_overrides(processor: TaskProcessor, **changes: object) -> TaskProcessor:
+    """The same processor, or a new one with some options changed (CLI flags win)."""
+    from .client import TaskProcessor
+
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+        return processor
+    return TaskProcessor(processor.options.replace(**changes))

@@ -1,0 +1,117 @@
+"""Batch building: tasks are staged in bounded chunks, then committed in one script.
+
+The builder never holds more than one chunk of encoded tasks, so a 100,000-task batch enqueues
+in bounded memory, and every script call touches at most one chunk, so Redis is never blocked
+for long. Staged data is invisible to workers until the commit; on any error it is removed
+(and it expires on its own if the producer dies), so a batch lands whole or not at all.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from .encoding import Call, TaskData, encode
+from .errors import ConfigurationError, StoreError
+from .options import check_queue_name
+
+if TYPE_CHECKING:
+    from .client import TaskProcessor
+
+__all__ = ["BatchBuilder"]
+
+CHUNK = 1000                       # tasks per staging call
+PUBLISH_CHUNK = 2000               # tasks per publication call
+STAGE_TTL_MS = 3600 * 1000         # a batch must be built within an hour
+CONTINUE_ON = ("success", "complete")
+
+
+class BatchBuilder:
+    """Collects the tasks and continuations of one batch (or one append to a batch)."""
+
+    def __init__(self, processor: TaskProcessor, queue: str, tenant: str, batch_id: str,
+                 scope: str | None, mode: str) -> None:
+        self._p = processor
+        self.queue = queue
+        self.tenant = tenant
+        self.id: str | None = batch_id if mode == "append" else None
+        self._batch_id = batch_id
+        self._scope = scope
+        self._mode = mode
+        self._stage = uuid.uuid4().hex[:12]
+        self._chunk: list[Any] = []
+        self.tasks = 0
+        self.continuations = 0
+        k = processor.store.keys
+        base = k.batch(batch_id)
+        self._staged, self._cstaged = f"{base}:s:{self._stage}", f"{base}:c:{self._stage}"
+        self._pub = f"{base}:p:{self._stage}"
+
+    def enqueue(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
+                delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
+                **kwargs: Any) -> str:
+        """Add a task to the batch; returns its id."""
+        self.tasks += 1
+        return self._add(fn, args, kwargs, queue, delay_until, retries, "")
+
+    def continue_with(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
+                      on: str = "success", **kwargs: Any) -> str:
+        """Run ``fn`` once the batch finishes: on="success" when every task succeeded,
+        on="complete" when every task reached a final state. Runs at most once."""
+        if on not in CONTINUE_ON:
+            raise ConfigurationError(f"continue_with(on=...) must be one of {', '.join(CONTINUE_ON)}, got {on!r}")
+        self.continuations += 1
+        return self._add(fn, args, kwargs, queue, None, None, on)
+
+    def _add(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], queue: str | None,
+             delay_until: Any, retries: int | None, on: str) -> str:
+        p = self._p
+        q = check_queue_name(queue, "queue") if queue is not None else self.queue
+        enc = encode(p._as_call(fn, args, kwargs), p._serializer, p.options.max_payload_bytes)
+        task_id = uuid.uuid4().hex
+        self._chunk += [task_id, q, self.tenant, enc.payload, enc.serializer, enc.target,
+                        p._retries(retries), p._due_ms(delay_until), on]
+        if len(self._chunk) >= CHUNK * 9:
+            self._flush()
+        return task_id
+
+    def _flush(self) -> None:
+        if self._chunk:
+            k = self._p.store.keys
+            self._p.store.run("batch_stage", [self._staged, self._cstaged, k.queues],
+                              [k.prefix, STAGE_TTL_MS, self._batch_id, *self._chunk])
+            self._chunk = []
+
+    def _commit(self) -> bool:
+        store = self._p.store
+        k = store.keys
+        self._flush()
+        res = store.run("batch_commit",
+                        [k.batch(self._batch_id), self._staged, self._cstaged, self._pub, k.publishing,
+                         k.batches(self.tenant), f"{k.batch(self._batch_id)}:cont"],
+                        [k.prefix, self._batch_id, self._stage, self.tenant, self.queue, self._scope or "",
+                         self._mode, self.tasks, self.continuations])
+        if res == -1:
+            raise StoreError(f"batch {self._batch_id}: staged data expired before the commit "
+                             "(building took over an hour); nothing was enqueued")
+        if res == 0:
+            self._abort()
+            return False
+        publish(store, self._batch_id, self._stage)
+        self.id = self._batch_id
+        return True
+
+    def _abort(self) -> None:
+        store = self._p.store
+        self._chunk = []
+        while store.run("batch_abort", [self._staged, self._cstaged], [store.keys.prefix, CHUNK]):
+            pass
+
+
+def publish(store: Any, batch_id: str, stage: str) -> None:
+    """Move a committed stage's tasks to their queues, one bounded chunk per call."""
+    k = store.keys
+    pub = f"{k.batch(batch_id)}:p:{stage}"
+    while store.run("batch_publish", [pub, k.publishing], [k.prefix, batch_id, stage, PUBLISH_CHUNK]):
+        pass

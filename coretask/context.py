@@ -1,0 +1,62 @@
+"""TaskContext: what a running task (and every hook) knows about itself."""
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from .errors import LeaseLost, TaskCanceled
+
+if TYPE_CHECKING:
+    from .models import BatchInfo
+    from .store import Store
+
+__all__ = ["TaskContext"]
+
+
+class TaskContext:
+    """Passed to a task parameter annotated ``TaskContext`` (or named ``ctx``) and to hooks.
+
+    ``cancelled`` is set the moment the task's batch is canceled (or the task is being handed
+    back); long loops in C-free code can poll it to stop at a clean point before coretask
+    raises :class:`TaskCanceled` in the thread. ``batch`` holds the batch's statistics as they
+    were when the task was fetched.
+    """
+
+    __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "enqueued_at",
+                 "batch_id", "batch", "topic", "data", "cancelled", "_store", "_token", "__weakref__")
+
+    def __init__(self, *, task_id: str, queue: str, tenant: str, target: str, attempt: int,
+                 retries_left: int, enqueued_at: datetime | None, batch_id: str | None,
+                 batch: BatchInfo | None, store: Store, topic: str | None = None,
+                 data: bytes | None = None) -> None:
+        self.task_id = task_id
+        self.queue = queue
+        self.tenant = tenant
+        self.target = target
+        self.attempt = attempt
+        self.retries_left = retries_left
+        self.enqueued_at = enqueued_at
+        self.batch_id = batch_id
+        self.batch = batch
+        self.topic = topic
+        self.data = data
+        self.cancelled = threading.Event()
+        self._store = store
+        self._token = str(attempt)
+
+    def extend_lock(self, duration: timedelta) -> None:
+        """Keep the task leased for at least ``duration`` from now (server clock). Raises
+        LeaseLost when the lease was already taken over: stop work that must not run twice."""
+        k = self._store.keys
+        deadline = self._store.run("extend", [k.task(self.task_id), k.leases],
+                                   [self.task_id, self._token, int(duration.total_seconds() * 1000)])
+        if not deadline:
+            raise LeaseLost(f"task {self.task_id}: the lease is no longer held by this worker")
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled.is_set():
+            raise TaskCanceled(f"task {self.task_id} was canceled")
+
+    def __repr__(self) -> str:
+        return f"<TaskContext {self.task_id} {self.target} tenant={self.tenant} attempt={self.attempt}>"

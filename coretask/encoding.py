@@ -1,0 +1,256 @@
+"""Call encoding: turning ``fn(*args, **kwargs)`` into bytes at enqueue and back in a worker.
+
+JSON is the default because it is safe (no code runs when a payload is read) and inspectable.
+Values JSON lacks are written in their natural text form (ISO dates, UUID and Decimal strings,
+Enum values, dataclasses as objects) and revived from the target's type annotations, so a
+parameter annotated ``datetime`` receives a ``datetime`` again. ``dill`` is an opt-in that also
+carries lambdas, closures and arbitrary objects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import inspect
+import json
+import types
+import typing
+import uuid
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any, Protocol
+
+from .errors import PayloadTooLarge, SerializationError, TargetError, TaskLoadError
+from .targets import Target, describe, reference_of, resolve
+
+__all__ = ["Call", "TaskData", "Serializer", "call", "Encoded", "encode", "decode"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A call to run later. ``coretask.call(fn, ...)`` builds one when a keyword argument of
+    ``fn`` collides with an enqueue option such as ``retries`` or ``delay_until``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
+    return Call(fn, args, kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """The low-level form: opaque bytes under a topic, handled by ``Options.execute(ctx)``."""
+
+    topic: str
+    data: bytes
+
+
+class Serializer(Protocol):
+    name: str
+
+    def dumps(self, call: Call) -> bytes: ...
+    def loads(self, payload: bytes) -> Call: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    payload: bytes
+    serializer: str
+    target: str
+
+
+# ---------------------------------------------------------------------------------------- JSON
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, (uuid.UUID, Decimal)):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"a value of type {type(value).__name__} cannot be carried by JSON")
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_to_json, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def revive(value: Any, tp: Any) -> Any:
+    """Turn a JSON value back into the type an annotation names (best effort, never raises
+    for values that are already right)."""
+    if value is None or tp is Any or tp is None:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for member in typing.get_args(tp):
+            if member is type(None):
+                continue
+            try:
+                return revive(value, member)
+            except (TypeError, ValueError):
+                continue
+        return value
+    args = typing.get_args(tp)
+    if origin in (list, set, frozenset) and isinstance(value, list):
+        return origin(revive(v, args[0]) if args else v for v in value)
+    if origin is tuple and isinstance(value, list):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(revive(v, args[0]) for v in value)
+        return tuple(revive(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return {revive(k, args[0]): revive(v, args[1]) for k, v in value.items()}
+    if not isinstance(tp, type) or isinstance(value, tp) and not (tp is dt.date and isinstance(value, str)):
+        return value
+    if issubclass(tp, dt.datetime):
+        return dt.datetime.fromisoformat(value)
+    if issubclass(tp, dt.date):
+        return dt.date.fromisoformat(value)
+    if issubclass(tp, dt.time):
+        return dt.time.fromisoformat(value)
+    if issubclass(tp, (uuid.UUID, Decimal)):
+        return tp(value)
+    if issubclass(tp, enum.Enum):
+        return tp(value)
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: revive(v, hints.get(k, Any)) for k, v in value.items()})
+    if tp in (set, frozenset, tuple) and isinstance(value, list):
+        return tp(value)
+    return value
+
+
+class JsonSerializer:
+    name = "json"
+
+    def dumps(self, call: Call) -> bytes:
+        return encode(call, self, 1 << 62).payload
+
+    def loads(self, payload: bytes) -> Call:
+        raise NotImplementedError("the JSON payload is decoded by decode()")
+
+
+def _blame(ref: str, call: Call) -> None:
+    """Find the argument JSON cannot carry and raise an error that names it."""
+    try:
+        target = resolve(ref)
+        bound = target.signature.bind_partial(*call.args, **call.kwargs).arguments
+    except Exception:
+        bound = {**{f"#{i}": a for i, a in enumerate(call.args)}, **call.kwargs}
+    for name, value in bound.items():
+        try:
+            _dumps(value)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"argument {name!r} of {ref} cannot be serialized as JSON: {exc} "
+                f"(value {value!r:.80}); pass plain data, or use Options(serializer='dill')") from None
+
+
+class DillSerializer:
+    name = "dill"
+
+    def dumps(self, call: Call) -> bytes:
+        import dill
+        try:
+            return dill.dumps((call.fn, call.args, call.kwargs), recurse=True)
+        except Exception as exc:
+            raise SerializationError(f"dill cannot serialize the call to {call.fn!r}: {exc}") from None
+
+    def loads(self, payload: bytes) -> Call:
+        import dill
+        fn, args, kwargs = dill.loads(payload)
+        return Call(fn, tuple(args), dict(kwargs))
+
+
+BUILTIN: dict[str, Any] = {"json": JsonSerializer(), "dill": DillSerializer()}
+
+
+def serializer_for(option: str | Serializer) -> Serializer:
+    return BUILTIN[option] if isinstance(option, str) else option
+
+
+# ------------------------------------------------------------------------------ encode / decode
+
+def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int) -> Encoded:
+    """Encode at enqueue; every refusal happens here, before anything reaches Redis."""
+    if isinstance(call, TaskData):
+        if not isinstance(call.data, (bytes, bytearray)):
+            raise SerializationError(f"TaskData.data must be bytes, got {type(call.data).__name__}")
+        enc = Encoded(bytes(call.data), "raw", f"topic:{call.topic}")
+    else:
+        if not callable(call.fn):
+            raise TargetError(f"{call.fn!r} is not callable")
+        if serializer.name == "json":
+            target = reference_of(call.fn)
+            _check_binding(target, call)
+            try:
+                payload = _dumps({"t": target, "a": call.args, "k": call.kwargs}).encode()
+            except (TypeError, ValueError):
+                _blame(target, call)
+                raise
+        else:
+            payload = serializer.dumps(call)
+            try:
+                target = reference_of(call.fn)
+            except TargetError:
+                target = f"{getattr(call.fn, '__module__', '?')}:{getattr(call.fn, '__qualname__', repr(call.fn))}"
+        enc = Encoded(payload, serializer.name, target)
+    if len(enc.payload) > max_bytes:
+        raise PayloadTooLarge(
+            f"the encoded call to {enc.target} is {len(enc.payload)} bytes, over max_payload_bytes="
+            f"{max_bytes}; store large data elsewhere and pass a reference to it")
+    return enc
+
+
+def _check_binding(ref: str, call: Call) -> None:
+    target = resolve(ref)
+    try:
+        target.signature.bind(*call.args, **call.kwargs)
+    except TypeError as exc:
+        raise SerializationError(f"arguments do not match {ref}{target.signature}: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """A decoded task, ready to run: the target plus revived arguments."""
+
+    target: Target
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def decode(payload: bytes, serializer_name: str, serializer: Serializer) -> Invocation:
+    """Decode in a worker; any failure is a TaskLoadError (the task is dead-lettered)."""
+    try:
+        if serializer_name == "json":
+            doc = json.loads(payload)
+            target = resolve(doc["t"])
+            return Invocation(target, *_revive_args(target, doc.get("a", []), doc.get("k", {})))
+        if serializer_name != serializer.name:
+            raise TaskLoadError(f"payload written by serializer {serializer_name!r}, but this worker is "
+                                f"configured with {serializer.name!r}")
+        c = serializer.loads(payload)
+        fn = c.fn
+        ref = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
+        return Invocation(describe(ref, fn), tuple(c.args), dict(c.kwargs))
+    except TaskLoadError:
+        raise
+    except Exception as exc:
+        raise TaskLoadError(f"payload cannot be decoded ({serializer_name}): {type(exc).__name__}: {exc}") from None
+
+
+def _revive_args(target: Target, args: list[Any], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if not target.hints:
+        return tuple(args), kwargs
+    names = [p.name for p in target.signature.parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    hints = target.hints
+    new_args = tuple(revive(a, hints.get(names[i], Any)) if i < len(names) else a for i, a in enumerate(args))
+    new_kwargs = {k: revive(v, hints.get(k, Any)) for k, v in kwargs.items()}
+    return new_args, new_kwargs

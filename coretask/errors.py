@@ -1,0 +1,82 @@
+"""The one exception hierarchy of coretask.
+
+Everything coretask raises on purpose derives from :class:`CoreTaskError`, so callers can catch
+the library's errors in one clause. Errors about bad input also derive from the built-in
+``TypeError``/``ValueError`` they would be in plain Python, so ``except ValueError`` still works.
+
+::
+
+    CoreTaskError
+    ├── ConfigurationError (ValueError)   an option or CLI flag has a value it cannot take
+    ├── EnqueueError                      a task was refused before anything was written
+    │   ├── SerializationError (TypeError)   an argument the serializer cannot carry
+    │   ├── TargetError (ValueError)          a callable that cannot be recorded by reference
+    │   └── PayloadTooLarge (ValueError)      an encoded call over max_payload_bytes
+    ├── TaskLoadError                     a stored task cannot be turned back into a call
+    │                                     (module gone, payload corrupted); dead-lettered
+    ├── StoreError                        Redis refused a coretask operation
+    │   ├── StoreFull                     Redis hit maxmemory (OOM); nothing was half-written
+    │   └── ScriptError                   a Lua script failed (a bug: please report it)
+    ├── LeaseLost                         the worker no longer holds the task (ctx.extend_lock)
+    └── TaskCanceled                      control flow: raised inside a running task whose
+                                          batch was canceled or that is being handed back;
+                                          never retried, never dead-lettered
+
+Connection problems surface as ``redis.exceptions.ConnectionError`` / ``TimeoutError``
+unchanged: they are transient, and their own type is what retry logic already knows.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
+    "PayloadTooLarge", "TaskLoadError", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
+    "TaskCanceled",
+]
+
+
+class CoreTaskError(Exception):
+    """Root of every error coretask raises on purpose."""
+
+
+class ConfigurationError(CoreTaskError, ValueError):
+    """An option has a value it cannot take; the message names the option and what is allowed."""
+
+
+class EnqueueError(CoreTaskError):
+    """A task was refused at enqueue; nothing was written to Redis."""
+
+
+class SerializationError(EnqueueError, TypeError):
+    """An argument cannot be carried by the configured serializer."""
+
+
+class TargetError(EnqueueError, ValueError):
+    """The callable cannot be recorded by reference (lambda, local function, not importable)."""
+
+
+class PayloadTooLarge(EnqueueError, ValueError):
+    """The encoded call is larger than ``Options.max_payload_bytes``."""
+
+
+class TaskLoadError(CoreTaskError):
+    """A stored task cannot be turned back into a call; it is dead-lettered, never retried."""
+
+
+class StoreError(CoreTaskError):
+    """Redis refused a coretask operation."""
+
+
+class StoreFull(StoreError):
+    """Redis reached maxmemory; the operation was rejected as a whole."""
+
+
+class ScriptError(StoreError):
+    """A coretask Lua script failed."""
+
+
+class LeaseLost(CoreTaskError):
+    """The task's lease expired or was taken over; this worker may no longer act for it."""
+
+
+class TaskCanceled(CoreTaskError):
+    """Raised inside a running task to abort it (batch canceled, or the task is handed back)."""

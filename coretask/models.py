@@ -1,0 +1,84 @@
+"""Read-only views returned by the introspection API."""
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime, timezone
+
+__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask"]
+
+
+def ms_to_dt(ms: int | str | bytes | None) -> datetime | None:
+    if ms in (None, b"", ""):
+        return None
+    return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+    id: str
+    queue: str
+    tenant: str
+    target: str
+    args_preview: str
+    retries_left: int
+    enqueued_at: datetime | None
+    state: str
+    batch_id: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadTask(TaskInfo):
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    dead_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueInfo:
+    name: str
+    queued: int
+    in_flight: int
+    delayed: int
+    dead: int
+    paused: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchInfo:
+    """A batch's statistics; ``total == done + failed + canceled + remaining`` always holds.
+    ``duration`` is the summed run time of its tasks in seconds."""
+
+    id: str
+    tenant: str
+    scope: str | None
+    queue: str
+    state: str
+    total: int
+    done: int
+    failed: int
+    canceled: int
+    remaining: int
+    running: int
+    duration: float
+    created: datetime | None
+    started: datetime | None
+    ended: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.state != "running"
+
+    @classmethod
+    def from_hash(cls, batch_id: str, h: dict[bytes, bytes]) -> BatchInfo:
+        def s(k: str) -> str:
+            return h.get(k.encode(), b"").decode()
+
+        def n(k: str) -> int:
+            return int(h.get(k.encode(), b"0") or 0)
+
+        return cls(id=batch_id, tenant=s("tn"), scope=s("sc") or None, queue=s("q"), state=s("state"),
+                   total=n("total"), done=n("done"), failed=n("failed"), canceled=n("canceled"),
+                   remaining=n("remaining"), running=max(n("run"), 0), duration=n("dur") / 1000,
+                   created=ms_to_dt(h.get(b"created")), started=ms_to_dt(h.get(b"started")),
+                   ended=ms_to_dt(h.get(b"ended")))

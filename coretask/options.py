@@ -1,0 +1,176 @@
+"""Options: the one configuration object of a TaskProcessor, validated when it is built.
+
+Durations accept a ``timedelta`` or a number of seconds. Every default is a named constant
+below so that documentation, the CLI and the code agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .context import TaskContext
+    from .encoding import Serializer
+    from .models import BatchInfo
+
+__all__ = ["Options"]
+
+DEFAULT_REDIS = "redis://localhost:6379/0"
+DEFAULT_PREFIX = "{coretask}"
+DEFAULT_QUEUES = ("default",)
+DEFAULT_PROCESSES = 1
+DEFAULT_MAX_WORKERS = 4
+DEFAULT_RETRIES = 3
+DEFAULT_INVISIBILITY = timedelta(minutes=5)
+DEFAULT_BASE_FREQUENCY = timedelta(seconds=5)
+DEFAULT_PUSHBACK_FREQUENCY = timedelta(seconds=10)
+DEFAULT_CLEANUP_FREQUENCY = timedelta(minutes=5)
+DEFAULT_RETENTION = timedelta(days=7)
+DEFAULT_SHUTDOWN_TIMEOUT = timedelta(seconds=30)
+DEFAULT_CANCEL_GRACE = timedelta(seconds=3)
+DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+SERIALIZER_NAMES = ("json", "dill")
+
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
+_DURATIONS = ("invisibility", "base_frequency", "pushback_frequency", "cleanup_frequency",
+              "retention", "shutdown_timeout", "cancel_grace")
+_CALLBACKS = ("on_task_failed_delay", "on_task_error", "on_task_start", "on_task_end",
+              "on_batch_end", "resolver", "execute")
+
+
+def _default_resolver(cls: type) -> Any:
+    return cls()
+
+
+@dataclasses.dataclass(kw_only=True)
+class Options:
+    """Everything a TaskProcessor and its workers need to know.
+
+    redis: a redis-py URL (``rediss://`` for TLS); ``cluster=True`` selects the cluster client.
+    prefix: every key and channel lives under it; written as a hash tag (``{name}``) all keys
+      share one Redis Cluster slot, which multi-key scripts require there.
+    queues: fetch order; the first queue with ready work wins.
+    processes x max_workers: worker processes started by the manager, threads per process.
+    retries: retries after the first attempt before a task is dead-lettered.
+    invisibility: how long a task stays leased without renewal before it is redelivered.
+    base_frequency: polling interval when no pub/sub event arrives.
+    pushback_frequency: interval of the expired-lease check.
+    cleanup_frequency / retention: how often, and after how long, finished batches are deleted.
+    deadletter: keep tasks whose retries are exhausted (else they are discarded).
+    on_task_failed_delay(ctx, retries_left) -> timedelta | None: delay before the next retry.
+    on_task_error(ctx, exc), on_task_start(ctx), on_task_end(ctx), on_batch_end(batch_info):
+      hooks; an exception in a hook is logged and never loses the task.
+    resolver(cls) -> instance: builds the object a method task runs on.
+    serializer: "json" (default, safe), "dill" (lambdas, closures, any object) or an object with
+      ``name``, ``dumps(call) -> bytes`` and ``loads(bytes) -> call``.
+    execute(ctx): handler of low-level ``TaskData(topic, data)`` tasks.
+    """
+
+    redis: str = dataclasses.field(default_factory=lambda: os.environ.get("CORETASK_REDIS_URL", DEFAULT_REDIS))
+    cluster: bool = False
+    prefix: str = DEFAULT_PREFIX
+    queues: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_QUEUES))
+    processes: int = DEFAULT_PROCESSES
+    max_workers: int = DEFAULT_MAX_WORKERS
+    retries: int = DEFAULT_RETRIES
+    invisibility: timedelta = DEFAULT_INVISIBILITY
+    base_frequency: timedelta = DEFAULT_BASE_FREQUENCY
+    pushback_frequency: timedelta = DEFAULT_PUSHBACK_FREQUENCY
+    cleanup_frequency: timedelta = DEFAULT_CLEANUP_FREQUENCY
+    retention: timedelta = DEFAULT_RETENTION
+    shutdown_timeout: timedelta = DEFAULT_SHUTDOWN_TIMEOUT
+    cancel_grace: timedelta = DEFAULT_CANCEL_GRACE
+    deadletter: bool = True
+    deadletter_schedules: bool = False
+    use_cron_seconds: bool = False
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    tenant_concurrency: int | None = None
+    on_task_failed_delay: Callable[[TaskContext, int], timedelta | None] | None = None
+    on_task_error: Callable[[TaskContext, BaseException], Any] | None = None
+    on_task_start: Callable[[TaskContext], Any] | None = None
+    on_task_end: Callable[[TaskContext], Any] | None = None
+    on_batch_end: Callable[[BatchInfo], Any] | None = None
+    resolver: Callable[[type], Any] = _default_resolver
+    serializer: str | Serializer = "json"
+    execute: Callable[[TaskContext], Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.redis, str) or not re.match(r"^(redis|rediss|unix)://", self.redis):
+            raise ConfigurationError(
+                f"Options.redis must be a redis://, rediss:// or unix:// URL, got {_safe(self.redis)!r}")
+        if not isinstance(self.prefix, str) or not self.prefix or any(c.isspace() for c in self.prefix):
+            raise ConfigurationError(f"Options.prefix must be a non-empty string without spaces, got {self.prefix!r}")
+        if self.cluster and not re.search(r"\{[^{}]+\}", self.prefix):
+            raise ConfigurationError(
+                f"Options.prefix {self.prefix!r} has no hash tag: with cluster=True it must contain one, "
+                "such as '{coretask}', so that all coretask keys share one cluster slot (the Lua scripts "
+                "touch several keys at once, which Redis Cluster allows only within one slot)")
+        if isinstance(self.queues, str) or not self.queues:
+            raise ConfigurationError(f"Options.queues must be a non-empty list of queue names, got {self.queues!r}")
+        self.queues = list(self.queues)
+        for q in self.queues:
+            check_queue_name(q, "Options.queues")
+        if len(set(self.queues)) != len(self.queues):
+            raise ConfigurationError(f"Options.queues lists a queue twice: {self.queues!r}")
+        for name, low in (("processes", 1), ("max_workers", 1), ("retries", 0), ("max_payload_bytes", 64)):
+            _check_int(name, getattr(self, name), low)
+        if self.tenant_concurrency is not None:
+            _check_int("tenant_concurrency", self.tenant_concurrency, 1)
+        for name in _DURATIONS:
+            setattr(self, name, _duration(name, getattr(self, name)))
+        for name in _CALLBACKS:
+            value = getattr(self, name)
+            if value is not None and not callable(value):
+                raise ConfigurationError(f"Options.{name} must be callable or None, got {type(value).__name__}")
+        if isinstance(self.serializer, str):
+            if self.serializer not in SERIALIZER_NAMES:
+                raise ConfigurationError(
+                    f"Options.serializer must be one of {', '.join(SERIALIZER_NAMES)} or a serializer object, "
+                    f"got {self.serializer!r}")
+        elif not all(hasattr(self.serializer, a) for a in ("name", "dumps", "loads")):
+            raise ConfigurationError("Options.serializer object must have 'name', 'dumps' and 'loads'")
+
+    def replace(self, **changes: Any) -> Options:
+        """A copy with some options changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def check_queue_name(name: object, what: str = "queue") -> str:
+    if not isinstance(name, str) or not QUEUE_NAME.match(name):
+        raise ConfigurationError(
+            f"{what}: queue name {name!r} is not allowed; use 1-100 characters of letters, digits, '_', '.', '-'")
+    return name
+
+
+def check_tenant(tenant: object) -> str:
+    if not isinstance(tenant, str) or not tenant or len(tenant) > 200 or any(c.isspace() for c in tenant):
+        raise ConfigurationError(f"tenant {tenant!r} is not allowed; use 1-200 characters without whitespace")
+    return tenant
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigurationError(f"Options.{name} must be an integer >= {low}, got {value!r}")
+
+
+def _duration(name: str, value: object) -> timedelta:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = timedelta(seconds=value)
+    if not isinstance(value, timedelta) or value <= timedelta(0):
+        raise ConfigurationError(f"Options.{name} must be a positive timedelta or number of seconds, got {value!r}")
+    return value
+
+
+def _safe(url: object) -> object:
+    """The URL with any password masked, for error messages and logs."""
+    return redact_url(url) if isinstance(url, str) else url
+
+
+def redact_url(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)

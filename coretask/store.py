@@ -1,0 +1,162 @@
+"""Store: the connection, every key name, and the Lua scripts that change state.
+
+All key names are built here (and, for keys only known inside a script, by the same scheme in
+``lua/_lib.lua``, whose header documents the whole layout). Scripts are loaded from the
+``lua`` folder once, called with EVALSHA, and reloaded transparently after a NOSCRIPT reply
+(server restart, SCRIPT FLUSH, failover to a replica that never saw them).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, ResponseError
+
+from .errors import ScriptError, StoreFull
+from .options import Options, redact_url
+
+log = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+LUA_DIR = _HERE / "lua" if (_HERE / "lua").is_dir() else _HERE.parent / "lua"
+
+
+class Keys:
+    """Key and channel names under one prefix; see lua/_lib.lua for what each holds."""
+
+    def __init__(self, prefix: str) -> None:
+        p = self.prefix = prefix
+        self.queues = f"{p}:queues"
+        self.delayed = f"{p}:delayed"
+        self.leases = f"{p}:leases"
+        self.trun = f"{p}:trun"
+        self.tlim = f"{p}:tlim"
+        self.paused = f"{p}:paused"
+        self.pausedq = f"{p}:pausedq"
+        self.pausedt = f"{p}:pausedt"
+        self.bend = f"{p}:bend"
+        self.bended = f"{p}:bended"
+        self.publishing = f"{p}:publishing"
+        self.workers = f"{p}:workers"
+        self.events = f"{p}:ev"
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:t:{task_id}"
+
+    def ready(self, queue: str, tenant: str) -> str:
+        return f"{self.prefix}:q:{queue}:{tenant}"
+
+    def qstats(self, queue: str) -> str:
+        return f"{self.prefix}:qs:{queue}"
+
+    def dead(self, queue: str) -> str:
+        return f"{self.prefix}:dead:{queue}"
+
+    def ring(self, queue: str) -> str:
+        return f"{self.prefix}:ring:{queue}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:w:{worker_id}"
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{batch_id}"
+
+    def batches(self, tenant: str) -> str:
+        return f"{self.prefix}:batches:{tenant}"
+
+
+class Script:
+    """One Lua file (with lua/_lib.lua prepended), run by SHA with NOSCRIPT recovery."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+
+def _load_scripts() -> dict[str, Script]:
+    lib = (LUA_DIR / "_lib.lua").read_text()
+    scripts = {}
+    for path in sorted(LUA_DIR.glob("*.lua")):
+        if not path.name.startswith("_"):
+            scripts[path.stem] = Script(path.stem, lib + "\n" + path.read_text())
+    if not scripts:
+        raise RuntimeError(f"no Lua scripts found in {LUA_DIR}: the coretask installation is incomplete")
+    return scripts
+
+
+SCRIPTS = _load_scripts()
+
+
+def connect(options: Options, **overrides: Any) -> redis.Redis:
+    """A client for the configured server or cluster. Binary replies: payloads are bytes."""
+    kwargs: dict[str, Any] = dict(socket_connect_timeout=5, socket_timeout=30, socket_keepalive=True,
+                                  health_check_interval=15)
+    kwargs.update(overrides)
+    if options.cluster:
+        from redis.cluster import RedisCluster
+        kwargs.pop("health_check_interval", None)
+        return RedisCluster.from_url(options.redis, **kwargs)
+    return redis.Redis.from_url(options.redis, **kwargs)
+
+
+class Store:
+    """The connection plus keys and scripts for one prefix. Thread-safe (redis-py pools)."""
+
+    def __init__(self, options: Options, client: redis.Redis | None = None) -> None:
+        self.options = options
+        self.keys = Keys(options.prefix)
+        self.redis = client if client is not None else connect(options)
+        self.url = redact_url(options.redis)
+
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        script = SCRIPTS[name]
+        try:
+            try:
+                return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                log.debug("script %s not loaded on %s; loading it", name, self.url)
+                self._load(script, keys)
+                return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except ResponseError as exc:
+            raise _translate(name, exc) from exc
+
+    def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
+        """Several script calls in one round trip (a pipeline, not a transaction); each call that
+        met NOSCRIPT is run again on its own after loading, never the ones that succeeded."""
+        pipe = self.redis.pipeline(transaction=False)
+        for name, keys, args in calls:
+            pipe.evalsha(SCRIPTS[name].sha, len(keys), *keys, *args)
+        results = pipe.execute(raise_on_error=False)
+        for i, (res, (name, keys, args)) in enumerate(zip(results, calls)):
+            if isinstance(res, NoScriptError):
+                results[i] = self.run(name, keys, args)
+            elif isinstance(res, ResponseError):
+                raise _translate(name, res) from res
+            elif isinstance(res, Exception):
+                raise res
+        return results
+
+    def _load(self, script: Script, keys: Sequence[str]) -> None:
+        if self.options.cluster:
+            # load on the node that serves the slot of the keys (all coretask keys share it)
+            from redis.cluster import RedisCluster
+            assert isinstance(self.redis, RedisCluster)
+            node = self.redis.get_node_from_key(keys[0] if keys else self.keys.events)
+            self.redis.script_load(script.source, target_nodes=node)  # type: ignore[call-arg]
+        else:
+            self.redis.script_load(script.source)
+
+    def publish(self, message: str) -> None:
+        self.redis.publish(self.keys.events, message)
+
+
+def _translate(name: str, exc: ResponseError) -> Exception:
+    text = str(exc)
+    if text.startswith("OOM") or "maxmemory" in text:
+        return StoreFull(f"Redis is out of memory (maxmemory reached) during {name}: {text}")
+    return ScriptError(f"Lua script {name} failed: {text}")

@@ -1,0 +1,155 @@
+"""Targets: recording a callable by reference at enqueue, and finding it again in a worker.
+
+A reference is ``"module:qualname"``. Instance methods are recorded as their class plus method
+name; the instance is built again at run time by ``Options.resolver``, so no object state is
+smuggled through Redis. Resolution is cached per reference, so after the first task of a kind a
+worker does no import or reflection work for it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import TargetError, TaskLoadError
+
+__all__ = ["reference_of", "Target", "resolve"]
+
+
+def reference_of(fn: Callable[..., Any]) -> str:
+    """The ``module:qualname`` of a callable that a worker can import, or TargetError.
+    Cached per function (and per class for methods), so repeated enqueues do no reflection."""
+    if inspect.ismethod(fn):
+        owner = fn.__self__
+        return _method_reference(owner if isinstance(owner, type) else type(owner), fn.__func__)
+    try:
+        return _function_reference(fn)
+    except TypeError:  # unhashable callable object
+        raise TargetError(f"{fn!r} is not a function or method and cannot be recorded by reference; "
+                          "use serializer='dill' for other callables") from None
+
+
+@functools.lru_cache(maxsize=4096)
+def _method_reference(cls: type, func: Any) -> str:
+    ref = f"{cls.__module__}:{cls.__qualname__}.{func.__name__}"
+    found = _check_lookup(ref)
+    if getattr(found, "__func__", found) is not func:
+        raise TargetError(f"{ref} does not resolve to {func!r} when imported; it cannot be recorded by reference")
+    return ref
+
+
+@functools.lru_cache(maxsize=4096)
+def _function_reference(fn: Callable[..., Any]) -> str:
+    if not (inspect.isfunction(fn) or inspect.isbuiltin(fn)):
+        raise TargetError(
+            f"{fn!r} is not a function or method: only module-level functions, static/class methods "
+            "and methods can be recorded by reference (use serializer='dill' for other callables)")
+    qualname = getattr(fn, "__qualname__", "")
+    if fn.__name__ == "<lambda>":
+        raise TargetError(
+            f"a lambda ({_where(fn)}) cannot be recorded by reference with the JSON serializer; "
+            "use a module-level function, or Options(serializer='dill')")
+    if "<locals>" in qualname:
+        raise TargetError(
+            f"local function {qualname!r} ({_where(fn)}) cannot be recorded by reference with the JSON "
+            "serializer; move it to module level, or use Options(serializer='dill')")
+    ref = f"{fn.__module__}:{qualname}"
+    _check_importable(ref, fn)
+    return ref
+
+
+def _where(fn: Any) -> str:
+    code = getattr(fn, "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}" if code else repr(fn)
+
+
+def _check_importable(ref: str, fn: Any) -> None:
+    found = _check_lookup(ref)
+    if getattr(found, "__func__", found) is not getattr(fn, "__func__", fn):
+        raise TargetError(f"{ref} does not resolve to {fn!r} when imported; it cannot be recorded by reference")
+
+
+def _check_lookup(ref: str) -> Any:
+    module = ref.split(":", 1)[0]
+    if module == "__main__":
+        raise TargetError(
+            f"{ref} is defined in the __main__ script, which worker processes cannot import by "
+            "name; move it into an importable module")
+    try:
+        return _lookup(ref)
+    except Exception as exc:
+        raise TargetError(f"{ref} cannot be imported by reference: {exc}") from None
+
+
+def _lookup(ref: str) -> Any:
+    module_name, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class Target:
+    """A resolved reference: how to get the callable, and what its parameters want."""
+
+    ref: str
+    owner: type | None           # set when the target is an instance method to resolve
+    function: Callable[..., Any]  # the function (unbound for instance methods)
+    signature: inspect.Signature  # without self and without the context parameter
+    hints: dict[str, Any]
+    context_param: str | None     # parameter that receives the TaskContext
+    is_coroutine: bool
+
+    def bind(self, resolver: Callable[[type], Any]) -> Callable[..., Any]:
+        if self.owner is None:
+            return self.function
+        return getattr(resolver(self.owner), self.function.__name__)
+
+
+@functools.lru_cache(maxsize=4096)
+def resolve(ref: str) -> Target:
+    """Import and inspect a reference once; raise TaskLoadError if it is gone."""
+    try:
+        obj = _lookup(ref)
+    except Exception as exc:
+        raise TaskLoadError(f"target {ref} cannot be imported: {type(exc).__name__}: {exc}") from None
+    owner = None
+    module_name, _, qualname = ref.partition(":")
+    if "." in qualname:
+        parent = _lookup(f"{module_name}:{qualname.rsplit('.', 1)[0]}")
+        if isinstance(parent, type):
+            static = inspect.getattr_static(parent, qualname.rsplit(".", 1)[1])
+            if inspect.isfunction(static):
+                owner = parent
+    if not callable(obj):
+        raise TaskLoadError(f"target {ref} is not callable")
+    return describe(ref, obj, owner)
+
+
+def describe(ref: str, obj: Callable[..., Any], owner: type | None = None) -> Target:
+    from .context import TaskContext
+
+    func = getattr(obj, "__func__", obj)
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        sig = inspect.Signature()
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:
+        hints = {}
+    params = list(sig.parameters.values())
+    if owner is not None and params and params[0].name in ("self", "this"):
+        params = params[1:]
+    ctx = next((p.name for p in params
+                if hints.get(p.name) is TaskContext or (p.name == "ctx" and p.name not in hints)), None)
+    if ctx is not None:
+        params = [p for p in params if p.name != ctx]
+    return Target(ref=ref, owner=owner, function=func if owner is not None else obj,
+                  signature=sig.replace(parameters=params), hints=hints, context_param=ctx,
+                  is_coroutine=inspect.iscoroutinefunction(func))

@@ -1,0 +1,2 @@
+"""The worker side: manager (processes), process (fetch loop + pool), control (pub/sub),
+runner (one task, abortable), maintenance (timers)."""

@@ -1,0 +1,32 @@
+"""``python -m coretask.worker --app MODULE:ATTRIBUTE``: the worker manager."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..errors import ConfigurationError
+from .manager import Manager
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m coretask.worker", description=__doc__)
+    ap.add_argument("--app", required=True, help="MODULE:ATTRIBUTE of a TaskProcessor")
+    ap.add_argument("--queues", help="comma-separated queues in priority order (overrides Options.queues)")
+    ap.add_argument("--processes", type=int, help="worker processes (overrides Options.processes)")
+    ap.add_argument("--threads", type=int, help="threads per process (overrides Options.max_workers)")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = ap.parse_args(argv)
+    level = getattr(logging, args.log_level)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    try:
+        manager = Manager(args.app, processes=args.processes, threads=args.threads,
+                          queues=args.queues.split(",") if args.queues else None, log_level=level)
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return manager.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

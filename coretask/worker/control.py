@@ -1,0 +1,80 @@
+"""Control: the pub/sub thread of a worker process.
+
+Messages carry no authority: each one only makes the worker re-read state that the API wrote
+with a script (the fetch script reads the pause flags; a cancel is acted on only after the
+batch's state says canceled). A forged PUBLISH therefore changes nothing by itself, and a lost
+one only delays an idle worker until its next poll.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .process import WorkerProcess
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MAX = 5.0
+
+
+class Control:
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="coretask-control", daemon=True)
+        self.subscribed = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=3)
+
+    def _run(self) -> None:
+        w = self.worker
+        delay = 0.1
+        while not self._stop.is_set():
+            pubsub = None
+            try:
+                pubsub = w.store.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(w.store.keys.events)
+                self.subscribed.set()
+                w.wake.set()          # events may have been missed while disconnected
+                delay = 0.1
+                while not self._stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg is not None and msg.get("type") == "message":
+                        self.handle(msg["data"].decode(errors="replace"))
+            except Exception as exc:
+                self.subscribed.clear()
+                if self._stop.is_set():
+                    break
+                log.warning("worker %s: pub/sub connection lost (%s); reconnecting in %.1fs",
+                            w.id, exc, delay)
+                self._stop.wait(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:
+                        pass
+
+    def handle(self, message: str) -> None:
+        w = self.worker
+        k = w.store.keys
+        if message.startswith("c:"):
+            batch_id = message[2:]
+            if w.store.redis.hget(k.batch(batch_id), "state") == b"canceled":
+                n = w.abort_where("canceled", batch_id)
+                if n:
+                    log.info("worker %s: batch %s canceled, aborting %d running tasks", w.id, batch_id, n)
+        elif message == "pr":
+            if w.store.redis.exists(k.paused):
+                n = w.abort_where("requeue")
+                log.info("worker %s: paused with requeue, handing back %d running tasks", w.id, n)
+        else:
+            w.wake.set()

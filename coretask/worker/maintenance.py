@@ -1,0 +1,134 @@
+"""Maintenance: the timers of a worker process, each one atomic Lua and safe to run from every
+process at once: expired-lease recovery, lease renewal (embedded mode), retention cleanup,
+unfinished batch publications, on_batch_end hooks, and the cancel_grace watch on aborts."""
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..batch import publish
+from .runner import _hook
+
+if TYPE_CHECKING:
+    import threading
+
+    from .process import Fetched, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+HOOK_INTERVAL = 0.2
+EXPIRED_PER_CALL = 100
+
+
+class Maintenance:
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.w = worker
+        o = worker.options
+        now = time.monotonic()
+        self.intervals = {
+            "expired": o.pushback_frequency.total_seconds(),
+            "cleanup": o.cleanup_frequency.total_seconds(),
+            "publish": o.pushback_frequency.total_seconds(),
+            "hooks": HOOK_INTERVAL,
+        }
+        if worker.renew_own_leases:
+            self.intervals["renew"] = max(o.invisibility.total_seconds() / 3, 0.05)
+        self.due = {name: now for name in self.intervals}
+        self.aborts: list[tuple[float, Fetched]] = []
+        self._delay = 0.1
+
+    def tick(self) -> float:
+        """Run what is due; return seconds until the next timer."""
+        now = time.monotonic()
+        for name, when in self.due.items():
+            if when <= now:
+                try:
+                    getattr(self, "_" + name)()
+                except Exception as exc:
+                    log.warning("worker %s: maintenance %s failed: %s", self.w.id, name, exc)
+                self.due[name] = now + self.intervals[name]
+        self._check_aborts(now)
+        nxt = min(self.due.values())
+        if self.aborts:
+            nxt = min(nxt, min(d for d, _ in self.aborts))
+        return max(nxt - time.monotonic(), 0.001)
+
+    def stop(self) -> None:
+        self.aborts.clear()
+
+    # ------------------------------------------------------------------------ Redis errors
+
+    def backoff(self, stop: threading.Event) -> None:
+        stop.wait(self._delay)
+        self._delay = min(self._delay * 2, 5.0)
+
+    def connected(self) -> None:
+        self._delay = 0.1
+
+    # ------------------------------------------------------------------------------ timers
+
+    def _expired(self) -> None:
+        k = self.w.store.keys
+        o = self.w.options
+        while True:
+            res = self.w.store.run("recover", [k.leases],
+                                   [k.prefix, "expired", "", "1" if o.deadletter else "0",
+                                    "lease expired: the worker running the task stopped renewing it",
+                                    EXPIRED_PER_CALL, "1"])
+            if sum(res):
+                log.warning("recovered expired leases: requeued=%d buried=%d canceled=%d", *res)
+            if sum(res) < EXPIRED_PER_CALL:
+                return
+
+    def _renew(self) -> None:
+        k = self.w.store.keys
+        self.w.store.run("renew", [k.leases, k.worker(self.w.id), k.workers],
+                         [int(self.w.options.invisibility.total_seconds() * 1000), self.w.id])
+
+    def _cleanup(self) -> None:
+        k = self.w.store.keys
+        ms = int(self.w.options.retention.total_seconds() * 1000)
+        while self.w.store.run("cleanup", [k.bend], [k.prefix, ms, 100]) == 100:
+            pass
+
+    def _publish(self) -> None:
+        store = self.w.store
+        for entry in store.redis.smembers(store.keys.publishing):
+            batch_id, _, stage = entry.decode().partition(":")
+            publish(store, batch_id, stage)
+
+    def _hooks(self) -> None:
+        from ..models import BatchInfo
+        store = self.w.store
+        hook = self.w.options.on_batch_end
+        while True:
+            ids: Any = store.redis.lpop(store.keys.bended, 100)
+            if not ids:
+                return
+            if hook is None:
+                continue
+            for b in ids:
+                h = store.redis.hgetall(store.keys.batch(b.decode()))
+                if h:
+                    _hook(hook, BatchInfo.from_hash(b.decode(), h))
+
+    # ------------------------------------------------------------------------------ aborts
+
+    def watch_abort(self, task: Fetched) -> None:
+        self.aborts.append((time.monotonic() + self.w.options.cancel_grace.total_seconds(), task))
+        self.w.wake.set()
+
+    def _check_aborts(self, now: float) -> None:
+        if not self.aborts:
+            return
+        pending = []
+        for deadline, task in self.aborts:
+            if task.id not in self.w.running or self.w.running[task.id] is not task:
+                continue
+            if deadline <= now:
+                self.w.force_exit(f"task {task.id} {task.target} ignored its abort for "
+                                  f"{self.w.options.cancel_grace.total_seconds():g}s")
+                return
+            pending.append((deadline, task))
+        self.aborts = pending

@@ -1,0 +1,168 @@
+"""Manager: starts N worker processes, keeps their leases alive, replaces the ones that die.
+
+The manager renews the leases of every child it sees alive (one script call per child), so a
+task stuck in C code that holds its process's GIL keeps its lease, while the tasks of a child
+that died are taken back at once, each consuming one retry (the task may be what killed it).
+Shutdown is two-phase: SIGTERM/SIGINT asks every child to stop fetching and finish within
+shutdown_timeout, handing the rest back; a second signal forces it.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..appload import load_processor, with_overrides
+from .process import WorkerProcess, new_worker_id
+
+log = logging.getLogger(__name__)
+
+POLL = 0.1
+FORCED_EXIT = 3   # exit code of a child that ended itself for a stuck task
+
+
+@dataclass
+class Child:
+    worker_id: str
+    process: Any  # multiprocessing.Process
+    started: float
+
+
+def child_main(app: str, overrides: dict[str, Any], worker_id: str, log_level: int) -> None:
+    """Entry point of a worker process (spawned, so it imports the app afresh)."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    _die_with_parent()
+    parent = os.getppid()
+    processor = with_overrides(load_processor(app), **overrides)
+    stop = threading.Event()
+    worker = WorkerProcess(processor, worker_id=worker_id, on_exit_request=lambda: os._exit(FORCED_EXIT))
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            log.warning("worker %s: second signal, handing tasks back and exiting now", worker_id)
+            worker.force_exit("second stop signal")
+            os._exit(1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def watch_parent() -> None:
+        while not stop.wait(0.5):
+            if os.getppid() != parent:
+                log.error("worker %s: manager %d is gone; stopping", worker_id, parent)
+                stop.set()
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    worker.run(stop)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel send SIGTERM when the manager dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Manager:
+    def __init__(self, app: str, *, processes: int | None = None, threads: int | None = None,
+                 queues: list[str] | None = None, log_level: int = logging.INFO) -> None:
+        self.app = app
+        self.overrides = {k: v for k, v in dict(max_workers=threads, queues=queues, processes=processes).items()
+                          if v is not None}
+        self.processor = with_overrides(load_processor(app), **self.overrides)
+        self.options = self.processor.options
+        self.store = self.processor.store
+        self.log_level = log_level
+        self.children: list[Child] = []
+        self.stop = threading.Event()
+        self.signals = 0
+        self._ctx = multiprocessing.get_context("spawn")
+
+    def _spawn(self) -> Child:
+        wid = new_worker_id().rsplit(":", 1)[0] + ":" + os.urandom(3).hex()
+        p = self._ctx.Process(target=child_main, args=(self.app, self.overrides, wid, self.log_level),
+                              name=f"coretask-worker-{wid}", daemon=False)
+        p.start()
+        log.info("manager: started worker process %d (%s)", p.pid, wid)
+        return Child(wid, p, time.monotonic())
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        n = self.options.processes
+        log.info("manager %d: %d processes x %d threads, queues %s, redis %s", os.getpid(), n,
+                 self.options.max_workers, ",".join(self.options.queues), self.store.url)
+        self.children = [self._spawn() for _ in range(n)]
+        renew_every = max(self.options.invisibility.total_seconds() / 3, 0.05)
+        next_renew = 0.0
+        while not self.stop.is_set():
+            for i, child in enumerate(self.children):
+                if not child.process.is_alive():
+                    self._recover(child, consume_retry=True)
+                    self.children[i] = self._spawn()
+            if time.monotonic() >= next_renew:
+                self._renew()
+                next_renew = time.monotonic() + renew_every
+            self.stop.wait(POLL)
+        return self._shutdown()
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            log.info("manager: signal %d, stopping workers (up to %gs)", signum,
+                     self.options.shutdown_timeout.total_seconds())
+            self.stop.set()
+        for c in self.children:
+            if c.process.is_alive() and c.process.pid:
+                try:
+                    os.kill(c.process.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def _renew(self) -> None:
+        k = self.store.keys
+        lease_ms = int(self.options.invisibility.total_seconds() * 1000)
+        for c in self.children:
+            if c.process.is_alive():
+                try:
+                    self.store.run("renew", [k.leases, k.worker(c.worker_id), k.workers], [lease_ms, c.worker_id])
+                except Exception as exc:
+                    log.warning("manager: lease renewal for %s failed: %s", c.worker_id, exc)
+
+    def _recover(self, child: Child, consume_retry: bool) -> None:
+        code = child.process.exitcode
+        k = self.store.keys
+        reason = f"worker process {child.process.pid} died (exit code {code}) while running the task"
+        if code != FORCED_EXIT:
+            log.error("manager: %s; recovering its tasks and starting a new one", reason.replace(" while running the task", ""))
+        try:
+            res = self.store.run("recover", [k.leases],
+                                 [k.prefix, "worker", child.worker_id, "1" if self.options.deadletter else "0",
+                                  reason, 0, "1" if consume_retry else "0"])
+            self.store.redis.hdel(k.workers, child.worker_id)
+            if sum(res):
+                log.warning("manager: tasks of %s: requeued=%d buried=%d canceled=%d", child.worker_id, *res)
+        except Exception as exc:
+            log.error("manager: could not recover tasks of %s (%s); their leases will expire", child.worker_id, exc)
+
+    def _shutdown(self) -> int:
+        deadline = time.monotonic() + self.options.shutdown_timeout.total_seconds() + 5
+        for c in self.children:
+            c.process.join(max(deadline - time.monotonic(), 0.1))
+        for c in self.children:
+            if c.process.is_alive():
+                log.error("manager: worker %s did not stop in time; killing it", c.worker_id)
+                c.process.kill()
+                c.process.join(5)
+            self._recover(c, consume_retry=False)
+        log.info("manager: stopped")
+        return 0

@@ -1,0 +1,268 @@
+"""WorkerProcess: the fetch loop of one process, its thread pool and its maintenance timers.
+
+One loop thread talks to Redis: each turn it sends, in one pipeline, the acknowledgements that
+pool threads queued since the last turn and a fetch sized to the free threads. Pool threads
+never touch Redis on the happy path, so the Redis cost per task stays a fraction of a round
+trip. The loop sleeps until the earliest of: a pub/sub event, a finished task, the next delayed
+task's due time, the next maintenance timer, or base_frequency.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..context import TaskContext
+from ..encoding import serializer_for
+from ..models import BatchInfo, ms_to_dt
+from .control import Control
+from .maintenance import Maintenance
+from .runner import Runner, format_error
+
+if TYPE_CHECKING:
+    from ..client import TaskProcessor
+
+log = logging.getLogger(__name__)
+
+FIELDS = 11  # values per task in the fetch reply
+
+
+@dataclasses.dataclass(eq=False)
+class Fetched:
+    id: str
+    token: str
+    payload: bytes
+    serializer: str
+    target: str
+    queue: str
+    tenant: str
+    batch_id: str | None
+    retries_left: int
+    ctx: TaskContext
+    runner: Runner | None = None
+    abort_reason: str | None = None   # "canceled" | "requeue" | "shutdown" once aborted
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class WorkerProcess:
+    def __init__(self, processor: TaskProcessor, *, worker_id: str | None = None,
+                 renew_own_leases: bool = False, on_exit_request: Any = None) -> None:
+        self.processor = processor
+        self.options = processor.options
+        self.store = processor.store
+        self.serializer = serializer_for(self.options.serializer)
+        self.id = worker_id or new_worker_id()
+        self.threads = self.options.max_workers
+        self.inbox: queue.SimpleQueue[Fetched | None] = queue.SimpleQueue()
+        self.wake = threading.Event()
+        self.lock = threading.Lock()
+        self.running: dict[str, Fetched] = {}
+        self.acks: list[Any] = []           # complete.lua argument groups
+        self.fails: list[list[Any]] = []    # fail.lua argument lists
+        self.releases: list[Any] = []       # release.lua argument pairs
+        self.quiet = False                  # stop fetching (shutdown, recycling)
+        self.renew_own_leases = renew_own_leases
+        self.on_exit_request = on_exit_request  # called when a stuck task forces the process out
+        self.control = Control(self)
+        self.maintenance = Maintenance(self)
+        self.runners = [Runner(self) for _ in range(self.threads)]
+        self.tasks_done = 0
+
+    # --------------------------------------------------------------------------- the loop
+
+    def run(self, stop: threading.Event) -> None:
+        k = self.store.keys
+        threads = [threading.Thread(target=r.loop, name=f"coretask-task-{i}", daemon=True)
+                   for i, r in enumerate(self.runners)]
+        for t in threads:
+            t.start()
+        self.control.start()
+        log.info("worker %s started: queues=%s threads=%d", self.id, ",".join(self.options.queues), self.threads)
+        stop_watch = threading.Thread(target=lambda: (stop.wait(), self.wake.set()), daemon=True)
+        stop_watch.start()
+        fetch_keys = [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(self.id), k.trun, k.tlim]
+        fetch_args_tail = [self.options.queues]
+        lease_ms = int(self.options.invisibility.total_seconds() * 1000)
+        deflim = self.options.tenant_concurrency or 0
+        base = self.options.base_frequency.total_seconds()
+        try:
+            while not stop.is_set():
+                self.wake.clear()
+                free = 0 if self.quiet else self.threads - len(self.running)
+                calls = self._drain_acks()
+                calls.append(("fetch", fetch_keys, [k.prefix, self.id, free, lease_ms, deflim, *fetch_args_tail[0]]))
+                try:
+                    results = self.store.run_many(calls)
+                except Exception as exc:
+                    self._requeue_acks(calls[:-1])
+                    log.warning("worker %s: Redis call failed (%s: %s); retrying", self.id, type(exc).__name__, exc)
+                    self.maintenance.backoff(stop)
+                    continue
+                self.maintenance.connected()
+                reply = results[-1]
+                got = self._dispatch(reply)
+                timeout = self.maintenance.tick()
+                if got and got == free:
+                    continue                      # there may be more: fetch again as threads free up
+                if reply[1] != -1:
+                    timeout = min(timeout, max((int(reply[1]) - int(reply[2])) / 1000, 0.001))
+                self.wake.wait(min(timeout, base))
+        finally:
+            self._shutdown(threads)
+
+    def _drain_acks(self) -> list[tuple[str, list[str], list[Any]]]:
+        k = self.store.keys
+        with self.lock:
+            acks, fails, releases = self.acks, self.fails, self.releases
+            self.acks, self.fails, self.releases = [], [], []
+        calls: list[tuple[str, list[str], list[Any]]] = []
+        if acks:
+            calls.append(("complete", [k.leases], [k.prefix, self.id, *acks]))
+        if releases:
+            calls.append(("release", [k.leases], [k.prefix, self.id, *releases]))
+        for f in fails:
+            calls.append(("fail", [k.task(f[0])], [k.prefix, self.id, *f]))
+        return calls
+
+    def _requeue_acks(self, calls: list[tuple[str, list[str], list[Any]]]) -> None:
+        """Keep acknowledgements that may not have reached Redis; a repeat is harmless (the
+        lease token makes the second one a no-op)."""
+        with self.lock:
+            for name, _, args in calls:
+                if name == "complete":
+                    self.acks[:0] = args[2:]
+                elif name == "release":
+                    self.releases[:0] = args[2:]
+                else:
+                    self.fails.insert(0, args[2:])
+
+    def _dispatch(self, reply: list[Any]) -> int:
+        n = 0
+        for i in range(3, len(reply), FIELDS):
+            (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo) = reply[i:i + FIELDS]
+            tid_s, batch_s = tid.decode(), batch.decode() or None
+            ctx = TaskContext(
+                task_id=tid_s, queue=q.decode(), tenant=tenant.decode(), target=target.decode(),
+                attempt=int(attempt), retries_left=int(retries), enqueued_at=ms_to_dt(enqueued),
+                batch_id=batch_s, store=self.store,
+                batch=BatchInfo.from_hash(batch_s, dict(zip(binfo[::2], binfo[1::2]))) if batch_s else None)
+            task = Fetched(tid_s, str(attempt), payload, ser.decode(), ctx.target, ctx.queue, ctx.tenant,
+                           batch_s, int(retries), ctx)
+            with self.lock:
+                self.running[tid_s] = task
+            self.inbox.put(task)
+            n += 1
+        return n
+
+    # ---------------------------------------------------------------- called by pool threads
+
+    def _finished(self, task: Fetched) -> None:
+        self.running.pop(task.id, None)
+        self.tasks_done += 1
+        self.wake.set()
+
+    def finish_ok(self, task: Fetched, duration_ms: int) -> None:
+        with self.lock:
+            self.acks += (task.id, task.token, "ok", duration_ms)
+            self._finished(task)
+
+    def finish_aborted(self, task: Fetched, duration_ms: int) -> None:
+        with self.lock:
+            if task.abort_reason in ("requeue", "shutdown"):
+                self.releases += (task.id, task.token)
+            else:
+                self.acks += (task.id, task.token, "canceled", duration_ms)
+            self._finished(task)
+
+    def finish_failed(self, task: Fetched, error: BaseException, duration_ms: int, *, bury: bool,
+                      delay_ms: int) -> None:
+        etype, emsg, etb = format_error(error)
+        with self.lock:
+            self.fails.append([task.id, task.token, delay_ms, "1" if self.options.deadletter else "0",
+                               etype, emsg, etb, duration_ms, "1" if bury else "0"])
+            self._finished(task)
+
+    # ------------------------------------------------------------------------------ aborts
+
+    def abort(self, task: Fetched, reason: str) -> None:
+        """Set the task's cancellation event, then raise TaskCanceled in its thread."""
+        if task.abort_reason is not None:
+            return
+        task.abort_reason = reason
+        task.ctx.cancelled.set()
+        for r in self.runners:
+            if r.abort(task.id):
+                break
+        self.maintenance.watch_abort(task)
+
+    def abort_where(self, reason: str, batch_id: str | None = None) -> int:
+        with self.lock:
+            tasks = [t for t in self.running.values() if batch_id is None or t.batch_id == batch_id]
+        for t in tasks:
+            self.abort(t, reason)
+        return len(tasks)
+
+    def force_exit(self, why: str) -> None:
+        """A task ignores its abort past cancel_grace: hand every other task back, then end the
+        process (the manager starts a new one)."""
+        log.error("worker %s: %s; handing back in-flight tasks and exiting", self.id, why)
+        k = self.store.keys
+        with self.lock:
+            pairs = [x for t in self.running.values() for x in (t.id, t.token)]
+            calls = self._drain_acks()
+        if pairs:
+            calls.append(("release", [k.leases], [k.prefix, self.id, *pairs]))
+        try:
+            self.store.run_many(calls)
+        except Exception:
+            log.exception("worker %s: could not hand tasks back; their leases will expire", self.id)
+        if self.on_exit_request is not None:
+            self.on_exit_request()
+
+    # ------------------------------------------------------------------------------ shutdown
+
+    def _shutdown(self, threads: list[threading.Thread]) -> None:
+        """Stop fetching; let running tasks finish within shutdown_timeout; hand the rest back
+        without consuming a retry; flush every acknowledgement."""
+        self.quiet = True
+        deadline = time.monotonic() + self.options.shutdown_timeout.total_seconds()
+        while self.running and time.monotonic() < deadline:
+            self._flush_quietly()
+            self.wake.wait(0.05)
+            self.wake.clear()
+        if self.running:
+            log.warning("worker %s: %d tasks still running at the shutdown deadline; handing them back",
+                        self.id, len(self.running))
+            k = self.store.keys
+            with self.lock:
+                leftovers = list(self.running.values())
+            pairs = [x for t in leftovers for x in (t.id, t.token)]
+            for t in leftovers:
+                self.abort(t, "shutdown")
+            try:
+                self.store.run("release", [k.leases], [k.prefix, self.id, *pairs])
+            except Exception:
+                log.exception("worker %s: release at shutdown failed; leases will expire", self.id)
+        for _ in threads:
+            self.inbox.put(None)
+        self._flush_quietly()
+        self.control.stop()
+        self.maintenance.stop()
+        log.info("worker %s stopped after %d tasks", self.id, self.tasks_done)
+
+    def _flush_quietly(self) -> None:
+        calls = self._drain_acks()
+        if calls:
+            try:
+                self.store.run_many(calls)
+            except Exception:
+                self._requeue_acks(calls)

@@ -1,0 +1,180 @@
+"""Runner: executes one task at a time in a pool thread, safely abortable from another thread.
+
+Aborting uses an asynchronous exception (``PyThreadState_SetAsyncExc``), which lands at the next
+bytecode boundary of the target thread, wherever that is. Two rules keep it from ever hitting
+the acknowledgement path:
+
+* the aborting thread raises only while ``current`` names the task it means, and holds
+  ``raising`` while it checks and raises;
+* the runner, on leaving the body, clears ``current``, waits out any ``raising`` in progress and
+  passes a checkpoint inside ``try/except TaskCanceled``, so a raise that raced with the body's
+  return is absorbed there. After that, nobody can raise into this thread for this task.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from ..context import TaskContext
+from ..encoding import decode
+from ..errors import TaskCanceled, TaskLoadError
+
+if TYPE_CHECKING:
+    from .process import Fetched, WorkerProcess
+
+log = logging.getLogger(__name__)
+
+_set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
+_set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
+
+
+def _checkpoint() -> None:
+    """A function call: the interpreter delivers pending asynchronous exceptions here."""
+
+
+class Runner:
+    """One pool thread's task execution state."""
+
+    def __init__(self, worker: WorkerProcess) -> None:
+        self.worker = worker
+        self.thread_id = 0
+        self.current: str | None = None      # task id while its body runs
+        self.raising = False
+        self.abort_lock = threading.Lock()    # serialises aborters, never taken by the runner
+
+    # ------------------------------------------------------------------------ called by aborters
+
+    def abort(self, task_id: str) -> bool:
+        """Raise TaskCanceled in this thread if it is inside ``task_id``'s body."""
+        with self.abort_lock:
+            self.raising = True
+            try:
+                if self.current != task_id:
+                    return False
+                _set_async_exc(self.thread_id, TaskCanceled)
+                return True
+            finally:
+                self.raising = False
+
+    # ---------------------------------------------------------------------- the pool thread side
+
+    def loop(self) -> None:
+        self.thread_id = threading.get_ident()
+        inbox = self.worker.inbox
+        while True:
+            task = inbox.get()
+            if task is None:
+                return
+            try:
+                self.execute(task)
+            except TaskCanceled:
+                log.debug("late abort absorbed outside a task body")
+            except BaseException:  # never let the pool thread die
+                log.exception("internal error while running task %s", task.id)
+
+    def execute(self, task: Fetched) -> None:
+        w = self.worker
+        opts = w.options
+        ctx = task.ctx
+        started = time.monotonic()
+        error: BaseException | None = None
+        load_error: TaskLoadError | None = None
+        _hook(opts.on_task_start, ctx)
+        try:
+            inv = self._load(task)
+        except TaskLoadError as exc:
+            load_error = exc
+        else:
+            error = self._body(task, inv)
+        duration_ms = int((time.monotonic() - started) * 1000)
+        if load_error is not None:
+            log.error("task %s %s cannot be loaded: %s", task.id, task.target, load_error)
+            _hook(opts.on_task_error, ctx, load_error)
+            w.finish_failed(task, load_error, duration_ms, bury=True, delay_ms=0)
+        elif error is None:
+            log.debug("task %s %s done in %d ms", task.id, task.target, duration_ms)
+            w.finish_ok(task, duration_ms)
+        elif isinstance(error, TaskCanceled) or task.abort_reason is not None:
+            log.info("task %s %s aborted (%s) after %d ms", task.id, task.target,
+                     task.abort_reason or "canceled", duration_ms)
+            w.finish_aborted(task, duration_ms)
+        else:
+            log.warning("task %s %s failed after %d ms: %s: %s", task.id, task.target, duration_ms,
+                        type(error).__name__, error)
+            _hook(opts.on_task_error, ctx, error)
+            delay = None
+            if task.retries_left > 0 and opts.on_task_failed_delay is not None:
+                delay = _hook(opts.on_task_failed_delay, ctx, task.retries_left)
+            delay_ms = int(delay.total_seconds() * 1000) if isinstance(delay, timedelta) else 0
+            w.finish_failed(task, error, duration_ms, bury=False, delay_ms=delay_ms)
+        _hook(opts.on_task_end, ctx)
+
+    def _load(self, task: Fetched) -> Any:
+        w = self.worker
+        if task.serializer == "raw":
+            if w.options.execute is None:
+                raise TaskLoadError(f"task {task.id} is a TaskData (topic {task.target[6:]!r}) but "
+                                    "Options.execute is not set")
+            task.ctx.topic, task.ctx.data = task.target[6:], task.payload
+            return None
+        return decode(task.payload, task.serializer, w.serializer)
+
+    def _body(self, task: Fetched, inv: Any) -> BaseException | None:
+        """Run the task body; returns the exception it raised, or None."""
+        w = self.worker
+        ctx = task.ctx
+        try:
+            if inv is None:
+                fn: Callable[..., Any] = w.options.execute  # type: ignore[assignment]
+                args: tuple[Any, ...] = (ctx,)
+                kwargs: dict[str, Any] = {}
+            else:
+                fn = inv.target.bind(w.options.resolver)
+                args, kwargs = inv.args, inv.kwargs
+                if inv.target.context_param:
+                    kwargs = {**kwargs, inv.target.context_param: ctx}
+            self.current = task.id
+            if task.abort_reason is not None:        # aborted before it started
+                raise TaskCanceled(task.abort_reason)
+            result = fn(*args, **kwargs)
+            if inv is not None and inv.target.is_coroutine or asyncio.iscoroutine(result):
+                asyncio.run(result)
+        except BaseException as exc:
+            self._leave_body()
+            return exc
+        self._leave_body()
+        return None
+
+    def _leave_body(self) -> None:
+        while True:
+            try:
+                self.current = None
+                while self.raising:
+                    pass
+                _checkpoint()
+                return
+            except TaskCanceled:
+                continue
+
+
+def _hook(fn: Callable[..., Any] | None, *args: Any) -> Any:
+    """Run a user hook; an exception in it is logged and never loses the task."""
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except Exception:
+        log.exception("hook %s raised; the task goes on", getattr(fn, "__name__", fn))
+        return None
+
+
+def format_error(exc: BaseException) -> tuple[str, str, str]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return type(exc).__name__, str(exc)[:2000], tb[-8000:]

@@ -1,0 +1,169 @@
+-- _lib.lua: helpers prepended to every coretask script at load time (not a script itself).
+-- KEYS/ARGV: none of its own; every function takes the key prefix P explicitly.
+--
+-- Key layout (P is the configured prefix, written as a hash tag such as "{coretask}", so that
+-- every key below lives in one Redis Cluster slot and multi-key scripts stay legal):
+--   P:t:<id>            hash   one task: q queue, tn tenant, b batch, p payload, s serializer,
+--                              tg target, r retries left, a attempt (= lease token), e enqueued ms,
+--                              d due ms, st state (queued|delayed|running|dead|waiting),
+--                              w worker, ls lease start ms, on (continuations: success|complete),
+--                              et/em/etb error type/message/traceback, da dead-at ms
+--   P:q:<queue>:<tenant> list  ready task ids of one tenant in one queue (FIFO)
+--   P:ring:<queue>      list   tenants of the queue that have ready work, served in turn
+--   P:ringset:<queue>   set    the same tenants, for O(1) membership tests
+--   P:queues            set    every queue that ever received a task
+--   P:qt:<queue>        set    every tenant that ever had ready work in the queue
+--   P:qs:<queue>        hash   counters: ready, delayed, inflight
+--   P:delayed           zset   delayed and retrying task ids, score = due ms
+--   P:leases            zset   running task ids, score = lease deadline ms (server clock)
+--   P:w:<worker>        set    task ids leased to one worker process
+--   P:trun              hash   tenant -> tasks running now
+--   P:tlim              hash   tenant -> concurrency limit override
+--   P:capped:<tenant>   set    queues whose ring dropped the tenant because it was at its limit
+--   P:dead:<queue>      list   dead-lettered task ids, oldest first
+--   P:paused            string "1" while everything is paused
+--   P:pausedq / P:pausedt set  paused queues / paused tenants
+--   P:b:<id>            hash   batch: tn, sc scope, q, total, done, failed, canceled, remaining,
+--                              run (in flight), dur (summed task ms), created, started, ended, state
+--   P:b:<id>:cont       list   continuation task ids not yet released
+--   P:b:<id>:s:<stage>  list   task ids staged by one enqueue_batch/append_batch (expires)
+--   P:b:<id>:c:<stage>  list   continuation ids staged likewise (expires)
+--   P:b:<id>:p:<stage>  list   committed task ids still to be published to their queues
+--   P:publishing        set    "<batch>:<stage>" of every publication not yet finished
+--   P:batches:<tenant>  zset   batch ids by creation ms
+--   P:bend              zset   finished batch ids by end ms (retention cleanup)
+--   P:bended            list   finished batch ids waiting for the on_batch_end hook
+--   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
+--                              "p"/"r" pause/resume, "c:<batch>" batch canceled
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Put a task id on its tenant's ready list and make sure the tenant is in the queue's ring.
+-- front=true hands a task back to the head of the list (release without consuming a retry).
+local function push_ready(P, queue, tenant, id, front)
+  local list = P .. ':q:' .. queue .. ':' .. tenant
+  if front then redis.call('LPUSH', list, id) else redis.call('RPUSH', list, id) end
+  redis.call('HSET', P .. ':t:' .. id, 'st', 'queued')
+  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', 1)
+  redis.call('SADD', P .. ':qt:' .. queue, tenant)
+  if redis.call('SADD', P .. ':ringset:' .. queue, tenant) == 1 then
+    redis.call('RPUSH', P .. ':ring:' .. queue, tenant)
+    redis.call('PUBLISH', P .. ':ev', 'f:' .. queue)
+  end
+end
+
+-- Schedule a task to become ready at due_ms.
+local function push_delayed(P, queue, id, due_ms)
+  redis.call('HSET', P .. ':t:' .. id, 'st', 'delayed', 'd', due_ms)
+  redis.call('ZADD', P .. ':delayed', due_ms, id)
+  redis.call('HINCRBY', P .. ':qs:' .. queue, 'delayed', 1)
+  local first = redis.call('ZRANGE', P .. ':delayed', 0, 0)
+  if first[1] == id then redis.call('PUBLISH', P .. ':ev', 'd') end
+end
+
+-- Undo the bookkeeping of a lease: the lease entry, the worker's set, the tenant's running slot
+-- (re-admitting the tenant to rings it left while at its limit) and the in-flight counter.
+local function drop_lease(P, id, worker, queue, tenant, batch)
+  redis.call('ZREM', P .. ':leases', id)
+  if worker and worker ~= '' then redis.call('SREM', P .. ':w:' .. worker, id) end
+  redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', -1)
+  if tonumber(redis.call('HINCRBY', P .. ':trun', tenant, -1)) <= 0 then
+    redis.call('HDEL', P .. ':trun', tenant)
+  end
+  if batch and batch ~= '' then
+    redis.call('HINCRBY', P .. ':b:' .. batch, 'run', -1)
+  end
+  local capped = P .. ':capped:' .. tenant
+  local queues = redis.call('SMEMBERS', capped)
+  if #queues > 0 then
+    redis.call('DEL', capped)
+    for _, q in ipairs(queues) do
+      if redis.call('LLEN', P .. ':q:' .. q .. ':' .. tenant) > 0
+         and redis.call('SADD', P .. ':ringset:' .. q, tenant) == 1 then
+        redis.call('RPUSH', P .. ':ring:' .. q, tenant)
+        redis.call('PUBLISH', P .. ':ev', 'f:' .. q)
+      end
+    end
+  end
+end
+
+-- Release the continuations a finished batch has earned, each exactly once: a continuation
+-- leaves P:b:<id>:cont in the same script that queues it.
+local function release_continuations(P, batch, failed)
+  local contkey = P .. ':b:' .. batch .. ':cont'
+  local ids = redis.call('LRANGE', contkey, 0, -1)
+  for _, cid in ipairs(ids) do
+    local f = redis.call('HMGET', P .. ':t:' .. cid, 'on', 'q', 'tn')
+    if f[1] == 'complete' or (f[1] == 'success' and failed == 0) then
+      redis.call('LREM', contkey, 1, cid)
+      redis.call('HDEL', P .. ':t:' .. cid, 'on')
+      push_ready(P, f[2], f[3], cid, false)
+    end
+  end
+end
+
+-- Close a running batch whose remaining count reached 0: state, end time, continuations, and
+-- the queue of batches waiting for the on_batch_end hook.
+local function close_batch_if_done(P, batch, now)
+  local bkey = P .. ':b:' .. batch
+  local f = redis.call('HMGET', bkey, 'remaining', 'state', 'failed')
+  if tonumber(f[1] or '1') > 0 or f[2] ~= 'running' then return end
+  local failed = tonumber(f[3] or '0')
+  local state = 'succeeded'
+  if failed > 0 then state = 'failed' end
+  redis.call('HSET', bkey, 'state', state, 'ended', now)
+  redis.call('ZADD', P .. ':bend', now, batch)
+  redis.call('RPUSH', P .. ':bended', batch)
+  release_continuations(P, batch, failed)
+end
+
+-- Count one task of a batch as finished (field = done|failed|canceled) and, when nothing
+-- remains, close the batch: state, end time, continuations and the on_batch_end hook queue.
+-- Every counter moves in the same script, so total == done + failed + canceled + remaining
+-- holds at every instant.
+local function settle_batch(P, batch, field, dur_ms, now)
+  if not batch or batch == '' then return end
+  local bkey = P .. ':b:' .. batch
+  if redis.call('EXISTS', bkey) == 0 then return end
+  redis.call('HINCRBY', bkey, field, 1)
+  if dur_ms and dur_ms > 0 then redis.call('HINCRBY', bkey, 'dur', dur_ms) end
+  redis.call('HINCRBY', bkey, 'remaining', -1)
+  close_batch_if_done(P, batch, now)
+end
+
+-- True when the task belongs to a canceled batch. Such a task is deleted where it is found;
+-- it was already counted as canceled when the batch was canceled.
+local function batch_canceled(P, batch)
+  if not batch or batch == '' then return false end
+  return redis.call('HGET', P .. ':b:' .. batch, 'state') == 'canceled'
+end
+
+-- A task whose retries are exhausted: dead letter list with its reason, or deleted when the
+-- dead letter queue is off. Either way its batch counts it as failed.
+local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now)
+  if deadletter == '1' then
+    redis.call('HSET', P .. ':t:' .. id, 'st', 'dead', 'et', etype, 'em', emsg, 'etb', etb, 'da', now)
+    redis.call('RPUSH', P .. ':dead:' .. queue, id)
+  else
+    redis.call('DEL', P .. ':t:' .. id)
+  end
+  settle_batch(P, batch, 'failed', 0, now)
+end
+
+-- A task that needs another attempt: retries left decremented, then delayed or ready.
+-- Returns 1 when it was requeued, 2 when it was buried instead.
+local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, etype, emsg, etb, now)
+  local tkey = P .. ':t:' .. id
+  local left = tonumber(redis.call('HGET', tkey, 'r') or '0')
+  if left > 0 then
+    redis.call('HSET', tkey, 'r', left - 1, 'et', etype, 'em', emsg)
+    if delay_ms > 0 then push_delayed(P, queue, id, now + delay_ms)
+    else push_ready(P, queue, tenant, id, false) end
+    return 1
+  end
+  bury(P, id, queue, batch, deadletter, etype, emsg, etb, now)
+  return 2
+end

@@ -1,0 +1,26 @@
+-- batch_publish.lua: move up to N committed tasks of a batch from one publication list to their
+-- queues (or the delayed set). Bounded work per call keeps Redis responsive while a
+-- 100,000-task batch goes out; tasks of a batch canceled meanwhile are dropped (cancel_batch
+-- already counted them as canceled).
+-- KEYS[1]  P:b:<batch>:p:<stage>   KEYS[2] P:publishing
+-- ARGV[1]  P   ARGV[2] batch id   ARGV[3] stage id   ARGV[4] max tasks this call
+-- Reply: number of tasks still waiting in the publication list.
+local P, batch, max = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local canceled = batch_canceled(P, batch)
+local now = now_ms()
+for _ = 1, max do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  local tkey = P .. ':t:' .. id
+  if canceled then
+    redis.call('DEL', tkey)
+  else
+    redis.call('PERSIST', tkey)
+    local f = redis.call('HMGET', tkey, 'q', 'tn', 'd')
+    local due = tonumber(f[3] or '0')
+    if due > now then push_delayed(P, f[1], id, due) else push_ready(P, f[1], f[2], id, false) end
+  end
+end
+local left = redis.call('LLEN', KEYS[1])
+if left == 0 then redis.call('SREM', KEYS[2], batch .. ':' .. ARGV[3]) end
+return left

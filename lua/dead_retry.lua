@@ -1,0 +1,39 @@
+-- dead_retry.lua: move dead-lettered tasks of one queue back to work, oldest first, with a
+-- fresh retry budget. A task of a batch re-opens the batch (failed -1, remaining +1), so a
+-- success continuation that has not run yet runs once the batch then succeeds. Tasks of a
+-- canceled batch are discarded instead.
+-- KEYS[1]  P:dead:<queue>
+-- ARGV[1]  P   ARGV[2] retries to grant   ARGV[3] max tasks to move (0 = all)
+-- Reply: number of tasks moved back to work.
+local P = ARGV[1]
+local max = tonumber(ARGV[3])
+local n = 0
+while max == 0 or n < max do
+  local id = redis.call('LPOP', KEYS[1])
+  if not id then break end
+  local tkey = P .. ':t:' .. id
+  local f = redis.call('HMGET', tkey, 'q', 'tn', 'b')
+  if f[1] then
+    if batch_canceled(P, f[3]) then
+      redis.call('DEL', tkey)
+    else
+      if f[3] and f[3] ~= '' then
+        local bkey = P .. ':b:' .. f[3]
+        if redis.call('EXISTS', bkey) == 1 then
+          redis.call('HINCRBY', bkey, 'failed', -1)
+          redis.call('HINCRBY', bkey, 'remaining', 1)
+          if redis.call('HGET', bkey, 'state') ~= 'running' then
+            redis.call('HSET', bkey, 'state', 'running')
+            redis.call('HDEL', bkey, 'ended')
+            redis.call('ZREM', P .. ':bend', f[3])
+          end
+        end
+      end
+      redis.call('HSET', tkey, 'r', ARGV[2])
+      redis.call('HDEL', tkey, 'et', 'em', 'etb', 'da')
+      push_ready(P, f[1], f[2], id, false)
+      n = n + 1
+    end
+  end
+end
+return n

@@ -1,0 +1,27 @@
+-- fail.lua: record a failed attempt: retry (at once or after a delay) or bury in the dead
+-- letter list once retries are exhausted. A task of a canceled batch is counted canceled and
+-- never retried or buried.
+-- KEYS[1]  P:t:<id>
+-- ARGV[1]  P           ARGV[2] worker id    ARGV[3] task id     ARGV[4] token (attempt)
+-- ARGV[5]  delay ms before the retry (0 = at once)
+-- ARGV[6]  deadletter ("1" keeps exhausted tasks in P:dead:<queue>, "0" deletes them)
+-- ARGV[7]  exception type   ARGV[8] message   ARGV[9] traceback   ARGV[10] duration ms
+-- ARGV[11] "1" = no retry, bury now (the failure can never succeed, e.g. unloadable payload)
+-- Reply: 1 = requeued for retry, 2 = buried (dead letter or deleted), 3 = counted canceled,
+--        0 = stale token (ignored).
+local P, worker, id, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local f = redis.call('HMGET', KEYS[1], 'a', 'st', 'q', 'tn', 'b', 'w')
+if f[1] ~= token or f[2] ~= 'running' then return 0 end
+local now = now_ms()
+drop_lease(P, id, f[6], f[3], f[4], f[5])
+if batch_canceled(P, f[5]) then
+  redis.call('DEL', KEYS[1])
+  settle_batch(P, f[5], 'canceled', tonumber(ARGV[10]), now)
+  return 3
+end
+if f[5] ~= '' and f[5] then redis.call('HINCRBY', P .. ':b:' .. f[5], 'dur', tonumber(ARGV[10])) end
+if ARGV[11] == '1' then
+  bury(P, id, f[3], f[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)
+  return 2
+end
+return retry_or_bury(P, id, f[3], f[4], f[5], tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)

@@ -1,0 +1,44 @@
+-- recover.lua: take back tasks whose worker is gone: every task leased to a dead worker process
+-- (mode "worker"), or every task whose lease deadline has passed (mode "expired": the backstop
+-- when the whole manager died). Each recovered task consumes one retry, since the task itself
+-- may be what killed its process; with no retry left it is buried with the reason. With
+-- ARGV[7] = "0" (a manager ending a child it had to stop at shutdown) tasks are handed back to
+-- the head of their queues without consuming a retry.
+-- KEYS[1]  P:leases
+-- ARGV[1]  P   ARGV[2] mode ("worker" | "expired")   ARGV[3] worker id (mode worker)
+-- ARGV[4]  deadletter ("1" | "0")   ARGV[5] reason text   ARGV[6] max tasks (mode expired)
+-- ARGV[7]  consume a retry ("1" | "0")
+-- Reply: {requeued, buried, canceled}
+local P, mode, worker, deadletter, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local now = now_ms()
+local ids
+if mode == 'worker' then
+  ids = redis.call('SMEMBERS', P .. ':w:' .. worker)
+else
+  ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
+end
+local res = {0, 0, 0}
+for _, id in ipairs(ids) do
+  local tkey = P .. ':t:' .. id
+  local f = redis.call('HMGET', tkey, 'st', 'q', 'tn', 'b', 'w')
+  if f[1] == 'running' then
+    drop_lease(P, id, f[5], f[2], f[3], f[4])
+    redis.call('HDEL', tkey, 'w', 'ls')
+    if batch_canceled(P, f[4]) then
+      redis.call('DEL', tkey)
+      settle_batch(P, f[4], 'canceled', 0, now)
+      res[3] = res[3] + 1
+    elseif ARGV[7] == '0' then
+      push_ready(P, f[2], f[3], id, true)
+      res[1] = res[1] + 1
+    else
+      local code = retry_or_bury(P, id, f[2], f[3], f[4], 0, deadletter, 'WorkerLost', reason, '', now)
+      res[code] = res[code] + 1
+    end
+  else
+    redis.call('ZREM', KEYS[1], id)
+    if f[5] then redis.call('SREM', P .. ':w:' .. f[5], id) end
+  end
+end
+if mode == 'worker' then redis.call('DEL', P .. ':w:' .. worker) end
+return res
