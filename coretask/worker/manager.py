@@ -106,7 +106,7 @@ class Manager:
         next_renew = 0.0
         while not self.stop.is_set():
             for i, child in enumerate(self.children):
-                if not child.process.is_alive():
+                if not child.process.is_alive() and not self.stop.is_set():
                     self._recover(child, consume_retry=True)
                     self.children[i] = self._spawn()
             if time.monotonic() >= next_renew:
@@ -142,7 +142,7 @@ class Manager:
         code = child.process.exitcode
         k = self.store.keys
         reason = f"worker process {child.process.pid} died (exit code {code}) while running the task"
-        if code != FORCED_EXIT:
+        if consume_retry and code != FORCED_EXIT:
             log.error("manager: %s; recovering its tasks and starting a new one", reason.replace(" while running the task", ""))
         try:
             res = self.store.run("recover", [k.leases],
