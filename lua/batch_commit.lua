@@ -43,5 +43,11 @@ if ntasks > 0 then
   redis.call('PERSIST', KEYS[4])
   redis.call('SADD', KEYS[5], batch .. ':' .. stage)
 end
-close_batch_if_done(P, batch, now)
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'running' then
+  close_batch_if_done(P, batch, now)
+elseif nconts > 0 then
+  -- continuations appended to a batch that already finished run now if their condition holds
+  release_continuations(P, batch, tonumber(redis.call('HGET', KEYS[1], 'failed') or '0'))
+end
 return 1

@@ -10,8 +10,8 @@
 -- ARGV[6..] queue names in priority order
 -- Reply: {paused (0|1), next_due_ms (-1 = none), now_ms, task...} where each task is a flat
 --   run of 11 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
---   batch, retries left, enqueued ms, and the batch's fields (HGETALL, flat) as a
---   nested array (empty when the task has no batch).
+--   batch (for a continuation: the batch it continues), retries left, enqueued ms, and the
+--   batch's fields (HGETALL, flat) as a nested array (empty when the task has no batch).
 local P, worker = ARGV[1], ARGV[2]
 local want, lease_ms, deflim = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
@@ -64,7 +64,7 @@ for qi = 6, #ARGV do
       if id then
         redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
         local tkey = P .. ':t:' .. id
-        local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e')
+        local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb')
         if f[1] then
           if batch_canceled(P, f[4]) then
             redis.call('DEL', tkey)
@@ -76,15 +76,20 @@ for qi = 6, #ARGV do
             redis.call('HINCRBY', KEYS[7], tenant, 1)
             redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', 1)
             local binfo = {}
+            local shown = f[4]
             if f[4] and f[4] ~= '' then
               local bkey = P .. ':b:' .. f[4]
               redis.call('HINCRBY', bkey, 'run', 1)
               if not redis.call('HGET', bkey, 'started') then redis.call('HSET', bkey, 'started', now) end
               binfo = redis.call('HGETALL', bkey)
+            elseif f[7] then
+              -- a continuation sees the batch it continues (it is not counted in it)
+              shown = f[7]
+              binfo = redis.call('HGETALL', P .. ':b:' .. f[7])
             end
             local n = #out
             out[n+1] = id; out[n+2] = attempt; out[n+3] = f[1]; out[n+4] = f[2]; out[n+5] = f[3]
-            out[n+6] = queue; out[n+7] = tenant; out[n+8] = f[4] or ''; out[n+9] = f[5]
+            out[n+6] = queue; out[n+7] = tenant; out[n+8] = shown or ''; out[n+9] = f[5]
             out[n+10] = f[6]; out[n+11] = binfo
             got = got + 1
           end

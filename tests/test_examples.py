@@ -1,0 +1,70 @@
+"""Each example runs, against the suite's server."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, wait_until
+
+
+def _run(module: str, server, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, CORETASK_REDIS_URL=server.url, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.fixture
+def standalone(server):
+    """The examples use plain (non-cluster) clients, as a user's first steps would."""
+    if server.cluster:
+        from coretask.servers import RedisServer
+        with RedisServer() as srv:
+            yield srv
+    else:
+        yield server
+
+
+def test_script_example_processes_its_batch(standalone):
+    out = _run("examples.script", standalone)
+    assert out.returncode == 0, out.stderr
+    assert "batch succeeded: 30/30 tasks" in out.stdout
+
+
+def test_cpu_batch_example_spreads_work_over_processes(standalone):
+    out = _run("examples.cpu_batch", standalone, "--processes", "2", "--limit", "200000")
+    assert out.returncode == 0, out.stderr
+    assert "17984 primes below 200000: 40 tasks" in out.stdout
+
+
+def test_flask_example_enqueues_from_a_route(standalone, prefix, monkeypatch):
+    # Given the Flask app configured for the suite's server and a fresh prefix
+    monkeypatch.setenv("CORETASK_REDIS_URL", standalone.url)
+    monkeypatch.setenv("EXAMPLE_PREFIX", prefix)
+    sys.modules.pop("examples.flask_app", None)
+    from examples import flask_app
+    client = flask_app.app.test_client()
+
+    # When a route enqueues a task and a batch
+    resp = client.post("/signup", json={"email": "ada@example.com"}, headers={"X-Tenant": "acme"})
+    assert resp.status_code == 202 and resp.get_json()["task_id"]
+    resp = client.post("/newsletter", json={"emails": ["a@x.org", "b@x.org"]}, headers={"X-Tenant": "acme"})
+    batch_id = resp.get_json()["batch_id"]
+    assert client.get(f"/batches/{batch_id}", headers={"X-Tenant": "other"}).status_code == 404
+
+    # Then a worker runs them and the status route reports the finished batch
+    import threading
+    stop = threading.Event()
+    t = threading.Thread(target=flask_app.processor.run, args=(stop,))
+    t.start()
+    try:
+        r = flask_app.processor.store.redis
+        wait_until(lambda: r.llen(f"{prefix}:sent") == 3, 20, "3 mails sent")
+        wait_until(lambda: client.get(f"/batches/{batch_id}", headers={"X-Tenant": "acme"}).get_json()["state"]
+                   == "succeeded", 10, "batch succeeded")
+    finally:
+        stop.set()
+        t.join(15)
+    assert sorted(r.lrange(f"{prefix}:sent", 0, -1)) == [b"a@x.org", b"ada@example.com", b"b@x.org"]
