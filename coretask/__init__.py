@@ -10,16 +10,19 @@ from .client import TaskProcessor
 from .context import TaskContext
 from .encoding import Call, Serializer, TaskData, call
 from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,
-                     ScriptError, SerializationError, StoreError, StoreFull, TargetError, TaskCanceled,
-                     TaskLoadError)
+                     ReplicationError, ScriptError, SerializationError, StoreError, StoreFull, TargetError,
+                     TaskCanceled, TaskLoadError)
 from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo
 from .options import Options
+from .schedules import ScheduleData, ScheduleInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
     # client
     "TaskProcessor", "Options", "BatchBuilder", "TaskContext",
+    # schedules
+    "ScheduleData", "ScheduleInfo",
     # what can be enqueued
     "call", "Call", "TaskData", "Serializer",
     # introspection views
@@ -27,5 +30,5 @@ __all__ = [
     # errors
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
-    "TaskCanceled",
+    "TaskCanceled", "ReplicationError",
 ]

@@ -32,7 +32,13 @@ def load_processor(app: str) -> TaskProcessor:
         except AttributeError:
             raise ConfigurationError(f"--app {app}: {module_name} has no attribute {attr!r}") from None
     if not isinstance(obj, TaskProcessor) and callable(obj):
-        obj = obj()
+        try:
+            obj = obj()
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(f"--app {app}: calling {attr}() to build the TaskProcessor failed: "
+                                     f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, TaskProcessor):
         raise ConfigurationError(f"--app {app} is a {type(obj).__name__}, not a TaskProcessor")
     return obj

@@ -7,22 +7,26 @@ for long. Staged data is invisible to workers until the commit; on any error it 
 """
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .encoding import Call, TaskData, encode
-from .errors import ConfigurationError, StoreError
+from .errors import ConfigurationError, ReplicationError, StoreError
 from .options import check_queue_name
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .client import TaskProcessor
 
 __all__ = ["BatchBuilder"]
 
-CHUNK = 1000                       # tasks per staging call
-PUBLISH_CHUNK = 2000               # tasks per publication call
+CHUNK = 250                        # tasks per staging call (each call stays well under 50 ms)
+CHUNK_BYTES = 1024 * 1024          # payload bytes per staging call (large payloads flush sooner)
+PUBLISH_CHUNK = 500                # tasks per publication call
 STAGE_TTL_MS = 3600 * 1000         # a batch must be built within an hour
 CONTINUE_ON = ("success", "complete")
 
@@ -41,6 +45,7 @@ class BatchBuilder:
         self._mode = mode
         self._stage = uuid.uuid4().hex[:12]
         self._chunk: list[Any] = []
+        self._chunk_bytes = 0
         self.tasks = 0
         self.continuations = 0
         k = processor.store.keys
@@ -72,7 +77,8 @@ class BatchBuilder:
         task_id = uuid.uuid4().hex
         self._chunk += [task_id, q, self.tenant, enc.payload, enc.serializer, enc.target,
                         p._retries(retries), p._due_ms(delay_until), on]
-        if len(self._chunk) >= CHUNK * 9:
+        self._chunk_bytes += len(enc.payload)
+        if len(self._chunk) >= CHUNK * 9 or self._chunk_bytes >= CHUNK_BYTES:
             self._flush()
         return task_id
 
@@ -82,23 +88,32 @@ class BatchBuilder:
             self._p.store.run("batch_stage", [self._staged, self._cstaged, k.queues],
                               [k.prefix, STAGE_TTL_MS, self._batch_id, *self._chunk])
             self._chunk = []
+            self._chunk_bytes = 0
 
     def _commit(self) -> bool:
         store = self._p.store
         k = store.keys
         self._flush()
-        res = store.run("batch_commit",
-                        [k.batch(self._batch_id), self._staged, self._cstaged, self._pub, k.publishing,
-                         k.batches(self.tenant), f"{k.batch(self._batch_id)}:cont"],
-                        [k.prefix, self._batch_id, self._stage, self.tenant, self.queue, self._scope or "",
-                         self._mode, self.tasks, self.continuations])
+        try:
+            res = store.run("batch_commit",
+                            [k.batch(self._batch_id), self._staged, self._cstaged, self._pub, k.publishing,
+                             k.batches(self.tenant), f"{k.batch(self._batch_id)}:cont"],
+                            [k.prefix, self._batch_id, self._stage, self.tenant, self.queue, self._scope or "",
+                             self._mode, self.tasks, self.continuations], durable=True)
+        except ReplicationError as exc:   # committed on the master; workers finish the publication
+            exc.batch_id = self._batch_id
+            raise
         if res == -1:
             raise StoreError(f"batch {self._batch_id}: staged data expired before the commit "
                              "(building took over an hour); nothing was enqueued")
         if res == 0:
             self._abort()
             return False
-        publish(store, self._batch_id, self._stage)
+        try:
+            publish(store, self._batch_id, self._stage)
+        except Exception as exc:  # committed: any worker's maintenance loop finishes the publication
+            log.warning("batch %s: publication interrupted (%s: %s); workers will finish it",
+                        self._batch_id, type(exc).__name__, exc)
         self.id = self._batch_id
         return True
 

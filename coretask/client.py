@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -17,18 +18,20 @@ from typing import Any
 
 from .batch import BatchBuilder
 from .encoding import Call, TaskData, encode, serializer_for
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ReplicationError
 from .introspection import Introspection
 from .models import BatchInfo
 from .options import Options, check_queue_name, check_tenant
+from .schedules import Schedules
 from .store import Store
+from .tenancy import TenantAdmin
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TaskProcessor"]
 
 
-class TaskProcessor(Introspection):
+class TaskProcessor(Introspection, Schedules, TenantAdmin):
     """The entry point: enqueue tasks and batches, control processing, inspect state.
 
     Delivery contract: at least once. A task may run twice if its worker dies mid-task (it is
@@ -58,9 +61,14 @@ class TaskProcessor(Introspection):
         enc = encode(self._as_call(fn, args, kwargs), self._serializer, self.options.max_payload_bytes)
         task_id = uuid.uuid4().hex
         k = self.store.keys
-        code, _ = self.store.run("enqueue", [k.task(task_id), k.queues],
-                                 [k.prefix, task_id, queue, tenant, enc.payload, enc.serializer,
-                                  enc.target, self._retries(retries), self._due_ms(delay_until)])
+        try:
+            code, _ = self.store.run("enqueue", [k.task(task_id), k.queues],
+                                     [k.prefix, task_id, queue, tenant, enc.payload, enc.serializer,
+                                      enc.target, self._retries(retries), self._due_ms(delay_until)],
+                                     durable=True)
+        except ReplicationError as exc:   # Options.wait_replicas: enqueued, not yet replicated
+            exc.task_id = task_id
+            raise
         # code -1 means the id exists: a retried call whose first attempt had landed
         log.debug("enqueued %s %s queue=%s tenant=%s", task_id, enc.target, queue, tenant)
         return task_id
@@ -103,7 +111,7 @@ class TaskProcessor(Introspection):
         another tenant's."""
         k = self.store.keys
         return bool(self.store.run("cancel_batch", [k.batch(batch_id), k.bend],
-                                   [k.prefix, batch_id, tenant or ""]))
+                                   [k.prefix, batch_id, tenant or ""], durable=True))
 
     # ------------------------------------------------------------------------- pause/resume
 
@@ -196,12 +204,13 @@ class TaskProcessor(Introspection):
     def _due_ms(delay_until: datetime | timedelta | float | None) -> int:
         if delay_until is None:
             return 0
+        # rounded up: a due time between two milliseconds must not let the task start early
         if isinstance(delay_until, timedelta):
-            return int((time.time() + delay_until.total_seconds()) * 1000)
+            return math.ceil((time.time() + delay_until.total_seconds()) * 1000)
         if isinstance(delay_until, datetime):
-            return int(delay_until.timestamp() * 1000)
+            return math.ceil(delay_until.timestamp() * 1000)
         if isinstance(delay_until, (int, float)) and not isinstance(delay_until, bool):
-            return int(delay_until * 1000)
+            return math.ceil(delay_until * 1000)
         raise ConfigurationError(f"delay_until must be a datetime, timedelta or epoch seconds, got {delay_until!r}")
 
 

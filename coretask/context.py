@@ -23,27 +23,52 @@ class TaskContext:
     were when the task was fetched.
     """
 
-    __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "enqueued_at",
-                 "batch_id", "batch", "topic", "data", "cancelled", "_store", "_token", "__weakref__")
+    __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "batch_id", "topic",
+                 "data", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_store", "_token",
+                 "__weakref__")
 
     def __init__(self, *, task_id: str, queue: str, tenant: str, target: str, attempt: int,
-                 retries_left: int, enqueued_at: datetime | None, batch_id: str | None,
-                 batch: BatchInfo | None, store: Store, topic: str | None = None,
-                 data: bytes | None = None) -> None:
+                 retries_left: int, batch_id: str | None, store: Store, enqueued_ms: int | bytes | None = None,
+                 batch_fields: list[bytes] | None = None, topic: str | None = None, data: bytes | None = None,
+                 enqueued_at: datetime | None = None, batch: BatchInfo | None = None) -> None:
         self.task_id = task_id
         self.queue = queue
         self.tenant = tenant
         self.target = target
         self.attempt = attempt
         self.retries_left = retries_left
-        self.enqueued_at = enqueued_at
         self.batch_id = batch_id
-        self.batch = batch
         self.topic = topic
         self.data = data
-        self.cancelled = threading.Event()
+        self._enqueued_ms = int(enqueued_at.timestamp() * 1000) if enqueued_at is not None else enqueued_ms
+        self._batch_fields = batch_fields
+        self._batch: BatchInfo | None = batch
+        self._cancelled: threading.Event | None = None
         self._store = store
         self._token = str(attempt)
+
+    # built on first use: most tasks never look, and the fetch loop's time is the throughput
+
+    @property
+    def enqueued_at(self) -> datetime | None:
+        from .models import ms_to_dt
+        return ms_to_dt(self._enqueued_ms)
+
+    @property
+    def batch(self) -> BatchInfo | None:
+        """The batch's statistics when the task was fetched (None outside a batch)."""
+        if self._batch is None and self.batch_id and self._batch_fields:
+            from .models import BatchInfo
+            f = self._batch_fields
+            self._batch = BatchInfo.from_hash(self.batch_id, dict(zip(f[::2], f[1::2])))
+        return self._batch
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when the task is being aborted (batch canceled, handed back, shutdown)."""
+        if self._cancelled is None:
+            self._cancelled = threading.Event()
+        return self._cancelled
 
     def extend_lock(self, duration: timedelta) -> None:
         """Keep the task leased for at least ``duration`` from now (server clock). Raises

@@ -40,15 +40,17 @@ from bisect import bisect_left
 from datetime import datetime, timedelta, timezone as _timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .errors import ConfigurationError
+
 __all__ = ["CronSchedule", "CronSyntaxError", "TimezoneError"]
 
 
-class CronSyntaxError(ValueError):
-    """A cron expression is malformed, out of range, or can never fire."""
+class CronSyntaxError(ConfigurationError):
+    """A cron expression is malformed, out of range, or can never fire (a ValueError too)."""
 
 
-class TimezoneError(ValueError):
-    """A timezone name is not a known IANA zone."""
+class TimezoneError(ConfigurationError):
+    """A timezone name is not a known IANA zone (a ValueError too)."""
 
 
 _UTC = _timezone.utc

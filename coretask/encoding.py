@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import importlib
 import inspect
 import json
 import types
@@ -156,9 +157,28 @@ class DillSerializer:
     name = "dill"
 
     def dumps(self, call: Call) -> bytes:
+        import io
+        import sys
+
         import dill
+
+        def save_module(pickler: Any, module: types.ModuleType) -> None:
+            # dill copies the whole state of a module outside site-packages (the user's own
+            # modules) into the payload, sockets included, and writes it over the worker's
+            # module on load; an imported module travels by name instead.
+            if module.__name__ != "__main__" and sys.modules.get(module.__name__) is module:
+                pickler.save_reduce(importlib.import_module, (module.__name__,), obj=module)
+            else:
+                default_save_module(pickler, module)
+
+        default_save_module = dill.Pickler.dispatch[types.ModuleType]
+        buf = io.BytesIO()
         try:
-            return dill.dumps((call.fn, call.args, call.kwargs), recurse=True)
+            pickler = dill.Pickler(buf, recurse=True)
+            pickler.dispatch = type(dill.Pickler.dispatch)(dill.Pickler.dispatch)
+            pickler.dispatch[types.ModuleType] = save_module
+            pickler.dump((call.fn, call.args, call.kwargs))
+            return buf.getvalue()
         except Exception as exc:
             raise SerializationError(f"dill cannot serialize the call to {call.fn!r}: {exc}") from None
 

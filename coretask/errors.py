@@ -16,7 +16,9 @@ the library's errors in one clause. Errors about bad input also derive from the 
     │                                     (module gone, payload corrupted); dead-lettered
     ├── StoreError                        Redis refused a coretask operation
     │   ├── StoreFull                     Redis hit maxmemory (OOM); nothing was half-written
-    │   └── ScriptError                   a Lua script failed (a bug: please report it)
+    │   ├── ScriptError                   a Lua script failed (a bug: please report it)
+    │   └── ReplicationError              Options.wait_replicas: the write is on the master but
+    │                                     fewer replicas than asked acknowledged it in time
     ├── LeaseLost                         the worker no longer holds the task (ctx.extend_lock)
     └── TaskCanceled                      control flow: raised inside a running task whose
                                           batch was canceled or that is being handed back;
@@ -30,7 +32,7 @@ from __future__ import annotations
 __all__ = [
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
-    "TaskCanceled",
+    "TaskCanceled", "ReplicationError",
 ]
 
 
@@ -72,6 +74,21 @@ class StoreFull(StoreError):
 
 class ScriptError(StoreError):
     """A coretask Lua script failed."""
+
+
+class ReplicationError(StoreError):
+    """With ``Options.wait_replicas``: the write was applied by the master, but WAIT saw fewer
+    replicas acknowledge it than required within ``wait_timeout``. The write is not undone; it may
+    be lost if the master fails before replicating it. ``task_id`` / ``batch_id`` name what was
+    written when the operation created one."""
+
+    def __init__(self, message: str, *, acknowledged: int, required: int,
+                 task_id: str | None = None, batch_id: str | None = None) -> None:
+        super().__init__(message)
+        self.acknowledged = acknowledged
+        self.required = required
+        self.task_id = task_id
+        self.batch_id = batch_id
 
 
 class LeaseLost(CoreTaskError):

@@ -35,11 +35,12 @@ DEFAULT_RETENTION = timedelta(days=7)
 DEFAULT_SHUTDOWN_TIMEOUT = timedelta(seconds=30)
 DEFAULT_CANCEL_GRACE = timedelta(seconds=3)
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
+DEFAULT_WAIT_TIMEOUT = timedelta(seconds=1)
 SERIALIZER_NAMES = ("json", "dill")
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _DURATIONS = ("invisibility", "base_frequency", "pushback_frequency", "cleanup_frequency",
-              "retention", "shutdown_timeout", "cancel_grace")
+              "retention", "shutdown_timeout", "cancel_grace", "wait_timeout")
 _CALLBACKS = ("on_task_failed_delay", "on_task_error", "on_task_start", "on_task_end",
               "on_batch_end", "resolver", "execute")
 
@@ -70,6 +71,9 @@ class Options:
     serializer: "json" (default, safe), "dill" (lambdas, closures, any object) or an object with
       ``name``, ``dumps(call) -> bytes`` and ``loads(bytes) -> call``.
     execute(ctx): handler of low-level ``TaskData(topic, data)`` tasks.
+    wait_replicas / wait_timeout: when wait_replicas > 0, enqueue_task, batch commits and
+      cancel_batch send WAIT after their write and raise ReplicationError when fewer replicas
+      acknowledged it within wait_timeout (see docs/operations.md, failover).
     """
 
     redis: str = dataclasses.field(default_factory=lambda: os.environ.get("CORETASK_REDIS_URL", DEFAULT_REDIS))
@@ -91,6 +95,8 @@ class Options:
     use_cron_seconds: bool = False
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     tenant_concurrency: int | None = None
+    wait_replicas: int = 0
+    wait_timeout: timedelta = DEFAULT_WAIT_TIMEOUT
     on_task_failed_delay: Callable[[TaskContext, int], timedelta | None] | None = None
     on_task_error: Callable[[TaskContext, BaseException], Any] | None = None
     on_task_start: Callable[[TaskContext], Any] | None = None
@@ -118,7 +124,8 @@ class Options:
             check_queue_name(q, "Options.queues")
         if len(set(self.queues)) != len(self.queues):
             raise ConfigurationError(f"Options.queues lists a queue twice: {self.queues!r}")
-        for name, low in (("processes", 1), ("max_workers", 1), ("retries", 0), ("max_payload_bytes", 64)):
+        for name, low in (("processes", 1), ("max_workers", 1), ("retries", 0), ("max_payload_bytes", 64),
+                          ("wait_replicas", 0)):
             _check_int(name, getattr(self, name), low)
         if self.tenant_concurrency is not None:
             _check_int("tenant_concurrency", self.tenant_concurrency, 1)
@@ -126,8 +133,9 @@ class Options:
             setattr(self, name, _duration(name, getattr(self, name)))
         for name in _CALLBACKS:
             value = getattr(self, name)
-            if value is not None and not callable(value):
-                raise ConfigurationError(f"Options.{name} must be callable or None, got {type(value).__name__}")
+            if (value is not None or name == "resolver") and not callable(value):
+                allowed = "callable" if name == "resolver" else "callable or None"
+                raise ConfigurationError(f"Options.{name} must be {allowed}, got {type(value).__name__}")
         if isinstance(self.serializer, str):
             if self.serializer not in SERIALIZER_NAMES:
                 raise ConfigurationError(
@@ -135,6 +143,11 @@ class Options:
                     f"got {self.serializer!r}")
         elif not all(hasattr(self.serializer, a) for a in ("name", "dumps", "loads")):
             raise ConfigurationError("Options.serializer object must have 'name', 'dumps' and 'loads'")
+
+    def __repr__(self) -> str:  # the dataclass repr would show the password of the redis URL
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        shown["redis"] = _safe(self.redis)
+        return f"Options({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def replace(self, **changes: Any) -> Options:
         """A copy with some options changed (validated again)."""
@@ -160,10 +173,14 @@ def _check_int(name: str, value: object, low: int) -> None:
 
 
 def _duration(name: str, value: object) -> timedelta:
+    given = value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = timedelta(seconds=value)
+        try:
+            value = timedelta(seconds=value)
+        except (ValueError, OverflowError):  # nan, inf, out of timedelta's range
+            value = None
     if not isinstance(value, timedelta) or value <= timedelta(0):
-        raise ConfigurationError(f"Options.{name} must be a positive timedelta or number of seconds, got {value!r}")
+        raise ConfigurationError(f"Options.{name} must be a positive timedelta or number of seconds, got {given!r}")
     return value
 
 
@@ -173,4 +190,5 @@ def _safe(url: object) -> object:
 
 
 def redact_url(url: str) -> str:
+    url = re.sub(r"([?&]password=)[^&#]*", r"\1***", url)  # redis-py also reads ?password=
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterDownError, MovedError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
-from .errors import ScriptError, StoreFull
+from .errors import ReplicationError, ScriptError, StoreError, StoreFull
 from .options import Options, redact_url
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,7 @@ class Keys:
         self.publishing = f"{p}:publishing"
         self.workers = f"{p}:workers"
         self.events = f"{p}:ev"
+        self.tenants = f"{p}:tenants"
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:t:{task_id}"
@@ -61,6 +67,9 @@ class Keys:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:w:{worker_id}"
+
+    def tstats(self, tenant: str) -> str:
+        return f"{self.prefix}:ts:{tenant}"
 
     def batch(self, batch_id: str) -> str:
         return f"{self.prefix}:b:{batch_id}"
@@ -93,9 +102,15 @@ SCRIPTS = _load_scripts()
 
 
 def connect(options: Options, **overrides: Any) -> redis.Redis:
-    """A client for the configured server or cluster. Binary replies: payloads are bytes."""
+    """A client for the configured server or cluster. Binary replies: payloads are bytes.
+
+    Retries are pinned here rather than left to the redis-py version's default (none in 5.x, ten
+    in 8.x): 3 retries after 0.1, 0.2 and 0.4 s, so a call to a server that is down fails with
+    redis' ConnectionError in about a second instead of hanging; worker loops retry on their own
+    with a capped backoff. URL query options (``?socket_connect_timeout=2``) take precedence."""
     kwargs: dict[str, Any] = dict(socket_connect_timeout=5, socket_timeout=30, socket_keepalive=True,
-                                  health_check_interval=15)
+                                  health_check_interval=15,
+                                  retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3))
     kwargs.update(overrides)
     if options.cluster:
         from redis.cluster import RedisCluster
@@ -113,7 +128,11 @@ class Store:
         self.redis = client if client is not None else connect(options)
         self.url = redact_url(options.redis)
 
-    def run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    def run(self, name: str, keys: Sequence[str], args: Sequence[Any], *, durable: bool = False) -> Any:
+        """Run one script. ``durable``: with Options.wait_replicas > 0, WAIT for that many replicas
+        to acknowledge the write (ReplicationError when fewer did within wait_timeout)."""
+        if durable and self.options.wait_replicas > 0:
+            return self._run_and_wait(name, keys, args)
         script = SCRIPTS[name]
         try:
             try:
@@ -128,6 +147,9 @@ class Store:
     def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Several script calls in one round trip (a pipeline, not a transaction); each call that
         met NOSCRIPT is run again on its own after loading, never the ones that succeeded."""
+        if self.options.cluster:
+            # redis-py's cluster pipeline refuses EVALSHA: one call after the other instead
+            return [self.run(name, keys, args) for name, keys, args in calls]
         pipe = self.redis.pipeline(transaction=False)
         for name, keys, args in calls:
             pipe.evalsha(SCRIPTS[name].sha, len(keys), *keys, *args)
@@ -141,13 +163,64 @@ class Store:
                 raise res
         return results
 
+    def _run_and_wait(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA then WAIT on the same connection (WAIT counts the replicas that acknowledged
+        that connection's writes): a two-command pipeline. In a cluster, the pipeline goes to the
+        node serving the keys' slot; a MOVED reply (the slot moved: failover, resharding) means
+        the script did not run there, so the slot map is refreshed and the call sent again."""
+        script = SCRIPTS[name]
+        want = self.options.wait_replicas
+        timeout_ms = max(int(self.options.wait_timeout.total_seconds() * 1000), 1)
+        cluster = self.options.cluster
+        for attempt in range(1, 4):
+            client: Any = self.redis
+            if self.options.cluster:
+                node = self.redis.get_node_from_key(keys[0] if keys else self.keys.events)
+                client = self.redis.get_redis_connection(node)
+            pipe = client.pipeline(transaction=False)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", want, timeout_ms)
+            try:
+                result, acked = pipe.execute(raise_on_error=False)
+            except (RedisConnectionError, RedisTimeoutError):
+                if not cluster or attempt == 3:
+                    raise
+                # a node failed (failover): refresh the slot map and try the new owner, as
+                # redis-py's cluster client does for every other command
+                self.redis.nodes_manager.initialize()
+                continue
+            if isinstance(result, NoScriptError):
+                log.debug("script %s not loaded on %s; loading it", name, self.url)
+                self._load(script, keys)
+                continue
+            if cluster and isinstance(result, (MovedError, ClusterDownError, TryAgainError)):
+                time.sleep(0.05 * attempt)      # the script did not run: refresh the map, resend
+                self.redis.nodes_manager.initialize()
+                continue
+            if isinstance(result, ResponseError):
+                raise _translate(name, result) from result
+            if isinstance(result, Exception):
+                raise result
+            if isinstance(acked, Exception):
+                raise acked
+            if int(acked) < want:
+                raise ReplicationError(
+                    f"{name}: written on the master, but only {acked} of the {want} replicas "
+                    f"required by Options.wait_replicas acknowledged it within "
+                    f"{timeout_ms} ms; it is lost if the master fails before replicating it",
+                    acknowledged=int(acked), required=want)
+            return result
+        raise StoreError(f"{name}: the script could not be run with WAIT after 3 attempts "
+                         "(NOSCRIPT, MOVED or CLUSTERDOWN each time)")
+
     def _load(self, script: Script, keys: Sequence[str]) -> None:
         if self.options.cluster:
             # load on the node that serves the slot of the keys (all coretask keys share it)
             from redis.cluster import RedisCluster
             assert isinstance(self.redis, RedisCluster)
             node = self.redis.get_node_from_key(keys[0] if keys else self.keys.events)
-            self.redis.script_load(script.source, target_nodes=node)  # type: ignore[call-arg]
+            # (RedisCluster.script_load takes no target_nodes: give the node to execute_command)
+            self.redis.execute_command("SCRIPT LOAD", script.source, target_nodes=node)
         else:
             self.redis.script_load(script.source)
 

@@ -7,7 +7,8 @@
 --                              tg target, r retries left, a attempt (= lease token), e enqueued ms,
 --                              d due ms, st state (queued|delayed|running|dead|waiting),
 --                              w worker, ls lease start ms, on (continuations: success|complete),
---                              et/em/etb error type/message/traceback, da dead-at ms
+--                              et/em/etb error type/message/traceback, da dead-at ms,
+--                              sch schedule id and sk tick ms (runs enqueued by a schedule)
 --   P:q:<queue>:<tenant> list  ready task ids of one tenant in one queue (FIFO)
 --   P:ring:<queue>      list   tenants of the queue that have ready work, served in turn
 --   P:ringset:<queue>   set    the same tenants, for O(1) membership tests
@@ -33,8 +34,19 @@
 --   P:batches:<tenant>  zset   batch ids by creation ms
 --   P:bend              zset   finished batch ids by end ms (retention cleanup)
 --   P:bended            list   finished batch ids waiting for the on_batch_end hook
+--   P:s:<id>            hash   cron schedule: tn, q, sc scope, cr cron, tz zone, sec ("1" = six
+--                              fields), u unique, x expire ms, p/s/tg/r as a task, v version
+--                              (bumped by every upsert), cd/up created/updated ms, lt last run's
+--                              task id, lr last run ms, lk last tick ms, nu/nx ticks skipped
+--                              (unique / expired)
+--   P:sdue              zset   schedule ids, score = next tick ms (moved by compare-and-set)
+--   P:sched:<tenant>    zset   the tenant's schedule ids, score 0 (ordered by id)
+--   P:tenants           zset   every tenant with work or history, score 0 (name order)
+--   P:ts:<tenant>       hash   tenant counters: done, failed (retries exhausted), canceled, dead
+--                              (now in a dead letter list), b_<state> batches by state
 --   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
---                              "p"/"r" pause/resume, "c:<batch>" batch canceled
+--                              "p"/"r" pause/resume, "c:<batch>" batch canceled,
+--                              "s" schedules changed (workers re-read the next tick)
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -64,17 +76,12 @@ local function push_delayed(P, queue, id, due_ms)
   if first[1] == id then redis.call('PUBLISH', P .. ':ev', 'd') end
 end
 
--- Undo the bookkeeping of a lease: the lease entry, the worker's set, the tenant's running slot
--- (re-admitting the tenant to rings it left while at its limit) and the in-flight counter.
-local function drop_lease(P, id, worker, queue, tenant, batch)
-  redis.call('ZREM', P .. ':leases', id)
-  if worker and worker ~= '' then redis.call('SREM', P .. ':w:' .. worker, id) end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', -1)
-  if tonumber(redis.call('HINCRBY', P .. ':trun', tenant, -1)) <= 0 then
+-- A tenant's running count drops by n; when it had left rings at its concurrency limit, it is
+-- re-admitted to them (where it still has ready work).
+local function release_tenant(P, tenant, n)
+  -- (n = 0 only re-admits: Lua's -0 would reach HINCRBY as "-0", which Redis rejects)
+  if n ~= 0 and tonumber(redis.call('HINCRBY', P .. ':trun', tenant, -n)) <= 0 then
     redis.call('HDEL', P .. ':trun', tenant)
-  end
-  if batch and batch ~= '' then
-    redis.call('HINCRBY', P .. ':b:' .. batch, 'run', -1)
   end
   local capped = P .. ':capped:' .. tenant
   local queues = redis.call('SMEMBERS', capped)
@@ -88,6 +95,25 @@ local function drop_lease(P, id, worker, queue, tenant, batch)
       end
     end
   end
+end
+
+-- Undo the bookkeeping of a lease: the lease entry, the worker's set, the tenant's running slot
+-- and the in-flight counters of the queue and the batch.
+local function drop_lease(P, id, worker, queue, tenant, batch)
+  redis.call('ZREM', P .. ':leases', id)
+  if worker and worker ~= '' then redis.call('SREM', P .. ':w:' .. worker, id) end
+  redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', -1)
+  release_tenant(P, tenant, 1)
+  if batch and batch ~= '' then
+    redis.call('HINCRBY', P .. ':b:' .. batch, 'run', -1)
+  end
+end
+
+-- Per-tenant statistics (P:ts:<tenant>): a batch moves from one state's count to another's.
+local function count_batch_state(P, tenant, from, to)
+  local key = P .. ':ts:' .. tenant
+  if from then redis.call('HINCRBY', key, 'b_' .. from, -1) end
+  if to then redis.call('HINCRBY', key, 'b_' .. to, 1) end
 end
 
 -- Release the continuations a finished batch has earned, each exactly once: a continuation
@@ -109,29 +135,36 @@ end
 -- the queue of batches waiting for the on_batch_end hook.
 local function close_batch_if_done(P, batch, now)
   local bkey = P .. ':b:' .. batch
-  local f = redis.call('HMGET', bkey, 'remaining', 'state', 'failed')
+  local f = redis.call('HMGET', bkey, 'remaining', 'state', 'failed', 'tn')
   if tonumber(f[1] or '1') > 0 or f[2] ~= 'running' then return end
   local failed = tonumber(f[3] or '0')
   local state = 'succeeded'
   if failed > 0 then state = 'failed' end
+  count_batch_state(P, f[4], 'running', state)
   redis.call('HSET', bkey, 'state', state, 'ended', now)
   redis.call('ZADD', P .. ':bend', now, batch)
   redis.call('RPUSH', P .. ':bended', batch)
   release_continuations(P, batch, failed)
 end
 
--- Count one task of a batch as finished (field = done|failed|canceled) and, when nothing
+-- Count n tasks of a batch as finished (field = done|failed|canceled) and, when nothing
 -- remains, close the batch: state, end time, continuations and the on_batch_end hook queue.
 -- Every counter moves in the same script, so total == done + failed + canceled + remaining
 -- holds at every instant.
-local function settle_batch(P, batch, field, dur_ms, now)
+local function settle_batch_n(P, batch, field, n, dur_ms, now)
   if not batch or batch == '' then return end
   local bkey = P .. ':b:' .. batch
-  if redis.call('EXISTS', bkey) == 0 then return end
-  redis.call('HINCRBY', bkey, field, 1)
+  local tenant = redis.call('HGET', bkey, 'tn')
+  if not tenant then return end   -- deleted by retention (or only a canceled batch's tombstone)
+  redis.call('HINCRBY', bkey, field, n)
+  if field == 'canceled' then redis.call('HINCRBY', P .. ':ts:' .. tenant, 'canceled', n) end
   if dur_ms and dur_ms > 0 then redis.call('HINCRBY', bkey, 'dur', dur_ms) end
-  redis.call('HINCRBY', bkey, 'remaining', -1)
+  redis.call('HINCRBY', bkey, 'remaining', -n)
   close_batch_if_done(P, batch, now)
+end
+
+local function settle_batch(P, batch, field, dur_ms, now)
+  settle_batch_n(P, batch, field, 1, dur_ms, now)
 end
 
 -- True when the task belongs to a canceled batch. Such a task is deleted where it is found;
@@ -142,9 +175,16 @@ local function batch_canceled(P, batch)
 end
 
 -- A task whose retries are exhausted: dead letter list with its reason, or deleted when the
--- dead letter queue is off. Either way its batch counts it as failed.
-local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now)
+-- dead letter queue is off. Either way its batch counts it as failed. A run enqueued by a
+-- schedule (field sch) is governed by dlsched (Options.deadletter_schedules) instead: the
+-- next tick runs it again anyway.
+local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched)
+  local tf = redis.call('HMGET', P .. ':t:' .. id, 'sch', 'tn')
+  if tf[1] then deadletter = dlsched end
+  local stats = P .. ':ts:' .. tf[2]
+  redis.call('HINCRBY', stats, 'failed', 1)
   if deadletter == '1' then
+    redis.call('HINCRBY', stats, 'dead', 1)
     redis.call('HSET', P .. ':t:' .. id, 'st', 'dead', 'et', etype, 'em', emsg, 'etb', etb, 'da', now)
     redis.call('RPUSH', P .. ':dead:' .. queue, id)
   else
@@ -155,7 +195,7 @@ end
 
 -- A task that needs another attempt: retries left decremented, then delayed or ready.
 -- Returns 1 when it was requeued, 2 when it was buried instead.
-local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, etype, emsg, etb, now)
+local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, etype, emsg, etb, now, dlsched)
   local tkey = P .. ':t:' .. id
   local left = tonumber(redis.call('HGET', tkey, 'r') or '0')
   if left > 0 then
@@ -164,6 +204,6 @@ local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, 
     else push_ready(P, queue, tenant, id, false) end
     return 1
   end
-  bury(P, id, queue, batch, deadletter, etype, emsg, etb, now)
+  bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched)
   return 2
 end

@@ -20,6 +20,7 @@ if mode == 'append' then
   if not f[1] or f[1] ~= tenant or f[2] == 'canceled' then return 0 end
   if ntasks > 0 and f[2] ~= 'running' then
     -- re-open a finished batch; continuations that already ran are gone from :cont
+    count_batch_state(P, tenant, f[2], 'running')
     redis.call('HSET', KEYS[1], 'state', 'running')
     redis.call('HDEL', KEYS[1], 'ended')
     redis.call('ZREM', P .. ':bend', batch)
@@ -29,12 +30,15 @@ else
              'created', now, 'total', 0, 'done', 0, 'failed', 0, 'canceled', 0,
              'remaining', 0, 'run', 0, 'dur', 0)
   redis.call('ZADD', KEYS[6], now, batch)
+  redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
+  count_batch_state(P, tenant, nil, 'running')
 end
 redis.call('HINCRBY', KEYS[1], 'total', ntasks)
 redis.call('HINCRBY', KEYS[1], 'remaining', ntasks)
 for _, cid in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
   redis.call('PERSIST', P .. ':t:' .. cid)
   redis.call('HSET', P .. ':t:' .. cid, 'st', 'waiting')
+  redis.call('SADD', P .. ':queues', redis.call('HGET', P .. ':t:' .. cid, 'q'))
   redis.call('RPUSH', KEYS[7], cid)
 end
 redis.call('DEL', KEYS[3])

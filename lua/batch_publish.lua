@@ -17,8 +17,14 @@ for _ = 1, max do
   else
     redis.call('PERSIST', tkey)
     local f = redis.call('HMGET', tkey, 'q', 'tn', 'd')
-    local due = tonumber(f[3] or '0')
-    if due > now then push_delayed(P, f[1], id, due) else push_ready(P, f[1], f[2], id, false) end
+    if not f[1] then
+      -- its staged hash expired before publication (over an hour): lost, counted failed
+      settle_batch(P, batch, 'failed', 0, now)
+    else
+      redis.call('SADD', P .. ':queues', f[1])
+      local due = tonumber(f[3] or '0')
+      if due > now then push_delayed(P, f[1], id, due) else push_ready(P, f[1], f[2], id, false) end
+    end
   end
 end
 local left = redis.call('LLEN', KEYS[1])

@@ -3,7 +3,8 @@
 -- error before batch_commit leaves nothing behind (batch_abort removes them at once when the
 -- producer is still alive to do it).
 -- KEYS[1]  P:b:<batch>:s:<stage>   staged task ids      KEYS[2] P:b:<batch>:c:<stage> staged
---          continuation ids        KEYS[3] P:queues
+--          continuation ids        KEYS[3] P:queues (not written here: a staged batch that is
+--          aborted must leave nothing behind; publish and commit register the queues)
 -- ARGV[1]  P   ARGV[2] ttl ms of the staged data   ARGV[3] batch id
 -- ARGV[4..] groups of 9: id, queue, tenant, payload, serializer, target, retries,
 --           due ms (0 = ready at once), continuation condition ("" for a task of the batch,
@@ -24,7 +25,6 @@ for i = 4, #ARGV, 9 do
     redis.call('RPUSH', KEYS[2], ARGV[i])
   end
   redis.call('PEXPIRE', tkey, ttl)
-  redis.call('SADD', KEYS[3], ARGV[i+1])
   n = n + 1
 end
 redis.call('PEXPIRE', KEYS[1], ttl)

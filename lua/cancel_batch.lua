@@ -12,6 +12,8 @@ local now = now_ms()
 local running = math.max(tonumber(f[4] or '0'), 0)
 local dropped = tonumber(f[3]) - running
 redis.call('HINCRBY', KEYS[1], 'canceled', dropped)
+redis.call('HINCRBY', P .. ':ts:' .. f[1], 'canceled', dropped)
+count_batch_state(P, f[1], 'running', 'canceled')
 redis.call('HSET', KEYS[1], 'remaining', running, 'state', 'canceled', 'ended', now)
 redis.call('ZADD', KEYS[2], now, batch)
 redis.call('RPUSH', P .. ':bended', batch)

@@ -12,6 +12,7 @@ for _, b in ipairs(ids) do
   local bkey = P .. ':b:' .. b
   local f = redis.call('HMGET', bkey, 'tn', 'state')
   local tenant = f[1]
+  if tenant and f[2] then count_batch_state(P, tenant, f[2], nil) end
   for _, cid in ipairs(redis.call('LRANGE', bkey .. ':cont', 0, -1)) do
     redis.call('DEL', P .. ':t:' .. cid)
   end
@@ -22,5 +23,12 @@ for _, b in ipairs(ids) do
   end
   if tenant then redis.call('ZREM', P .. ':batches:' .. tenant, b) end
   redis.call('ZREM', KEYS[1], b)
+end
+-- P:bended is drained only by processes that have an on_batch_end hook: drop, oldest first,
+-- the entries whose batch is gone, so the list stays bounded when no process has the hook
+for _ = 1, tonumber(ARGV[3]) do
+  local b = redis.call('LINDEX', P .. ':bended', 0)
+  if not b or redis.call('HEXISTS', P .. ':b:' .. b, 'tn') == 1 then break end
+  redis.call('LPOP', P .. ':bended')
 end
 return #ids

@@ -14,6 +14,7 @@ while max == 0 or n < max do
   local tkey = P .. ':t:' .. id
   local f = redis.call('HMGET', tkey, 'q', 'tn', 'b')
   if f[1] then
+    redis.call('HINCRBY', P .. ':ts:' .. f[2], 'dead', -1)
     if batch_canceled(P, f[3]) then
       redis.call('DEL', tkey)
     else
@@ -22,13 +23,16 @@ while max == 0 or n < max do
         if redis.call('EXISTS', bkey) == 1 then
           redis.call('HINCRBY', bkey, 'failed', -1)
           redis.call('HINCRBY', bkey, 'remaining', 1)
-          if redis.call('HGET', bkey, 'state') ~= 'running' then
+          local state = redis.call('HGET', bkey, 'state')
+          if state ~= 'running' then
+            count_batch_state(P, f[2], state, 'running')
             redis.call('HSET', bkey, 'state', 'running')
             redis.call('HDEL', bkey, 'ended')
             redis.call('ZREM', P .. ':bend', f[3])
           end
         end
       end
+      redis.call('HINCRBY', P .. ':ts:' .. f[2], 'failed', -1)
       redis.call('HSET', tkey, 'r', ARGV[2])
       redis.call('HDEL', tkey, 'et', 'em', 'etb', 'da')
       push_ready(P, f[1], f[2], id, false)

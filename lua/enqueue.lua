@@ -17,6 +17,7 @@ local now = now_ms()
 redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6], 'tg', ARGV[7],
            'r', ARGV[8], 'a', 0, 'e', now)
 redis.call('SADD', KEYS[2], queue)
+redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
 local due = tonumber(ARGV[9])
 if due > now then
   push_delayed(P, queue, id, due)

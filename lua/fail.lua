@@ -7,6 +7,7 @@
 -- ARGV[6]  deadletter ("1" keeps exhausted tasks in P:dead:<queue>, "0" deletes them)
 -- ARGV[7]  exception type   ARGV[8] message   ARGV[9] traceback   ARGV[10] duration ms
 -- ARGV[11] "1" = no retry, bury now (the failure can never succeed, e.g. unloadable payload)
+-- ARGV[12] deadletter_schedules ("1" keeps exhausted runs of a schedule, "0"/absent deletes them)
 -- Reply: 1 = requeued for retry, 2 = buried (dead letter or deleted), 3 = counted canceled,
 --        0 = stale token (ignored).
 local P, worker, id, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -21,7 +22,8 @@ if batch_canceled(P, f[5]) then
 end
 if f[5] ~= '' and f[5] then redis.call('HINCRBY', P .. ':b:' .. f[5], 'dur', tonumber(ARGV[10])) end
 if ARGV[11] == '1' then
-  bury(P, id, f[3], f[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)
+  bury(P, id, f[3], f[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, ARGV[12])
   return 2
 end
-return retry_or_bury(P, id, f[3], f[4], f[5], tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8], ARGV[9], now)
+return retry_or_bury(P, id, f[3], f[4], f[5], tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8], ARGV[9], now,
+                     ARGV[12])

@@ -1,6 +1,7 @@
 -- fetch.lua: promote due delayed tasks, then lease up to N ready tasks to one worker.
 -- Queues are tried in the order given (first non-empty wins); inside a queue, tenants are
--- served in turn from the queue's ring (O(1) per task). Paused state, paused queues, paused
+-- served in turn from the queue's ring (O(1) per task). Counters are updated once per call,
+-- aggregated, and a batch's hash is read once per call, not once per task. Paused state, paused queues, paused
 -- tenants and tenant concurrency limits are all checked here, so no worker anywhere can take a
 -- task that a pause or a limit forbids, whatever happened to pub/sub.
 -- KEYS[1]  P:paused     KEYS[2] P:pausedq    KEYS[3] P:pausedt    KEYS[4] P:delayed
@@ -8,13 +9,16 @@
 -- ARGV[1]  P            ARGV[2] worker id    ARGV[3] max tasks to lease (0 = only promote)
 -- ARGV[4]  lease ms     ARGV[5] default tenant concurrency limit (0 = unlimited)
 -- ARGV[6..] queue names in priority order
--- Reply: {paused (0|1), next_due_ms (-1 = none), now_ms, task...} where each task is a flat
+-- Reply: {paused (0|1), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
+--   500 tasks of canceled batches, so the caller calls again at once), now_ms, task...} where each task is a flat
 --   run of 11 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
 --   batch (for a continuation: the batch it continues), retries left, enqueued ms, and the
---   batch's fields (HGETALL, flat) as a nested array (empty when the task has no batch).
+--   batch's fields (HGETALL, flat) as a nested array, sent with the first task of each batch
+--   in the reply only (empty for the others, and for tasks without a batch).
 local P, worker = ARGV[1], ARGV[2]
 local want, lease_ms, deflim = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
+local MAX_DROPPED = 500
 
 -- 1. Due delayed tasks become ready (bounded per call; the caller loops while it gets work).
 local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 200)
@@ -36,67 +40,115 @@ if redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; return out end
 if want <= 0 then return out end
 
 local got = 0
+local dropped = 0   -- tasks of canceled batches dropped by this call; bounded like all work here
+local limits = deflim > 0 or redis.call('EXISTS', KEYS[8]) == 1
+local any_tenant_paused = redis.call('SCARD', KEYS[3]) > 0
+local batches = {}    -- batch id -> {h = HGETALL, state, started, runs}: read once per call
+local leased, zargs = {}, {}
+local per_tenant, per_queue_ready, per_queue_run = {}, {}, {}
+
+local function batch_entry(b)
+  local e = batches[b]
+  if not e then
+    local h = redis.call('HGETALL', P .. ':b:' .. b)
+    e = {h = h, runs = 0}
+    for j = 1, #h, 2 do
+      if h[j] == 'state' then e.state = h[j+1] elseif h[j] == 'started' then e.started = true end
+    end
+    batches[b] = e
+  end
+  return e
+end
+
 for qi = 6, #ARGV do
   local queue = ARGV[qi]
   if redis.call('SISMEMBER', KEYS[2], queue) == 0 then
     local ring, ringset = P .. ':ring:' .. queue, P .. ':ringset:' .. queue
-    while got < want do
+    while got < want and dropped < MAX_DROPPED do
       local tenant = redis.call('LINDEX', ring, 0)
       if not tenant then break end
-      local limit = tonumber(redis.call('HGET', KEYS[8], tenant) or deflim)
       local list = P .. ':q:' .. queue .. ':' .. tenant
-      local id = false
-      if redis.call('SISMEMBER', KEYS[3], tenant) == 1 then
+      local room = want - got
+      if any_tenant_paused and redis.call('SISMEMBER', KEYS[3], tenant) == 1 then
         -- paused tenant: leaves the ring; resume_tenant puts it back
         redis.call('LPOP', ring); redis.call('SREM', ringset, tenant)
-      elseif limit > 0 and tonumber(redis.call('HGET', KEYS[7], tenant) or '0') >= limit then
-        -- at its concurrency limit: leaves the ring until one of its leases is dropped
-        redis.call('LPOP', ring); redis.call('SREM', ringset, tenant)
-        redis.call('SADD', P .. ':capped:' .. tenant, queue)
-      else
-        id = redis.call('LPOP', list)
-        if id and redis.call('LLEN', list) > 0 then
+        room = 0
+      elseif limits then
+        local limit = tonumber(redis.call('HGET', KEYS[8], tenant) or deflim)
+        if limit > 0 then
+          local running = tonumber(redis.call('HGET', KEYS[7], tenant) or '0') + (per_tenant[tenant] or 0)
+          if running >= limit then
+            -- at its concurrency limit: leaves the ring until one of its leases is dropped
+            redis.call('LPOP', ring); redis.call('SREM', ringset, tenant)
+            redis.call('SADD', P .. ':capped:' .. tenant, queue)
+            room = 0
+          elseif limit - running < room then
+            room = limit - running
+          end
+        end
+      end
+      if room > 0 then
+        -- one task per turn of the ring; several at once only when the tenant is alone in it
+        local take = 1
+        if room > 1 and redis.call('LLEN', ring) == 1 then take = room end
+        local ids = redis.call('LPOP', list, take)
+        if ids and redis.call('LLEN', list) > 0 then
           redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
         else
           redis.call('LPOP', ring); redis.call('SREM', ringset, tenant)
         end
-      end
-      if id then
-        redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
-        local tkey = P .. ':t:' .. id
-        local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb')
-        if f[1] then
-          if batch_canceled(P, f[4]) then
-            redis.call('DEL', tkey)
-          else
-            local attempt = redis.call('HINCRBY', tkey, 'a', 1)
-            redis.call('HSET', tkey, 'st', 'running', 'w', worker, 'ls', now)
-            redis.call('ZADD', KEYS[5], now + lease_ms, id)
-            redis.call('SADD', KEYS[6], id)
-            redis.call('HINCRBY', KEYS[7], tenant, 1)
-            redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', 1)
-            local binfo = {}
-            local shown = f[4]
-            if f[4] and f[4] ~= '' then
-              local bkey = P .. ':b:' .. f[4]
-              redis.call('HINCRBY', bkey, 'run', 1)
-              if not redis.call('HGET', bkey, 'started') then redis.call('HSET', bkey, 'started', now) end
-              binfo = redis.call('HGETALL', bkey)
-            elseif f[7] then
-              -- a continuation sees the batch it continues (it is not counted in it)
-              shown = f[7]
-              binfo = redis.call('HGETALL', P .. ':b:' .. f[7])
+        for _, id in ipairs(ids or {}) do
+          per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
+          local tkey = P .. ':t:' .. id
+          local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb')
+          if f[1] then
+            local be = nil
+            if f[4] and f[4] ~= '' then be = batch_entry(f[4]) end
+            if be and be.state == 'canceled' then
+              redis.call('DEL', tkey)
+              dropped = dropped + 1
+            else
+              local attempt = redis.call('HINCRBY', tkey, 'a', 1)
+              redis.call('HSET', tkey, 'st', 'running', 'w', worker)
+              leased[#leased+1] = id
+              zargs[#zargs+1] = now + lease_ms; zargs[#zargs+1] = id
+              per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
+              per_queue_run[queue] = (per_queue_run[queue] or 0) + 1
+              local binfo, shown = {}, f[4]
+              if not be and f[7] then
+                -- a continuation sees the batch it continues (it is not counted in it)
+                shown = f[7]
+                be = batch_entry(f[7])
+              elseif be then
+                be.runs = be.runs + 1
+              end
+              if be and not be.sent then binfo = be.h; be.sent = true end
+              local n = #out
+              out[n+1] = id; out[n+2] = attempt; out[n+3] = f[1]; out[n+4] = f[2]; out[n+5] = f[3]
+              out[n+6] = queue; out[n+7] = tenant; out[n+8] = shown or ''; out[n+9] = f[5]
+              out[n+10] = f[6]; out[n+11] = binfo
+              got = got + 1
             end
-            local n = #out
-            out[n+1] = id; out[n+2] = attempt; out[n+3] = f[1]; out[n+4] = f[2]; out[n+5] = f[3]
-            out[n+6] = queue; out[n+7] = tenant; out[n+8] = shown or ''; out[n+9] = f[5]
-            out[n+10] = f[6]; out[n+11] = binfo
-            got = got + 1
           end
         end
       end
     end
   end
-  if got >= want then break end
+  if got >= want or dropped >= MAX_DROPPED then break end
 end
+if #leased > 0 then
+  redis.call('ZADD', KEYS[5], unpack(zargs))
+  redis.call('SADD', KEYS[6], unpack(leased))
+end
+for t, n in pairs(per_tenant) do redis.call('HINCRBY', KEYS[7], t, n) end
+for q, n in pairs(per_queue_ready) do redis.call('HINCRBY', P .. ':qs:' .. q, 'ready', -n) end
+for q, n in pairs(per_queue_run) do redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', n) end
+for b, e in pairs(batches) do
+  if e.runs > 0 then
+    redis.call('HINCRBY', P .. ':b:' .. b, 'run', e.runs)
+    if not e.started then redis.call('HSET', P .. ':b:' .. b, 'started', now) end
+  end
+end
+-- more canceled tasks may wait: report a due time of now so that the worker calls again at once
+if dropped >= MAX_DROPPED then out[2] = now end
 return out

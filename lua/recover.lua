@@ -8,6 +8,7 @@
 -- ARGV[1]  P   ARGV[2] mode ("worker" | "expired")   ARGV[3] worker id (mode worker)
 -- ARGV[4]  deadletter ("1" | "0")   ARGV[5] reason text   ARGV[6] max tasks (mode expired)
 -- ARGV[7]  consume a retry ("1" | "0")
+-- ARGV[8]  deadletter_schedules ("1" keeps exhausted runs of a schedule, "0"/absent deletes them)
 -- Reply: {requeued, buried, canceled}
 local P, mode, worker, deadletter, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local now = now_ms()
@@ -32,7 +33,8 @@ for _, id in ipairs(ids) do
       push_ready(P, f[2], f[3], id, true)
       res[1] = res[1] + 1
     else
-      local code = retry_or_bury(P, id, f[2], f[3], f[4], 0, deadletter, 'WorkerLost', reason, '', now)
+      local code = retry_or_bury(P, id, f[2], f[3], f[4], 0, deadletter, 'WorkerLost', reason, '', now,
+                                 ARGV[8])
       res[code] = res[code] + 1
     end
   else

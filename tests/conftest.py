@@ -151,11 +151,13 @@ class ManagerProcess:
         return self.proc.wait(timeout)
 
     def kill_all(self) -> None:
+        """Kill the manager's whole process group, even after the manager itself has exited
+        (its orphaned children keep the group)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.proc.wait(10)
 
 

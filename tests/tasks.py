@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
+import threading
 import time
 import uuid
 from datetime import date, datetime
@@ -16,10 +17,17 @@ import redis
 from coretask import TaskContext
 
 _client: Any = None
+_client_lock = threading.Lock()
 
 
 def R() -> Any:
     """One client per process, to the server under test."""
+    global _client
+    with _client_lock:
+        return _client or _make_client()
+
+
+def _make_client() -> Any:
     global _client
     if _client is None:
         url = os.environ["CORETASK_TEST_URL"]

@@ -41,6 +41,9 @@ class Control:
             try:
                 pubsub = w.store.redis.pubsub(ignore_subscribe_messages=True)
                 pubsub.subscribe(w.store.keys.events)
+                if pubsub.connection is not None:
+                    # redis-py may also reconnect and re-subscribe by itself, inside get_message
+                    pubsub.connection.register_connect_callback(self._reconnected)
                 self.subscribed.set()
                 w.wake.set()          # events may have been missed while disconnected
                 delay = 0.1
@@ -63,6 +66,12 @@ class Control:
                     except Exception:
                         pass
 
+    def _reconnected(self, _connection: object) -> None:
+        """redis-py re-established the subscription on its own: events published meanwhile were
+        missed, so re-read the state as after any reconnection."""
+        self.worker.maintenance.schedules.poke()
+        self.worker.wake.set()
+
     def handle(self, message: str) -> None:
         w = self.worker
         k = w.store.keys
@@ -77,4 +86,6 @@ class Control:
                 n = w.abort_where("requeue")
                 log.info("worker %s: paused with requeue, handing back %d running tasks", w.id, n)
         else:
+            if message in ("s", "r"):     # schedules changed / resumed: re-read the next tick
+                w.maintenance.schedules.poke()
             w.wake.set()

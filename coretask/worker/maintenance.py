@@ -1,18 +1,19 @@
 """Maintenance: the timers of a worker process, each one atomic Lua and safe to run from every
 process at once: expired-lease recovery, lease renewal (embedded mode), retention cleanup,
-unfinished batch publications, on_batch_end hooks, and the cancel_grace watch on aborts."""
+unfinished batch publications, on_batch_end hooks, the cancel_grace watch on aborts, and cron
+schedule ticks (armed for the earliest due tick, not polled)."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from ..batch import publish
+from ..schedules import ScheduleTimer
 from .runner import _hook
 
 if TYPE_CHECKING:
-    import threading
-
     from .process import Fetched, WorkerProcess
 
 log = logging.getLogger(__name__)
@@ -30,13 +31,18 @@ class Maintenance:
             "expired": o.pushback_frequency.total_seconds(),
             "cleanup": o.cleanup_frequency.total_seconds(),
             "publish": o.pushback_frequency.total_seconds(),
-            "hooks": HOOK_INTERVAL,
         }
+        if o.on_batch_end is not None:
+            # polled only where the hook exists: without it, nothing would wake an idle loop every
+            # 0.2 s (it sleeps until a pub/sub event, a due time, a timer or base_frequency)
+            self.intervals["hooks"] = HOOK_INTERVAL
         if worker.renew_own_leases:
             self.intervals["renew"] = max(o.invisibility.total_seconds() / 3, 0.05)
         self.due = {name: now for name in self.intervals}
         self.aborts: list[tuple[float, Fetched]] = []
+        self._aborts_lock = threading.Lock()
         self._delay = 0.1
+        self.schedules = ScheduleTimer(worker.store, o, worker.id)  # armed for the next cron tick
 
     def tick(self) -> float:
         """Run what is due; return seconds until the next timer."""
@@ -49,7 +55,8 @@ class Maintenance:
                     log.warning("worker %s: maintenance %s failed: %s", self.w.id, name, exc)
                 self.due[name] = now + self.intervals[name]
         self._check_aborts(now)
-        nxt = min(self.due.values())
+        self.schedules.run_if_due(now)
+        nxt = min(min(self.due.values()), self.schedules.next_due())
         if self.aborts:
             nxt = min(nxt, min(d for d, _ in self.aborts))
         return max(nxt - time.monotonic(), 0.001)
@@ -75,7 +82,7 @@ class Maintenance:
             res = self.w.store.run("recover", [k.leases],
                                    [k.prefix, "expired", "", "1" if o.deadletter else "0",
                                     "lease expired: the worker running the task stopped renewing it",
-                                    EXPIRED_PER_CALL, "1"])
+                                    EXPIRED_PER_CALL, "1", "1" if o.deadletter_schedules else "0"])
             if sum(res):
                 log.warning("recovered expired leases: requeued=%d buried=%d canceled=%d", *res)
             if sum(res) < EXPIRED_PER_CALL:
@@ -102,33 +109,42 @@ class Maintenance:
         from ..models import BatchInfo
         store = self.w.store
         hook = self.w.options.on_batch_end
+        if hook is None:
+            return      # leave the queue to processes that have the hook (cleanup trims it)
         while True:
-            ids: Any = store.redis.lpop(store.keys.bended, 100)
-            if not ids:
+            b: Any = store.redis.lpop(store.keys.bended)   # one at a time: a crash loses at most one
+            if not b:
                 return
-            if hook is None:
-                continue
-            for b in ids:
-                h = store.redis.hgetall(store.keys.batch(b.decode()))
-                if h:
-                    _hook(hook, BatchInfo.from_hash(b.decode(), h))
+            h = store.redis.hgetall(store.keys.batch(b.decode()))
+            if h and b"tn" in h:                            # not deleted, not a cancel tombstone
+                _hook(hook, BatchInfo.from_hash(b.decode(), h))
 
     # ------------------------------------------------------------------------------ aborts
 
     def watch_abort(self, task: Fetched) -> None:
-        self.aborts.append((time.monotonic() + self.w.options.cancel_grace.total_seconds(), task))
+        with self._aborts_lock:     # called from the control thread while the loop reads the list
+            self.aborts.append((time.monotonic() + self.w.options.cancel_grace.total_seconds(), task))
         self.w.wake.set()
 
     def _check_aborts(self, now: float) -> None:
         if not self.aborts:
             return
+        with self._aborts_lock:
+            watched, self.aborts = self.aborts, []
         pending = []
-        for deadline, task in self.aborts:
+        for deadline, task in watched:
             if task.id not in self.w.running or self.w.running[task.id] is not task:
                 continue
             if deadline <= now:
-                self.w.force_exit(f"task {task.id} {task.target} ignored its abort for "
-                                  f"{self.w.options.cancel_grace.total_seconds():g}s")
+                why = (f"task {task.id} {task.target} ignored its abort for "
+                       f"{self.w.options.cancel_grace.total_seconds():g}s")
+                if self.w.on_exit_request is None:
+                    # embedded (threads only): the process cannot be ended for one task; handing
+                    # back tasks that go on running here would run them twice. Stop watching.
+                    log.error("worker %s: %s; it runs on until it returns", self.w.id, why)
+                    continue
+                self.w.force_exit(why)
                 return
             pending.append((deadline, task))
-        self.aborts = pending
+        with self._aborts_lock:
+            self.aborts[:0] = pending

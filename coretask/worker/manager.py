@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +26,12 @@ log = logging.getLogger(__name__)
 
 POLL = 0.1
 FORCED_EXIT = 3   # exit code of a child that ended itself for a stuck task
+SIGNAL_DEBOUNCE = 2.0
+QUICK_DEATH = 5.0          # seconds: a child dying sooner counts towards backoff
+QUICK_DEATHS_FREE = 5     # restarts without delay before the backoff starts
+RESTART_BACKOFF = 0.25
+RESTART_BACKOFF_MAX = 10.0
+SWITCH_INTERVAL = float(os.environ.get("CORETASK_SWITCH_INTERVAL", "0.0005"))
 
 
 @dataclass
@@ -32,23 +39,42 @@ class Child:
     worker_id: str
     process: Any  # multiprocessing.Process
     started: float
+    recovered: bool = False
+    failures: int = 0          # consecutive deaths soon after start
+    restart_at: float = 0.0
 
 
 def child_main(app: str, overrides: dict[str, Any], worker_id: str, log_level: int) -> None:
     """Entry point of a worker process (spawned, so it imports the app afresh)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     _die_with_parent()
-    parent = os.getppid()
+    # Pool threads mostly wait on I/O; a short switch interval keeps a thread whose reply has
+    # arrived from waiting up to 5 ms for the GIL behind a busy one (the "convoy" effect).
+    sys.setswitchinterval(SWITCH_INTERVAL)
+    mp_parent = multiprocessing.parent_process()   # the manager's pid even if it is already gone
+    parent = mp_parent.pid if mp_parent is not None and mp_parent.pid else os.getppid()
+    if os.getppid() != parent:
+        # it died before PR_SET_PDEATHSIG was armed: no signal will come, and nobody renews leases
+        log.error("worker %s: manager %d was gone before this worker started; exiting", worker_id, parent)
+        return
     processor = with_overrides(load_processor(app), **overrides)
     stop = threading.Event()
     worker = WorkerProcess(processor, worker_id=worker_id, on_exit_request=lambda: os._exit(FORCED_EXIT))
 
+    first_signal = [0.0]
+
     def on_signal(signum: int, _frame: Any) -> None:
-        if stop.is_set():
+        # A signal to the whole process group (Ctrl-C, kill -TERM -pgid) reaches this process
+        # directly and again through the manager: signals within SIGNAL_DEBOUNCE of the first
+        # are the same request. A later one forces the exit, from a thread: the handler runs in
+        # the fetch loop's thread, which may hold the locks force_exit needs.
+        now = time.monotonic()
+        if not stop.is_set():
+            first_signal[0] = now
+            stop.set()
+        elif now - first_signal[0] > SIGNAL_DEBOUNCE:
             log.warning("worker %s: second signal, handing tasks back and exiting now", worker_id)
-            worker.force_exit("second stop signal")
-            os._exit(1)
-        stop.set()
+            threading.Thread(target=worker.force_exit, args=("second stop signal",), daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -83,7 +109,7 @@ class Manager:
         self.store = self.processor.store
         self.log_level = log_level
         self.children: list[Child] = []
-        self.stop = threading.Event()
+        self.stopping = False   # set by the signal handler: a plain flag, never a lock
         self.signals = 0
         self._ctx = multiprocessing.get_context("spawn")
 
@@ -104,15 +130,27 @@ class Manager:
         self.children = [self._spawn() for _ in range(n)]
         renew_every = max(self.options.invisibility.total_seconds() / 3, 0.05)
         next_renew = 0.0
-        while not self.stop.is_set():
+        while not self.stopping:
             for i, child in enumerate(self.children):
-                if not child.process.is_alive() and not self.stop.is_set():
-                    self._recover(child, consume_retry=True)
-                    self.children[i] = self._spawn()
+                if not child.process.is_alive() and not self.stopping:
+                    if not child.recovered:
+                        self._recover(child, consume_retry=True)
+                        child.recovered = True
+                        # a child that dies right after starting (a broken app, say) is restarted
+                        # with capped exponential backoff instead of in a tight loop
+                        quick = time.monotonic() - child.started < QUICK_DEATH
+                        child.failures = child.failures + 1 if quick else 0
+                        backoff = child.failures - QUICK_DEATHS_FREE
+                        child.restart_at = time.monotonic() + (
+                            min(RESTART_BACKOFF * 2 ** backoff, RESTART_BACKOFF_MAX) if backoff >= 0 else 0)
+                    if time.monotonic() >= child.restart_at:
+                        new = self._spawn()
+                        new.failures = child.failures
+                        self.children[i] = new
             if time.monotonic() >= next_renew:
                 self._renew()
                 next_renew = time.monotonic() + renew_every
-            self.stop.wait(POLL)
+            time.sleep(POLL)
         return self._shutdown()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -120,7 +158,7 @@ class Manager:
         if self.signals == 1:
             log.info("manager: signal %d, stopping workers (up to %gs)", signum,
                      self.options.shutdown_timeout.total_seconds())
-            self.stop.set()
+            self.stopping = True
         for c in self.children:
             if c.process.is_alive() and c.process.pid:
                 try:
@@ -147,7 +185,8 @@ class Manager:
         try:
             res = self.store.run("recover", [k.leases],
                                  [k.prefix, "worker", child.worker_id, "1" if self.options.deadletter else "0",
-                                  reason, 0, "1" if consume_retry else "0"])
+                                  reason, 0, "1" if consume_retry else "0",
+                                  "1" if self.options.deadletter_schedules else "0"])
             self.store.redis.hdel(k.workers, child.worker_id)
             if sum(res):
                 log.warning("manager: tasks of %s: requeued=%d buried=%d canceled=%d", child.worker_id, *res)

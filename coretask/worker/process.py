@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 from ..context import TaskContext
 from ..encoding import serializer_for
-from ..models import BatchInfo, ms_to_dt
 from .control import Control
 from .maintenance import Maintenance
 from .runner import Runner, format_error
@@ -104,7 +103,8 @@ class WorkerProcess:
                     results = self.store.run_many(calls)
                 except Exception as exc:
                     self._requeue_acks(calls[:-1])
-                    log.warning("worker %s: Redis call failed (%s: %s); retrying", self.id, type(exc).__name__, exc)
+                    log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.id,
+                                type(exc).__name__, exc, self.maintenance._delay)
                     self.maintenance.backoff(stop)
                     continue
                 self.maintenance.connected()
@@ -126,7 +126,7 @@ class WorkerProcess:
             self.acks, self.fails, self.releases = [], [], []
         calls: list[tuple[str, list[str], list[Any]]] = []
         if acks:
-            calls.append(("complete", [k.leases], [k.prefix, self.id, *acks]))
+            calls.append(("complete", [k.leases, k.worker(self.id)], [k.prefix, self.id, *acks]))
         if releases:
             calls.append(("release", [k.leases], [k.prefix, self.id, *releases]))
         for f in fails:
@@ -147,16 +147,19 @@ class WorkerProcess:
 
     def _dispatch(self, reply: list[Any]) -> int:
         n = 0
+        store = self.store
+        batch_fields: dict[str, list[bytes]] = {}     # sent once per batch per reply
         for i in range(3, len(reply), FIELDS):
             (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo) = reply[i:i + FIELDS]
-            tid_s, batch_s = tid.decode(), batch.decode() or None
-            ctx = TaskContext(
-                task_id=tid_s, queue=q.decode(), tenant=tenant.decode(), target=target.decode(),
-                attempt=int(attempt), retries_left=int(retries), enqueued_at=ms_to_dt(enqueued),
-                batch_id=batch_s, store=self.store,
-                batch=BatchInfo.from_hash(batch_s, dict(zip(binfo[::2], binfo[1::2]))) if batch_s else None)
+            tid_s = tid.decode()
+            batch_s = batch.decode() or None
+            if binfo:
+                batch_fields[batch_s] = binfo
+            ctx = TaskContext(task_id=tid_s, queue=q.decode(), tenant=tenant.decode(), target=target.decode(),
+                              attempt=int(attempt), retries_left=int(retries), enqueued_ms=enqueued,
+                              batch_id=batch_s, batch_fields=batch_fields.get(batch_s) if batch_s else None, store=store)
             task = Fetched(tid_s, str(attempt), payload, ser.decode(), ctx.target, ctx.queue, ctx.tenant,
-                           batch_s, int(retries), ctx)
+                           batch_s, ctx.retries_left, ctx)
             with self.lock:
                 self.running[tid_s] = task
             self.inbox.put(task)
@@ -188,7 +191,8 @@ class WorkerProcess:
         etype, emsg, etb = format_error(error)
         with self.lock:
             self.fails.append([task.id, task.token, delay_ms, "1" if self.options.deadletter else "0",
-                               etype, emsg, etb, duration_ms, "1" if bury else "0"])
+                               etype, emsg, etb, duration_ms, "1" if bury else "0",
+                               "1" if self.options.deadletter_schedules else "0"])
             self._finished(task)
 
     # ------------------------------------------------------------------------------ aborts
@@ -199,9 +203,9 @@ class WorkerProcess:
             return
         task.abort_reason = reason
         task.ctx.cancelled.set()
-        for r in self.runners:
-            if r.abort(task.id):
-                break
+        runner = task.runner            # set by the runner before the body starts
+        if runner is not None:
+            runner.abort(task.id)
         self.maintenance.watch_abort(task)
 
     def abort_where(self, reason: str, batch_id: str | None = None) -> int:
@@ -218,7 +222,7 @@ class WorkerProcess:
         k = self.store.keys
         with self.lock:
             pairs = [x for t in self.running.values() for x in (t.id, t.token)]
-            calls = self._drain_acks()
+        calls = self._drain_acks()          # takes self.lock itself (not reentrant)
         if pairs:
             calls.append(("release", [k.leases], [k.prefix, self.id, *pairs]))
         try:
@@ -235,7 +239,16 @@ class WorkerProcess:
         without consuming a retry; flush every acknowledgement."""
         self.quiet = True
         deadline = time.monotonic() + self.options.shutdown_timeout.total_seconds()
+        renew_every, next_renew = max(self.options.invisibility.total_seconds() / 3, 0.05), 0.0
         while self.running and time.monotonic() < deadline:
+            if time.monotonic() >= next_renew:
+                # a stopping (or dead) manager no longer renews, nor does the stopped loop: keep
+                # the leases of the tasks finishing here, or another worker would run them too
+                try:
+                    self.maintenance._renew()
+                except Exception as exc:
+                    log.warning("worker %s: lease renewal while stopping failed: %s", self.id, exc)
+                next_renew = time.monotonic() + renew_every
             self._flush_quietly()
             self.wake.wait(0.05)
             self.wake.clear()

@@ -112,6 +112,8 @@ class Runner:
             delay = None
             if task.retries_left > 0 and opts.on_task_failed_delay is not None:
                 delay = _hook(opts.on_task_failed_delay, ctx, task.retries_left)
+            if isinstance(delay, (int, float)) and not isinstance(delay, bool):
+                delay = timedelta(seconds=delay)          # seconds, as elsewhere in Options
             delay_ms = int(delay.total_seconds() * 1000) if isinstance(delay, timedelta) else 0
             w.finish_failed(task, error, duration_ms, bury=False, delay_ms=delay_ms)
         _hook(opts.on_task_end, ctx)
@@ -140,6 +142,7 @@ class Runner:
                 args, kwargs = inv.args, inv.kwargs
                 if inv.target.context_param:
                     kwargs = {**kwargs, inv.target.context_param: ctx}
+            task.runner = self
             self.current = task.id
             if task.abort_reason is not None:        # aborted before it started
                 raise TaskCanceled(task.abort_reason)

@@ -1,0 +1,332 @@
+"""``python -m coretask --app MODULE:ATTRIBUTE COMMAND``: look at and steer a coretask deployment.
+
+A thin layer over the TaskProcessor API: every command is one or two of its calls. Output is
+an aligned table for people, or JSON with ``--json`` (``batch --watch --json``: one JSON object
+per line, each time the numbers change). Exit codes: 0 done, 1 not found (or nothing to do, as
+canceling a finished batch), 2 usage error, 3 Redis unreachable or refused the command.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from .appload import load_processor
+from .client import TaskProcessor
+from .errors import ConfigurationError, CoreTaskError
+from .models import BatchInfo
+from .options import redact_url
+
+OK, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
+
+
+class Out:
+    """Where results go: tables and lines for people, JSON for machines."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.json = as_json
+
+    def data(self, obj: Any, *, line: bool = False) -> None:
+        text = json.dumps(obj, default=_jsonable, separators=(",", ":") if line else None,
+                          indent=None if line else 2, ensure_ascii=False)
+        print(text, flush=True)
+
+    @staticmethod
+    def table(headers: list[str], rows: list[list[Any]]) -> None:
+        cells = [[_cell(v) for v in row] for row in rows]
+        right = [bool(cells) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool) for r in rows)
+                 for i in range(len(headers))]
+        widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(headers)]
+
+        def fmt(values: list[str]) -> str:
+            return "  ".join(v.rjust(w) if r else v.ljust(w) for v, w, r in zip(values, widths, right)).rstrip()
+
+        print(fmt(headers))
+        for c in cells:
+            print(fmt(c))
+        if not cells:
+            print("(none)")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    return str(value)
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- commands
+
+def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    queues, paused, paused_queues = _queues(p), p.is_paused, p.get_paused_queues()
+    workers = sorted(p.get_workers().items())
+    if out.json:
+        out.data({"redis": redact_url(p.options.redis), "prefix": p.options.prefix, "paused": paused,
+                  "paused_queues": paused_queues, "queues": queues,
+                  "workers": [{"id": w, "heartbeat_age": round(age, 3)} for w, age in workers]})
+        return OK
+    print(f"redis:  {redact_url(p.options.redis)}  prefix {p.options.prefix}")
+    print(f"paused: {'yes (everything)' if paused else 'no'}"
+          f"{'; queues paused: ' + ', '.join(paused_queues) if paused_queues else ''}")
+    print()
+    _queue_table(out, queues)
+    print()
+    out.table(["WORKER", "HEARTBEAT AGE (s)"], [[w, age] for w, age in workers])
+    return OK
+
+
+def cmd_queues(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    queues = _queues(p)
+    out.data(queues) if out.json else _queue_table(out, queues)
+    return OK
+
+
+def _queues(p: TaskProcessor) -> list[Any]:
+    known = {q.name: q for q in p.get_queues()}
+    names = list(p.options.queues) + sorted(n for n in known if n not in p.options.queues)
+    return [known.get(n) or p.get_queue(n) for n in names]
+
+
+def _queue_table(out: Out, queues: list[Any]) -> None:
+    out.table(["QUEUE", "QUEUED", "IN FLIGHT", "DELAYED", "DEAD", "PAUSED"],
+              [[q.name, q.queued, q.in_flight, q.delayed, q.dead, q.paused] for q in queues])
+
+
+def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    pause = a.command == "pause"
+    if a.queue:
+        (p.pause_queue if pause else p.resume_queue)(a.queue)
+    else:
+        p.pause(requeue_running=a.requeue_running) if pause else p.resume()
+    return _said(out, {"paused": pause, "queue": a.queue}, f"{a.command}d {'queue ' + a.queue if a.queue else 'everything'}")
+
+
+def _said(out: Out, obj: dict[str, Any], text: str) -> int:
+    out.data(obj) if out.json else print(text)
+    return OK
+
+
+def cmd_batches(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    batches = p.get_batches(a.tenant, a.skip, a.take)
+    count = p.get_batches_count(a.tenant)
+    if out.json:
+        out.data({"tenant": a.tenant, "count": count, "batches": batches})
+        return OK
+    out.table(["BATCH", "STATE", "TOTAL", "DONE", "FAILED", "CANCELED", "REMAINING", "CREATED", "SCOPE"],
+              [[b.id, b.state, b.total, b.done, b.failed, b.canceled, b.remaining, b.created, b.scope]
+               for b in batches])
+    print(f"{len(batches)} shown of {count} batches of tenant {a.tenant}")
+    return OK
+
+
+def cmd_batch(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    info = p.get_batch(a.id)
+    if info is None:
+        _err(f"batch {a.id} not found")
+        return NOT_FOUND
+    if not a.watch:
+        if out.json:
+            out.data(info)
+        else:
+            for field in dataclasses.fields(info):
+                print(f"{field.name + ':':<11}{_cell(getattr(info, field.name))}")
+            print(progress(info))
+        return OK
+    tty = sys.stdout.isatty() and not out.json
+    last = None
+    while True:
+        shown = (info.state, info.done, info.failed, info.canceled, info.remaining, info.total)
+        if shown != last:
+            if out.json:
+                out.data(info, line=True)
+            else:
+                print(("\r" if tty else "") + progress(info), end="" if tty else "\n", flush=True)
+            last = shown
+        if info.finished:
+            break
+        time.sleep(a.interval)
+        nxt = p.get_batch(a.id)
+        if nxt is None:                      # deleted by retention cleanup while we watched
+            break
+        info = nxt
+    if tty:
+        print()
+    return OK
+
+
+def progress(b: BatchInfo, width: int = 30) -> str:
+    settled = b.done + b.failed + b.canceled
+    filled = width * settled // b.total if b.total else width
+    pct = 100 * settled // b.total if b.total else 100
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {pct:3d}% {settled}/{b.total}  done={b.done} "
+            f"failed={b.failed} canceled={b.canceled} remaining={b.remaining}  {b.state}")
+
+
+def cmd_cancel(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    if p.cancel_batch(a.id):
+        return _said(out, {"id": a.id, "canceled": True}, f"batch {a.id} canceled")
+    info = p.get_batch(a.id)
+    why = "not found" if info is None else f"already {info.state}"
+    if out.json:
+        out.data({"id": a.id, "canceled": False, "reason": why})
+    else:
+        _err(f"batch {a.id} {why}; nothing canceled")
+    return NOT_FOUND
+
+
+def cmd_dead(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    queue = p.get_queue(a.queue)
+    if a.queue not in {q.name for q in p.get_queues()} and not queue.dead:
+        _err(f"queue {a.queue} not found")
+        return NOT_FOUND
+    if a.retry is not None:
+        n = p.retry_dead_tasks(a.queue, retries=a.retries, count=a.retry or None)
+        return _said(out, {"queue": a.queue, "retried": n}, f"{n} dead tasks of queue {a.queue} moved back to work")
+    if a.discard is not None:
+        n = p.discard_dead_tasks(a.queue, count=a.discard or None)
+        return _said(out, {"queue": a.queue, "discarded": n}, f"{n} dead tasks of queue {a.queue} discarded")
+    tasks = p.get_dead_tasks(a.queue, a.skip, a.take)
+    if out.json:
+        out.data({"queue": a.queue, "count": queue.dead, "tasks": tasks})
+        return OK
+    out.table(["TASK", "TARGET", "TENANT", "ERROR", "DEAD AT", "ARGS"],
+              [[t.id, t.target, t.tenant, f"{t.error_type}: {t.error_message}".replace("\n", " ")[:60], t.dead_at, t.args_preview[:50]]
+               for t in tasks])
+    print(f"{len(tasks)} shown of {queue.dead} dead tasks in queue {a.queue}")
+    return OK
+
+
+def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    stats = [p.get_tenant_stats(t) for t in p.get_tenants(a.skip, a.take)]
+    count = p.get_tenants_count()
+    if out.json:
+        out.data({"count": count, "tenants": stats})
+        return OK
+    out.table(["TENANT", "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELED", "DEAD", "PAUSED", "LIMIT"],
+              [[s.tenant, sum(s.queued.values()), s.running, s.done, s.failed, s.canceled, s.dead, s.paused, s.limit]
+               for s in stats])
+    print(f"{len(stats)} shown of {count} tenants")
+    return OK
+
+
+def cmd_tenant(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    s = p.get_tenant_stats(a.id)
+    r, k = p.store.redis, p.store.keys     # known: has work or history, is paused, or has a limit
+    if r.zscore(k.tenants, a.id) is None and not s.paused and not r.hexists(k.tlim, a.id):
+        _err(f"tenant {a.id} not found")
+        return NOT_FOUND
+    if out.json:
+        out.data(s)
+        return OK
+    for name in ("tenant", "paused", "limit", "running", "done", "failed", "canceled", "dead"):
+        print(f"{name + ':':<10}{_cell(getattr(s, name))}")
+    print(f"{'queued:':<10}{' '.join(f'{q}={n}' for q, n in s.queued.items()) or '-'}")
+    print(f"{'batches:':<10}{' '.join(f'{st}={n}' for st, n in s.batches.items())}")
+    return OK
+
+
+# ------------------------------------------------------------------------------------ parser
+
+def _count(text: str) -> int:
+    if text == "all":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'all', got {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    ap = argparse.ArgumentParser(prog="python -m coretask", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--app", default=os.environ.get("CORETASK_APP"),
+                    help="MODULE:ATTRIBUTE of your TaskProcessor (default: $CORETASK_APP)")
+    ap.add_argument("--json", action="store_true", default=False, help="print JSON")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def cmd(name: str, fn: Callable[..., int], text: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, parents=[common], help=text, description=text)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    cmd("status", cmd_status, "queues with counts, workers with heartbeat age, paused state")
+    cmd("queues", cmd_queues, "queues with queued, in-flight, delayed and dead counts")
+    sp = cmd("pause", cmd_pause, "pause everything, or one queue")
+    sp.add_argument("queue", nargs="?")
+    sp.add_argument("--requeue-running", action="store_true",
+                    help="also abort running tasks and hand them back (no retry consumed)")
+    cmd("resume", cmd_pause, "resume everything, or one queue").add_argument("queue", nargs="?")
+    sp = cmd("batches", cmd_batches, "a tenant's batches, newest first")
+    sp.add_argument("tenant")
+    sp.add_argument("--skip", type=int, default=0)
+    sp.add_argument("--take", type=int, default=25)
+    sp = cmd("batch", cmd_batch, "one batch's statistics")
+    sp.add_argument("id")
+    sp.add_argument("--watch", action="store_true", help="show a live progress bar until the batch finishes")
+    sp.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes with --watch")
+    cmd("cancel", cmd_cancel, "cancel a batch: queued tasks never start, running ones are aborted").add_argument("id")
+    sp = cmd("dead", cmd_dead, "list dead-lettered tasks of a queue, or retry / discard them")
+    sp.add_argument("queue")
+    act = sp.add_mutually_exclusive_group()
+    act.add_argument("--retry", type=_count, metavar="N|all", help="move the N oldest back to work")
+    act.add_argument("--discard", type=_count, metavar="N|all", help="delete the N oldest")
+    sp.add_argument("--retries", type=int, help="retries granted to tasks moved back (default Options.retries)")
+    sp.add_argument("--skip", type=int, default=0)
+    sp.add_argument("--take", type=int, default=25)
+    sp = cmd("tenants", cmd_tenants, "tenants in name order with their counters, paused state and limit")
+    sp.add_argument("--skip", type=int, default=0)
+    sp.add_argument("--take", type=int, default=25)
+    cmd("tenant", cmd_tenant, "one tenant's statistics: queued per queue, running, done, failed, canceled, "
+        "dead, batches by state").add_argument("id")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.app:
+        ap.error("--app MODULE:ATTRIBUTE (or $CORETASK_APP) is required")
+    try:
+        processor = load_processor(args.app)
+    except ConfigurationError as exc:
+        _err(str(exc))
+        return USAGE
+    import redis
+
+    try:
+        return int(args.fn(processor, args, Out(args.json)))
+    except ConfigurationError as exc:
+        _err(str(exc))
+        return USAGE
+    except (redis.RedisError, CoreTaskError) as exc:
+        _err(f"{type(exc).__name__} from {redact_url(processor.options.redis)}: "
+             f"{redact_url(str(exc))}")
+        return UNAVAILABLE
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        processor.close()

@@ -1,0 +1,208 @@
+"""Tenant-scoped access: ``processor.tenant("acme")`` returns a view of the same API with the
+tenant implied. Through a view, another tenant's batches and schedules do not exist: reading,
+appending to, canceling or triggering them returns None/False and changes nothing. Ownership
+is checked inside the scripts that change state (never by a read followed by a write), so the
+check cannot race with the change.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigurationError
+from .options import check_tenant
+
+if TYPE_CHECKING:
+    from .batch import BatchBuilder
+    from .client import TaskProcessor
+    from .encoding import Call, TaskData
+    from .models import BatchInfo, DeadTask, TaskInfo
+    from .schedules import ScheduleData, ScheduleInfo
+
+__all__ = ["TenantView", "TenantStats"]
+
+DEAD_SCAN = 1000   # dead letters examined per call when filtering a shared dead list by tenant
+
+
+@dataclasses.dataclass(frozen=True)
+class TenantStats:
+    """A tenant's numbers, all read from counters the scripts maintain (no scans).
+    ``queued`` counts ready tasks per queue; ``batches`` counts batches by state."""
+
+    tenant: str
+    queued: dict[str, int]
+    running: int
+    done: int
+    failed: int
+    canceled: int
+    dead: int
+    batches: dict[str, int]
+    paused: bool
+    limit: int | None
+
+
+class TenantView:
+    """The TaskProcessor API for one tenant. Obtain it with ``processor.tenant(name)``."""
+
+    def __init__(self, processor: TaskProcessor, tenant: str) -> None:
+        self.processor = processor
+        self.tenant = check_tenant(tenant)
+
+    def __repr__(self) -> str:
+        return f"<TenantView {self.tenant!r}>"
+
+    # ------------------------------------------------------------------------------ tasks
+
+    def enqueue_task(self, queue: str, fn: Callable[..., Any] | Call | TaskData, *args: Any,
+                     delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
+                     **kwargs: Any) -> str:
+        return self.processor.enqueue_task(queue, self.tenant, fn, *args, delay_until=delay_until,
+                                           retries=retries, **kwargs)
+
+    def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
+        """This tenant's ready tasks in the queue, FIFO."""
+        p = self.processor
+        ids = p.store.redis.lrange(p.store.keys.ready(queue, self.tenant), skip, skip + take - 1)
+        return [t for t in p._tasks(ids, _task_info()) if t is not None]
+
+    def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
+        """This tenant's dead letters in the queue, oldest first (the dead list is shared by the
+        queue's tenants, so this filters at most DEAD_SCAN entries past ``skip``)."""
+        p = self.processor
+        mine = [t for t in p.get_dead_tasks(queue, 0, skip + DEAD_SCAN) if t.tenant == self.tenant]
+        return mine[skip:skip + take]
+
+    # ---------------------------------------------------------------------------- batches
+
+    def enqueue_batch(self, queue: str, build: Callable[[BatchBuilder], Any], scope: str | None = None) -> str:
+        return self.processor.enqueue_batch(queue, self.tenant, build, scope=scope)
+
+    @contextmanager
+    def batch(self, queue: str, scope: str | None = None) -> Iterator[BatchBuilder]:
+        with self.processor.batch(queue, self.tenant, scope=scope) as b:
+            yield b
+
+    def append_batch(self, queue: str, batch_id: str, build: Callable[[BatchBuilder], Any]) -> bool:
+        return self.processor.append_batch(queue, self.tenant, batch_id, build)
+
+    def cancel_batch(self, batch_id: str) -> bool:
+        return self.processor.cancel_batch(batch_id, tenant=self.tenant)
+
+    def get_batch(self, batch_id: str) -> BatchInfo | None:
+        return self.processor.get_batch(batch_id, tenant=self.tenant)
+
+    def get_batches(self, skip: int = 0, take: int = 25) -> list[BatchInfo]:
+        return self.processor.get_batches(self.tenant, skip, take)
+
+    def get_batches_count(self) -> int:
+        return self.processor.get_batches_count(self.tenant)
+
+    def wait_for_batch(self, batch_id: str, timeout: float = 60.0) -> BatchInfo:
+        if self.get_batch(batch_id) is None:
+            raise ConfigurationError(f"batch {batch_id} is not a batch of tenant {self.tenant!r}")
+        return self.processor.wait_for_batch(batch_id, timeout)
+
+    # -------------------------------------------------------------------------- schedules
+
+    def upsert_schedule(self, data: ScheduleData, fn: Callable[..., Any] | Call | TaskData,
+                        *args: Any, **kwargs: Any) -> bool:
+        """``data.tenant`` may be left empty; any other tenant than the view's is refused."""
+        if data.tenant and data.tenant != self.tenant:
+            raise ConfigurationError(f"schedule {data.id!r} names tenant {data.tenant!r}, but this view is "
+                                     f"for tenant {self.tenant!r}")
+        data = dataclasses.replace(data, tenant=self.tenant)
+        return self.processor.upsert_schedule(data, fn, *args, **kwargs)
+
+    def cancel_schedule(self, schedule_id: str) -> bool:
+        return self.processor.cancel_schedule(schedule_id, self.tenant)
+
+    def get_schedule(self, schedule_id: str) -> ScheduleInfo | None:
+        info = self.processor.get_schedule(schedule_id)
+        return info if info is not None and info.tenant == self.tenant else None
+
+    def trigger_schedule(self, schedule_id: str) -> bool:
+        return self.processor.trigger_schedule(schedule_id, tenant=self.tenant)
+
+    def get_schedules(self, skip: int = 0, take: int = 25) -> list[ScheduleInfo]:
+        return self.processor.get_schedules(self.tenant, skip, take)
+
+    def get_schedules_count(self) -> int:
+        return self.processor.get_schedules_count(self.tenant)
+
+    # ------------------------------------------------------------------ control and stats
+
+    def pause(self) -> None:
+        """Pause this tenant only: its tasks stay queued, other tenants' keep running."""
+        self.processor.pause_tenant(self.tenant)
+
+    def resume(self) -> None:
+        self.processor.resume_tenant(self.tenant)
+
+    @property
+    def is_paused(self) -> bool:
+        return self.processor.is_tenant_paused(self.tenant)
+
+    def get_stats(self) -> TenantStats:
+        return self.processor.get_tenant_stats(self.tenant)
+
+
+def _task_info() -> type:
+    from .models import TaskInfo
+    return TaskInfo
+
+
+class TenantAdmin:
+    """Tenant methods of TaskProcessor (a mixin)."""
+
+    store: Any
+    options: Any
+
+    def tenant(self, tenant: str) -> TenantView:
+        """A view of this processor for one tenant (see :class:`TenantView`)."""
+        return TenantView(self, tenant)  # type: ignore[arg-type]
+
+    def set_tenant_limit(self, tenant: str, limit: int | None) -> None:
+        """At most ``limit`` tasks of the tenant run at once across all workers (None: back to
+        Options.tenant_concurrency). Enforced by the fetch script; raising a limit re-admits the
+        tenant's waiting work at once."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ConfigurationError(f"tenant limit must be an integer >= 1 or None, got {limit!r}")
+        k = self.store.keys
+        self.store.run("tenant_limit", [k.tlim], [k.prefix, check_tenant(tenant), limit or 0])
+
+    def is_tenant_paused(self, tenant: str) -> bool:
+        return bool(self.store.redis.sismember(self.store.keys.pausedt, check_tenant(tenant)))
+
+    def get_paused_tenants(self) -> list[str]:
+        return sorted(m.decode() for m in self.store.redis.smembers(self.store.keys.pausedt))
+
+    def get_tenants(self, skip: int = 0, take: int = 25) -> list[str]:
+        """Tenants with work or history, in name order."""
+        return [t.decode() for t in self.store.redis.zrange(self.store.keys.tenants, skip, skip + take - 1)]
+
+    def get_tenants_count(self) -> int:
+        return int(self.store.redis.zcard(self.store.keys.tenants))
+
+    def get_tenant_stats(self, tenant: str) -> TenantStats:
+        k = self.store.keys
+        check_tenant(tenant)
+        queues = sorted(q.decode() for q in self.store.redis.smembers(k.queues))
+        pipe = self.store.redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(k.ready(q, tenant))
+        pipe.hget(k.trun, tenant)
+        pipe.hgetall(k.tstats(tenant))
+        pipe.sismember(k.pausedt, tenant)
+        pipe.hget(k.tlim, tenant)
+        res = pipe.execute()
+        lengths, (running, counters, paused, limit) = res[:len(queues)], res[len(queues):]
+        c = {key.decode(): int(v) for key, v in counters.items()}
+        default = self.options.tenant_concurrency
+        return TenantStats(
+            tenant=tenant, queued=dict(zip(queues, (int(n) for n in lengths))), running=int(running or 0),
+            done=c.get("done", 0), failed=c.get("failed", 0), canceled=c.get("canceled", 0), dead=c.get("dead", 0),
+            batches={s: c.get("b_" + s, 0) for s in ("running", "succeeded", "failed", "canceled")},
+            paused=bool(paused), limit=int(limit) if limit else default)

@@ -1,0 +1,68 @@
+"""Task functions for tests/test_worker.py. Workers import targets by reference, so they live in
+an importable module; each records what it did in Redis under keys the test passes."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+
+from coretask import TaskContext
+
+_client: Any = None
+_client_lock = threading.Lock()
+
+
+def R() -> Any:
+    """One client per process, created under a lock: pool threads start tasks at the same
+    moment, and a second client built by a racing thread would be dropped and its __del__ would
+    close the connection pool that a pipeline of the first one is using."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            url = os.environ["CORETASK_TEST_URL"]
+            if os.environ.get("CORETASK_TEST_CLUSTER"):
+                from redis.cluster import RedisCluster
+                _client = RedisCluster.from_url(url)
+            else:
+                _client = redis.Redis.from_url(url)
+        return _client
+
+
+def mark(key: str, index: int) -> None:
+    """Count one run of task ``index``: a per-index hash field, a total, and the process."""
+    pipe = R().pipeline(transaction=False)
+    pipe.hincrby(key, str(index), 1)
+    pipe.incr(key + ":total")
+    pipe.sadd(key + ":pids", os.getpid())
+    pipe.execute()
+
+
+def sleep_with_context(key: str, seconds: float, ctx: TaskContext) -> None:
+    """Record ``attempt|retries_left|pid`` on start, sleep, then record the pid on finish."""
+    R().rpush(key + ":started", f"{ctx.attempt}|{ctx.retries_left}|{os.getpid()}")
+    time.sleep(seconds)
+    R().rpush(key + ":finished", f"{ctx.attempt}|{ctx.retries_left}|{os.getpid()}")
+
+
+def kill_own_process_pid(key: str) -> None:
+    """Record the pid, then end the process abruptly (as a segfault or os._exit in C would)."""
+    R().rpush(key, os.getpid())
+    os._exit(17)
+
+
+def add(key: str, value: object) -> None:
+    R().sadd(key, str(value))
+
+
+def concurrency(key: str, seconds: float) -> None:
+    """Track how many of these run at once: ``key:max`` ends as the peak."""
+    r = R()
+    now = r.incr(key + ":running")
+    r.eval("if tonumber(redis.call('GET', KEYS[1]) or '0') < tonumber(ARGV[1]) then "
+           "redis.call('SET', KEYS[1], ARGV[1]) end", 1, key + ":max", now)
+    time.sleep(seconds)
+    r.decr(key + ":running")
+    r.incr(key + ":done")

@@ -1,0 +1,261 @@
+"""Cancel a batch (queued, delayed and running tasks, a stuck task's process) and pause/resume
+(global, per queue, with running tasks handed back)."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+from tests import tasks, tasks_batch
+from tests.conftest import wait_until
+
+HOUR = timedelta(hours=1)
+
+NEGATIVE_WINDOW = 1.2   # > 2 x base_frequency (0.5 s): time in which a fetch that should not happen would
+
+
+def started(r, key: str) -> int:
+    return r.llen(key + ":started")
+
+
+# -------------------------------------------------------------------------------- cancel
+
+def test_cancel_drops_queued_and_delayed_tasks_and_continuations(processor, embedded_worker, r, prefix):
+    # Given a batch of 5 queued tasks, 3 delayed by 1.5 s and a continuation, and no worker yet
+    out = prefix + ":out"
+    batch_id = processor.enqueue_batch("default", "acme", lambda b: (
+        [b.enqueue(tasks.record, out, i) for i in range(5)],
+        [b.enqueue(tasks.record, out, i, delay_until=timedelta(seconds=1.5)) for i in range(3)],
+        b.continue_with(tasks.record, out, "continuation", on="complete")))
+    # When it is canceled
+    assert processor.cancel_batch(batch_id) is True
+    # Then get_batch shows it canceled at once, every task counted canceled
+    info = processor.get_batch(batch_id)
+    assert (info.state, info.total, info.canceled, info.remaining, info.done) == ("canceled", 8, 8, 0, 0)
+    assert info.ended is not None
+    # And canceling again, or an unknown batch, or with another tenant's name, does nothing
+    assert processor.cancel_batch(batch_id) is False
+    assert processor.cancel_batch("no-such-batch") is False
+    other = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, out, 9, delay_until=HOUR))
+    assert processor.cancel_batch(other, tenant="someone-else") is False
+    assert processor.get_batch(other).state == "running"
+    # When a worker runs past the delayed tasks' due time
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_queue("default").delayed == 1 and processor.get_queue("default").queued == 0,
+               10, "queued and due tasks of the canceled batch dropped")
+    # Then none of them (nor the continuation) ever started, and the counts did not move
+    assert r.llen(out) == 0
+    info = processor.get_batch(batch_id)
+    assert (info.state, info.canceled, info.remaining, info.done, info.failed) == ("canceled", 8, 0, 0, 0)
+
+
+def test_cancel_aborts_running_task_with_ctx_cancelled_then_task_canceled(processor, embedded_worker, r, prefix):
+    # Given a running batch task looping in pure Python for 60 s, and a task of another batch
+    spin, other = prefix + ":spin", prefix + ":other"
+    batch_id = processor.enqueue_batch("default", "acme", lambda b: (
+        b.enqueue(tasks_batch.spin_ctx, spin, 60, retries=3), b.continue_with(tasks.count, prefix + ":cont")))
+    other_id = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.sleep_then_record, other, 1.0))
+    embedded_worker(processor)
+    wait_until(lambda: started(r, spin) and started(r, other), 10, "both tasks running")
+    # When the batch is canceled
+    assert processor.cancel_batch(batch_id)
+    assert processor.get_batch(batch_id).state == "canceled"
+    # Then the spinning task leaves with ctx.cancelled set and TaskCanceled raised in its thread
+    wait_until(lambda: r.llen(spin + ":left"), 10, "spinning task aborted")
+    assert json.loads(r.lindex(spin + ":left", 0)) == {"cancelled": True, "outcome": "TaskCanceled"}
+    info = processor.wait_for_batch(batch_id, 10)
+    assert (info.state, info.canceled, info.remaining, info.done) == ("canceled", 1, 0, 0)
+    # And the other batch's task was not touched; the canceled one was not retried or buried
+    assert processor.wait_for_batch(other_id, 10).state == "succeeded"
+    wait_until(lambda: processor.get_queue("default").in_flight == 0, 5, "acks")
+    assert started(r, spin) == 1 and processor.get_queue("default").dead == 0
+    assert r.get(prefix + ":cont") is None
+
+
+def test_task_that_turns_its_abort_into_an_error_is_counted_canceled_not_retried(processor, embedded_worker, r, prefix):
+    # Given a running task with 3 retries that raises ValueError when aborted
+    key = prefix + ":k"
+    batch_id = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_then_fail, key, 60,
+                                                                             retries=3))
+    embedded_worker(processor)
+    wait_until(lambda: started(r, key), 10, "task running")
+    # When its batch is canceled
+    assert processor.cancel_batch(batch_id)
+    # Then it is counted canceled, never retried, never dead-lettered
+    info = processor.wait_for_batch(batch_id, 10)
+    assert (info.canceled, info.failed, info.remaining) == (1, 0, 0)
+    wait_until(lambda: processor.get_queue("default").in_flight == 0, 5, "acks")
+    q = processor.get_queue("default")
+    assert (q.queued, q.delayed, q.dead, started(r, key)) == (0, 0, 0, 1)
+
+
+def test_cancel_ends_process_of_blocked_task_after_grace_and_hands_back_others(processor, start_manager, r, prefix):
+    # Given one worker process (4 threads, cancel_grace 1 s) running a batch's pure-Python task
+    # and its task blocked in time.sleep(60), plus two tasks of no batch, sleeping on their first attempt
+    spin, block, plain = prefix + ":spin", prefix + ":block", prefix + ":plain"
+    m = start_manager(processes=1, threads=4, cancel_grace=1.0)
+    (child,) = m.wait_children(1)
+    batch_id = processor.enqueue_batch("default", "acme", lambda b: (
+        b.enqueue(tasks_batch.spin_ctx, spin, 60), b.enqueue(tasks.block, block, 60)))
+    plain_ids = [processor.enqueue_task("default", "acme", tasks_batch.first_attempt_long, f"{plain}{i}", 60, True,
+                                        retries=2) for i in range(2)]
+    wait_until(lambda: started(r, spin) and started(r, block) and all(started(r, f"{plain}{i}") for i in range(2)),
+               20, "four tasks running")
+    # When the batch is canceled
+    assert processor.cancel_batch(batch_id)
+    assert processor.get_batch(batch_id).state == "canceled"
+    # Then the spinning task is aborted at once; the blocked one ends with its process after the grace
+    wait_until(lambda: r.llen(spin + ":left"), 10, "spinning task aborted")
+    assert json.loads(r.lindex(spin + ":left", 0)) == {"cancelled": True, "outcome": "TaskCanceled"}
+    wait_until(lambda: not child.is_running() or child.status() == "zombie", 15, "worker process ends")
+    new = wait_until(lambda: [c for c in m.children() if c.pid != child.pid], 20, "replacement worker process")
+    # And the batch counts both tasks canceled, neither finished
+    info = processor.wait_for_batch(batch_id, 10)
+    assert (info.state, info.canceled, info.remaining, info.done, info.failed) == ("canceled", 2, 0, 0, 0)
+    assert r.llen(block + ":finished") == 0
+    # And the other in-flight tasks were handed back without consuming a retry and complete later
+    wait_until(lambda: all(r.llen(f"{plain}{i}:finished") for i in range(2)), 20, "handed-back tasks complete")
+    for i in range(2):
+        starts = [json.loads(x) for x in r.lrange(f"{plain}{i}:started", 0, -1)]
+        assert [(a, left) for a, left, _ in starts] == [(1, 2), (2, 2)]
+        assert starts[1][2] == new[0].pid
+        assert [json.loads(x) for x in r.lrange(f"{plain}{i}:finished", 0, -1)] == [[2, 2]]
+    wait_until(lambda: processor.get_queue("default").in_flight == 0, 5, "acks")
+    q = processor.get_queue("default")
+    assert (q.queued, q.dead, q.delayed) == (0, 0, 0)
+    assert all(processor.get_task(t) is None for t in plain_ids)   # completed tasks are deleted
+    assert "ignored its abort" in m.log()
+
+
+def test_embedded_worker_lets_a_blocked_aborted_task_run_out_without_handing_back_others(
+        make_processor, embedded_worker, r, prefix):
+    # Given an embedded worker (threads only, cancel_grace 0.3 s) running a batch task blocked in
+    # time.sleep(2) and a task of no batch sleeping 2.5 s
+    p = make_processor(cancel_grace=0.3)
+    block, plain = prefix + ":block", prefix + ":plain"
+    batch_id = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.block, block, 2))
+    p.enqueue_task("default", "acme", tasks.sleep_then_record, plain, 2.5)
+    embedded_worker(p)
+    wait_until(lambda: started(r, block) and started(r, plain), 10, "both tasks running")
+    # When the batch is canceled (the process cannot be ended for one stuck thread)
+    assert p.cancel_batch(batch_id)
+    # Then the blocked task runs out and is counted canceled, and the other task ran exactly once
+    info = p.wait_for_batch(batch_id, 10)
+    assert (info.state, info.canceled, info.done) == ("canceled", 1, 0)
+    wait_until(lambda: r.llen(plain) == 1 and p.get_queue("default").in_flight == 0, 10, "other task done")
+    assert started(r, plain) == 1 and p.get_queue("default").queued == 0
+
+
+def test_forged_cancel_or_requeue_message_aborts_nothing(processor, embedded_worker, r, prefix):
+    # Given a running batch task that spins for 1.5 s
+    key = prefix + ":spin"
+    batch_id = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, key, 1.5))
+    embedded_worker(processor)
+    wait_until(lambda: started(r, key), 10, "task running")
+    # When someone publishes "c:<batch>" and "pr" on the events channel without canceling or pausing
+    assert r.publish(f"{prefix}:ev", f"c:{batch_id}") >= 1
+    assert r.publish(f"{prefix}:ev", "pr") >= 1
+    # Then the task runs to its end and the batch succeeds
+    info = processor.wait_for_batch(batch_id, 10)
+    assert (info.state, info.done, info.canceled) == ("succeeded", 1, 0)
+    assert json.loads(r.lindex(key + ":left", 0)) == {"cancelled": False, "outcome": "returned"}
+
+
+# --------------------------------------------------------------------------------- pause
+
+def test_pause_stops_every_worker_and_resume_runs_all(processor, start_manager, r, prefix):
+    # Given 2 worker processes that are running tasks
+    out = prefix + ":out"
+    m = start_manager(processes=2, threads=2)
+    m.wait_children(2)
+    processor.enqueue_task("default", "acme", tasks.record, out, -1)
+    wait_until(lambda: r.llen(out) == 1, 20, "workers up")
+    wait_until(lambda: len(processor.get_workers()) == 2, 10, "2 worker heartbeats")
+    # When everything is paused and 50 tasks are enqueued
+    processor.pause()
+    assert processor.is_paused
+    for i in range(50):
+        processor.enqueue_task("default", "acme", tasks.record, out, i)
+    time.sleep(NEGATIVE_WINDOW)
+    # Then no worker fetched any of them
+    assert r.llen(out) == 1
+    q = processor.get_queue("default")
+    assert (q.queued, q.in_flight) == (50, 0)
+    # When resumed, all of them run
+    processor.resume()
+    assert not processor.is_paused
+    wait_until(lambda: r.llen(out) == 51, 20, "all 50 tasks")
+
+
+def test_workers_started_while_paused_start_paused(processor, embedded_worker, r, prefix):
+    # Given a paused processor with queued tasks
+    out = prefix + ":out"
+    processor.pause()
+    for i in range(5):
+        processor.enqueue_task("default", "acme", tasks.record, out, i)
+    # When a worker starts
+    embedded_worker(processor)
+    time.sleep(NEGATIVE_WINDOW)
+    # Then it takes nothing until resume()
+    assert r.llen(out) == 0 and processor.get_queue("default").queued == 5
+    processor.resume()
+    wait_until(lambda: r.llen(out) == 5, 10, "tasks after resume")
+
+
+def test_pause_queue_stops_only_that_queue(make_processor, embedded_worker, r, prefix):
+    # Given a worker serving queues a and b, with queue a paused
+    p = make_processor(queues=["a", "b"])
+    p.pause_queue("a")
+    assert p.get_paused_queues() == ["a"] and not p.is_paused
+    embedded_worker(p)
+    # When tasks are enqueued to both queues
+    for i in range(5):
+        p.enqueue_task("a", "acme", tasks.record, prefix + ":a", i)
+        p.enqueue_task("b", "acme", tasks.record, prefix + ":b", i)
+    # Then queue b runs while queue a waits
+    wait_until(lambda: r.llen(prefix + ":b") == 5, 10, "queue b")
+    time.sleep(NEGATIVE_WINDOW)
+    assert r.llen(prefix + ":a") == 0 and p.get_queue("a").paused and p.get_queue("a").queued == 5
+    # When queue a is resumed, its tasks run
+    p.resume_queue("a")
+    assert p.get_paused_queues() == []
+    wait_until(lambda: r.llen(prefix + ":a") == 5, 10, "queue a after resume")
+
+
+def test_running_tasks_finish_when_paused(processor, embedded_worker, r, prefix):
+    # Given a running task that sleeps 1 s
+    key = prefix + ":k"
+    processor.enqueue_task("default", "acme", tasks.sleep_then_record, key, 1.0)
+    embedded_worker(processor)
+    wait_until(lambda: started(r, key), 10, "task running")
+    # When everything is paused
+    processor.pause()
+    # Then the running task still finishes
+    wait_until(lambda: r.llen(key) == 1, 10, "running task finished")
+    wait_until(lambda: processor.get_queue("default").in_flight == 0, 5, "ack")
+    assert processor.get_queue("default").queued == 0
+
+
+def test_pause_requeue_running_hands_tasks_back_without_a_retry(processor, embedded_worker, r, prefix):
+    # Given two running tasks with 2 retries each, long on their first attempt
+    keys = [f"{prefix}:t{i}" for i in range(2)]
+    ids = [processor.enqueue_task("default", "acme", tasks_batch.first_attempt_long, k, 60, False, retries=2)
+           for k in keys]
+    embedded_worker(processor)
+    wait_until(lambda: all(started(r, k) for k in keys), 10, "tasks running")
+    # When everything is paused with requeue_running
+    processor.pause(requeue_running=True)
+    # Then both are aborted and back in the queue, with their retries untouched
+    wait_until(lambda: processor.get_queue("default").queued == 2, 10, "tasks handed back")
+    assert processor.get_queue("default").in_flight == 0
+    for t in ids:
+        info = processor.get_task(t)
+        assert (info.state, info.retries_left) == ("queued", 2)
+    time.sleep(NEGATIVE_WINDOW)
+    assert all(started(r, k) == 1 for k in keys)       # not run again while paused
+    # When resumed, they run again (attempt 2, retries left still 2) and complete
+    processor.resume()
+    wait_until(lambda: all(r.llen(k + ":finished") for k in keys), 10, "tasks complete after resume")
+    for k in keys:
+        assert [json.loads(x)[:2] for x in r.lrange(k + ":started", 0, -1)] == [[1, 2], [2, 2]]
+    assert processor.get_queue("default").dead == 0

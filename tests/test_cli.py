@@ -1,0 +1,217 @@
+"""The admin CLI, run as a subprocess: ``python -m coretask --app tests.app:processor COMMAND``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from coretask.servers import RedisServer, find_server_binary, free_port
+from tests import tasks
+from tests.conftest import FAST, ROOT, wait_until
+
+HOUR = timedelta(hours=1)
+
+
+@pytest.fixture
+def cli(server: Any, prefix: str) -> Any:
+    def env(url: str | None = None) -> dict[str, str]:
+        e = dict(os.environ, CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps(FAST),
+                 PYTHONPATH=str(ROOT))
+        if url is not None:
+            e.update(CORETASK_TEST_URL=url, CORETASK_TEST_CLUSTER="")
+        return e
+
+    def run(*args: str, url: str | None = None, app: str = "tests.app:processor") -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "coretask", *(["--app", app] if app else []), *args]
+        return subprocess.run(cmd, check=False, cwd=ROOT, env=env(url), capture_output=True, text=True, timeout=60)
+
+    def popen(*args: str) -> subprocess.Popen[str]:
+        return subprocess.Popen([sys.executable, "-m", "coretask", "--app", "tests.app:processor", *args], cwd=ROOT,
+                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    run.popen = popen  # type: ignore[attr-defined]
+    return run
+
+
+def ok(res: subprocess.CompletedProcess[str]) -> str:
+    assert res.returncode == 0, (res.returncode, res.stdout, res.stderr)
+    return res.stdout
+
+
+def columns_aligned(lines: list[str], header: str) -> None:
+    """Every row of a table has its right-aligned numbers ending under the header's column names."""
+    head = next(i for i, line in enumerate(lines) if line.startswith(header))
+    names = lines[head].split()
+    rows = [line for line in lines[head + 1:head + 100] if line.strip() and not line.startswith("(")]
+    for col in ("QUEUED", "DEAD"):
+        if col in names:
+            end = lines[head].index(col) + len(col)
+            for row in rows:
+                if not row or row.split()[0] in ("WORKER",):
+                    break
+                assert row[end - 1].isdigit() and (len(row) == end or row[end] == " "), (row, col)
+
+
+def test_status_and_queues(processor, embedded_worker, cli, prefix):
+    # Given a worker (heartbeat), a dead task, queued tasks in two queues, and queue low paused
+    processor.enqueue_task("default", "acme", tasks.always_fail, retries=0)
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_queue("default").dead == 1 and processor.get_workers(), 10, "a dead task")
+    processor.pause_queue("low")
+    for i in range(3):
+        processor.enqueue_task("low", "acme", tasks.record, "k", i)
+    # When status is asked for, as text and as JSON
+    text = ok(cli("status"))
+    doc = json.loads(ok(cli("status", "--json")))
+    # Then it shows the redacted server, paused state, queues with counts and workers with their age
+    lines = text.splitlines()
+    assert "paused: no; queues paused: low" in text and prefix in text
+    columns_aligned(lines, "QUEUE ")
+    assert any(line.split()[:5] == ["low", "3", "0", "0", "0"] and line.split()[5] == "yes" for line in lines)
+    assert any(line.split()[:6] == ["default", "0", "0", "0", "1", "no"] for line in lines)
+    (worker_id, _age), = processor.get_workers().items()
+    assert any(line.startswith(worker_id) for line in lines)
+    assert doc["paused"] is False and doc["paused_queues"] == ["low"] and doc["prefix"] == prefix
+    assert {q["name"]: (q["queued"], q["dead"], q["paused"]) for q in doc["queues"]} == \
+        {"default": (0, 1, False), "low": (3, 0, True)}
+    (w,) = doc["workers"]
+    assert w["id"] == worker_id and -1 < w["heartbeat_age"] < 10   # a beat may land just after "now"
+    # And queues lists the same counts
+    q = {x["name"]: x for x in json.loads(ok(cli("queues", "--json")))}
+    assert (q["low"]["queued"], q["default"]["dead"]) == (3, 1)
+    columns_aligned(ok(cli("queues")).splitlines(), "QUEUE ")
+
+
+def test_pause_and_resume(processor, cli):
+    # When everything, then one queue, is paused and resumed through the CLI
+    assert ok(cli("pause")).strip() == "paused everything"
+    assert processor.is_paused
+    assert json.loads(ok(cli("status", "--json")))["paused"] is True
+    assert json.loads(ok(cli("resume", "--json"))) == {"paused": False, "queue": None}
+    assert not processor.is_paused
+    assert ok(cli("pause", "low")).strip() == "paused queue low"
+    assert processor.get_paused_queues() == ["low"] and not processor.is_paused
+    assert "queues paused: low" in ok(cli("status"))
+    ok(cli("resume", "low"))
+    # Then the processor's state followed each command
+    assert processor.get_paused_queues() == []
+
+
+def test_batches_batch_and_cancel(processor, cli):
+    # Given two batches of tenant acme, one with a task delayed by an hour
+    a = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, "k", 1), scope="first")
+    b = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, "k", 2, delay_until=HOUR),
+                                scope="second")
+    # When batches are listed, then one shown
+    text = ok(cli("batches", "acme"))
+    doc = json.loads(ok(cli("batches", "acme", "--json")))
+    # Then both are there, newest first, with their numbers
+    assert doc["count"] == 2 and {x["id"] for x in doc["batches"]} == {a, b}
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["BATCH", "STATE", "TOTAL"]
+    assert {line.split()[0] for line in lines[1:3]} == {a, b} and "2 shown of 2 batches" in text
+    shown = ok(cli("batch", b))
+    assert f"id:        {b}" in shown and "state:     running" in shown and "scope:     second" in shown
+    assert "0/1" in shown
+    assert json.loads(ok(cli("batch", a, "--json")))["scope"] == "first"
+    # When one is canceled
+    assert ok(cli("cancel", b)).strip() == f"batch {b} canceled"
+    assert processor.get_batch(b).state == "canceled"
+    # Then canceling it again, or an unknown batch, exits 1; so does showing an unknown batch
+    again = cli("cancel", b)
+    assert again.returncode == 1 and "already canceled" in again.stderr
+    assert cli("cancel", "no-such-batch").returncode == 1
+    missing = cli("batch", "no-such-batch")
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    assert json.loads(ok(cli("batches", "nobody", "--json"))) == {"tenant": "nobody", "count": 0, "batches": []}
+
+
+def test_batch_watch_shows_progress_until_finished(make_processor, embedded_worker, cli, r, prefix):
+    # Given a batch of 12 tasks of 0.1 s each and nobody running it yet
+    p = make_processor(max_workers=2)
+    batch_id = p.enqueue_batch("default", "acme", lambda b: [
+        b.enqueue(tasks.sleep_then_record, prefix + ":out", 0.1, i) for i in range(12)])
+    # When the batch is watched (as text and as JSON lines) while a worker runs it
+    text = cli.popen("batch", batch_id, "--watch", "--interval", "0.05")
+    lines = cli.popen("--json", "batch", batch_id, "--watch", "--interval", "0.05")
+    first, jfirst = text.stdout.readline(), lines.stdout.readline()   # both watching before work starts
+    embedded_worker(p)
+    out, err = text.communicate(timeout=60)
+    jout, _ = lines.communicate(timeout=60)
+    out, jout = first + out, jfirst + jout
+    # Then it printed a growing progress bar and returned once the batch finished
+    assert text.returncode == 0, err
+    bars = out.strip().splitlines()
+    assert len(bars) >= 3, out
+    assert bars[0].startswith("[") and "0/12" in bars[0]
+    assert bars[-1].startswith("[" + "#" * 30 + "]") and "100% 12/12" in bars[-1] and bars[-1].endswith("succeeded")
+    docs = [json.loads(x) for x in jout.strip().splitlines()]
+    assert lines.returncode == 0 and len(docs) >= 3 and docs[-1]["state"] == "succeeded"
+    assert all(d["total"] == d["done"] + d["failed"] + d["canceled"] + d["remaining"] for d in docs)
+    assert [d["done"] for d in docs] == sorted(d["done"] for d in docs)
+
+
+def test_dead_list_retry_and_discard(processor, embedded_worker, cli):
+    # Given 3 dead tasks in queue default, and processing paused so retried tasks stay queued
+    for i in range(3):
+        processor.enqueue_task("default", "acme", tasks.always_fail, f"reason {i}", retries=0)
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_queue("default").dead == 3, 10, "3 dead tasks")
+    processor.pause()
+    # When they are listed
+    text = ok(cli("dead", "default"))
+    doc = json.loads(ok(cli("dead", "default", "--json")))
+    # Then each shows with its error
+    assert doc["count"] == 3 and sorted(t["error_message"] for t in doc["tasks"]) == [f"reason {i}" for i in range(3)]
+    assert text.splitlines()[0].split()[:3] == ["TASK", "TARGET", "TENANT"]
+    assert text.count("ValueError: reason") == 3 and "3 shown of 3 dead tasks" in text
+    # When one is retried, one discarded, then all the rest retried
+    assert json.loads(ok(cli("dead", "default", "--retry", "1", "--json"))) == {"queue": "default", "retried": 1}
+    assert processor.get_queue("default").queued == 1
+    assert "1 dead tasks of queue default discarded" in ok(cli("dead", "default", "--discard", "1"))
+    assert "1 dead tasks of queue default moved back" in ok(cli("dead", "default", "--retry", "all"))
+    # Then the queue shows the outcome
+    q = processor.get_queue("default")
+    assert (q.dead, q.queued) == (0, 2)
+    # And bad requests are refused: unknown queue (1), bad counts and both actions at once (2)
+    assert cli("dead", "nosuchqueue").returncode == 1
+    assert cli("dead", "default", "--retry", "0").returncode == 2
+    assert cli("dead", "default", "--retry", "1", "--discard", "1").returncode == 2
+
+
+def test_usage_errors_exit_2(cli):
+    assert cli(app="").returncode == 2                                # no --app, no command
+    assert cli("status", app="").returncode == 2                      # no --app
+    assert cli().returncode == 2                                      # no command
+    assert cli("frobnicate").returncode == 2                          # unknown command
+    bad = cli("status", app="no_such_module:processor")
+    assert bad.returncode == 2 and "cannot be imported" in bad.stderr
+    assert cli("pause", "not a queue!").returncode == 2               # invalid queue name
+    assert cli("batches").returncode == 2                             # missing argument
+    assert "status" in ok(cli("--help", app=""))
+
+
+def test_redis_password_is_never_printed(cli, tmp_path):
+    # Given a server that requires a password, and a URL carrying it
+    srv = RedisServer(binary=find_server_binary("redis7"), extra_args=["--requirepass", "s3cret-pw"]).start()
+    try:
+        url = f"redis://:s3cret-pw@127.0.0.1:{srv.port}/0"
+        # When status and queues are shown, as text and JSON
+        outputs = [cli("status", url=url), cli("status", "--json", url=url), cli("queues", url=url)]
+        # Then they work and show the URL redacted
+        assert all(res.returncode == 0 for res in outputs), [(x.stdout, x.stderr) for x in outputs]
+        assert "redis://:***@127.0.0.1" in outputs[0].stdout
+        # And with a wrong password or an unreachable server: exit 3, the password still hidden
+        outputs.append(cli("status", url=f"redis://:wr0ng-pw@127.0.0.1:{srv.port}/0"))
+        outputs.append(cli("status", url=f"redis://:s3cret-pw@127.0.0.1:{free_port()}/0"))
+        assert [x.returncode for x in outputs[3:]] == [3, 3]
+        assert "redis://:***@127.0.0.1" in outputs[4].stderr
+        for res in outputs:
+            assert "s3cret-pw" not in res.stdout + res.stderr and "wr0ng-pw" not in res.stdout + res.stderr
+    finally:
+        srv.stop()

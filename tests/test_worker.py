@@ -1,0 +1,481 @@
+"""Worker processes for real: ``python -m coretask.worker`` managers with child processes that
+are killed, terminated and orphaned, the CLI, and the embedded ``processor.run`` loop.
+
+Every check polls with a deadline (``wait_until``); nothing sleeps to assert timing.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from tests import tasks_worker as tw
+from tests.conftest import ROOT, wait_until
+
+# ------------------------------------------------------------------------------------ helpers
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def live_children(m) -> set[int]:
+    return {c.pid for c in m.children() if alive(c.pid)}
+
+
+def runs(r, key: str) -> list[tuple[int, int, int]]:
+    """(attempt, retries_left, pid) per line that tasks_worker.sleep_with_context wrote."""
+    out = []
+    for v in r.lrange(key, 0, -1):
+        attempt, left, pid = (int(x) for x in v.decode().split("|"))
+        out.append((attempt, left, pid))
+    return out
+
+
+def counters(processor, queue: str = "default") -> tuple[int, int]:
+    q = processor.get_queue(queue)
+    return q.queued, q.in_flight
+
+
+def workers_started(m) -> int:
+    return m.log().count(" started: queues=")
+
+
+def kill_pids(pids: Iterable[int]) -> None:
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("CORETASK_TEST_PREFIX", None)
+    return subprocess.run([sys.executable, "-m", "coretask.worker", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+# ------------------------------------------------------------------------- 1. exactly once
+
+def test_ten_thousand_tasks_over_two_processes_run_exactly_once(processor, start_manager, r, prefix):
+    # Given a manager with 2 processes x 4 threads
+    key = prefix + ":marks"
+    m = start_manager(processes=2, threads=4)
+    assert len(m.wait_children(2)) == 2
+
+    # When 10,000 tasks are enqueued while it runs
+    n = 10_000
+    for i in range(n):
+        processor.enqueue_task("default", "acme", tw.mark, key, i)
+
+    # Then every task ran, counted by the tasks themselves
+    wait_until(lambda: int(r.get(key + ":total") or 0) >= n, 120, "10,000 task runs")
+    wait_until(lambda: counters(processor) == (0, 0), 10, "0 queued / 0 in flight")
+    # ... exactly once each: 10,000 distinct indexes, each counted once, no extra run
+    marks = r.hgetall(key)
+    assert len(marks) == n
+    assert {int(k) for k in marks} == set(range(n))
+    assert [k for k, v in marks.items() if int(v) != 1] == []
+    assert int(r.get(key + ":total")) == n
+    # ... and nothing is left in flight, leased or dead
+    q = processor.get_queue("default")
+    assert (q.queued, q.in_flight, q.delayed, q.dead) == (0, 0, 0, 0)
+    assert r.zcard(prefix + ":leases") == 0
+    # ... by both worker processes
+    assert {int(p) for p in r.smembers(key + ":pids")} == live_children(m)
+    assert m.terminate() == 0
+
+
+# ----------------------------------------------------------------- 2. restart within a second
+
+def test_manager_restarts_a_killed_worker_process_within_a_second(processor, start_manager, r, prefix):
+    # Given a manager with 2 running worker processes
+    m = start_manager(processes=2, threads=2)
+    m.wait_children(2)
+    wait_until(lambda: workers_started(m) == 2, 20, "both workers started")
+    before = live_children(m)
+    victim = min(before)
+
+    # When one of them is killed with SIGKILL
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    # Then a new worker process appears within 1.5 s of the kill
+    new = wait_until(lambda: live_children(m) - before, 1.5, "a new worker process")
+    assert time.monotonic() - killed_at < 1.5
+    assert not alive(victim)
+    assert len(live_children(m)) == 2
+    # ... and it serves tasks
+    (new_pid,) = new
+    key = prefix + ":served"
+    wait_until(lambda: workers_started(m) == 3, 20, "the new worker started")
+    for i in range(20):
+        processor.enqueue_task("default", "acme", tw.add, key, i)
+    wait_until(lambda: r.scard(key) == 20, 20, "20 tasks after the restart")
+    assert f"worker process {victim} died (exit code -9)" in m.log()
+    assert new_pid in live_children(m)
+    assert m.terminate() == 0
+
+
+# ------------------------------------------------------------- 3. kill -9 mid-task: redelivery
+
+def test_worker_killed_mid_task_redelivers_it_with_one_retry_consumed(processor, start_manager, r, prefix):
+    # Given a manager and a 2 s task (3 retries) that has started in one of its processes
+    key = prefix + ":slow"
+    m = start_manager(processes=1, threads=2)
+    task_id = processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 2.0)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+    [(attempt1, left1, pid1)] = runs(r, key + ":started")
+
+    # When its worker process is killed with SIGKILL
+    os.kill(pid1, signal.SIGKILL)
+
+    # Then the manager starts a new process, which runs the task again to completion
+    wait_until(lambda: r.llen(key + ":finished") == 1, 20, "the redelivered task finished")
+    started = runs(r, key + ":started")
+    finished = runs(r, key + ":finished")
+    assert len(started) == 2
+    (attempt2, left2, pid2) = started[1]
+    assert (attempt1, left1) == (1, 3)
+    # ... having consumed exactly one retry
+    assert (attempt2, left2) == (2, 2)
+    assert finished == [started[1]]
+    assert pid2 != pid1 and not alive(pid1)
+    assert live_children(m) == {pid2}
+    assert f"worker process {pid1} died (exit code -9)" in m.log()
+    wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
+    assert processor.get_task(task_id) is None
+    assert m.terminate() == 0
+
+
+# ------------------------------------------------------------------------ 4. SIGTERM, graceful
+
+def test_sigterm_lets_a_running_task_finish_and_exits_0(processor, start_manager, r, prefix):
+    # Given a manager (shutdown_timeout 5 s) running a 1.5 s task
+    key = prefix + ":slow"
+    m = start_manager(processes=1, threads=2, shutdown_timeout=5)
+    task_id = processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 1.5)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+    children = live_children(m)
+
+    # When the manager gets SIGTERM
+    m.proc.send_signal(signal.SIGTERM)
+
+    # Then it exits with code 0 only after the task finished and was acknowledged
+    assert m.proc.wait(15) == 0
+    assert runs(r, key + ":finished") == runs(r, key + ":started")
+    assert len(runs(r, key + ":started")) == 1
+    assert counters(processor) == (0, 0)
+    assert processor.get_task(task_id) is None
+    assert r.zcard(prefix + ":leases") == 0
+    # ... and its worker processes are gone
+    wait_until(lambda: not any(alive(p) for p in children), 5, "worker processes gone")
+
+
+def test_sigterm_hands_back_a_task_longer_than_shutdown_timeout_without_consuming_a_retry(
+        processor, start_manager, r, prefix):
+    # Given a manager with shutdown_timeout 1 s running a 4 s task
+    key = prefix + ":slow"
+    m = start_manager(processes=1, threads=2, shutdown_timeout=1)
+    task_id = processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 4.0)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+
+    # When the manager gets SIGTERM
+    m.proc.send_signal(signal.SIGTERM)
+
+    # Then it exits with code 0 and the task is back in its queue, its retries untouched
+    assert m.proc.wait(15) == 0
+    info = processor.get_task(task_id)
+    assert info is not None
+    assert (info.state, info.retries_left) == ("queued", 3)
+    assert counters(processor) == (1, 0)
+    assert r.llen(key + ":finished") == 0
+
+    # When a new manager starts
+    start_manager(processes=1, threads=2)
+
+    # Then the task runs to completion there, still with all its retries
+    wait_until(lambda: r.llen(key + ":finished") == 1, 20, "the task finished under the new manager")
+    (first, second) = runs(r, key + ":started")
+    assert first[:2] == (1, 3)
+    assert second[:2] == (2, 3)
+    assert runs(r, key + ":finished") == [second]
+    wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
+    assert processor.get_task(task_id) is None
+
+
+def test_sigterm_keeps_leases_alive_while_tasks_drain(processor, start_manager, r, prefix):
+    # Given manager A running a 3.5 s task with invisibility 1.5 s and shutdown_timeout 8 s,
+    # and a second manager B serving the same queue
+    key = prefix + ":slow"
+    opts = {"invisibility": 1.5, "shutdown_timeout": 8}
+    a = start_manager(processes=1, threads=2, **opts)
+    task_id = processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 3.5)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started in A")
+    b = start_manager(processes=1, threads=2, **opts)
+    wait_until(lambda: workers_started(b) == 1, 20, "B's worker started")
+
+    # When A gets SIGTERM (and stops its lease renewal loop) while the task still runs
+    a.proc.send_signal(signal.SIGTERM)
+
+    # Then A finishes the task and exits 0, and B never ran it: its lease did not expire
+    # while A was draining, although draining took longer than the invisibility
+    assert a.proc.wait(20) == 0
+    assert len(runs(r, key + ":finished")) == 1
+    assert runs(r, key + ":started") == runs(r, key + ":finished")
+    assert processor.get_task(task_id) is None
+    assert counters(processor) == (0, 0)
+    assert "recovered expired leases" not in b.log()
+    assert b.terminate() == 0
+
+
+# ---------------------------------------------------------------------- 5. SIGKILL of manager
+
+def test_manager_sigkill_workers_exit_and_their_tasks_complete_under_a_new_manager(
+        processor, start_manager, r, prefix):
+    # Given manager A (2 processes) running two 4 s tasks
+    key = prefix + ":slow"
+    opts = {"invisibility": 2, "shutdown_timeout": 1}
+    a = start_manager(processes=2, threads=1, **opts)
+    ids = [processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 4.0) for _ in range(2)]
+    wait_until(lambda: r.llen(key + ":started") == 2, 20, "both tasks started")
+    orphans = live_children(a)
+    assert {pid for _, _, pid in runs(r, key + ":started")} == orphans
+    try:
+        # When the manager itself is killed with SIGKILL
+        os.kill(a.pid, signal.SIGKILL)
+        a.proc.wait(5)
+
+        # Then its worker processes exit by themselves within a few seconds
+        wait_until(lambda: not any(alive(p) for p in orphans), 5, "orphaned worker processes gone")
+    finally:
+        kill_pids(orphans)
+
+    # When a second manager starts
+    b = start_manager(processes=1, threads=2, **opts)
+
+    # Then both tasks complete there, each once, and nothing is left in flight; the exiting
+    # workers kept their leases while draining and handed the tasks back at their shutdown
+    # deadline, so no retry was consumed
+    wait_until(lambda: r.llen(key + ":finished") == 2, 20, "both tasks finished under B")
+    finished = runs(r, key + ":finished")
+    assert {pid for _, _, pid in finished} == live_children(b)
+    assert [(attempt, left) for attempt, left, _ in finished] == [(2, 3), (2, 3)]
+    wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
+    assert [processor.get_task(t) for t in ids] == [None, None]
+    assert b.terminate() == 0
+
+
+def test_manager_killed_while_its_workers_start_leaves_no_orphans(start_manager):
+    # Given a manager whose worker processes have just been spawned (still importing)
+    m = start_manager(processes=2, threads=1)
+    pids = wait_until(lambda: [c.pid for c in m.children()], 10, "worker processes spawned")
+    try:
+        # When the manager is killed with SIGKILL before they armed their parent-death signal
+        os.kill(m.pid, signal.SIGKILL)
+        m.proc.wait(5)
+
+        # Then they notice and exit by themselves anyway
+        wait_until(lambda: not any(alive(p) for p in pids), 5, "worker processes gone")
+    finally:
+        kill_pids(pids)
+
+
+def test_whole_manager_group_killed_tasks_come_back_after_invisibility(processor, start_manager, r, prefix):
+    # Given manager A running a 2 s task with invisibility 2 s
+    key = prefix + ":slow"
+    a = start_manager(processes=1, threads=2, invisibility=2)
+    task_id = processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 2.0)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+    orphans = live_children(a)
+
+    # When the manager and its worker processes are all killed at once (the host went away)
+    a.kill_all()
+    wait_until(lambda: not any(alive(p) for p in orphans), 5, "worker processes gone")
+    info = processor.get_task(task_id)
+    assert info is not None and info.state == "running"
+
+    # Then a second manager takes the task back once its lease expired and completes it,
+    # which consumed one retry
+    b = start_manager(processes=1, threads=2, invisibility=2)
+    wait_until(lambda: r.llen(key + ":finished") == 1, 20, "the task finished under B")
+    (first, second) = runs(r, key + ":started")
+    assert first[:2] == (1, 3)
+    assert second[:2] == (2, 2)
+    assert runs(r, key + ":finished") == [second]
+    assert second[2] in live_children(b)
+    assert "recovered expired leases: requeued=1" in b.log()
+    wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
+    assert b.terminate() == 0
+
+
+# ------------------------------------------------------------ 6. a task that kills its process
+
+def test_task_killing_its_own_process_is_dead_lettered_after_its_retries(processor, start_manager, r, prefix):
+    # Given a task that ends its own process (2 retries) among 30 ordinary tasks
+    key = prefix + ":killer"
+    others = prefix + ":others"
+    m = start_manager(processes=2, threads=2)
+    killer = processor.enqueue_task("default", "acme", tw.kill_own_process_pid, key, retries=2)
+    for i in range(30):
+        processor.enqueue_task("default", "acme", tw.add, others, i)
+
+    # When the workers run them
+    wait_until(lambda: processor.get_queue("default").dead == 1, 30, "the killer dead-lettered")
+
+    # Then the killer ran 3 times (1 + 2 retries), each time in a process that died, and its
+    # dead letter names the last dead worker process
+    pids = [int(p) for p in r.lrange(key, 0, -1)]
+    assert len(pids) == 3
+    [dead] = processor.get_dead_tasks("default")
+    assert dead.id == killer
+    assert dead.error_type == "WorkerLost"
+    assert f"worker process {pids[-1]} died (exit code 17)" in dead.error_message
+    assert dead.retries_left == 0
+    assert not any(alive(p) for p in pids)
+    # ... while the other tasks were all served, and new ones still are
+    wait_until(lambda: r.scard(others) == 30, 20, "30 ordinary tasks")
+    for i in range(30, 40):
+        processor.enqueue_task("default", "acme", tw.add, others, i)
+    wait_until(lambda: r.scard(others) == 40, 20, "10 more ordinary tasks")
+    assert {int(x) for x in r.smembers(others)} == set(range(40))
+    wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
+    assert len(live_children(m)) == 2
+    assert m.log().count("died (exit code 17)") == 3
+    assert m.terminate() == 0
+
+
+# ------------------------------------------------------------------------------------- 7. CLI
+
+def test_cli_flags_override_the_app_options(processor, start_manager, r, prefix):
+    # Given an app whose options say queues=["default"], 1 process x 4 threads,
+    # and work waiting in "default"
+    assert processor.options.queues == ["default"]
+    assert (processor.options.processes, processor.options.max_workers) == (1, 4)
+    key = prefix + ":cc"
+    for i in range(5):
+        processor.enqueue_task("default", "acme", tw.add, prefix + ":default", i)
+
+    # When the manager starts with --queues other --processes 2 --threads 3
+    # and twelve 0.7 s tasks arrive in "other"
+    m = start_manager(processes=2, threads=3, queues="other")
+    m.wait_children(2)
+    wait_until(lambda: workers_started(m) == 2, 20, "both workers started")
+    for _ in range(12):
+        processor.enqueue_task("other", "acme", tw.concurrency, key, 0.7)
+
+    # Then 2 worker processes of 3 threads each serve "other" (6 at once at the peak), and
+    # nothing of "default"
+    wait_until(lambda: int(r.get(key + ":done") or 0) == 12, 30, "12 tasks of 'other'")
+    assert int(r.get(key + ":max")) == 6
+    assert m.log().count("started: queues=other threads=3") == 2
+    wait_until(lambda: counters(processor, "other") == (0, 0), 5, "'other' drained")
+    assert counters(processor, "default") == (5, 0)
+    assert not r.exists(prefix + ":default")
+    assert len(live_children(m)) == 2
+    assert m.terminate() == 0
+
+
+@pytest.mark.parametrize("app, message", [
+    ("no_such_module_xyz:processor", "module 'no_such_module_xyz' cannot be imported"),
+    ("tests.app", "must look like MODULE:ATTRIBUTE"),
+    ("tests.tasks:no_such_attribute", "has no attribute 'no_such_attribute'"),
+    ("tests.app:processor", "not a TaskProcessor"),      # None without the test environment
+    ("tests.tasks:record", "calling record() to build the TaskProcessor failed"),
+])
+def test_cli_bad_app_exits_2_with_a_clear_message(app, message):
+    # When the worker CLI is started with an --app that does not name a TaskProcessor
+    res = run_cli("--app", app)
+
+    # Then it exits with code 2 and a one-line error naming the problem, no traceback
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_bad_flag_value_exits_2(server, prefix):
+    # Given a valid app
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CORETASK_TEST_PREFIX=prefix)
+    # When --processes is 0
+    res = subprocess.run([sys.executable, "-m", "coretask.worker", "--app", "tests.app:processor",
+                          "--processes", "0"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=30, check=False)
+    # Then it exits with code 2 and names the option
+    assert res.returncode == 2, res.stderr
+    assert "processes" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_help():
+    # When the worker CLI is asked for help
+    res = run_cli("--help")
+    # Then it prints its usage and exits 0
+    assert res.returncode == 0
+    for flag in ("--app", "--queues", "--processes", "--threads", "--log-level"):
+        assert flag in res.stdout
+
+
+# -------------------------------------------------------------------------------- 8. embedded
+
+def test_embedded_run_returns_after_the_running_task_finishes(make_processor, r, prefix):
+    # Given processor.run(stop_event) in a thread, running a 1.5 s task (shutdown_timeout 5 s)
+    processor = make_processor(shutdown_timeout=5)
+    key = prefix + ":slow"
+    task_id = processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 1.5)
+    stop = threading.Event()
+    t = threading.Thread(target=processor.run, args=(stop,), daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: r.llen(key + ":started") == 1, 10, "the task started")
+
+        # When the stop event is set while the task runs
+        stop.set()
+
+        # Then run() returns once the task finished and was acknowledged
+        t.join(15)
+        assert not t.is_alive(), "run() did not return"
+        assert runs(r, key + ":finished") == runs(r, key + ":started")
+        assert len(runs(r, key + ":finished")) == 1
+        assert counters(processor) == (0, 0)
+        assert processor.get_task(task_id) is None
+    finally:
+        stop.set()
+        t.join(15)
+
+
+# ---------------------------------------------------------------- 9. lease renewal by manager
+
+def test_manager_renews_leases_of_a_task_longer_than_invisibility(processor, start_manager, r, prefix):
+    # Given a manager (2 processes, both recovering expired leases every 0.2 s) with
+    # invisibility 1.5 s
+    key = prefix + ":slow"
+    m = start_manager(processes=2, threads=2, invisibility=1.5)
+    m.wait_children(2)
+
+    # When a 4 s task runs
+    task_id = processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 4.0)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+    first_deadline = wait_until(lambda: r.zscore(prefix + ":leases", task_id), 5, "a lease")
+
+    # Then its lease is pushed forward while it runs
+    wait_until(lambda: (r.zscore(prefix + ":leases", task_id) or 0) > first_deadline + 1000, 5,
+               "a renewed lease")
+    # ... and it is never redelivered: it runs exactly once, on its first attempt
+    wait_until(lambda: r.llen(key + ":finished") == 1, 20, "the task finished")
+    assert runs(r, key + ":started") == runs(r, key + ":finished")
+    [(attempt, left, _)] = runs(r, key + ":finished")
+    assert (attempt, left) == (1, 3)
+    wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
+    assert "recovered expired leases" not in m.log()
+    assert m.terminate() == 0
