@@ -8,6 +8,7 @@ for long. Staged data is invisible to workers until the commit; on any error it 
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
@@ -74,7 +75,7 @@ class BatchBuilder:
         p = self._p
         q = check_queue_name(queue, "queue") if queue is not None else self.queue
         enc = encode(p._as_call(fn, args, kwargs), p._serializer, p.options.max_payload_bytes)
-        task_id = uuid.uuid4().hex
+        task_id = os.urandom(16).hex()
         self._chunk += [task_id, q, self.tenant, enc.payload, enc.serializer, enc.target,
                         p._retries(retries), p._due_ms(delay_until), on]
         self._chunk_bytes += len(enc.payload)

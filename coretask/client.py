@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import math
 import threading
 import time
@@ -59,7 +60,7 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         check_queue_name(queue)
         check_tenant(tenant)
         enc = encode(self._as_call(fn, args, kwargs), self._serializer, self.options.max_payload_bytes)
-        task_id = uuid.uuid4().hex
+        task_id = os.urandom(16).hex()
         k = self.store.keys
         try:
             code, _ = self.store.run("enqueue", [k.task(task_id), k.queues],

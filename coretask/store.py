@@ -172,11 +172,12 @@ class Store:
         want = self.options.wait_replicas
         timeout_ms = max(int(self.options.wait_timeout.total_seconds() * 1000), 1)
         cluster = self.options.cluster
+        rc: Any = self.redis                    # redis.Redis or redis.cluster.RedisCluster
         for attempt in range(1, 4):
-            client: Any = self.redis
-            if self.options.cluster:
-                node = self.redis.get_node_from_key(keys[0] if keys else self.keys.events)
-                client = self.redis.get_redis_connection(node)
+            client = rc
+            if cluster:
+                node = rc.get_node_from_key(keys[0] if keys else self.keys.events)
+                client = rc.get_redis_connection(node)
             pipe = client.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
             pipe.execute_command("WAIT", want, timeout_ms)
@@ -187,7 +188,7 @@ class Store:
                     raise
                 # a node failed (failover): refresh the slot map and try the new owner, as
                 # redis-py's cluster client does for every other command
-                self.redis.nodes_manager.initialize()
+                rc.nodes_manager.initialize()
                 continue
             if isinstance(result, NoScriptError):
                 log.debug("script %s not loaded on %s; loading it", name, self.url)
@@ -195,7 +196,7 @@ class Store:
                 continue
             if cluster and isinstance(result, (MovedError, ClusterDownError, TryAgainError)):
                 time.sleep(0.05 * attempt)      # the script did not run: refresh the map, resend
-                self.redis.nodes_manager.initialize()
+                rc.nodes_manager.initialize()
                 continue
             if isinstance(result, ResponseError):
                 raise _translate(name, result) from result

@@ -54,11 +54,12 @@ local function now_ms()
 end
 
 -- Put a task id on its tenant's ready list and make sure the tenant is in the queue's ring.
--- front=true hands a task back to the head of the list (release without consuming a retry).
-local function push_ready(P, queue, tenant, id, front)
+-- front=true hands a task back to the head of the list (release without consuming a retry);
+-- state_set=true when the caller already wrote st=queued into the task hash.
+local function push_ready(P, queue, tenant, id, front, state_set)
   local list = P .. ':q:' .. queue .. ':' .. tenant
   if front then redis.call('LPUSH', list, id) else redis.call('RPUSH', list, id) end
-  redis.call('HSET', P .. ':t:' .. id, 'st', 'queued')
+  if not state_set then redis.call('HSET', P .. ':t:' .. id, 'st', 'queued') end
   redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', 1)
   redis.call('SADD', P .. ':qt:' .. queue, tenant)
   if redis.call('SADD', P .. ':ringset:' .. queue, tenant) == 1 then

@@ -15,7 +15,7 @@ local P, id, queue, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, 0} end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6], 'tg', ARGV[7],
-           'r', ARGV[8], 'a', 0, 'e', now)
+           'r', ARGV[8], 'a', 0, 'e', now, 'st', 'queued')
 redis.call('SADD', KEYS[2], queue)
 redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
 local due = tonumber(ARGV[9])
@@ -23,5 +23,5 @@ if due > now then
   push_delayed(P, queue, id, due)
   return {2, due}
 end
-push_ready(P, queue, tenant, id, false)
+push_ready(P, queue, tenant, id, false, true)
 return {1, now}

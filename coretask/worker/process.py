@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FIELDS = 11  # values per task in the fetch reply
+COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
 
 
 @dataclasses.dataclass(eq=False)
@@ -115,9 +116,16 @@ class WorkerProcess:
                     continue                      # there may be more: fetch again as threads free up
                 if reply[1] != -1:
                     timeout = min(timeout, max((int(reply[1]) - int(reply[2])) / 1000, 0.001))
-                self.wake.wait(min(timeout, base))
+                if self.wake.wait(min(timeout, base)) and self._busy():
+                    # a task finished while most threads still work: give the others a moment to
+                    # finish too, so one round trip carries several acknowledgements and a fetch
+                    # for several threads
+                    time.sleep(COALESCE)
         finally:
             self._shutdown(threads)
+
+    def _busy(self) -> bool:
+        return len(self.running) > self.threads * 3 // 4 and not self.quiet
 
     def _drain_acks(self) -> list[tuple[str, list[str], list[Any]]]:
         k = self.store.keys
