@@ -85,12 +85,13 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     workers = sorted(p.get_workers().items())
     if out.json:
         out.data({"redis": redact_url(p.options.redis), "prefix": p.options.prefix, "paused": paused,
-                  "paused_queues": paused_queues, "queues": queues,
+                  "paused_queues": paused_queues, "queues": queues, "schedules": p.get_schedules_count(),
                   "workers": [{"id": w, "heartbeat_age": round(age, 3)} for w, age in workers]})
         return OK
     print(f"redis:  {redact_url(p.options.redis)}  prefix {p.options.prefix}")
     print(f"paused: {'yes (everything)' if paused else 'no'}"
           f"{'; queues paused: ' + ', '.join(paused_queues) if paused_queues else ''}")
+    print(f"schedules: {p.get_schedules_count()}  tenants: {p.get_tenants_count()}")
     print()
     _queue_table(out, queues)
     print()
@@ -219,6 +220,25 @@ def cmd_dead(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return OK
 
 
+def cmd_schedules(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    schedules = p.get_schedules(a.tenant, a.skip, a.take)
+    count = p.get_schedules_count(a.tenant)
+    if out.json:
+        out.data({"count": count, "schedules": schedules})
+        return OK
+    out.table(["ID", "CRON", "TIMEZONE", "NEXT RUN", "LAST RUN", "UNIQUE", "QUEUE", "SCOPE"],
+              [[s.id, s.cron, s.timezone, s.next_run, s.last_run, s.unique, s.queue, s.scope] for s in schedules])
+    print(f"{len(schedules)} shown of {count} schedules")
+    return OK
+
+
+def cmd_trigger(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    if not p.trigger_schedule(a.id):
+        _err(f"schedule {a.id} not found")
+        return NOT_FOUND
+    return _said(out, {"triggered": a.id}, f"schedule {a.id}: one run enqueued now")
+
+
 def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     stats = [p.get_tenant_stats(t) for t in p.get_tenants(a.skip, a.take)]
     count = p.get_tenants_count()
@@ -297,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--retries", type=int, help="retries granted to tasks moved back (default Options.retries)")
     sp.add_argument("--skip", type=int, default=0)
     sp.add_argument("--take", type=int, default=25)
+    sp = cmd("schedules", cmd_schedules, "a tenant's cron schedules with next and last run")
+    sp.add_argument("tenant")
+    sp.add_argument("--skip", type=int, default=0)
+    sp.add_argument("--take", type=int, default=25)
+    cmd("trigger", cmd_trigger, "enqueue one run of a schedule now (the next tick does not move)").add_argument("id")
     sp = cmd("tenants", cmd_tenants, "tenants in name order with their counters, paused state and limit")
     sp.add_argument("--skip", type=int, default=0)
     sp.add_argument("--take", type=int, default=25)

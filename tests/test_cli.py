@@ -215,3 +215,23 @@ def test_redis_password_is_never_printed(cli, tmp_path):
             assert "s3cret-pw" not in res.stdout + res.stderr and "wr0ng-pw" not in res.stdout + res.stderr
     finally:
         srv.stop()
+
+
+def test_schedules_trigger_and_schedule_count_in_status(processor, cli, prefix):
+    # Given two schedules of tenant acme
+    from coretask import ScheduleData
+    for sid, cron in (("s-hourly", "0 * * * *"), ("s-daily", "30 2 * * *")):
+        processor.upsert_schedule(ScheduleData(id=sid, tenant="acme", queue="default", scope="cli test",
+                                               cron=cron, timezone="Europe/Berlin"), tasks.record, prefix + ":x")
+    # When the CLI lists them, triggers one, and shows the status
+    listed = ok(cli("schedules", "acme"))
+    as_json = json.loads(ok(cli("--json", "schedules", "acme")))
+    triggered = cli("trigger", "s-daily")
+    missing = cli("trigger", "nope")
+    status = json.loads(ok(cli("--json", "status")))
+    # Then the table shows both, the trigger enqueued one run, and status counts the schedules
+    assert "s-hourly" in listed and "s-daily" in listed and "Europe/Berlin" in listed
+    assert as_json["count"] == 2 and {s["id"] for s in as_json["schedules"]} == {"s-hourly", "s-daily"}
+    assert triggered.returncode == 0 and missing.returncode == 1
+    assert processor.get_queue("default").queued == 1
+    assert status["schedules"] == 2
