@@ -68,3 +68,12 @@ def test_flask_example_enqueues_from_a_route(standalone, prefix, monkeypatch):
         stop.set()
         t.join(15)
     assert sorted(r.lrange(f"{prefix}:sent", 0, -1)) == [b"a@x.org", b"ada@example.com", b"b@x.org"]
+
+
+def test_schedule_example_runs_once_per_tick(standalone):
+    out = _run("examples.schedule", standalone, "--seconds", "4")
+    assert out.returncode == 0, out.stderr
+    runs = [line for line in out.stdout.splitlines() if line.startswith("beat: billing")]
+    # 4 s of a per-second schedule, minus worker start-up: a few runs, never more than one per tick
+    assert 1 <= len(runs) <= 5, out.stdout
+    assert len(set(runs)) == len(runs)
