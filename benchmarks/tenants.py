@@ -73,7 +73,7 @@ def measure(p: TaskProcessor, want: int) -> tuple[int, float, float]:
     start = time.perf_counter()
     while fetched < want:
         reply = p.store.run("fetch", keys, args)
-        got = (len(reply) - 3) // 11
+        got = (len(reply) - 3) // 12   # values per task in the fetch reply
         if not got:
             break
         fetched += got

@@ -11,7 +11,7 @@ from .context import TaskContext
 from .encoding import Call, Serializer, TaskData, call
 from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,
                      ReplicationError, ScriptError, SerializationError, StoreError, StoreFull, TargetError,
-                     TaskCanceled, TaskLoadError)
+                     TaskCanceled, TaskLoadError, TaskRefused)
 from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo
 from .options import Options
 from .schedules import ScheduleData, ScheduleInfo
@@ -29,6 +29,6 @@ __all__ = [
     "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask",
     # errors
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
-    "PayloadTooLarge", "TaskLoadError", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
+    "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
     "TaskCanceled", "ReplicationError",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .encoding import Call, TaskData, encode
+from .encoding import Call, TaskData
 from .errors import ConfigurationError, ReplicationError, StoreError
 from .options import check_queue_name
 
@@ -74,12 +74,12 @@ class BatchBuilder:
              delay_until: Any, retries: int | None, on: str) -> str:
         p = self._p
         q = check_queue_name(queue, "queue") if queue is not None else self.queue
-        enc = encode(p._as_call(fn, args, kwargs), p._serializer, p.options.max_payload_bytes)
+        enc = p._encode(p._as_call(fn, args, kwargs))
         task_id = os.urandom(16).hex()
         self._chunk += [task_id, q, self.tenant, enc.payload, enc.serializer, enc.target,
-                        p._retries(retries), p._due_ms(delay_until), on]
+                        p._retries(retries), p._due_ms(delay_until), on, p._sign(task_id, self.tenant, q, enc)]
         self._chunk_bytes += len(enc.payload)
-        if len(self._chunk) >= CHUNK * 9 or self._chunk_bytes >= CHUNK_BYTES:
+        if len(self._chunk) >= CHUNK * 10 or self._chunk_bytes >= CHUNK_BYTES:
             self._flush()
         return task_id
 

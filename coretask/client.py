@@ -18,12 +18,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .batch import BatchBuilder
-from .encoding import Call, TaskData, encode, serializer_for
+from .encoding import Call, Encoded, TaskData, encode, serializer_for
 from .errors import ConfigurationError, ReplicationError
 from .introspection import Introspection
 from .models import BatchInfo
 from .options import Options, check_queue_name, check_tenant
 from .schedules import Schedules
+from .signing import signer_for, unsigned_pickle_problem
 from .store import Store
 from .tenancy import TenantAdmin
 
@@ -45,6 +46,8 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         self.options = options if options is not None else Options(**kwargs)
         self.store = Store(self.options)
         self._serializer = serializer_for(self.options.serializer)
+        self._signer = signer_for(self.options)                    # None: payloads go unsigned
+        self._unsigned_pickle = unsigned_pickle_problem(self.options)  # set: refuse to enqueue
 
     # ------------------------------------------------------------------------------ enqueue
 
@@ -59,13 +62,14 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         """
         check_queue_name(queue)
         check_tenant(tenant)
-        enc = encode(self._as_call(fn, args, kwargs), self._serializer, self.options.max_payload_bytes)
+        enc = self._encode(self._as_call(fn, args, kwargs))
         task_id = os.urandom(16).hex()
         k = self.store.keys
         try:
             code, _ = self.store.run("enqueue", [k.task(task_id), k.queues],
                                      [k.prefix, task_id, queue, tenant, enc.payload, enc.serializer,
-                                      enc.target, self._retries(retries), self._due_ms(delay_until)],
+                                      enc.target, self._retries(retries), self._due_ms(delay_until),
+                                      self._sign(task_id, tenant, queue, enc)],
                                      durable=True)
         except ReplicationError as exc:   # Options.wait_replicas: enqueued, not yet replicated
             exc.task_id = task_id
@@ -193,6 +197,18 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
                 raise ConfigurationError(f"{type(fn).__name__} already carries its arguments; pass none besides it")
             return fn
         return Call(fn, args, kwargs)
+
+    def _encode(self, call: Call | TaskData) -> Encoded:
+        """encode() with this processor's serializer, size limit and allow-list; refuses a pickle
+        serializer without a signing key (see coretask.signing)."""
+        if self._unsigned_pickle and not isinstance(call, TaskData):
+            raise ConfigurationError(f"enqueue refused: {self._unsigned_pickle}")
+        return encode(call, self._serializer, self.options.max_payload_bytes,
+                      self.options.allowed_modules)  # type: ignore[arg-type]
+
+    def _sign(self, task_id: str, tenant: str, queue: str, enc: Encoded) -> str:
+        """The task's signature (field sg), or "" when Options.signing_key is not set."""
+        return self._signer.sign_task(task_id, tenant, queue, enc) if self._signer else ""
 
     def _retries(self, retries: int | None) -> int:
         if retries is None:

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from decimal import Decimal
 from typing import Any, Protocol
 
-from .errors import PayloadTooLarge, SerializationError, TargetError, TaskLoadError
-from .targets import Target, describe, reference_of, resolve
+from .errors import PayloadTooLarge, SerializationError, TargetError, TaskLoadError, TaskRefused
+from .targets import Target, describe, object_refusal, reference_of, refusal, resolve
 
 __all__ = ["Call", "TaskData", "Serializer", "call", "Encoded", "encode", "decode"]
 
@@ -197,8 +197,10 @@ def serializer_for(option: str | Serializer) -> Serializer:
 
 # ------------------------------------------------------------------------------ encode / decode
 
-def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int) -> Encoded:
-    """Encode at enqueue; every refusal happens here, before anything reaches Redis."""
+def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int,
+           allowed: tuple[str, ...] | None = None) -> Encoded:
+    """Encode at enqueue; every refusal happens here, before anything reaches Redis.
+    ``allowed``: Options.allowed_modules (the deny-list applies always)."""
     if isinstance(call, TaskData):
         if not isinstance(call.data, (bytes, bytearray)):
             raise SerializationError(f"TaskData.data must be bytes, got {type(call.data).__name__}")
@@ -208,6 +210,7 @@ def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int) -> Enc
             raise TargetError(f"{call.fn!r} is not callable")
         if serializer.name == "json":
             target = reference_of(call.fn)
+            _check_policy(target, call.fn, allowed)
             _check_binding(target, call)
             try:
                 payload = _dumps({"t": target, "a": call.args, "k": call.kwargs}).encode()
@@ -220,6 +223,7 @@ def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int) -> Enc
                 target = reference_of(call.fn)
             except TargetError:
                 target = f"{getattr(call.fn, '__module__', '?')}:{getattr(call.fn, '__qualname__', repr(call.fn))}"
+            _check_policy(target, call.fn, allowed)
         enc = Encoded(payload, serializer.name, target)
     if len(enc.payload) > max_bytes:
         raise PayloadTooLarge(
@@ -228,12 +232,28 @@ def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int) -> Enc
     return enc
 
 
+def _check_policy(ref: str, fn: Any, allowed: tuple[str, ...] | None) -> None:
+    why = refusal(ref, allowed) or object_refusal(fn)
+    if why:
+        raise TargetError(why if why.startswith("target ") else f"target {ref} is refused: {why}")
+
+
+_BOUND_SHAPES: set[tuple[str, int, tuple[str, ...]]] = set()
+
+
 def _check_binding(ref: str, call: Call) -> None:
+    """Refuse arguments that do not fit the signature. Whether they fit depends only on how many
+    positional arguments there are and which keywords, so each shape is checked once."""
+    shape = (ref, len(call.args), tuple(call.kwargs))
+    if shape in _BOUND_SHAPES:
+        return
     target = resolve(ref)
     try:
         target.signature.bind(*call.args, **call.kwargs)
     except TypeError as exc:
         raise SerializationError(f"arguments do not match {ref}{target.signature}: {exc}") from None
+    if len(_BOUND_SHAPES) < 100_000:
+        _BOUND_SHAPES.add(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -245,12 +265,15 @@ class Invocation:
     kwargs: dict[str, Any]
 
 
-def decode(payload: bytes, serializer_name: str, serializer: Serializer) -> Invocation:
-    """Decode in a worker; any failure is a TaskLoadError (the task is dead-lettered)."""
+def decode(payload: bytes, serializer_name: str, serializer: Serializer,
+           allowed: tuple[str, ...] | None = None) -> Invocation:
+    """Decode in a worker; any failure is a TaskLoadError (the task is dead-lettered). A target
+    refused by the deny-list or ``allowed`` is a TaskRefused, raised before its module is imported
+    (JSON; a pickle imports what it names while it is loaded: sign it, Options.signing_key)."""
     try:
         if serializer_name == "json":
             doc = json.loads(payload)
-            target = resolve(doc["t"])
+            target = resolve(doc["t"], allowed)
             return Invocation(target, *_revive_args(target, doc.get("a", []), doc.get("k", {})))
         if serializer_name != serializer.name:
             raise TaskLoadError(f"payload written by serializer {serializer_name!r}, but this worker is "
@@ -258,6 +281,9 @@ def decode(payload: bytes, serializer_name: str, serializer: Serializer) -> Invo
         c = serializer.loads(payload)
         fn = c.fn
         ref = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
+        why = refusal(ref, allowed) or object_refusal(fn)
+        if why:
+            raise TaskRefused(why if why.startswith("target ") else f"target {ref} is refused: {why}")
         return Invocation(describe(ref, fn), tuple(c.args), dict(c.kwargs))
     except TaskLoadError:
         raise

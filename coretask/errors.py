@@ -13,7 +13,9 @@ the library's errors in one clause. Errors about bad input also derive from the 
     │   ├── TargetError (ValueError)          a callable that cannot be recorded by reference
     │   └── PayloadTooLarge (ValueError)      an encoded call over max_payload_bytes
     ├── TaskLoadError                     a stored task cannot be turned back into a call
-    │                                     (module gone, payload corrupted); dead-lettered
+    │   │                                 (module gone, payload corrupted); dead-lettered
+    │   └── TaskRefused                   a stored task failed a security check before it was
+    │                                     read (signature, tenant, refused target); dead-lettered
     ├── StoreError                        Redis refused a coretask operation
     │   ├── StoreFull                     Redis hit maxmemory (OOM); nothing was half-written
     │   ├── ScriptError                   a Lua script failed (a bug: please report it)
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 __all__ = [
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
-    "PayloadTooLarge", "TaskLoadError", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
+    "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
     "TaskCanceled", "ReplicationError",
 ]
 
@@ -62,6 +64,13 @@ class PayloadTooLarge(EnqueueError, ValueError):
 
 class TaskLoadError(CoreTaskError):
     """A stored task cannot be turned back into a call; it is dead-lettered, never retried."""
+
+
+class TaskRefused(TaskLoadError):
+    """A stored task failed a check made before its payload is decoded or its module imported:
+    a missing or wrong signature (``Options.signing_key``), a task found in another tenant's
+    queue than the one it was signed for, or a target on the deny-list or outside
+    ``Options.allowed_modules``. It is dead-lettered with the reason, never run or retried."""
 
 
 class StoreError(CoreTaskError):

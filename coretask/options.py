@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +74,19 @@ class Options:
     wait_replicas / wait_timeout: when wait_replicas > 0, enqueue_task, batch commits and
       cancel_batch send WAIT after their write and raise ReplicationError when fewer replicas
       acknowledged it within wait_timeout (see docs/operations.md, failover).
+    signing_key: bytes or str (at least 16 bytes), or a list of them for rotation (the first
+      signs, every one verifies): every payload is HMAC-SHA256-signed at enqueue, and workers
+      dead-letter unread any task whose signature is missing or wrong (README, Security).
+    allowed_modules: module name prefixes ("myapp.tasks" covers it and its submodules, "tests."
+      every module under tests); a target elsewhere is refused at enqueue and dead-lettered,
+      never imported, in a worker. None: any module except coretask's deny-list.
+    allow_unsigned_pickle: let a non-JSON serializer run without signing_key (whoever can write
+      the Redis keys can then run code on the workers).
+    max_tasks_per_process / max_memory_per_process: worker recycling (manager processes only; an
+      embedded ``run()`` ignores them). A worker process that has taken max_tasks_per_process
+      tasks, or whose resident memory (RSS, in MiB: 1 = 1024 * 1024 bytes) exceeds
+      max_memory_per_process after a task, stops fetching, finishes its running tasks and exits
+      with code 4; the manager starts a fresh one at once (not counted as a crash). None = off.
     """
 
     redis: str = dataclasses.field(default_factory=lambda: os.environ.get("CORETASK_REDIS_URL", DEFAULT_REDIS))
@@ -95,6 +108,8 @@ class Options:
     use_cron_seconds: bool = False
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     tenant_concurrency: int | None = None
+    max_tasks_per_process: int | None = None
+    max_memory_per_process: int | None = None
     wait_replicas: int = 0
     wait_timeout: timedelta = DEFAULT_WAIT_TIMEOUT
     on_task_failed_delay: Callable[[TaskContext, int], timedelta | None] | None = None
@@ -105,6 +120,9 @@ class Options:
     resolver: Callable[[type], Any] = _default_resolver
     serializer: str | Serializer = "json"
     execute: Callable[[TaskContext], Any] | None = None
+    signing_key: bytes | str | Sequence[bytes | str] | None = None
+    allowed_modules: Sequence[str] | None = None
+    allow_unsigned_pickle: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.redis, str) or not re.match(r"^(redis|rediss|unix)://", self.redis):
@@ -127,8 +145,9 @@ class Options:
         for name, low in (("processes", 1), ("max_workers", 1), ("retries", 0), ("max_payload_bytes", 64),
                           ("wait_replicas", 0)):
             _check_int(name, getattr(self, name), low)
-        if self.tenant_concurrency is not None:
-            _check_int("tenant_concurrency", self.tenant_concurrency, 1)
+        for name in ("tenant_concurrency", "max_tasks_per_process", "max_memory_per_process"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
         for name in _DURATIONS:
             setattr(self, name, _duration(name, getattr(self, name)))
         for name in _CALLBACKS:
@@ -143,10 +162,16 @@ class Options:
                     f"got {self.serializer!r}")
         elif not all(hasattr(self.serializer, a) for a in ("name", "dumps", "loads")):
             raise ConfigurationError("Options.serializer object must have 'name', 'dumps' and 'loads'")
+        from .signing import check_allowed_modules, check_signing_keys
+        self.signing_key = check_signing_keys(self.signing_key)
+        self.allowed_modules = check_allowed_modules(self.allowed_modules)
+        if not isinstance(self.allow_unsigned_pickle, bool):
+            raise ConfigurationError(f"Options.allow_unsigned_pickle must be True or False, got {self.allow_unsigned_pickle!r}")
 
     def __repr__(self) -> str:  # the dataclass repr would show the password of the redis URL
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         shown["redis"] = _safe(self.redis)
+        shown["signing_key"] = "***" if self.signing_key else None   # nor the signing keys
         return f"Options({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     def replace(self, **changes: Any) -> Options:

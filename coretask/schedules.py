@@ -25,7 +25,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from .cron import CronSchedule
-from .encoding import Call, Serializer, TaskData, encode
+from .encoding import Call, Encoded, Serializer, TaskData
 from .errors import ConfigurationError
 from .models import ms_to_dt
 from .options import check_queue_name, check_tenant
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from .options import Options
+    from .signing import Signer
     from .store import Store
 
 __all__ = ["ScheduleData", "ScheduleInfo", "Schedules", "ScheduleTimer"]
@@ -128,6 +129,8 @@ class Schedules:
     options: Options
     _serializer: Serializer
     _as_call: Callable[..., Call | TaskData]
+    _encode: Callable[[Call | TaskData], Encoded]
+    _signer: Signer | None
     _retries: Callable[[int | None], int]
 
     def upsert_schedule(self, data: ScheduleData, fn: Callable[..., Any] | Call | TaskData,
@@ -149,14 +152,15 @@ class Schedules:
             msg = str(exc).replace("pass seconds=True", "set Options.use_cron_seconds=True")
             raise type(exc)(f"schedule {sid!r}: {msg}") from None
         expire_ms = _expire_ms(data.expire)
-        enc = encode(self._as_call(fn, args, kwargs), self._serializer, self.options.max_payload_bytes)
+        enc = self._encode(self._as_call(fn, args, kwargs))
+        sig = self._signer.sign_schedule(sid, data.tenant, data.queue, enc) if self._signer else ""
         k = self.store.keys
         now = int(self.store.run("schedule_due", [due_key(k.prefix), k.paused], [k.prefix, 0])[0])
         code, _ = self.store.run(
             "schedule_upsert", [schedule_key(k.prefix, sid), due_key(k.prefix), tenant_key(k.prefix, data.tenant)],
             [k.prefix, sid, data.tenant, data.queue, data.scope or "", sched.expression, data.timezone,
              "1" if seconds else "0", "1" if data.unique else "0", expire_ms, enc.payload, enc.serializer,
-             enc.target, self._retries(None), sched.next_after_ms(now)])
+             enc.target, self._retries(None), sched.next_after_ms(now), sig])
         if code == -1:
             raise ConfigurationError(f"schedule id {sid!r} belongs to another tenant; pick another id")
         log.debug("schedule %s %s: %s (%s) -> %s", sid, "created" if code == 1 else "replaced",

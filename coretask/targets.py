@@ -15,9 +15,46 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TargetError, TaskLoadError
+from .errors import TargetError, TaskLoadError, TaskRefused
 
-__all__ = ["reference_of", "Target", "resolve"]
+__all__ = ["reference_of", "Target", "resolve", "refusal", "DENIED_MODULES"]
+
+# Modules whose functions run code or commands, or load code from data (unpickling, importing,
+# evaluating strings). A target in one of them (or a submodule) is refused at enqueue, and in a
+# worker before its module is imported. A backstop, not a sandbox: Options.allowed_modules is
+# the allow-list that bounds what a worker imports, and Options.signing_key who may enqueue.
+DENIED_MODULES = frozenset({
+    "builtins", "os", "posix", "nt", "subprocess", "_posixsubprocess", "pty", "pipes",
+    "multiprocessing", "_winapi", "sys", "ctypes", "_ctypes", "importlib", "imp", "runpy",
+    "pickle", "_pickle", "marshal", "shelve", "dill", "cloudpickle", "code", "codeop",
+    "timeit", "profile", "cProfile", "pdb", "bdb", "trace", "doctest", "webbrowser", "pydoc",
+    "asyncio.subprocess", "logging.config", "site", "unittest", "idlelib", "zipimport",
+    "pip", "ensurepip", "venv", "distutils", "setuptools", "yaml", "_yaml", "jsonpickle", "joblib",
+})
+
+
+def _in(module: str, prefixes: frozenset[str] | tuple[str, ...]) -> bool:
+    """True when ``module`` is one of ``prefixes`` or below one of them ("a.b" covers "a.b.c";
+    a prefix ending in "." covers only the modules below it)."""
+    return any(module == p or module.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _denied(module: str) -> bool:
+    return _in(module, DENIED_MODULES)
+
+
+@functools.lru_cache(maxsize=8192)   # a pure function of two strings, asked on every enqueue
+def refusal(ref: str, allowed: tuple[str, ...] | None = None) -> str | None:
+    """Why the target string ``ref`` may not run (deny-list, Options.allowed_modules), or None.
+    Looks at the string only: nothing is imported."""
+    module = ref.partition(":")[0]
+    if _in(module, DENIED_MODULES):
+        return (f"target {ref} is refused: module {module} runs code or commands (coretask's deny-list, "
+                "see README, Security)")
+    if allowed is not None and not _in(module, allowed):
+        return f"target {ref} is refused: module {module} is not in Options.allowed_modules {list(allowed)}"
+    return None
 
 
 def reference_of(fn: Callable[..., Any]) -> str:
@@ -90,6 +127,8 @@ def _lookup(ref: str) -> Any:
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
+        if inspect.ismodule(obj):   # "mod:os.system" would reach past the module it names
+            raise TaskRefused(f"target {ref} is refused: {part} is a module, not something defined in {module_name}")
     return obj
 
 
@@ -112,12 +151,21 @@ class Target:
 
 
 @functools.lru_cache(maxsize=4096)
-def resolve(ref: str) -> Target:
-    """Import and inspect a reference once; raise TaskLoadError if it is gone."""
+def resolve(ref: str, allowed: tuple[str, ...] | None = None) -> Target:
+    """Import and inspect a reference once; raise TaskLoadError if it is gone, TaskRefused
+    (before importing anything) if the deny-list or the allow-list ``allowed`` refuses it."""
+    why = refusal(ref, allowed) or _qualname_refusal(ref)
+    if why:
+        raise TaskRefused(why)
     try:
         obj = _lookup(ref)
+    except TaskRefused:
+        raise
     except Exception as exc:
         raise TaskLoadError(f"target {ref} cannot be imported: {type(exc).__name__}: {exc}") from None
+    why = object_refusal(obj)
+    if why:
+        raise TaskRefused(f"target {ref} is refused: {why}")
     owner = None
     module_name, _, qualname = ref.partition(":")
     if "." in qualname:
@@ -129,6 +177,23 @@ def resolve(ref: str) -> Target:
     if not callable(obj):
         raise TaskLoadError(f"target {ref} is not callable")
     return describe(ref, obj, owner)
+
+
+def _qualname_refusal(ref: str) -> str | None:
+    """A reference names a callable defined in its module: no dunder attributes (``__globals__``,
+    ``__builtins__``...) on the way to it."""
+    if any(p.startswith("__") and p.endswith("__") for p in ref.partition(":")[2].split(".")):
+        return f"target {ref} is refused: it reaches through a dunder attribute"
+    return None
+
+
+def object_refusal(obj: Any) -> str | None:
+    """Why a resolved callable may not run: it is really a function of a denied module, re-exported
+    under another name (``from os import system`` in an allowed module)."""
+    real = getattr(obj, "__module__", None)
+    if isinstance(real, str) and _denied(real):
+        return f"it is {real}.{getattr(obj, '__qualname__', '?')}, in module {real} (coretask's deny-list)"
+    return None
 
 
 def describe(ref: str, obj: Callable[..., Any], owner: type | None = None) -> Target:

@@ -8,7 +8,8 @@
 --                              d due ms, st state (queued|delayed|running|dead|waiting),
 --                              w worker, ls lease start ms, on (continuations: success|complete),
 --                              et/em/etb error type/message/traceback, da dead-at ms,
---                              sch schedule id and sk tick ms (runs enqueued by a schedule)
+--                              sch schedule id and sk tick ms (runs enqueued by a schedule),
+--                              sg signature (Options.signing_key; see coretask/signing.py)
 --   P:q:<queue>:<tenant> list  ready task ids of one tenant in one queue (FIFO)
 --   P:ring:<queue>      list   tenants of the queue that have ready work, served in turn
 --   P:ringset:<queue>   set    the same tenants, for O(1) membership tests
@@ -56,16 +57,20 @@ end
 -- Put a task id on its tenant's ready list and make sure the tenant is in the queue's ring.
 -- front=true hands a task back to the head of the list (release without consuming a retry);
 -- state_set=true when the caller already wrote st=queued into the task hash.
+-- Returns true when the tenant joined the ring just now; while it stays in the ring, the
+-- one-time registrations (P:qt:<queue>, and the callers' P:queues / P:tenants) are known done.
 local function push_ready(P, queue, tenant, id, front, state_set)
   local list = P .. ':q:' .. queue .. ':' .. tenant
   if front then redis.call('LPUSH', list, id) else redis.call('RPUSH', list, id) end
   if not state_set then redis.call('HSET', P .. ':t:' .. id, 'st', 'queued') end
   redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', 1)
-  redis.call('SADD', P .. ':qt:' .. queue, tenant)
   if redis.call('SADD', P .. ':ringset:' .. queue, tenant) == 1 then
+    redis.call('SADD', P .. ':qt:' .. queue, tenant)
     redis.call('RPUSH', P .. ':ring:' .. queue, tenant)
     redis.call('PUBLISH', P .. ':ev', 'f:' .. queue)
+    return true
   end
+  return false
 end
 
 -- Schedule a task to become ready at due_ms.

@@ -21,9 +21,13 @@ for _ = 1, max do
       -- its staged hash expired before publication (over an hour): lost, counted failed
       settle_batch(P, batch, 'failed', 0, now)
     else
-      redis.call('SADD', P .. ':queues', f[1])
       local due = tonumber(f[3] or '0')
-      if due > now then push_delayed(P, f[1], id, due) else push_ready(P, f[1], f[2], id, false) end
+      if due > now then
+        redis.call('SADD', P .. ':queues', f[1])
+        push_delayed(P, f[1], id, due)
+      elseif push_ready(P, f[1], f[2], id, false) then
+        redis.call('SADD', P .. ':queues', f[1])   -- registered once per tenant joining the ring
+      end
     end
   end
 end

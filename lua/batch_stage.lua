@@ -6,14 +6,14 @@
 --          continuation ids        KEYS[3] P:queues (not written here: a staged batch that is
 --          aborted must leave nothing behind; publish and commit register the queues)
 -- ARGV[1]  P   ARGV[2] ttl ms of the staged data   ARGV[3] batch id
--- ARGV[4..] groups of 9: id, queue, tenant, payload, serializer, target, retries,
+-- ARGV[4..] groups of 10: id, queue, tenant, payload, serializer, target, retries,
 --           due ms (0 = ready at once), continuation condition ("" for a task of the batch,
---           else "success" | "complete")
+--           else "success" | "complete"), signature (field sg, "" = unsigned)
 -- Reply: number of entries staged.
 local P, ttl, batch = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
 local n = 0
-for i = 4, #ARGV, 9 do
+for i = 4, #ARGV, 10 do
   local tkey = P .. ':t:' .. ARGV[i]
   redis.call('HSET', tkey, 'q', ARGV[i+1], 'tn', ARGV[i+2], 'p', ARGV[i+3], 's', ARGV[i+4],
              'tg', ARGV[i+5], 'r', ARGV[i+6], 'a', 0, 'd', ARGV[i+7], 'e', now, 'st', 'staged')
@@ -24,6 +24,7 @@ for i = 4, #ARGV, 9 do
     redis.call('HSET', tkey, 'on', ARGV[i+8], 'cb', batch)
     redis.call('RPUSH', KEYS[2], ARGV[i])
   end
+  if ARGV[i+9] ~= '' then redis.call('HSET', tkey, 'sg', ARGV[i+9]) end
   redis.call('PEXPIRE', tkey, ttl)
   n = n + 1
 end

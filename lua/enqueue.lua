@@ -10,18 +10,24 @@
 -- ARGV[7]  target      "module:qualname" or a description, for introspection and allow-lists
 -- ARGV[8]  retries     retries allowed after the first attempt
 -- ARGV[9]  delay_until epoch ms, 0 = ready now
+-- ARGV[10] signature   field sg ("" or absent = unsigned; see coretask/signing.py)
 -- Reply: {code, due_ms}; code 1 = ready, 2 = delayed, -1 = the id already exists.
 local P, id, queue, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 if redis.call('EXISTS', KEYS[1]) == 1 then return {-1, 0} end
 local now = now_ms()
 redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6], 'tg', ARGV[7],
            'r', ARGV[8], 'a', 0, 'e', now, 'st', 'queued')
-redis.call('SADD', KEYS[2], queue)
-redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
+if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'sg', ARGV[10]) end
 local due = tonumber(ARGV[9])
 if due > now then
+  redis.call('SADD', KEYS[2], queue)
+  redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
   push_delayed(P, queue, id, due)
   return {2, due}
 end
-push_ready(P, queue, tenant, id, false, true)
+if push_ready(P, queue, tenant, id, false, true) then
+  -- first task of this tenant in the ring: register queue and tenant (idempotent, rarely run)
+  redis.call('SADD', KEYS[2], queue)
+  redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
+end
 return {1, now}

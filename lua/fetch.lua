@@ -11,10 +11,12 @@
 -- ARGV[6..] queue names in priority order
 -- Reply: {paused (0|1), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
 --   500 tasks of canceled batches, so the caller calls again at once), now_ms, task...} where each task is a flat
---   run of 11 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
+--   run of 12 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
 --   batch (for a continuation: the batch it continues), retries left, enqueued ms, and the
 --   batch's fields (HGETALL, flat) as a nested array, sent with the first task of each batch
---   in the reply only (empty for the others, and for tasks without a batch).
+--   in the reply only (empty for the others, and for tasks without a batch); then, 12th, a
+--   nested array {signature (field sg), tenant field tn of the task hash} ("" when absent),
+--   which the worker checks before it reads the task (coretask/signing.py).
 local P, worker = ARGV[1], ARGV[2]
 local want, lease_ms, deflim = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()
@@ -100,7 +102,7 @@ for qi = 6, #ARGV do
         for _, id in ipairs(ids or {}) do
           per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
           local tkey = P .. ':t:' .. id
-          local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb')
+          local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn')
           if f[1] then
             local be = nil
             if f[4] and f[4] ~= '' then be = batch_entry(f[4]) end
@@ -126,7 +128,7 @@ for qi = 6, #ARGV do
               local n = #out
               out[n+1] = id; out[n+2] = attempt; out[n+3] = f[1]; out[n+4] = f[2]; out[n+5] = f[3]
               out[n+6] = queue; out[n+7] = tenant; out[n+8] = shown or ''; out[n+9] = f[5]
-              out[n+10] = f[6]; out[n+11] = binfo
+              out[n+10] = f[6]; out[n+11] = binfo; out[n+12] = {f[8] or '', f[9] or ''}
               got = got + 1
             end
           end

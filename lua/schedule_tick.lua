@@ -26,11 +26,14 @@ if mode == 'trigger' and ARGV[8] and ARGV[8] ~= '' and redis.call('HGET', KEYS[2
   return {-2, now, score()}
 end
 
--- The run: a task hash as enqueue.lua writes it, plus the schedule id (sch) and tick (sk).
+-- The run: a task hash as enqueue.lua writes it, plus the schedule id (sch) and tick (sk). The
+-- schedule's signature (sg, "s1:...", naming the schedule) goes with it: workers verify the run
+-- against the schedule it names (coretask/signing.py).
 local function enqueue(tick)
-  local s = redis.call('HMGET', KEYS[2], 'q', 'tn', 'p', 's', 'tg', 'r')
+  local s = redis.call('HMGET', KEYS[2], 'q', 'tn', 'p', 's', 'tg', 'r', 'sg')
   redis.call('HSET', KEYS[4], 'q', s[1], 'tn', s[2], 'p', s[3], 's', s[4], 'tg', s[5], 'r', s[6],
              'a', 0, 'e', now, 'sch', id, 'sk', tick)
+  if s[7] then redis.call('HSET', KEYS[4], 'sg', s[7]) end
   redis.call('SADD', KEYS[5], s[1])
   push_ready(P, s[1], s[2], tid, false)
   redis.call('HSET', KEYS[2], 'lt', tid, 'lr', now)

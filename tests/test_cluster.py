@@ -22,7 +22,15 @@ from redis.cluster import ClusterPubSub
 from coretask import ConfigurationError, Options, ReplicationError, TaskProcessor
 from coretask.servers import RedisCluster, find_server_binary
 from tests.conftest import FAST
-from tests.tasks_servers import Manager, exercise, note, note_slow, read_notes, wait_until
+from tests.tasks_servers import (
+    Manager,
+    exercise,
+    note,
+    note_slow,
+    read_notes,
+    wait_for_cancel,
+    wait_until,
+)
 
 # An idle worker of these tests polls only every 5 s: a task that starts sooner was woken by
 # pub/sub. (FAST's 0.5 s would hide a lost event.)
@@ -156,13 +164,37 @@ def test_idle_worker_subscribed_through_another_node_is_woken_promptly(
     latencies = []
     for i in range(3):
         # idle: nothing in flight, and the loop's next poll is up to 5 s away
-        wait_until(lambda: producer.get_queue("default").in_flight == 0 if i else True)
+        if i:
+            wait_until(lambda: producer.get_queue("default").in_flight == 0)
         sent = time.time()
         producer.enqueue_task("default", "acme", note, path, f"t{i}")
-        started = wait_until(lambda: read_notes(path).get(f"t{i}"), 5, f"task t{i} to start")
+        started = wait_until(lambda v=f"t{i}": read_notes(path).get(v), 5, f"task t{i} to start")
         latencies.append(started - sent)
     # typically 1-30 ms; without the event each would take up to base_frequency (5 s)
     assert sorted(latencies)[1] < 0.2 and max(latencies) < 1.0, latencies
+
+    # cancel: the running task of a canceled batch is aborted (it would otherwise wait 20 s)
+    bid = producer.enqueue_batch("default", "acme", lambda b: b.enqueue(wait_for_cancel, path, "c"))
+    wait_until(lambda: "c" in read_notes(path), 5, "the task to cancel")
+    assert producer.cancel_batch(bid)
+    wait_until(lambda: "c:left" in read_notes(path), 3, "the canceled task to be aborted")
+    # pause with requeue: the running task is aborted and handed back, and runs after resume
+    pb = producer.enqueue_batch("default", "acme", lambda b: b.enqueue(wait_for_cancel, path, "p"))
+    wait_until(lambda: "p" in read_notes(path), 5, "the task to requeue")
+    producer.pause(requeue_running=True)
+    wait_until(lambda: "p:left" in read_notes(path), 3, "the running task to be handed back")
+    wait_until(lambda: producer.get_queue("default").queued == 1, 3, "the task back in its queue")
+    producer.resume()
+    wait_until(lambda: _count(path, "p") == 2, 3, "the handed-back task to run again")
+    assert producer.cancel_batch(pb)         # (so that the worker stops without waiting for it)
+    wait_until(lambda: _count(path, "p:left") == 2, 3, "the task to end")
+
+
+def _count(path: str, value: str) -> int:
+    try:
+        return sum(1 for line in Path(path).read_text().splitlines() if line.split(" ")[0] == value)
+    except FileNotFoundError:
+        return 0
 
 
 # ---------------------------------------------------------------------------------- failover

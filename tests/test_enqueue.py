@@ -308,7 +308,7 @@ def test_coroutine_function_runs_to_completion(processor, embedded_worker, r, pr
 
 def test_dill_carries_a_lambda_and_a_closure(make_processor, embedded_worker, r, prefix):
     key = prefix + ":out"
-    p = make_processor(serializer="dill")
+    p = make_processor(serializer="dill", allow_unsigned_pickle=True)
     factor = 7
     seen = {"n": 6}
 
@@ -357,7 +357,7 @@ class MarkedPickle:
 def test_custom_serializer_round_trips(make_processor, embedded_worker, r, prefix):
     key = prefix + ":out"
     ser = MarkedPickle()
-    p = make_processor(serializer=ser)
+    p = make_processor(serializer=ser, allow_unsigned_pickle=True)
     # Given a value JSON could not carry, written by the user serializer
     tid = p.enqueue_task("default", "acme", tasks.record, key, value=(1, frozenset({2})))
     assert ser.dumped == 1

@@ -15,7 +15,7 @@ from coretask import LeaseLost, TaskContext, TaskProcessor
 from tests import tasks, tasks_extra
 from tests.conftest import wait_until
 
-FIELDS = 11
+FIELDS = 12
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -30,7 +30,7 @@ def fetch_as(p: TaskProcessor, worker: str, n: int = 1, lease_ms: int | None = N
                                   k.tlim], [k.prefix, worker, n, lease_ms, 0, *(queues or p.options.queues)])
     got = []
     for i in range(3, len(reply), FIELDS):
-        tid, attempt, payload, ser, target, queue, tenant, batch, retries, enqueued, _ = reply[i:i + FIELDS]
+        tid, attempt, payload, ser, target, queue, tenant, batch, retries, enqueued, _, _ = reply[i:i + FIELDS]
         got.append(dict(id=tid.decode(), token=str(attempt), target=target.decode(), queue=queue.decode(),
                         tenant=tenant.decode(), retries_left=int(retries), now_ms=int(reply[2])))
     return reply[:3], got

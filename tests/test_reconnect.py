@@ -183,11 +183,11 @@ def test_pubsub_connection_killed_is_reconnected_and_resubscribed(
             # rounds 1 and 3 enqueue at once, while the subscription is (probably) not back yet:
             # the worker must re-read the state when it resubscribes; round 2 waits for it first
             if round_ == 2:
-                previous = wait_until(lambda: (s := subscriber()) and s != previous and s, 10,
+                previous = wait_until(lambda old=previous: (s := subscriber()) and s != old and s, 10,
                                       "a new subscription after CLIENT KILL")
             sent = time.time()
             producer.enqueue_task("default", "acme", note, path, f"t{round_}")
-            started = wait_until(lambda: read_notes(path).get(f"t{round_}"), 6, f"task t{round_}")
+            started = wait_until(lambda v=f"t{round_}": read_notes(path).get(v), 6, f"task t{round_}")
             assert started - sent < 1.0, started - sent     # woken by the event, not the 5 s poll
             previous = wait_until(subscriber, 10, "the subscription")
     finally:
@@ -221,3 +221,17 @@ def test_wait_replicas_with_a_master_and_a_replica(start_server: Callable[..., R
         p2.enqueue_batch("default", "acme", lambda b: b.enqueue(note, path, "c"))
     assert info.value.batch_id is not None
     assert p2.get_queue("default").queued == 3        # the master kept every write
+
+
+def test_wait_options_are_validated() -> None:
+    from datetime import timedelta
+
+    from coretask import ConfigurationError
+
+    o = Options(redis="redis://127.0.0.1:1/0")
+    assert (o.wait_replicas, o.wait_timeout) == (0, timedelta(seconds=1))
+    assert Options(redis="redis://127.0.0.1:1/0", wait_replicas=2, wait_timeout=0.5).wait_timeout == timedelta(seconds=0.5)
+    for bad in (dict(wait_replicas=-1), dict(wait_replicas=True), dict(wait_replicas=1.5),
+                dict(wait_timeout=0), dict(wait_timeout=-1)):
+        with pytest.raises(ConfigurationError, match="wait_"):
+            Options(redis="redis://127.0.0.1:1/0", **bad)

@@ -23,7 +23,7 @@ def _hits(paths: list[Path], pattern: str) -> list[str]:
     found = []
     for path in paths:
         for n, line in enumerate(path.read_text().splitlines(), 1):
-            if re.search(pattern, line, re.I):
+            if re.search(pattern, line, re.IGNORECASE):
                 where = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
                 found.append(f"{where}:{n}: {line.strip()}")
     return found

@@ -23,7 +23,7 @@ from tests import tasks
 from tests import tasks_tenancy as tt
 from tests.conftest import FAST, ROOT, wait_until
 
-FIELDS = 11          # values per task in the fetch reply
+FIELDS = 12          # values per task in the fetch reply
 HOUR = timedelta(hours=1)
 FAR = "0 0 1 1 *"    # a cron schedule that never ticks during a test
 

@@ -19,7 +19,14 @@ import redis.commands.core
 from coretask import Options, TaskProcessor
 from coretask.servers import RedisServer, find_server_binary
 from tests.conftest import FAST, ROOT
-from tests.tasks_servers import Manager, exercise, make_certificates, note, read_notes, wait_until
+from tests.tasks_servers import (
+    Manager,
+    exercise,
+    make_certificates,
+    note,
+    read_notes,
+    wait_until,
+)
 
 OPERATIONS = ROOT / "docs" / "operations.md"
 DOC_PREFIX, DOC_PASSWORD = "{coretask}", "CHANGE-ME"
@@ -30,7 +37,7 @@ def acl_rules(prefix: str, password: str, cluster: bool = False) -> list[str]:
     """The ACL SETUSER line of docs/operations.md, for ``prefix`` and ``password``: the rules
     after the user name."""
     text = OPERATIONS.read_text()
-    block = re.search(r"<!-- acl-line.*?-->\s*```\s*\n(ACL SETUSER .*?)\n```", text, re.S)
+    block = re.search(r"<!-- acl-line.*?-->\s*```\s*\n(ACL SETUSER .*?)\n```", text, re.DOTALL)
     assert block, "docs/operations.md lost its ACL line"
     words = block.group(1).split()
     assert words[:3] == ["ACL", "SETUSER", "coretask"]

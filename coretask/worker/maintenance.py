@@ -1,7 +1,8 @@
 """Maintenance: the timers of a worker process, each one atomic Lua and safe to run from every
 process at once: expired-lease recovery, lease renewal (embedded mode), retention cleanup,
-unfinished batch publications, on_batch_end hooks, the cancel_grace watch on aborts, and cron
-schedule ticks (armed for the earliest due tick, not polled)."""
+unfinished batch publications, on_batch_end hooks, the cancel_grace watch on aborts, the hand-back
+of tasks leased to this process by a fetch whose reply it never received, and cron schedule
+ticks (armed for the earliest due tick, not polled)."""
 from __future__ import annotations
 
 import logging
@@ -31,6 +32,7 @@ class Maintenance:
             "expired": o.pushback_frequency.total_seconds(),
             "cleanup": o.cleanup_frequency.total_seconds(),
             "publish": o.pushback_frequency.total_seconds(),
+            "unreceived": o.pushback_frequency.total_seconds(),
         }
         if o.on_batch_end is not None:
             # polled only where the hook exists: without it, nothing would wake an idle loop every
@@ -67,6 +69,7 @@ class Maintenance:
     # ------------------------------------------------------------------------ Redis errors
 
     def backoff(self, stop: threading.Event) -> None:
+        self.due["unreceived"] = 0.0    # a fetch may have run without its reply reaching us
         stop.wait(self._delay)
         self._delay = min(self._delay * 2, 5.0)
 
@@ -87,6 +90,40 @@ class Maintenance:
                 log.warning("recovered expired leases: requeued=%d buried=%d canceled=%d", *res)
             if sum(res) < EXPIRED_PER_CALL:
                 return
+
+    def _unreceived(self) -> None:
+        """Hand back the tasks leased to this process that it never received. A fetch whose reply
+        is lost (the connection reset after Redis ran the script, or a request held by a broken
+        link delivered after the client gave up) leases tasks that no thread here runs, and this
+        live process's renewals would keep them leased forever. Runs in the loop thread between
+        round trips, so every task this process knows of is running or has an acknowledgement
+        queued; the others are released (no retry consumed: they never started here). The
+        release presents the token read with the owner, so a task meanwhile recovered and leased
+        elsewhere is left alone."""
+        w = self.w
+        store, k = w.store, w.store.keys
+        leased = store.redis.smembers(k.worker(w.id))
+        if not leased:
+            return
+        with w.lock:
+            known = set(w.running)
+            known.update(w.acks[0::4])
+            known.update(f[0] for f in w.fails)
+            known.update(w.releases[0::2])
+        unknown = [m.decode() for m in leased if m.decode() not in known]
+        if not unknown:
+            return
+        pipe = store.redis.pipeline(transaction=False)
+        for tid in unknown:
+            pipe.hmget(k.task(tid), "a", "st", "w")
+        pairs: list[str] = []
+        for tid, (token, state, owner) in zip(unknown, pipe.execute()):
+            if state == b"running" and owner == w.id.encode() and token is not None:
+                pairs += [tid, token.decode()]
+        if pairs:
+            n = store.run("release", [k.leases], [k.prefix, w.id, *pairs])
+            log.warning("worker %s: %d tasks were leased to this process by a fetch whose reply was lost; "
+                        "handed %d back", w.id, len(pairs) // 2, n)
 
     def _renew(self) -> None:
         k = self.w.store.keys

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..appload import load_processor, with_overrides
+from ..signing import TaskGuard
 from .process import WorkerProcess, new_worker_id
 
 log = logging.getLogger(__name__)
 
 POLL = 0.1
 FORCED_EXIT = 3   # exit code of a child that ended itself for a stuck task
+RECYCLE = 4       # exit code of a child that reached max_tasks/max_memory_per_process (not a crash)
 SIGNAL_DEBOUNCE = 2.0
 QUICK_DEATH = 5.0          # seconds: a child dying sooner counts towards backoff
 QUICK_DEATHS_FREE = 5     # restarts without delay before the backoff starts
@@ -59,7 +61,8 @@ def child_main(app: str, overrides: dict[str, Any], worker_id: str, log_level: i
         return
     processor = with_overrides(load_processor(app), **overrides)
     stop = threading.Event()
-    worker = WorkerProcess(processor, worker_id=worker_id, on_exit_request=lambda: os._exit(FORCED_EXIT))
+    worker = WorkerProcess(processor, worker_id=worker_id, on_exit_request=lambda: os._exit(FORCED_EXIT),
+                           recycle=True)
 
     first_signal = [0.0]
 
@@ -87,6 +90,8 @@ def child_main(app: str, overrides: dict[str, Any], worker_id: str, log_level: i
 
     threading.Thread(target=watch_parent, daemon=True).start()
     worker.run(stop)
+    if worker.recycle_reason is not None:
+        sys.exit(RECYCLE)           # every task done and acknowledged: the manager starts a fresh one
 
 
 def _die_with_parent() -> None:
@@ -106,6 +111,7 @@ class Manager:
                           if v is not None}
         self.processor = with_overrides(load_processor(app), **self.overrides)
         self.options = self.processor.options
+        TaskGuard(self.options)   # ConfigurationError before any child starts (unsigned pickle)
         self.store = self.processor.store
         self.log_level = log_level
         self.children: list[Child] = []
@@ -134,15 +140,24 @@ class Manager:
             for i, child in enumerate(self.children):
                 if not child.process.is_alive() and not self.stopping:
                     if not child.recovered:
+                        # a recycled child left nothing leased; should it have (ghost leases, or
+                        # a task that called os._exit(4)), its tasks count as after a crash
+                        recycled = child.process.exitcode == RECYCLE
+                        if recycled:
+                            log.info("manager: worker process %d recycled; starting a new one", child.process.pid)
                         self._recover(child, consume_retry=True)
                         child.recovered = True
                         # a child that dies right after starting (a broken app, say) is restarted
                         # with capped exponential backoff instead of in a tight loop
-                        quick = time.monotonic() - child.started < QUICK_DEATH
+                        quick = not recycled and time.monotonic() - child.started < QUICK_DEATH
                         child.failures = child.failures + 1 if quick else 0
                         backoff = child.failures - QUICK_DEATHS_FREE
                         child.restart_at = time.monotonic() + (
                             min(RESTART_BACKOFF * 2 ** backoff, RESTART_BACKOFF_MAX) if backoff >= 0 else 0)
+                        if backoff >= 0:
+                            log.warning("manager: %d worker processes in a row died within %gs of starting; "
+                                        "restart backoff %.2fs", child.failures, QUICK_DEATH,
+                                        child.restart_at - time.monotonic())
                     if time.monotonic() >= child.restart_at:
                         new = self._spawn()
                         new.failures = child.failures
@@ -180,7 +195,7 @@ class Manager:
         code = child.process.exitcode
         k = self.store.keys
         reason = f"worker process {child.process.pid} died (exit code {code}) while running the task"
-        if consume_retry and code != FORCED_EXIT:
+        if consume_retry and code not in (FORCED_EXIT, RECYCLE):
             log.error("manager: %s; recovering its tasks and starting a new one", reason.replace(" while running the task", ""))
         try:
             res = self.store.run("recover", [k.leases],

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..context import TaskContext
 from ..encoding import serializer_for
+from ..signing import TaskGuard
 from .control import Control
 from .maintenance import Maintenance
 from .runner import Runner, format_error
@@ -29,8 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FIELDS = 11  # values per task in the fetch reply
+FIELDS = 12  # values per task in the fetch reply
 COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
+MIB = 1024 * 1024
 
 
 @dataclasses.dataclass(eq=False)
@@ -47,6 +49,8 @@ class Fetched:
     ctx: TaskContext
     runner: Runner | None = None
     abort_reason: str | None = None   # "canceled" | "requeue" | "shutdown" once aborted
+    signature: str = ""               # field sg, and the task hash's tenant field: checked by
+    stored_tenant: str | None = None  # coretask.signing.TaskGuard before the task is read
 
 
 def new_worker_id() -> str:
@@ -55,11 +59,12 @@ def new_worker_id() -> str:
 
 class WorkerProcess:
     def __init__(self, processor: TaskProcessor, *, worker_id: str | None = None,
-                 renew_own_leases: bool = False, on_exit_request: Any = None) -> None:
+                 renew_own_leases: bool = False, on_exit_request: Any = None, recycle: bool = False) -> None:
         self.processor = processor
         self.options = processor.options
         self.store = processor.store
         self.serializer = serializer_for(self.options.serializer)
+        self.guard = TaskGuard(self.options)   # refuses an unsigned pickle setup; checks every task
         self.id = worker_id or new_worker_id()
         self.threads = self.options.max_workers
         self.inbox: queue.SimpleQueue[Fetched | None] = queue.SimpleQueue()
@@ -76,6 +81,11 @@ class WorkerProcess:
         self.maintenance = Maintenance(self)
         self.runners = [Runner(self) for _ in range(self.threads)]
         self.tasks_done = 0
+        self.recycle = recycle              # apply max_tasks/max_memory_per_process (manager children)
+        self.recycle_reason: str | None = None   # set once a limit is reached: the process then ends
+        self.tasks_taken = 0                # tasks fetched by this process
+        self._rss_done = 0                  # tasks_done at the last RSS reading (~20 us each)
+        self._psutil: Any = None
 
     # --------------------------------------------------------------------------- the loop
 
@@ -98,6 +108,8 @@ class WorkerProcess:
             while not stop.is_set():
                 self.wake.clear()
                 free = 0 if self.quiet else self.threads - len(self.running)
+                if self.recycle:
+                    free = self._recycle_free(free)
                 calls = self._drain_acks()
                 calls.append(("fetch", fetch_keys, [k.prefix, self.id, free, lease_ms, deflim, *fetch_args_tail[0]]))
                 try:
@@ -111,6 +123,8 @@ class WorkerProcess:
                 self.maintenance.connected()
                 reply = results[-1]
                 got = self._dispatch(reply)
+                if self.recycle_reason is not None and self._drained():
+                    break                         # recycling: every task done and acknowledged
                 timeout = self.maintenance.tick()
                 if got and got == free:
                     continue                      # there may be more: fetch again as threads free up
@@ -123,6 +137,39 @@ class WorkerProcess:
                     time.sleep(COALESCE)
         finally:
             self._shutdown(threads)
+
+    def _recycle_free(self, free: int) -> int:
+        """Worker recycling: how many tasks this turn may fetch under max_tasks_per_process, and
+        the switch to quiet once a limit is reached (the loop ends when all is acknowledged)."""
+        o = self.options
+        if self.recycle_reason is None:
+            if o.max_tasks_per_process is not None and self.tasks_taken >= o.max_tasks_per_process:
+                self._start_recycling(f"it took {self.tasks_taken} tasks "
+                                      f"(max_tasks_per_process={o.max_tasks_per_process})")
+            elif o.max_memory_per_process is not None and self.tasks_done != self._rss_done:
+                self._rss_done = self.tasks_done            # read after every turn in which a task ended
+                if self._psutil is None:
+                    import psutil
+                    self._psutil = psutil.Process()
+                rss = self._psutil.memory_info().rss
+                if rss > o.max_memory_per_process * MIB:
+                    self._start_recycling(f"its RSS is {rss / MIB:.0f} MiB "
+                                          f"(max_memory_per_process={o.max_memory_per_process} MiB)")
+        if self.recycle_reason is not None:
+            return 0
+        if o.max_tasks_per_process is not None:
+            free = min(free, o.max_tasks_per_process - self.tasks_taken)
+        return free
+
+    def _start_recycling(self, reason: str) -> None:
+        log.info("worker %s: recycling after %d tasks: %s; finishing %d running tasks, then exiting",
+                 self.id, self.tasks_done, reason, len(self.running))
+        self.recycle_reason = reason
+        self.quiet = True
+
+    def _drained(self) -> bool:
+        with self.lock:
+            return not (self.running or self.acks or self.fails or self.releases)
 
     def _busy(self) -> bool:
         return len(self.running) > self.threads * 3 // 4 and not self.quiet
@@ -158,7 +205,7 @@ class WorkerProcess:
         store = self.store
         batch_fields: dict[str, list[bytes]] = {}     # sent once per batch per reply
         for i in range(3, len(reply), FIELDS):
-            (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo) = reply[i:i + FIELDS]
+            (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo, seal) = reply[i:i + FIELDS]
             tid_s = tid.decode()
             batch_s = batch.decode() or None
             if binfo:
@@ -167,11 +214,12 @@ class WorkerProcess:
                               attempt=int(attempt), retries_left=int(retries), enqueued_ms=enqueued,
                               batch_id=batch_s, batch_fields=batch_fields.get(batch_s) if batch_s else None, store=store)
             task = Fetched(tid_s, str(attempt), payload, ser.decode(), ctx.target, ctx.queue, ctx.tenant,
-                           batch_s, ctx.retries_left, ctx)
+                           batch_s, ctx.retries_left, ctx, signature=seal[0].decode(), stored_tenant=seal[1].decode())
             with self.lock:
                 self.running[tid_s] = task
             self.inbox.put(task)
             n += 1
+        self.tasks_taken += n
         return n
 
     # ---------------------------------------------------------------- called by pool threads

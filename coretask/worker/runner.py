@@ -120,13 +120,14 @@ class Runner:
 
     def _load(self, task: Fetched) -> Any:
         w = self.worker
+        w.guard.check(task)   # signature, tenant, target policy: before anything is decoded or imported
         if task.serializer == "raw":
             if w.options.execute is None:
                 raise TaskLoadError(f"task {task.id} is a TaskData (topic {task.target[6:]!r}) but "
                                     "Options.execute is not set")
             task.ctx.topic, task.ctx.data = task.target[6:], task.payload
             return None
-        return decode(task.payload, task.serializer, w.serializer)
+        return decode(task.payload, task.serializer, w.serializer, w.options.allowed_modules)  # type: ignore[arg-type]
 
     def _body(self, task: Fetched, inv: Any) -> BaseException | None:
         """Run the task body; returns the exception it raised, or None."""
@@ -180,4 +181,8 @@ def _hook(fn: Callable[..., Any] | None, *args: Any) -> Any:
 
 def format_error(exc: BaseException) -> tuple[str, str, str]:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return type(exc).__name__, str(exc)[:2000], tb[-8000:]
+    try:
+        message = str(exc)
+    except Exception:   # a failing __str__ must not keep the failure from being recorded
+        message = f"<unprintable {type(exc).__name__} object>"
+    return type(exc).__name__, message[:2000], tb[-8000:]
