@@ -139,8 +139,13 @@ class Store:
                 return self.redis.evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:
                 log.debug("script %s not loaded on %s; loading it", name, self.url)
-                self._load(script, keys)
-                return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+                for attempt in range(3):    # a SCRIPT FLUSH may land between the load and the call
+                    self._load(script, keys)
+                    try:
+                        return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+                    except NoScriptError:
+                        if attempt == 2:
+                            raise
         except ResponseError as exc:
             raise _translate(name, exc) from exc
 

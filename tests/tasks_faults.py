@@ -112,7 +112,7 @@ class Unprintable(Exception):
 
 class NotAString(Exception):
     def __str__(self) -> Any:      # str() raises TypeError: __str__ returned non-string
-        return 42
+        return 42  # noqa: PLE0307  (on purpose)
 
 
 def raise_unprintable(key: str, kind: str) -> None:

@@ -231,6 +231,8 @@ def test_failover_producers_and_workers_recover(request: pytest.FixtureRequest, 
                     assert time.monotonic() - killed < 15, f"producer not recovered: {errors[-5:]}"
                     time.sleep(0.1)
             recovered = time.monotonic() - killed
+            print(f"failover: the producer recovered {recovered:.1f}s after the kill ({len(errors)} errors: "
+                  f"{sorted(set(errors))})")
             # (the node master_for_key asks may learn of the promotion a moment later)
             wait_until(lambda: cl.master_for_key(prefix + ":queues").port != owner.port, 5,
                        "every node to see the promoted replica")
@@ -241,6 +243,7 @@ def test_failover_producers_and_workers_recover(request: pytest.FixtureRequest, 
             wait_until(lambda: expected <= read_notes(path).keys(), max(15 - (time.monotonic() - killed), 3),
                        f"every task to run (recovery took {recovered:.1f}s; manager log:\n{manager.log()[-3000:]})")
             assert manager.proc.poll() is None
+            print(f"failover: every task ran {time.monotonic() - killed:.1f}s after the kill")
 
             # the promoted master has no replica now: WAIT cannot be satisfied ...
             with pytest.raises(ReplicationError) as info:

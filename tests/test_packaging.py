@@ -29,14 +29,15 @@ def test_wheel_installs_and_runs_a_task_outside_the_checkout(tmp_path: Path, ser
     subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True)
     work = tmp_path / "elsewhere"
     work.mkdir()
-    (work / "jobs.py").write_text(textwrap.dedent("""
-        import redis, sys
+    (work / "jobs.py").write_text(textwrap.dedent(f"""
+        import redis, redis.cluster
         def add(url: str, a: int, b: int) -> None:
-            redis.Redis.from_url(url).set("wheel-test-result", a + b)
+            client = (redis.cluster.RedisCluster if {server.cluster!r} else redis.Redis).from_url(url)
+            client.set("wheel-test-result", a + b)
     """))
     (work / "main.py").write_text(textwrap.dedent(f"""
         import threading, time, sys
-        import redis, coretask, jobs
+        import redis, redis.cluster, coretask, jobs
         assert "site-packages" in coretask.__file__, coretask.__file__
         url = {server.url!r}
         p = coretask.TaskProcessor(coretask.Options(redis=url, cluster={server.cluster!r}, prefix="{{wheel-test}}"))
