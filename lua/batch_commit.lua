@@ -1,8 +1,4 @@
--- batch_commit.lua: make a staged batch (or an append to one) real, in one O(continuations)
--- step. The staged task list is renamed into a publication list; batch_publish then moves the
--- tasks to their queues in bounded chunks, run by the producer and, should it die, by any
--- worker's maintenance loop (P:publishing). From this script on every staged task is counted
--- in the batch, so total == done + failed + canceled + remaining holds throughout.
+-- batch_commit.lua: make a staged batch (or an append to one) real, in one O(continuations) step.
 -- KEYS[1]  P:b:<batch>            KEYS[2] P:b:<batch>:s:<stage>   KEYS[3] P:b:<batch>:c:<stage>
 -- KEYS[4]  P:b:<batch>:p:<stage>  KEYS[5] P:publishing            KEYS[6] P:batches:<tenant>
 -- KEYS[7]  P:b:<batch>:cont
@@ -11,6 +7,11 @@
 --          excluded)   ARGV[9] continuations staged
 -- Reply: 1 = committed, 0 = append refused (unknown batch, other tenant's, or canceled),
 --        -1 = staged data incomplete (expired before commit): nothing was committed.
+--
+-- The staged task list is renamed into a publication list; batch_publish then moves the
+-- tasks to their queues in bounded chunks, run by the producer and, should it die, by any
+-- worker's maintenance loop (P:publishing). From this script on every staged task is counted
+-- in the batch, so total == done + failed + canceled + remaining holds throughout.
 local P, batch, stage, tenant, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[7]
 local ntasks, nconts = tonumber(ARGV[8]), tonumber(ARGV[9])
 if redis.call('LLEN', KEYS[2]) ~= ntasks or redis.call('LLEN', KEYS[3]) ~= nconts then return -1 end

@@ -1,9 +1,4 @@
 -- fetch.lua: promote due delayed tasks, then lease up to N ready tasks to one worker.
--- Queues are tried in the order given (first non-empty wins); inside a queue, tenants are
--- served in turn from the queue's ring (O(1) per task). Counters are updated once per call,
--- aggregated, and a batch's hash is read once per call, not once per task. Paused state, paused queues, paused
--- tenants and tenant concurrency limits are all checked here, so no worker anywhere can take a
--- task that a pause or a limit forbids, whatever happened to pub/sub.
 -- KEYS[1]  P:paused     KEYS[2] P:pausedq    KEYS[3] P:pausedt    KEYS[4] P:delayed
 -- KEYS[5]  P:leases     KEYS[6] P:w:<worker> KEYS[7] P:trun       KEYS[8] P:tlim
 -- ARGV[1]  P            ARGV[2] worker id    ARGV[3] max tasks to lease (0 = only promote)
@@ -17,6 +12,12 @@
 --   in the reply only (empty for the others, and for tasks without a batch); then, 12th, a
 --   nested array {signature (field sg), tenant field tn of the task hash} ("" when absent),
 --   which the worker checks before it reads the task (coretask/signing.py).
+--
+-- Queues are tried in the order given (first non-empty wins); inside a queue, tenants are
+-- served in turn from the queue's ring (O(1) per task). Counters are updated once per call,
+-- aggregated, and a batch's hash is read once per call, not once per task. Paused state, paused queues, paused
+-- tenants and tenant concurrency limits are all checked here, so no worker anywhere can take a
+-- task that a pause or a limit forbids, whatever happened to pub/sub.
 local P, worker = ARGV[1], ARGV[2]
 local want, lease_ms, deflim = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local now = now_ms()

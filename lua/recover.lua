@@ -1,15 +1,16 @@
 -- recover.lua: take back tasks whose worker is gone: every task leased to a dead worker process
--- (mode "worker"), or every task whose lease deadline has passed (mode "expired": the backstop
--- when the whole manager died). Each recovered task consumes one retry, since the task itself
--- may be what killed its process; with no retry left it is buried with the reason. With
--- ARGV[7] = "0" (a manager ending a child it had to stop at shutdown) tasks are handed back to
--- the head of their queues without consuming a retry.
 -- KEYS[1]  P:leases
 -- ARGV[1]  P   ARGV[2] mode ("worker" | "expired")   ARGV[3] worker id (mode worker)
 -- ARGV[4]  deadletter ("1" | "0")   ARGV[5] reason text   ARGV[6] max tasks (mode expired)
 -- ARGV[7]  consume a retry ("1" | "0")
 -- ARGV[8]  deadletter_schedules ("1" keeps exhausted runs of a schedule, "0"/absent deletes them)
 -- Reply: {requeued, buried, canceled}
+--
+-- Covers a dead worker process (mode "worker") and every lease whose deadline has passed (mode "expired": the backstop
+-- when the whole manager died). Each recovered task consumes one retry, since the task itself
+-- may be what killed its process; with no retry left it is buried with the reason. With
+-- ARGV[7] = "0" (a manager ending a child it had to stop at shutdown) tasks are handed back to
+-- the head of their queues without consuming a retry.
 local P, mode, worker, deadletter, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local now = now_ms()
 local ids

@@ -1,8 +1,4 @@
--- schedule_tick.lua: claim one due tick of a schedule and enqueue its run, or run a schedule
--- now on demand. Claiming is a compare-and-set: the schedule moves from this tick to the next
--- only if its score still equals this tick and its version is the one the caller read, and the
--- run is enqueued in the same script, so however many processes race for a tick exactly one
--- enqueues it. The tick moves on even when its run is skipped (unique, expire).
+-- schedule_tick.lua: claim one due tick of a schedule and enqueue its run, or run a schedule now on demand.
 -- KEYS[1]  P:sdue   KEYS[2] P:s:<id>   KEYS[3] P:paused   KEYS[4] P:t:<new task id>
 -- KEYS[5]  P:queues
 -- ARGV[1]  P   ARGV[2] schedule id   ARGV[3] mode: "tick" | "trigger"   ARGV[4] new task id
@@ -16,6 +12,11 @@
 --   queued, delayed or running (unique), 3 = tick skipped because it is older than expire,
 --   0 = lost the compare-and-set (another process claimed it, or the schedule was replaced),
 --   -1 = globally paused (tick left in place), -2 = no such schedule.
+--
+-- Claiming is a compare-and-set: the schedule moves from this tick to the next
+-- only if its score still equals this tick and its version is the one the caller read, and the
+-- run is enqueued in the same script, so however many processes race for a tick exactly one
+-- enqueues it. The tick moves on even when its run is skipped (unique, expire).
 local P, id, mode, tid = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
 local function score()
