@@ -7,7 +7,6 @@ server started here runs on a port of its own and is stopped by the test.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 from collections.abc import Callable, Iterator
@@ -123,7 +122,6 @@ def test_requirepass(start_server: StartServer) -> None:
         assert conn.ping()
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_server(start_server: StartServer, tmp_path: Path) -> None:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
