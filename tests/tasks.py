@@ -21,22 +21,19 @@ _client_lock = threading.Lock()
 
 
 def R() -> Any:
-    """One client per process, to the server under test."""
+    """One client per process to the server under test, created under a lock: pool threads start
+    tasks at the same moment, and a second client built by a racing thread would be dropped and
+    its __del__ would close the connection pool that the first one is using."""
     global _client
     with _client_lock:
-        return _client or _make_client()
-
-
-def _make_client() -> Any:
-    global _client
-    if _client is None:
-        url = os.environ["CORETASK_TEST_URL"]
-        if os.environ.get("CORETASK_TEST_CLUSTER"):
-            from redis.cluster import RedisCluster
-            _client = RedisCluster.from_url(url)
-        else:
-            _client = redis.Redis.from_url(url)
-    return _client
+        if _client is None:
+            url = os.environ["CORETASK_TEST_URL"]
+            if os.environ.get("CORETASK_TEST_CLUSTER"):
+                from redis.cluster import RedisCluster
+                _client = RedisCluster.from_url(url)
+            else:
+                _client = redis.Redis.from_url(url)
+        return _client
 
 
 def record(key: str, value: Any = 1) -> None:

@@ -14,30 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from typing import Any
 
-import redis
 
 from coretask import Options, TaskContext, TaskProcessor
 
-_client: Any = None
-_client_lock = threading.Lock()
-
-
-def R() -> Any:
-    """One client per process to the session's server, created under a lock (see tasks_worker)."""
-    global _client
-    with _client_lock:
-        if _client is None:
-            url = os.environ["CORETASK_TEST_URL"]
-            if os.environ.get("CORETASK_TEST_CLUSTER"):
-                from redis.cluster import RedisCluster
-                _client = RedisCluster.from_url(url)
-            else:
-                _client = redis.Redis.from_url(url)
-        return _client
+from tests.tasks import R  # noqa: E402  (one locked client per process)
 
 
 def app() -> TaskProcessor:

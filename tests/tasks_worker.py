@@ -3,7 +3,6 @@ an importable module; each records what it did in Redis under keys the test pass
 from __future__ import annotations
 
 import os
-import threading
 import time
 from typing import Any
 
@@ -11,24 +10,7 @@ import redis
 
 from coretask import TaskContext
 
-_client: Any = None
-_client_lock = threading.Lock()
-
-
-def R() -> Any:
-    """One client per process, created under a lock: pool threads start tasks at the same
-    moment, and a second client built by a racing thread would be dropped and its __del__ would
-    close the connection pool that a pipeline of the first one is using."""
-    global _client
-    with _client_lock:
-        if _client is None:
-            url = os.environ["CORETASK_TEST_URL"]
-            if os.environ.get("CORETASK_TEST_CLUSTER"):
-                from redis.cluster import RedisCluster
-                _client = RedisCluster.from_url(url)
-            else:
-                _client = redis.Redis.from_url(url)
-        return _client
+from tests.tasks import R  # noqa: E402  (one locked client per process)
 
 
 def mark(key: str, index: int) -> None:
