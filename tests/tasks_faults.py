@@ -42,6 +42,13 @@ def run(key: str, tag: str, seconds: float = 0.0, pad: str = "") -> None:
     r.hincrby(key + ":finished", tag, 1)
 
 
+def run_seen(key: str, tag: str, seconds: float, ctx: TaskContext) -> None:
+    """``run`` that also lists each run as ``"<tag> <task id> <attempt>"`` in ``<key>:runs``, so a
+    test can tell a redelivery (same id, next attempt) from a task stored twice (attempt 1)."""
+    R().rpush(key + ":runs", f"{tag} {ctx.task_id} {ctx.attempt}")
+    run(key, tag, seconds)
+
+
 def run_pid(key: str, tag: str) -> None:
     """Count the run of ``tag`` and which process ran it."""
     pipe = R().pipeline(transaction=False)

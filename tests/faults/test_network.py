@@ -83,7 +83,7 @@ def test_every_connection_reset_mid_run_the_worker_reconnects_and_all_tasks_comp
     def produce() -> None:
         try:
             for t in tags:
-                producer.enqueue_task("default", "acme", tf.run, key, t, 0.005)
+                producer.enqueue_task("default", "acme", tf.run_seen, key, t, 0.005)
         except BaseException as exc:  # noqa: BLE001  (surfaced by the assertion below)
             errors.append(exc)
 
@@ -98,16 +98,30 @@ def test_every_connection_reset_mid_run_the_worker_reconnects_and_all_tasks_comp
         resets.append(proxy.drop())
     feeder.join(60)
 
-    # Then the producer never failed, the worker reconnected, and every task ran exactly once
+    # Then the producer never failed, the worker reconnected, and every task ran
     assert not errors, errors
     assert all(n >= 1 for n in resets), resets
     wait_for(lambda: all_ran(r, key, tags), 30,
              lambda: f"every task: counts {counts(producer)}, leases {r.zrange(prefix + ':leases', 0, -1)}, "
                      f"missing {sorted(set(tags) - set(hash_counts(r, key + ':finished')))}")
     wait_until(lambda: idle(producer), 10, "0 queued / 0 in flight")
-    assert hash_counts(r, key + ":started") == {t: 1 for t in tags}
-    assert hash_counts(r, key + ":finished") == {t: 1 for t in tags}
-    assert producer.get_tenant_stats("acme").done == 400
+    # ... exactly once on the worker side: no task was redelivered (a lost acknowledgement is
+    # re-sent with its lease token, a lost fetch reply is handed back unstarted). A task runs a
+    # second time only when a reset ate the reply to its enqueue and the task had already run
+    # and been removed when redis-py re-sent the call (docs/operations.md, "Delivery
+    # guarantee"): then it is stored again under the same id and runs with attempt 1. The
+    # producer has one call in flight, so each reset can do that to at most one task.
+    runs: dict[str, list[tuple[str, int]]] = {}
+    for line in r.lrange(key + ":runs", 0, -1):
+        tag, tid, attempt = line.decode().split()
+        runs.setdefault(tag, []).append((tid, int(attempt)))
+    twice = {t: v for t, v in runs.items() if len(v) > 1}
+    assert len(twice) <= len(resets), twice
+    for tag, seen in twice.items():
+        assert len(seen) == 2 and seen[0][0] == seen[1][0] and seen[1][1] == 1, (tag, seen)
+    assert hash_counts(r, key + ":started") == {t: len(runs[t]) for t in tags}
+    assert hash_counts(r, key + ":finished") == {t: len(runs[t]) for t in tags}
+    assert producer.get_tenant_stats("acme").done == 400 + len(twice)
     assert r.zcard(prefix + ":leases") == 0
 
 
