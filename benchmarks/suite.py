@@ -19,6 +19,10 @@ from .common import (CPU_KEY, CPU_WORK_KEY, MEASURE_KEYS, NOOP_KEY, START_KEY, D
                      median, percentile, redis_url)
 
 MIB = 1024 * 1024
+# No-op throughput is the processing rate between these fractions of the tasks done: worker
+# start-up (spawn, imports, first connection; reported as first_task_after_s and in
+# with_start_up) and the last stragglers are not part of a processing rate.
+STEADY_FROM, STEADY_TO = 0.1, 0.9
 
 
 class Ctx:
@@ -41,8 +45,10 @@ class Ctx:
         """Fail if a counter has not moved for this many seconds."""
         return 20 if self.short else 60
 
-    def wait_count(self, read, n, handle, what, rate=100, t_start=None):
-        """Poll ``read()`` until >= n. Returns (t_done, t_first) in monotonic time."""
+    def wait_count(self, read, n, handle, what, rate=100, t_start=None, marks=None):
+        """Poll ``read()`` until >= n. Returns (t_done, t_first) in monotonic time.
+        ``marks``: a dict {fraction: None} filled with (time, count) when the count first
+        reaches fraction * n."""
         t_start = time.monotonic() if t_start is None else t_start
         end = t_start + self.deadline(n, rate)
         last, last_change, first = -1, time.monotonic(), None
@@ -51,6 +57,10 @@ class Ctx:
             now = time.monotonic()
             if v > 0 and first is None:
                 first = now
+            if marks:
+                for frac in marks:
+                    if marks[frac] is None and v >= frac * n:
+                        marks[frac] = (now, v)
             if v >= n:
                 return now, first
             if v != last:
@@ -113,12 +123,15 @@ def _m_noop_throughput(processes):
         ctx.adapter.single_enqueue(n)
         t0 = time.monotonic()
         handle = ctx.adapter.start_workers(processes, 8)
+        marks = {STEADY_FROM: None, STEADY_TO: None}
         try:
-            t1, first = ctx.wait_count(ctx.counter(NOOP_KEY), n, handle, "%d no-op tasks" % n, t_start=t0)
+            t1, first = ctx.wait_count(ctx.counter(NOOP_KEY), n, handle, "%d no-op tasks" % n, t_start=t0,
+                                       marks=marks)
         finally:
             ctx.adapter.stop_workers(handle)
-        return {"value": n / (t1 - t0), "seconds": t1 - t0, "tasks": n,
-                "first_task_after_s": (first - t0) if first else None}
+        (ta, va), (tb, vb) = marks[STEADY_FROM], marks[STEADY_TO]
+        return {"value": (vb - va) / (tb - ta), "seconds": t1 - t0, "tasks": n,
+                "with_start_up": n / (t1 - t0), "first_task_after_s": (first - t0) if first else None}
     return run
 
 

@@ -45,7 +45,8 @@ class BatchBuilder:
         self._scope = scope
         self._mode = mode
         self._stage = uuid.uuid4().hex[:12]
-        self._chunk: list[Any] = []
+        self._chunk: list[Any] = []         # per task: id, shape number, payload, signature
+        self._shapes: dict[tuple[Any, ...], int] = {}   # what tasks share, sent once per chunk
         self._chunk_bytes = 0
         self.tasks = 0
         self.continuations = 0
@@ -76,19 +77,24 @@ class BatchBuilder:
         q = check_queue_name(queue, "queue") if queue is not None else self.queue
         enc = p._encode(p._as_call(fn, args, kwargs))
         task_id = os.urandom(16).hex()
-        self._chunk += [task_id, q, self.tenant, enc.payload, enc.serializer, enc.target,
-                        p._retries(retries), p._due_ms(delay_until), on, p._sign(task_id, self.tenant, q, enc)]
+        shape = (q, self.tenant, enc.serializer, enc.target, p._retries(retries), p._due_ms(delay_until), on)
+        number = self._shapes.get(shape)
+        if number is None:
+            number = self._shapes[shape] = len(self._shapes) + 1
+        self._chunk += [task_id, number, enc.payload, p._sign(task_id, self.tenant, q, enc)]
         self._chunk_bytes += len(enc.payload)
-        if len(self._chunk) >= CHUNK * 10 or self._chunk_bytes >= CHUNK_BYTES:
+        if len(self._chunk) >= CHUNK * 4 or self._chunk_bytes >= CHUNK_BYTES:
             self._flush()
         return task_id
 
     def _flush(self) -> None:
         if self._chunk:
             k = self._p.store.keys
+            shapes = [v for shape in self._shapes for v in shape]
             self._p.store.run("batch_stage", [self._staged, self._cstaged, k.queues],
-                              [k.prefix, STAGE_TTL_MS, self._batch_id, *self._chunk])
+                              [k.prefix, STAGE_TTL_MS, self._batch_id, len(self._shapes), *shapes, *self._chunk])
             self._chunk = []
+            self._shapes = {}
             self._chunk_bytes = 0
 
     def _commit(self) -> bool:
@@ -98,9 +104,10 @@ class BatchBuilder:
         try:
             res = store.run("batch_commit",
                             [k.batch(self._batch_id), self._staged, self._cstaged, self._pub, k.publishing,
-                             k.batches(self.tenant), f"{k.batch(self._batch_id)}:cont"],
+                             k.batches(self.tenant), f"{k.batch(self._batch_id)}:cont",
+                             f"{k.batch(self._batch_id)}:k"],
                             [k.prefix, self._batch_id, self._stage, self.tenant, self.queue, self._scope or "",
-                             self._mode, self.tasks, self.continuations], durable=True)
+                             self._mode, self.tasks, self.continuations, os.urandom(12).hex()], durable=True)
         except ReplicationError as exc:   # committed on the master; workers finish the publication
             exc.batch_id = self._batch_id
             raise
@@ -121,6 +128,7 @@ class BatchBuilder:
     def _abort(self) -> None:
         store = self._p.store
         self._chunk = []
+        self._shapes = {}
         while store.run("batch_abort", [self._staged, self._cstaged], [store.keys.prefix, CHUNK]):
             pass
 

@@ -26,11 +26,13 @@
 --   P:paused            string "1" while everything is paused
 --   P:pausedq / P:pausedt set  paused queues / paused tenants
 --   P:b:<id>            hash   batch: tn, sc scope, q, total, done, failed, canceled, remaining,
---                              run (in flight), dur (summed task ms), created, started, ended, state
+--                              run (in flight), dur (summed task ms), created, started, ended, state,
+--                              ck (cancel key: published by cancel_batch, see worker/control.py)
 --   P:b:<id>:cont       list   continuation task ids not yet released
 --   P:b:<id>:s:<stage>  list   task ids staged by one enqueue_batch/append_batch (expires)
 --   P:b:<id>:c:<stage>  list   continuation ids staged likewise (expires)
 --   P:b:<id>:p:<stage>  list   committed task ids still to be published to their queues
+--   P:b:<id>:k          set    ids of the committed stages (a re-sent batch_commit returns 1)
 --   P:publishing        set    "<batch>:<stage>" of every publication not yet finished
 --   P:batches:<tenant>  zset   batch ids by creation ms
 --   P:bend              zset   finished batch ids by end ms (retention cleanup)
@@ -64,6 +66,20 @@ local function push_ready(P, queue, tenant, id, front, state_set)
   if front then redis.call('LPUSH', list, id) else redis.call('RPUSH', list, id) end
   if not state_set then redis.call('HSET', P .. ':t:' .. id, 'st', 'queued') end
   redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', 1)
+  if redis.call('SADD', P .. ':ringset:' .. queue, tenant) == 1 then
+    redis.call('SADD', P .. ':qt:' .. queue, tenant)
+    redis.call('RPUSH', P .. ':ring:' .. queue, tenant)
+    redis.call('PUBLISH', P .. ':ev', 'f:' .. queue)
+    return true
+  end
+  return false
+end
+
+-- push_ready for many tasks of one queue and tenant (array part of ids), whose hashes already
+-- say st = queued: one RPUSH and one counter update for all of them.
+local function push_ready_n(P, queue, tenant, ids)
+  redis.call('RPUSH', P .. ':q:' .. queue .. ':' .. tenant, unpack(ids))
+  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', #ids)
   if redis.call('SADD', P .. ':ringset:' .. queue, tenant) == 1 then
     redis.call('SADD', P .. ':qt:' .. queue, tenant)
     redis.call('RPUSH', P .. ':ring:' .. queue, tenant)

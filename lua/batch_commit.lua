@@ -1,11 +1,13 @@
 -- batch_commit.lua: make a staged batch (or an append to one) real, in one O(continuations) step.
 -- KEYS[1]  P:b:<batch>            KEYS[2] P:b:<batch>:s:<stage>   KEYS[3] P:b:<batch>:c:<stage>
 -- KEYS[4]  P:b:<batch>:p:<stage>  KEYS[5] P:publishing            KEYS[6] P:batches:<tenant>
--- KEYS[7]  P:b:<batch>:cont
+-- KEYS[7]  P:b:<batch>:cont       KEYS[8] P:b:<batch>:k (ids of the stages committed)
 -- ARGV[1]  P   ARGV[2] batch id   ARGV[3] stage id   ARGV[4] tenant   ARGV[5] queue
 -- ARGV[6]  scope   ARGV[7] mode ("create" | "append")   ARGV[8] tasks staged (continuations
---          excluded)   ARGV[9] continuations staged
--- Reply: 1 = committed, 0 = append refused (unknown batch, other tenant's, or canceled),
+--          excluded)   ARGV[9] continuations staged   ARGV[10] cancel key (mode create: a
+--          random token that cancel_batch publishes and workers compare, see worker/control.py)
+-- Reply: 1 = committed (now, or by an earlier send of this same call whose reply was lost),
+--        0 = append refused (unknown batch, other tenant's, or canceled),
 --        -1 = staged data incomplete (expired before commit): nothing was committed.
 --
 -- The staged task list is renamed into a publication list; batch_publish then moves the
@@ -14,6 +16,7 @@
 -- in the batch, so total == done + failed + canceled + remaining holds throughout.
 local P, batch, stage, tenant, mode = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[7]
 local ntasks, nconts = tonumber(ARGV[8]), tonumber(ARGV[9])
+if redis.call('SISMEMBER', KEYS[8], stage) == 1 then return 1 end
 if redis.call('LLEN', KEYS[2]) ~= ntasks or redis.call('LLEN', KEYS[3]) ~= nconts then return -1 end
 local now = now_ms()
 if mode == 'append' then
@@ -28,7 +31,7 @@ if mode == 'append' then
   end
 else
   redis.call('HSET', KEYS[1], 'tn', tenant, 'q', ARGV[5], 'sc', ARGV[6], 'state', 'running',
-             'created', now, 'total', 0, 'done', 0, 'failed', 0, 'canceled', 0,
+             'ck', ARGV[10], 'created', now, 'total', 0, 'done', 0, 'failed', 0, 'canceled', 0,
              'remaining', 0, 'run', 0, 'dur', 0)
   redis.call('ZADD', KEYS[6], now, batch)
   redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
@@ -55,4 +58,5 @@ elseif nconts > 0 then
   -- continuations appended to a batch that already finished run now if their condition holds
   release_continuations(P, batch, tonumber(redis.call('HGET', KEYS[1], 'failed') or '0'))
 end
+redis.call('SADD', KEYS[8], stage)
 return 1

@@ -6,28 +6,40 @@
 -- ARGV[1]  P   ARGV[2] batch id   ARGV[3] stage id   ARGV[4] max tasks this call
 -- Reply: number of tasks still waiting in the publication list.
 local P, batch, max = ARGV[1], ARGV[2], tonumber(ARGV[4])
-local canceled = batch_canceled(P, batch)
-local now = now_ms()
-for _ = 1, max do
-  local id = redis.call('LPOP', KEYS[1])
-  if not id then break end
-  local tkey = P .. ':t:' .. id
-  if canceled then
-    redis.call('DEL', tkey)
-  else
-    redis.call('PERSIST', tkey)
-    local f = redis.call('HMGET', tkey, 'q', 'tn', 'd')
-    if not f[1] then
-      -- its staged hash expired before publication (over an hour): lost, counted failed
-      settle_batch(P, batch, 'failed', 0, now)
+local ids = redis.call('LPOP', KEYS[1], max)
+if ids then
+  local canceled = batch_canceled(P, batch)
+  local now = now_ms()
+  local groups, order = {}, {}   -- ready tasks per queue and tenant, pushed with one RPUSH each
+  for _, id in ipairs(ids) do
+    local tkey = P .. ':t:' .. id
+    if canceled then
+      redis.call('DEL', tkey)
     else
-      local due = tonumber(f[3] or '0')
-      if due > now then
-        redis.call('SADD', P .. ':queues', f[1])
-        push_delayed(P, f[1], id, due)
-      elseif push_ready(P, f[1], f[2], id, false) then
-        redis.call('SADD', P .. ':queues', f[1])   -- registered once per tenant joining the ring
+      redis.call('PERSIST', tkey)
+      local f = redis.call('HMGET', tkey, 'q', 'tn', 'd')
+      if not f[1] then
+        -- its staged hash expired before publication (over an hour): lost, counted failed
+        settle_batch(P, batch, 'failed', 0, now)
+      else
+        local due = tonumber(f[3] or '0')
+        if due > now then
+          redis.call('SADD', P .. ':queues', f[1])
+          push_delayed(P, f[1], id, due)
+        else
+          redis.call('HSET', tkey, 'st', 'queued')
+          local key = f[1] .. '\0' .. f[2]
+          local g = groups[key]
+          if not g then g = {q = f[1], tn = f[2]}; groups[key] = g; order[#order+1] = key end
+          g[#g+1] = id
+        end
       end
+    end
+  end
+  for _, key in ipairs(order) do
+    local g = groups[key]
+    if push_ready_n(P, g.q, g.tn, g) then
+      redis.call('SADD', P .. ':queues', g.q)   -- registered once per tenant joining the ring
     end
   end
 end

@@ -5,29 +5,40 @@
 -- KEYS[1]  P:b:<batch>:s:<stage>   staged task ids      KEYS[2] P:b:<batch>:c:<stage> staged
 --          continuation ids        KEYS[3] P:queues (not written here: a staged batch that is
 --          aborted must leave nothing behind; publish and commit register the queues)
--- ARGV[1]  P   ARGV[2] ttl ms of the staged data   ARGV[3] batch id
--- ARGV[4..] groups of 10: id, queue, tenant, payload, serializer, target, retries,
---           due ms (0 = ready at once), continuation condition ("" for a task of the batch,
---           else "success" | "complete"), signature (field sg, "" = unsigned)
--- Reply: number of entries staged.
+-- ARGV[1]  P   ARGV[2] ttl ms of the staged data   ARGV[3] batch id   ARGV[4] S, shapes
+-- ARGV[5..] S shapes of 7 (what tasks of a chunk mostly share): queue, tenant, serializer,
+--           target, retries, due ms (0 = ready at once), continuation condition ("" for a
+--           task of the batch, else "success" | "complete")
+-- then groups of 4, one per task: id, shape number (1-based), payload, signature (field sg,
+--           "" = unsigned)
+-- Reply: number of entries staged. A chunk whose first task exists already was staged by an
+-- earlier send of this same call (its reply was lost and redis-py sent it again): nothing is
+-- written twice.
 local P, ttl, batch = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local now = now_ms()
-local n = 0
-for i = 4, #ARGV, 10 do
-  local tkey = P .. ':t:' .. ARGV[i]
-  redis.call('HSET', tkey, 'q', ARGV[i+1], 'tn', ARGV[i+2], 'p', ARGV[i+3], 's', ARGV[i+4],
-             'tg', ARGV[i+5], 'r', ARGV[i+6], 'a', 0, 'd', ARGV[i+7], 'e', now, 'st', 'staged')
-  if ARGV[i+8] == '' then
-    redis.call('HSET', tkey, 'b', batch)
-    redis.call('RPUSH', KEYS[1], ARGV[i])
-  else
-    redis.call('HSET', tkey, 'on', ARGV[i+8], 'cb', batch)
-    redis.call('RPUSH', KEYS[2], ARGV[i])
-  end
-  if ARGV[i+9] ~= '' then redis.call('HSET', tkey, 'sg', ARGV[i+9]) end
-  redis.call('PEXPIRE', tkey, ttl)
-  n = n + 1
+local first = 5 + 7 * tonumber(ARGV[4])
+if first <= #ARGV and redis.call('EXISTS', P .. ':t:' .. ARGV[first]) == 1 then
+  return (#ARGV - first + 1) / 4
 end
+local now = now_ms()
+local tasks, conts = {}, {}
+for i = first, #ARGV, 4 do
+  local tkey = P .. ':t:' .. ARGV[i]
+  local s = 5 + 7 * (tonumber(ARGV[i+1]) - 1)
+  local h = {'q', ARGV[s], 'tn', ARGV[s+1], 's', ARGV[s+2], 'tg', ARGV[s+3], 'r', ARGV[s+4],
+             'd', ARGV[s+5], 'p', ARGV[i+2], 'a', 0, 'e', now, 'st', 'staged'}
+  if ARGV[s+6] == '' then
+    h[21] = 'b'; h[22] = batch
+    tasks[#tasks+1] = ARGV[i]
+  else
+    h[21] = 'on'; h[22] = ARGV[s+6]; h[23] = 'cb'; h[24] = batch
+    conts[#conts+1] = ARGV[i]
+  end
+  if ARGV[i+3] ~= '' then h[#h+1] = 'sg'; h[#h+1] = ARGV[i+3] end
+  redis.call('HSET', tkey, unpack(h))
+  redis.call('PEXPIRE', tkey, ttl)
+end
+if #tasks > 0 then redis.call('RPUSH', KEYS[1], unpack(tasks)) end
+if #conts > 0 then redis.call('RPUSH', KEYS[2], unpack(conts)) end
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('PEXPIRE', KEYS[2], ttl)
-return n
+return #tasks + #conts

@@ -72,6 +72,39 @@ def test_cancel_aborts_running_task_with_ctx_cancelled_then_task_canceled(proces
     assert r.get(prefix + ":cont") is None
 
 
+def test_cancel_message_carries_the_batch_cancel_key_and_the_worker_aborts_without_reading_back(
+        make_processor, embedded_worker, r, prefix):
+    # Given a running batch task, and a worker whose reads of batch hashes are recorded
+    spin = prefix + ":spin"
+    p = make_processor()
+    batch_id = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, spin, 60))
+    worker_side = make_processor()
+    reads: list[tuple] = []
+    real_hget = worker_side.store.redis.hget
+    worker_side.store.redis.hget = lambda *a: (reads.append(a), real_hget(*a))[1]   # type: ignore[method-assign]
+    embedded_worker(worker_side)
+    wait_until(lambda: started(r, spin), 10, "task running")
+    listener = r.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(f"{prefix}:ev")
+    # When the batch is canceled
+    assert p.cancel_batch(batch_id)
+    # Then the message names the batch and the random key stored with it at commit
+    key = r.hget(f"{prefix}:b:{batch_id}", "ck").decode()
+    assert len(key) == 24
+    deadline = time.monotonic() + 5
+    messages = []
+    while time.monotonic() < deadline and not messages:
+        m = listener.get_message(timeout=0.2)
+        if m and m["data"].startswith(b"c:"):
+            messages.append(m["data"].decode())
+    listener.close()
+    assert messages == [f"c:{batch_id}:{key}"]
+    # And the worker aborted the task on the key alone, without reading the batch's state
+    wait_until(lambda: r.llen(spin + ":left"), 10, "spinning task aborted")
+    assert json.loads(r.lindex(spin + ":left", 0)) == {"cancelled": True, "outcome": "TaskCanceled"}
+    assert not [a for a in reads if a[0] == f"{prefix}:b:{batch_id}"], reads
+
+
 def test_task_that_turns_its_abort_into_an_error_is_counted_canceled_not_retried(processor, embedded_worker, r, prefix):
     # Given a running task with 3 retries that raises ValueError when aborted
     key = prefix + ":k"
@@ -152,8 +185,11 @@ def test_forged_cancel_or_requeue_message_aborts_nothing(processor, embedded_wor
     batch_id = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, key, 1.5))
     embedded_worker(processor)
     wait_until(lambda: started(r, key), 10, "task running")
-    # When someone publishes "c:<batch>" and "pr" on the events channel without canceling or pausing
+    # When someone publishes "c:<batch>", "c:<batch>:<a made-up cancel key>" and "pr" on the
+    # events channel without canceling or pausing
     assert r.publish(f"{prefix}:ev", f"c:{batch_id}") >= 1
+    assert r.publish(f"{prefix}:ev", f"c:{batch_id}:{'0' * 24}") >= 1
+    assert r.publish(f"{prefix}:ev", f"c:{batch_id}:") >= 1
     assert r.publish(f"{prefix}:ev", "pr") >= 1
     # Then the task runs to its end and the batch succeeds
     info = processor.wait_for_batch(batch_id, 10)

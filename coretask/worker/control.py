@@ -1,22 +1,39 @@
 """Control: the pub/sub thread of a worker process.
 
-Messages carry no authority: each one only makes the worker re-read state that the API wrote
-with a script (the fetch script reads the pause flags; a cancel is acted on only after the
-batch's state says canceled). A forged PUBLISH therefore changes nothing by itself, and a lost
-one only delays an idle worker until its next poll.
+Messages carry no authority of their own: each one only makes the worker re-read state that
+the API wrote with a script (the fetch script reads the pause flags). A cancel is the one
+message acted on at once, since a round trip would cost its latency target several times over
+(with many CPU-bound task threads, the control thread waits for the GIL again after each one):
+it names the batch and its cancel key, a random token that batch_commit stored in the batch's
+hash and that reached this worker with the batch's fields when it fetched the batch's tasks.
+Only a client that can read the batch's hash can forge it; a cancel without the key (a batch
+committed before keys existed, a continuation fetched without fields) is verified by reading
+the batch's state. A lost message only delays an idle worker until its next poll.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from ..context import TaskContext
     from .process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
 BACKOFF_MAX = 5.0
+
+
+def cancel_key(ctx: TaskContext) -> str | None:
+    """The batch's cancel key among the batch fields the task was fetched with."""
+    fields = ctx._batch_fields
+    if fields:
+        for i in range(0, len(fields) - 1, 2):
+            if fields[i] == b"ck":
+                return fields[i + 1].decode()
+    return None
 
 
 class Control:
@@ -76,11 +93,17 @@ class Control:
         w = self.worker
         k = w.store.keys
         if message.startswith("c:"):
-            batch_id = message[2:]
-            if w.store.redis.hget(k.batch(batch_id), "state") == b"canceled":
+            batch_id, _, key = message[2:].partition(":")
+            mine = w.running_of(batch_id)
+            if not mine:
+                return                # nothing of that batch runs here
+            if key and any(hmac.compare_digest(cancel_key(t.ctx) or "", key) for t in mine):
+                canceled = True
+            else:
+                canceled = w.store.redis.hget(k.batch(batch_id), "state") == b"canceled"
+            if canceled:
                 n = w.abort_where("canceled", batch_id)
-                if n:
-                    log.info("worker %s: batch %s canceled, aborting %d running tasks", w.id, batch_id, n)
+                log.info("worker %s: batch %s canceled, aborting %d running tasks", w.id, batch_id, n)
         elif message == "pr":
             if w.store.redis.exists(k.paused):
                 n = w.abort_where("requeue")

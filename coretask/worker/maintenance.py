@@ -158,9 +158,12 @@ class Maintenance:
 
     # ------------------------------------------------------------------------------ aborts
 
-    def watch_abort(self, task: Fetched) -> None:
+    def watch_aborts(self, tasks: list[Fetched]) -> None:
+        if not tasks:
+            return
+        deadline = time.monotonic() + self.w.options.cancel_grace.total_seconds()
         with self._aborts_lock:     # called from the control thread while the loop reads the list
-            self.aborts.append((time.monotonic() + self.w.options.cancel_grace.total_seconds(), task))
+            self.aborts += [(deadline, task) for task in tasks]
         self.w.wake.set()
 
     def _check_aborts(self, now: float) -> None:

@@ -11,6 +11,8 @@ of every task and coretask's counters.
 from __future__ import annotations
 
 import threading
+
+import pytest
 from typing import Any
 
 from coretask.store import SCRIPTS
@@ -217,3 +219,32 @@ def test_half_open_longer_than_invisibility_leases_expire_and_late_acks_change_n
     assert tenant_counters(producer, "acme") == (12, 0, 0, 0)
     assert tenant_counters(producer, "other") == (6, 0, 0, 0)
     assert r.zcard(prefix + ":leases") == 0
+
+
+@pytest.mark.parametrize("script", ["batch_stage", "batch_commit"])
+def test_batch_reply_lost_to_a_reset_the_resent_call_neither_fails_nor_duplicates(
+        proxy, own_processor, embedded, r, prefix, script):
+    # Given a producer behind the proxy, and a worker of its own
+    producer = own_processor(proxy.url + "?socket_timeout=2")
+    key = prefix + ":bcut"
+    tags = [f"t{i}" for i in range(600)]        # three staging chunks
+    producer.enqueue_batch("default", "acme", lambda b: b.enqueue(tf.run, key, "warm-up"))  # scripts loaded
+
+    # When the reply to one of its batch scripts is lost to a connection reset after Redis ran
+    # the script (redis-py then sends the same call again on a new connection)
+    proxy.cut_reply(SCRIPTS[script].sha.encode())
+    bid = producer.enqueue_batch("default", "acme", lambda b: [b.enqueue(tf.run, key, t) for t in tags])
+
+    # Then the batch call returned normally, the re-sent call was recognised (a chunk is not
+    # staged twice, a commit does not report "staged data incomplete"), and the batch holds each
+    # task once: every task runs once and the counts add up
+    assert proxy.cuts == 1
+    batch = producer.get_batch(bid)
+    assert (batch.total, batch.remaining) == (600, 600)
+    embedded(own_processor(server_url(proxy), max_workers=8))
+    wait_until(lambda: producer.get_batch(bid).state == "succeeded", 30,
+               lambda: f"the batch: {producer.get_batch(bid)}")
+    wait_until(lambda: idle(producer), 10, "0 queued / 0 in flight")
+    assert hash_counts(r, key + ":started") == {t: 1 for t in ["warm-up", *tags]}
+    batch = producer.get_batch(bid)
+    assert (batch.total, batch.done, batch.failed, batch.remaining) == (600, 600, 0, 0)
