@@ -8,6 +8,7 @@ All key names are built here (and, for keys only known inside a script, by the s
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ from .errors import ReplicationError, ScriptError, StoreError, StoreFull
 from .options import Options, redact_url
 
 log = logging.getLogger(__name__)
+
+# redis-py 5.x requires a command name to check out a connection; 6.x and later deprecate it
+_POOL_WANTS_NAME = (inspect.signature(redis.ConnectionPool.get_connection).parameters["command_name"].default
+                    is inspect.Parameter.empty)
 
 _HERE = Path(__file__).resolve().parent
 LUA_DIR = _HERE / "lua" if (_HERE / "lua").is_dir() else _HERE.parent / "lua"
@@ -134,20 +139,61 @@ class Store:
         if durable and self.options.wait_replicas > 0:
             return self._run_and_wait(name, keys, args)
         script = SCRIPTS[name]
+        evalsha = self.redis.evalsha if self.options.cluster else self._evalsha
         try:
             try:
-                return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+                return evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:
                 log.debug("script %s not loaded on %s; loading it", name, self.url)
                 for attempt in range(3):    # a SCRIPT FLUSH may land between the load and the call
                     self._load(script, keys)
                     try:
-                        return self.redis.evalsha(script.sha, len(keys), *keys, *args)
+                        return evalsha(script.sha, len(keys), *keys, *args)
                     except NoScriptError:
                         if attempt == 2:
                             raise
         except ResponseError as exc:
             raise _translate(name, exc) from exc
+
+    # The hot paths (every enqueue, every turn of a worker's loop) talk to a pooled connection
+    # directly: redis-py's command and pipeline layers (callbacks, command stacks, event
+    # dispatch, observability hooks) cost about as much client CPU as the round trip itself
+    # (measured: 137 us per two-command pipeline and 85 us per INCR through them, 69 and 42 us
+    # direct). Retries and health checks stay redis-py's: the connection's own Retry policy and
+    # send_packed_command's health check. Replies are raw, as no coretask script reply needs a
+    # response callback.
+
+    def _evalsha(self, *args: Any) -> Any:
+        return self._roundtrip([("EVALSHA", *args)], raise_errors=True)[0]
+
+    def _roundtrip(self, commands: list[tuple[Any, ...]], raise_errors: bool) -> list[Any]:
+        """Send commands in one write, read every reply; error replies are returned in place
+        (or the first one raised, once all are read, with ``raise_errors``)."""
+        pool = self.redis.connection_pool
+        conn = pool.get_connection("EVALSHA") if _POOL_WANTS_NAME else pool.get_connection()
+
+        def send_and_read() -> list[Any]:
+            conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except ResponseError as exc:      # an error reply: the connection is fine
+                    replies.append(exc)
+            return replies
+
+        try:
+            replies = conn.retry.call_with_retry(send_and_read, lambda _error: conn.disconnect())
+        except BaseException:
+            conn.disconnect()       # a half-read reply must never reach the next user
+            raise
+        finally:
+            pool.release(conn)
+        if raise_errors:
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    raise reply
+        return replies
 
     def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Several script calls in one round trip (a pipeline, not a transaction); each call that
@@ -155,10 +201,8 @@ class Store:
         if self.options.cluster:
             # redis-py's cluster pipeline refuses EVALSHA: one call after the other instead
             return [self.run(name, keys, args) for name, keys, args in calls]
-        pipe = self.redis.pipeline(transaction=False)
-        for name, keys, args in calls:
-            pipe.evalsha(SCRIPTS[name].sha, len(keys), *keys, *args)
-        results = pipe.execute(raise_on_error=False)
+        results = self._roundtrip([("EVALSHA", SCRIPTS[name].sha, len(keys), *keys, *args)
+                                   for name, keys, args in calls], raise_errors=False)
         for i, (res, (name, keys, args)) in enumerate(zip(results, calls)):
             if isinstance(res, NoScriptError):
                 results[i] = self.run(name, keys, args)
