@@ -479,3 +479,33 @@ def test_manager_renews_leases_of_a_task_longer_than_invisibility(processor, sta
     wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
     assert "recovered expired leases" not in m.log()
     assert m.terminate() == 0
+
+
+def test_short_tasks_are_acknowledged_and_fetched_in_groups(make_processor, embedded_worker, r, prefix):
+    # Given 600 tasks of one INCR queued for an embedded worker with 8 threads whose round trips
+    # are recorded
+    from tests import tasks
+    p = make_processor(max_workers=8)
+    p.enqueue_batch("default", "acme", lambda b: [b.enqueue(tasks.count, prefix + ":n") for _ in range(600)])
+    acks_per_call: list[int] = []
+    fetch_sizes: list[int] = []
+    real = p.store.run_many
+
+    def recording(calls):  # type: ignore[no-untyped-def]
+        for name, _keys, args in calls:
+            if name == "complete":
+                acks_per_call.append((len(args) - 2) // 4)
+            elif name == "fetch":
+                fetch_sizes.append(int(args[2]))
+        return real(calls)
+
+    p.store.run_many = recording  # type: ignore[method-assign]
+    # When the worker runs them all
+    embedded_worker(p)
+    wait_until(lambda: int(r.get(prefix + ":n") or 0) == 600, 60, "600 tasks")
+    # Then, once the tasks are known to be short, a round trip waits for half of the threads:
+    # acknowledgements travel several per call and fetches ask for several tasks (a round trip
+    # per finished task would make both one)
+    grouped = acks_per_call[20:]
+    assert grouped and sorted(grouped)[len(grouped) // 2] >= 4, acks_per_call
+    assert min(f for f in fetch_sizes[20:] if f > 0) >= 4, fetch_sizes

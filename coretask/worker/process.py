@@ -6,12 +6,11 @@ never touch Redis on the happy path, so the Redis cost per task stays a fraction
 trip. The loop sleeps until the earliest of: a pub/sub event, a finished task, the next delayed
 task's due time, the next maintenance timer, or base_frequency.
 
-Short tasks get a prefetch buffer: while recent tasks average under PREFETCH_BELOW_MS, the
-process leases up to twice its thread count, and the loop waits until half of that is free
-before its next round trip. Threads then never wait for a fetch, and each script call carries
-many tasks instead of one or two (the per-call cost of the scripts dominates for tiny tasks).
-Long tasks get no buffer, so a task never waits behind another in one process while a thread
-elsewhere is idle.
+While recent tasks average under SHORT_TASK_MS, the loop waits until half of the threads are
+free before its next round trip, so that each script call carries several acknowledgements and
+a fetch for several tasks instead of one or two (the per-call cost of the scripts dominates for
+tiny tasks). It never leases more tasks than it has free threads: a task leased ahead would
+start after a pause() that returned meanwhile (docs/decisions.md).
 """
 from __future__ import annotations
 
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 
 FIELDS = 12  # values per task in the fetch reply
 COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
-PREFETCH_BELOW_MS = 10.0  # tasks averaging less than this get a buffer of max_workers more
+SHORT_TASK_MS = 10.0  # tasks averaging less than this are acknowledged and fetched in groups
 MIB = 1024 * 1024
 
 
@@ -89,8 +88,7 @@ class WorkerProcess:
         self.maintenance = Maintenance(self)
         self.runners = [Runner(self) for _ in range(self.threads)]
         self.tasks_done = 0
-        self.avg_ms = PREFETCH_BELOW_MS     # moving average of task durations; starts without a buffer
-        self.capacity = self.threads        # tasks this process holds at most (threads + buffer)
+        self.avg_ms = SHORT_TASK_MS         # moving average of task durations; starts as "long"
         self.recycle = recycle              # apply max_tasks/max_memory_per_process (manager children)
         self.recycle_reason: str | None = None   # set once a limit is reached: the process then ends
         self.tasks_taken = 0                # tasks fetched by this process
@@ -118,14 +116,12 @@ class WorkerProcess:
             hold_timed_out = False
             while not stop.is_set():
                 self.wake.clear()
-                capacity = self.capacity = self.threads * 2 if self.avg_ms < PREFETCH_BELOW_MS else self.threads
-                free = 0 if self.quiet else capacity - len(self.running)
+                free = 0 if self.quiet else self.threads - len(self.running)
                 if self.recycle:
                     free = self._recycle_free(free)
-                if (not hold_timed_out and not self.quiet and free < capacity // 2
-                        and not self.inbox.empty()):
-                    # every thread has work queued here: let more finish, so that the next round
-                    # trip carries their acknowledgements together and a fetch for several
+                if not hold_timed_out and not self.quiet and free < self.threads // 2 and self._short():
+                    # most threads run short tasks: let more finish, so that the next round trip
+                    # carries their acknowledgements together and a fetch for several
                     hold_timed_out = not self.wake.wait(min(self.maintenance.tick(), base))
                     continue
                 hold_timed_out = False
@@ -190,6 +186,9 @@ class WorkerProcess:
         with self.lock:
             return not (self.running or self.acks or self.fails or self.releases)
 
+    def _short(self) -> bool:
+        return self.avg_ms < SHORT_TASK_MS
+
     def _busy(self) -> bool:
         started = len(self.running) - self.inbox.qsize()
         return started > self.threads * 3 // 4 and not self.quiet
@@ -248,7 +247,7 @@ class WorkerProcess:
         self.running.pop(task.id, None)
         self.tasks_done += 1
         self.avg_ms += (duration_ms - self.avg_ms) * 0.1
-        if self.capacity - len(self.running) >= self.capacity // 2 or self.inbox.empty() or self.quiet:
+        if self.threads - len(self.running) >= self.threads // 2 or self.quiet or not self._short():
             self.wake.set()     # else the loop would only wake to wait again: see run()
 
     def finish_ok(self, task: Fetched, duration_ms: int) -> None:
@@ -362,7 +361,7 @@ class WorkerProcess:
         log.info("worker %s stopped after %d tasks", self.id, self.tasks_done)
 
     def _hand_back_unstarted(self) -> None:
-        """Prefetched tasks no thread has taken yet go back to their queues at once (no retry
+        """Fetched tasks no thread has taken yet go back to their queues at once (no retry
         consumed): shutdown waits only for the ones that started."""
         with self.lock:
             while True:
