@@ -56,16 +56,11 @@ local function now_ms()
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- Put a task id on its tenant's ready list and make sure the tenant is in the queue's ring.
--- front=true hands a task back to the head of the list (release without consuming a retry);
--- state_set=true when the caller already wrote st=queued into the task hash.
--- Returns true when the tenant joined the ring just now; while it stays in the ring, the
+-- Count n more ready tasks of a tenant in a queue and make sure the tenant is in the queue's
+-- ring. Returns true when the tenant joined the ring just now; while it stays in the ring, the
 -- one-time registrations (P:qt:<queue>, and the callers' P:queues / P:tenants) are known done.
-local function push_ready(P, queue, tenant, id, front, state_set)
-  local list = P .. ':q:' .. queue .. ':' .. tenant
-  if front then redis.call('LPUSH', list, id) else redis.call('RPUSH', list, id) end
-  if not state_set then redis.call('HSET', P .. ':t:' .. id, 'st', 'queued') end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', 1)
+local function ready_added(P, queue, tenant, n)
+  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', n)
   if redis.call('SADD', P .. ':ringset:' .. queue, tenant) == 1 then
     redis.call('SADD', P .. ':qt:' .. queue, tenant)
     redis.call('RPUSH', P .. ':ring:' .. queue, tenant)
@@ -75,18 +70,21 @@ local function push_ready(P, queue, tenant, id, front, state_set)
   return false
 end
 
+-- Put a task id on its tenant's ready list (see ready_added for the reply).
+-- front=true hands a task back to the head of the list (release without consuming a retry);
+-- state_set=true when the caller already wrote st=queued into the task hash.
+local function push_ready(P, queue, tenant, id, front, state_set)
+  local list = P .. ':q:' .. queue .. ':' .. tenant
+  if front then redis.call('LPUSH', list, id) else redis.call('RPUSH', list, id) end
+  if not state_set then redis.call('HSET', P .. ':t:' .. id, 'st', 'queued') end
+  return ready_added(P, queue, tenant, 1)
+end
+
 -- push_ready for many tasks of one queue and tenant (array part of ids), whose hashes already
 -- say st = queued: one RPUSH and one counter update for all of them.
 local function push_ready_n(P, queue, tenant, ids)
   redis.call('RPUSH', P .. ':q:' .. queue .. ':' .. tenant, unpack(ids))
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', #ids)
-  if redis.call('SADD', P .. ':ringset:' .. queue, tenant) == 1 then
-    redis.call('SADD', P .. ':qt:' .. queue, tenant)
-    redis.call('RPUSH', P .. ':ring:' .. queue, tenant)
-    redis.call('PUBLISH', P .. ':ev', 'f:' .. queue)
-    return true
-  end
-  return false
+  return ready_added(P, queue, tenant, #ids)
 end
 
 -- Schedule a task to become ready at due_ms.
