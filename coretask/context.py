@@ -54,6 +54,14 @@ class TaskContext:
         from .models import ms_to_dt
         return ms_to_dt(self._enqueued_ms)
 
+    def batch_field(self, name: bytes) -> bytes | None:
+        """One raw field of the batch's hash as fetched with the task (None when absent)."""
+        f = self._batch_fields or []
+        for i in range(0, len(f) - 1, 2):
+            if f[i] == name:
+                return f[i + 1]
+        return None
+
     @property
     def batch(self) -> BatchInfo | None:
         """The batch's statistics when the task was fetched (None outside a batch)."""

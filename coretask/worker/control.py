@@ -28,12 +28,8 @@ BACKOFF_MAX = 5.0
 
 def cancel_key(ctx: TaskContext) -> str | None:
     """The batch's cancel key among the batch fields the task was fetched with."""
-    fields = ctx._batch_fields
-    if fields:
-        for i in range(0, len(fields) - 1, 2):
-            if fields[i] == b"ck":
-                return fields[i + 1].decode()
-    return None
+    key = ctx.batch_field(b"ck")
+    return key.decode() if key is not None else None
 
 
 class Control:
