@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from coretask import TaskContext
+from coretask import TaskCanceled, TaskContext
 
 from tests.tasks import R  # noqa: E402  (one locked client per process)
 
@@ -27,6 +27,18 @@ def sleep_with_context(key: str, seconds: float, ctx: TaskContext) -> None:
     R().rpush(key + ":started", f"{ctx.attempt}|{ctx.retries_left}|{os.getpid()}")
     time.sleep(seconds)
     R().rpush(key + ":finished", f"{ctx.attempt}|{ctx.retries_left}|{os.getpid()}")
+
+
+def wrap_up_on_abort(key: str, seconds: float) -> None:
+    """Work in short steps; when aborted, catch TaskCanceled, wrap up and return normally."""
+    R().rpush(key + ":started", os.getpid())
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            time.sleep(0.01)
+    except TaskCanceled:
+        pass
+    R().rpush(key + ":finished", os.getpid())
 
 
 def kill_own_process_pid(key: str) -> None:

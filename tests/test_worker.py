@@ -216,6 +216,27 @@ def test_sigterm_hands_back_a_task_longer_than_shutdown_timeout_without_consumin
     assert processor.get_task(task_id) is None
 
 
+def test_sigterm_acknowledges_a_task_that_returns_when_aborted_at_the_deadline(
+        processor, start_manager, r, prefix):
+    # Given a manager with shutdown_timeout 1 s running a long task that, when aborted, catches
+    # TaskCanceled, wraps up and returns normally
+    key = prefix + ":wrap"
+    m = start_manager(processes=1, threads=2, shutdown_timeout=1)
+    task_id = processor.enqueue_task("default", "acme", tw.wrap_up_on_abort, key, 60.0)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+
+    # When the manager gets SIGTERM and the shutdown deadline passes
+    m.proc.send_signal(signal.SIGTERM)
+
+    # Then the task, which finished, is acknowledged rather than handed back (it would run again)
+    assert m.proc.wait(15) == 0
+    assert r.llen(key + ":finished") == 1
+    assert processor.get_task(task_id) is None
+    assert counters(processor) == (0, 0)
+    assert r.zcard(prefix + ":leases") == 0
+    assert processor.get_tenant_stats("acme").done == 1
+
+
 def test_sigterm_keeps_leases_alive_while_tasks_drain(processor, start_manager, r, prefix):
     # Given manager A running a 3.5 s task with invisibility 1.5 s and shutdown_timeout 8 s,
     # and a second manager B serving the same queue

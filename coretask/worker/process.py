@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FIELDS = 12  # values per task in the fetch reply
 COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
 SHORT_TASK_MS = 10.0  # tasks averaging less than this are acknowledged and fetched in groups
+ABORT_SETTLE = 0.5  # seconds shutdown waits for aborted tasks to report before handing them back
 MIB = 1024 * 1024
 
 
@@ -343,16 +344,21 @@ class WorkerProcess:
         if self.running:
             log.warning("worker %s: %d tasks still running at the shutdown deadline; handing them back",
                         self.id, len(self.running))
-            k = self.store.keys
             with self.lock:
                 leftovers = list(self.running.values())
-            pairs = [x for t in leftovers for x in (t.id, t.token)]
-            for t in leftovers:
-                self.abort(t, "shutdown")
-            try:
-                self.store.run("release", [k.leases], [k.prefix, self.id, *pairs])
-            except Exception:
-                log.exception("worker %s: release at shutdown failed; leases will expire", self.id)
+            self.abort_all(leftovers, "shutdown")
+            # each runner reports its task: handed back if the abort landed in the body, but
+            # acknowledged if the body had returned already (or swallowed the abort), since a
+            # task that finished must not run again
+            settle = time.monotonic() + ABORT_SETTLE
+            while self.running and time.monotonic() < settle:
+                self.wake.wait(0.01)
+                self.wake.clear()
+            with self.lock:
+                stuck = list(self.running.values())
+                self.running.clear()
+                for t in stuck:               # blocked where an abort cannot reach (C code)
+                    self.releases += (t.id, t.token)
         for _ in threads:
             self.inbox.put(None)
         self._flush_quietly()
