@@ -6,6 +6,9 @@ import json
 import time
 from datetime import timedelta
 
+import pytest
+
+from coretask.worker.control import Frames
 from tests import tasks, tasks_batch
 from tests.conftest import wait_until
 
@@ -295,3 +298,29 @@ def test_pause_requeue_running_hands_tasks_back_without_a_retry(processor, embed
     for k in keys:
         assert [json.loads(x)[:2] for x in r.lrange(k + ":started", 0, -1)] == [[1, 2], [2, 2]]
     assert processor.get_queue("default").dead == 0
+
+
+# ----------------------------------------------------------------- the subscription reader
+
+def test_the_subscription_reader_parses_frames_split_at_any_byte():
+    # Given what a subscribed connection receives: the confirmation, two messages (RESP2) and
+    # a RESP3 push, as one byte stream
+    stream = (b"*3\r\n$9\r\nsubscribe\r\n$4\r\nct:e\r\n:1\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$4\r\nct:e\r\n$13\r\nc:b1:k\r\ney\r\nz\r\n"
+              b"*3\r\n$7\r\nmessage\r\n$4\r\nct:e\r\n$2\r\npr\r\n"
+              b">3\r\n$7\r\nmessage\r\n$4\r\nct:e\r\n$0\r\n\r\n")
+    expected = [[b"subscribe", b"ct:e", 1], [b"message", b"ct:e", b"c:b1:k\r\ney\r\nz"],
+                [b"message", b"ct:e", b"pr"], [b"message", b"ct:e", b""]]
+    # When it arrives whole, byte by byte, or cut at every position
+    assert Frames().feed(stream) == expected
+    frames, got = Frames(), []
+    for i in range(len(stream)):
+        got += frames.feed(stream[i:i + 1])
+    assert got == expected
+    for cut in range(len(stream)):
+        frames = Frames()
+        # Then the same frames come out, each once, a payload containing CRLF intact
+        assert frames.feed(stream[:cut]) + frames.feed(stream[cut:]) == expected
+    # And a frame of a type a subscription never receives is reported, not skipped
+    with pytest.raises(ConnectionError, match="unexpected reply"):
+        Frames().feed(b"!5\r\nboom!\r\n")

@@ -9,13 +9,17 @@ hash and that reached this worker with the batch's fields when it fetched the ba
 Only a client that can read the batch's hash can forge it; a cancel without the key (a batch
 committed before keys existed, a continuation fetched without fields) is verified by reading
 the batch's state. A lost message only delays an idle worker until its next poll.
+
+redis-py sets up the subscription (authentication, TLS, cluster node); the messages are then
+read straight off its socket by this thread (see _read).
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import socket
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..context import TaskContext
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKOFF_MAX = 5.0
+POLL = 0.5      # seconds between checks of the stop flag while no message arrives
 
 
 def cancel_key(ctx: TaskContext) -> str | None:
@@ -52,18 +57,14 @@ class Control:
         while not self._stop.is_set():
             pubsub = None
             try:
-                pubsub = w.store.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub = w.store.redis.pubsub()
                 pubsub.subscribe(w.store.keys.events)
-                if pubsub.connection is not None:
-                    # redis-py may also reconnect and re-subscribe by itself, inside get_message
-                    pubsub.connection.register_connect_callback(self._reconnected)
+                sock = pubsub.connection._sock      # type: ignore[union-attr]  # read by _read
+                sock.settimeout(POLL)
                 self.subscribed.set()
-                w.wake.set()          # events may have been missed while disconnected
+                self._resync()
                 delay = 0.1
-                while not self._stop.is_set():
-                    msg = pubsub.get_message(timeout=0.5)
-                    if msg is not None and msg.get("type") == "message":
-                        self.handle(msg["data"].decode(errors="replace"))
+                self._read(sock, w.store.keys.events.encode())
             except Exception as exc:
                 self.subscribed.clear()
                 if self._stop.is_set():
@@ -79,9 +80,32 @@ class Control:
                     except Exception:
                         pass
 
-    def _reconnected(self, _connection: object) -> None:
-        """redis-py re-established the subscription on its own: events published meanwhile were
-        missed, so re-read the state as after any reconnection."""
+    def _read(self, sock: socket.socket, channel: bytes) -> None:
+        """Read the subscription straight off its socket: one blocking recv per wake-up. Behind
+        many CPU-bound task threads each wait for the GIL lasts a round of switch intervals,
+        and redis-py's reader (a poll, then a recv, each giving up the GIL) would cost several
+        such waits before a cancel could be acted on."""
+        buf = bytearray(65536)
+        view = memoryview(buf)
+        frames = Frames()
+        pending = getattr(sock, "pending", None)          # TLS: records already decrypted
+        while not self._stop.is_set():
+            try:
+                n = sock.recv_into(buf)
+            except TimeoutError:
+                continue
+            if n == 0:
+                raise ConnectionError("the server closed the pub/sub connection")
+            received = frames.feed(view[:n])
+            while pending is not None and pending():
+                received += frames.feed(view[:sock.recv_into(buf)])
+            for frame in received:
+                if len(frame) == 3 and frame[0] == b"message" and frame[1] == channel:
+                    self.handle(frame[2].decode(errors="replace"))
+
+    def _resync(self) -> None:
+        """Events published before the subscription was (re)established were missed: re-read
+        the state they would have announced."""
         self.worker.maintenance.schedules.poke()
         self.worker.wake.set()
 
@@ -98,8 +122,8 @@ class Control:
             else:
                 canceled = w.store.redis.hget(k.batch(batch_id), "state") == b"canceled"
             if canceled:
-                n = w.abort_where("canceled", batch_id)
-                log.info("worker %s: batch %s canceled, aborting %d running tasks", w.id, batch_id, n)
+                w.abort_all(mine, "canceled")
+                log.info("worker %s: batch %s canceled, aborting %d running tasks", w.id, batch_id, len(mine))
         elif message == "pr":
             if w.store.redis.exists(k.paused):
                 n = w.abort_where("requeue")
@@ -108,3 +132,54 @@ class Control:
             if message in ("s", "r"):     # schedules changed / resumed: re-read the next tick
                 w.maintenance.schedules.poke()
             w.wake.set()
+
+
+class Frames:
+    """Incremental parser of the RESP frames a subscribed connection receives: arrays (``*``
+    in RESP2, ``>`` for RESP3 pushes) of bulk strings and integers."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes | memoryview) -> list[list[bytes | int]]:
+        self.buf += data
+        out = []
+        while True:
+            parsed = self._frame(0)
+            if parsed is None:
+                return out
+            frame, end = parsed
+            del self.buf[:end]
+            out.append(frame)
+
+    def _line(self, pos: int) -> tuple[bytes, int] | None:
+        end = self.buf.find(b"\r\n", pos)
+        return None if end < 0 else (bytes(self.buf[pos:end]), end + 2)
+
+    def _frame(self, pos: int) -> tuple[Any, int] | None:
+        line = self._line(pos)
+        if line is None:
+            return None
+        head, pos = line
+        kind, rest = head[:1], head[1:]
+        if kind in (b"*", b">"):
+            items = []
+            for _ in range(int(rest)):
+                item = self._frame(pos)
+                if item is None:
+                    return None
+                value, pos = item
+                items.append(value)
+            return items, pos
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None, pos
+            if len(self.buf) < pos + size + 2:
+                return None
+            return bytes(self.buf[pos:pos + size]), pos + size + 2
+        if kind == b":":
+            return int(rest), pos
+        if kind in (b"+", b"-"):
+            return rest, pos
+        raise ConnectionError(f"unexpected reply on the pub/sub connection: {head[:40]!r}")

@@ -284,24 +284,22 @@ class WorkerProcess:
         return len(tasks)
 
     def abort_all(self, tasks: list[Fetched], reason: str) -> None:
-        """Set each task's cancellation event, then raise TaskCanceled in its thread; the
-        watch for tasks that ignore it comes after all of them. The raises go first and back
-        to back: the caller (the control thread) holds the GIL only until the next switch
-        interval, and getting it back behind many CPU-bound task threads takes milliseconds."""
-        aborted = []
-        for task in tasks:
-            if task.abort_reason is None:
-                task.abort_reason = reason
-                task.ctx.cancelled.set()
-                runner = task.runner            # set by the runner before the body starts
-                if runner is not None:
-                    runner.abort(task.id)
-                aborted.append(task)
+        """Set each task's cancellation event and raise TaskCanceled in its thread, back to back,
+        before anything else: the caller (the control thread) keeps the GIL only until the next
+        switch, and behind many CPU-bound task threads getting it back takes a long while. The
+        watch for tasks that ignore the abort comes after all of them."""
+        aborted = [t for t in tasks if t.abort_reason is None]
+        for task in aborted:
+            task.abort_reason = reason
+            task.ctx.cancelled.set()
+            if task.runner is not None:         # set by the runner before the body starts
+                task.runner.abort(task.id)
         self.maintenance.watch_aborts(aborted)
 
     def running_of(self, batch_id: str | None) -> list[Fetched]:
-        with self.lock:
-            return [t for t in self.running.values() if batch_id is None or t.batch_id == batch_id]
+        # no lock: list() of a dict's values is one C call under the GIL, and the lock could be
+        # held by a task thread that is itself waiting for the GIL (a whole round of switches)
+        return [t for t in list(self.running.values()) if batch_id is None or t.batch_id == batch_id]
 
     def force_exit(self, why: str) -> None:
         """A task ignores its abort past cancel_grace: hand every other task back, then end the
