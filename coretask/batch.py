@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .client import TaskProcessor
+    from .store import InFlight
 
 __all__ = ["BatchBuilder"]
 
@@ -48,6 +49,7 @@ class BatchBuilder:
         self._chunk: list[Any] = []         # per task: id, shape number, payload, signature
         self._shapes: dict[tuple[Any, ...], int] = {}   # what tasks share, sent once per chunk
         self._chunk_bytes = 0
+        self._inflight: InFlight | None = None   # the staging call Redis runs while we encode
         self.tasks = 0
         self.continuations = 0
         k = processor.store.keys
@@ -88,19 +90,31 @@ class BatchBuilder:
         return task_id
 
     def _flush(self) -> None:
+        """Send the chunk without waiting for its reply (read before the next one is sent): the
+        next chunk is encoded while Redis stages this one. batch_stage is idempotent, so a call
+        whose reply is lost can be sent again."""
         if self._chunk:
-            k = self._p.store.keys
+            store = self._p.store
+            k = store.keys
             shapes = [v for shape in self._shapes for v in shape]
-            self._p.store.run("batch_stage", [self._staged, self._cstaged, k.queues],
-                              [k.prefix, STAGE_TTL_MS, self._batch_id, len(self._shapes), *shapes, *self._chunk])
+            args = [k.prefix, STAGE_TTL_MS, self._batch_id, len(self._shapes), *shapes, *self._chunk]
             self._chunk = []
             self._shapes = {}
             self._chunk_bytes = 0
+            self._staged_so_far()
+            self._inflight = store.send("batch_stage", [self._staged, self._cstaged, k.queues], args)
+
+    def _staged_so_far(self) -> None:
+        """Wait for the staging call in flight (its error, if any, is raised here)."""
+        flight, self._inflight = self._inflight, None
+        if flight is not None:
+            flight.result()
 
     def _commit(self) -> bool:
         store = self._p.store
         k = store.keys
         self._flush()
+        self._staged_so_far()
         try:
             res = store.run("batch_commit",
                             [k.batch(self._batch_id), self._staged, self._cstaged, self._pub, k.publishing,
@@ -129,6 +143,10 @@ class BatchBuilder:
         store = self._p.store
         self._chunk = []
         self._shapes = {}
+        try:
+            self._staged_so_far()          # its data is removed below like the rest
+        except Exception:
+            pass
         while store.run("batch_abort", [self._staged, self._cstaged], [store.keys.prefix, CHUNK]):
             pass
 

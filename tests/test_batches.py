@@ -113,18 +113,27 @@ def test_exception_inside_build_leaves_nothing(processor, r, prefix, form):
 @pytest.mark.parametrize("failing", [2, 3, "commit"])
 def test_redis_error_midway_leaves_nothing(processor, r, prefix, monkeypatch, failing):
     # Given a store whose n-th staging call (or the commit) fails as if the connection dropped
-    real_run = processor.store.run
+    # (a staging call's error surfaces when its reply is read, after it ran)
+    real_run, real_send = processor.store.run, processor.store.send
     calls = {"batch_stage": 0}
 
-    def run(name, keys, args, **kw):
+    def send(name, keys, args):
+        flight = real_send(name, keys, args)
         if name == "batch_stage":
             calls[name] += 1
             if calls[name] == failing:
-                raise redis.ConnectionError("connection reset by peer (simulated)")
+                def lost():
+                    real_result()
+                    raise redis.ConnectionError("connection reset by peer (simulated)")
+                real_result, flight.result = flight.result, lost
+        return flight
+
+    def run(name, keys, args, **kw):
         if name == "batch_commit" and failing == "commit":
             raise redis.ConnectionError("connection reset by peer (simulated)")
         return real_run(name, keys, args, **kw)
 
+    monkeypatch.setattr(processor.store, "send", send)
     monkeypatch.setattr(processor.store, "run", run)
     # When a 3,500-task batch is built
     with pytest.raises(redis.ConnectionError):
@@ -165,6 +174,13 @@ def test_hundred_thousand_tasks_bounded_memory_short_scripts(processor, embedded
     if cpu is not None:
         monkeypatch.setattr(store, "run", timing(store.run, lambda name, *_: name))
         monkeypatch.setattr(store, "run_many", timing(store.run_many, lambda calls: "+".join(c[0] for c in calls)))
+        real_send = store.send
+
+        def send_and_wait(name: str, keys: Any, args: Any) -> Any:
+            flight = real_send(name, keys, args)
+            flight.result()             # the reply is kept: the builder's own result() returns it
+            return flight
+        monkeypatch.setattr(store, "send", timing(send_and_wait, lambda name, *_: name))
     slowlog = not server.cluster            # CONFIG on every cluster node is out of scope here
     if slowlog:
         old = r.config_get("slowlog-log-slower-than")["slowlog-log-slower-than"]

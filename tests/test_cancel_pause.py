@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from datetime import timedelta
 
 import pytest
 
 from coretask.worker.control import Frames
+from coretask.worker.process import WorkerProcess
 from tests import tasks, tasks_batch
 from tests.conftest import wait_until
 
@@ -188,6 +190,8 @@ def test_forged_cancel_or_requeue_message_aborts_nothing(processor, embedded_wor
     batch_id = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, key, 1.5))
     embedded_worker(processor)
     wait_until(lambda: started(r, key), 10, "task running")
+    # (the control thread subscribes concurrently with the first fetch: "x" only wakes the loop)
+    wait_until(lambda: r.publish(f"{prefix}:ev", "x") >= 1, 10, "the worker subscribed")
     # When someone publishes "c:<batch>", "c:<batch>:<a made-up cancel key>" and "pr" on the
     # events channel without canceling or pausing
     assert r.publish(f"{prefix}:ev", f"c:{batch_id}") >= 1
@@ -198,6 +202,37 @@ def test_forged_cancel_or_requeue_message_aborts_nothing(processor, embedded_wor
     info = processor.wait_for_batch(batch_id, 10)
     assert (info.state, info.done, info.canceled) == ("succeeded", 1, 0)
     assert json.loads(r.lindex(key + ":left", 0)) == {"cancelled": False, "outcome": "returned"}
+
+
+def test_a_cancel_missed_while_unsubscribed_aborts_the_task_on_resubscription(make_processor, r, prefix):
+    # Given a worker running a spinning batch task, whose control thread drops cancel messages
+    # (as if they were published while its subscription was down)
+    key = prefix + ":spin"
+    p = make_processor()
+    w = WorkerProcess(p, renew_own_leases=True)
+    dropped: list[str] = []
+    handle = w.control.handle
+    w.control.handle = lambda m: dropped.append(m) if m.startswith("c:") else handle(m)  # type: ignore
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        batch_id = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, key, 30))
+        wait_until(lambda: started(r, key), 10, "task running")
+        # When the batch is canceled and the message is lost
+        assert p.cancel_batch(batch_id)
+        wait_until(lambda: dropped, 10, "the cancel message reached the worker (and was dropped)")
+        assert r.llen(key + ":left") == 0
+        # ... and the subscription is then cut, so that the worker subscribes again
+        kill = {"target_nodes": "all"} if p.options.cluster else {}
+        assert r.client_kill_filter(_type="pubsub", **kill)
+        # Then on resubscribing it finds the batch canceled and aborts the task
+        wait_until(lambda: r.llen(key + ":left"), 10, "the task aborted")
+        assert json.loads(r.lindex(key + ":left", 0)) == {"cancelled": True, "outcome": "TaskCanceled"}
+        wait_until(lambda: p.get_batch(batch_id).canceled == 1, 10, "counted canceled")
+    finally:
+        stop.set()
+        thread.join(15)
 
 
 # --------------------------------------------------------------------------------- pause

@@ -2,7 +2,7 @@
 
 Workers: ``python -m coretask.worker --app benchmarks.adapters.coretask_:processor
 --processes P --threads 8`` (2 processes x 8 threads on this 2-core machine;
-``--threads 100`` for the cancel-latency measurement).
+``--threads 1`` for CPU efficiency, ``--threads 100`` for the cancel-latency measurement).
 Bulk API: ``TaskProcessor.enqueue_batch``.
 
 This module is also the worker's app module: ``processor`` is built lazily
@@ -26,7 +26,8 @@ from . import _base
 
 NAME = "coretask"
 DISTS = ("coretask",)
-WORKER_CONFIG = "python -m coretask.worker --processes P --threads 8 (--threads 100 for cancel latency)"
+WORKER_CONFIG = ("python -m coretask.worker --processes P --threads 8 (--threads 1 for CPU efficiency, "
+                 "--threads 100 for cancel latency)")
 QUEUE = "default"
 KIND = "bench"
 PREFIX = "{bench}"

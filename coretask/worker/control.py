@@ -105,9 +105,17 @@ class Control:
 
     def _resync(self) -> None:
         """Events published before the subscription was (re)established were missed: re-read
-        the state they would have announced."""
-        self.worker.maintenance.schedules.poke()
-        self.worker.wake.set()
+        the state they would have announced, including a cancel of a running task's batch."""
+        w = self.worker
+        w.maintenance.schedules.poke()
+        w.wake.set()
+        k = w.store.keys
+        for batch_id in {t.batch_id for t in w.running_of(None) if t.batch_id}:
+            if w.store.redis.hget(k.batch(batch_id), "state") == b"canceled":
+                mine = w.running_of(batch_id)
+                w.abort_all(mine, "canceled")
+                log.info("worker %s: batch %s was canceled while unsubscribed, aborting %d running tasks",
+                         w.id, batch_id, len(mine))
 
     def handle(self, message: str) -> None:
         w = self.worker

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FIELDS = 12  # values per task in the fetch reply
 COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
 SHORT_TASK_MS = 10.0  # tasks averaging less than this are acknowledged and fetched in groups
+SUBSCRIBE_WAIT = 5.0  # seconds the loop waits for the pub/sub subscription before its first fetch
 ABORT_SETTLE = 0.5  # seconds shutdown waits for aborted tasks to report before handing them back
 MIB = 1024 * 1024
 
@@ -105,6 +106,9 @@ class WorkerProcess:
         for t in threads:
             t.start()
         self.control.start()
+        # a task fetched before the subscription is up would miss a cancel published meanwhile
+        # (the control thread re-checks running tasks' batches on every later resubscription)
+        self.control.subscribed.wait(SUBSCRIBE_WAIT)
         log.info("worker %s started: queues=%s threads=%d", self.id, ",".join(self.options.queues), self.threads)
         stop_watch = threading.Thread(target=lambda: (stop.wait(), self.wake.set()), daemon=True)
         stop_watch.start()
@@ -142,8 +146,8 @@ class WorkerProcess:
                 if self.recycle_reason is not None and self._drained():
                     break                         # recycling: every task done and acknowledged
                 timeout = self.maintenance.tick()
-                if got and got == free:
-                    continue                      # there may be more: fetch again as threads free up
+                if got and got == free and self.threads > len(self.running):
+                    continue                      # there may be more, and threads freed up meanwhile
                 if reply[1] != -1:
                     timeout = min(timeout, max((int(reply[1]) - int(reply[2])) / 1000, 0.001))
                 if self.wake.wait(min(timeout, base)) and self._busy():
