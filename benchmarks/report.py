@@ -28,9 +28,11 @@ MEANINGS = [
     ("bulk enq/s", "the same with the library's bulk API (rq `enqueue_many`, celery `group().apply_async()`, "
                    "dramatiq `group().run()`, coretask `enqueue_batch`; huey has none: n/a), in chunks of 1,000."),
     ("no-op/s 1 proc / 2 proc", "N no-op tasks (one INCR each) are queued first, then the workers are started; "
-                                "N / (time from starting the worker command to the counter reaching N). "
-                                "Worker start-up time is included, nothing is subtracted."),
-    ("CPU eff. 2 proc", "tasks of ~20 ms pure-Python work on 2 worker processes (already started and idle): "
+                                "the processing rate while the counter goes from 10% to 90% of N (worker start-up "
+                                "is in the raw runs: `first_task_after_s`, and `with_start_up` = N / (start of the "
+                                "worker command to the counter reaching N))."),
+    ("CPU eff. 2 proc", "tasks of ~20 ms pure-Python work on 2 worker processes, one task at a time per process "
+                        "(already started and idle): "
                         "ideal time = total CPU work / 2, where the total is the sum of each task's own thread CPU "
                         "time measured in the worker (`time.thread_time`); efficiency = ideal / actual (time from "
                         "the first enqueue to the last task done). 100% = both cores fully used by task code."),

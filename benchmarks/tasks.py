@@ -75,9 +75,19 @@ def spin(seq, max_seconds=30.0):
                 x += i
     finally:
         left = time.time()
-        for _ in range(3):  # bookkeeping only: retry if something interrupts the write
+        # bookkeeping only. The abort may have landed inside the start write's redis-py call and
+        # left the shared client's connection unusable: a failed write is retried on a
+        # connection of its own.
+        for attempt in range(3):
             try:
-                conn().hset(SPIN_END_KEY, str(seq), repr(left))
+                if attempt == 0:
+                    conn().hset(SPIN_END_KEY, str(seq), repr(left))
+                else:
+                    import redis
+
+                    own = redis.Redis.from_url(redis_url())
+                    own.hset(SPIN_END_KEY, str(seq), repr(left))
+                    own.close()
                 break
             except BaseException:  # noqa: BLE001
                 continue
