@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..context import TaskContext
-    from .process import WorkerProcess
+    from .process import Fetched, WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -109,13 +109,19 @@ class Control:
         w = self.worker
         w.maintenance.schedules.poke()
         w.wake.set()
-        k = w.store.keys
         for batch_id in {t.batch_id for t in w.running_of(None) if t.batch_id}:
-            if w.store.redis.hget(k.batch(batch_id), "state") == b"canceled":
-                mine = w.running_of(batch_id)
-                w.abort_all(mine, "canceled")
-                log.info("worker %s: batch %s was canceled while unsubscribed, aborting %d running tasks",
-                         w.id, batch_id, len(mine))
+            if self._canceled(batch_id):
+                self._abort(batch_id, w.running_of(batch_id), "while unsubscribed")
+
+    def _canceled(self, batch_id: str) -> bool:
+        w = self.worker
+        return w.store.redis.hget(w.store.keys.batch(batch_id), "state") == b"canceled"  # type: ignore[no-any-return]
+
+    def _abort(self, batch_id: str, mine: list[Fetched], when: str) -> None:
+        w = self.worker
+        w.abort_all(mine, "canceled")
+        log.info("worker %s: batch %s canceled%s, aborting %d running tasks",
+                 w.id, batch_id, f" {when}" if when else "", len(mine))
 
     def handle(self, message: str) -> None:
         w = self.worker
@@ -125,13 +131,9 @@ class Control:
             mine = w.running_of(batch_id)
             if not mine:
                 return                # nothing of that batch runs here
-            if key and any(hmac.compare_digest(cancel_key(t.ctx) or "", key) for t in mine):
-                canceled = True
-            else:
-                canceled = w.store.redis.hget(k.batch(batch_id), "state") == b"canceled"
-            if canceled:
-                w.abort_all(mine, "canceled")
-                log.info("worker %s: batch %s canceled, aborting %d running tasks", w.id, batch_id, len(mine))
+            keyed = bool(key) and any(hmac.compare_digest(cancel_key(t.ctx) or "", key) for t in mine)
+            if keyed or self._canceled(batch_id):       # a message without the key is verified
+                self._abort(batch_id, mine, "")
         elif message == "pr":
             if w.store.redis.exists(k.paused):
                 n = w.abort_where("requeue")
