@@ -24,7 +24,7 @@ class TaskContext:
     """
 
     __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "batch_id", "topic",
-                 "data", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_store", "_token",
+                 "data", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted", "_store", "_token",
                  "__weakref__")
 
     def __init__(self, *, task_id: str, queue: str, tenant: str, target: str, attempt: int,
@@ -43,7 +43,8 @@ class TaskContext:
         self._enqueued_ms = int(enqueued_at.timestamp() * 1000) if enqueued_at is not None else enqueued_ms
         self._batch_fields = batch_fields
         self._batch: BatchInfo | None = batch
-        self._cancelled: threading.Event | None = None
+        self._cancelled: CancelledEvent | None = None
+        self._aborted = False
         self._store = store
         self._token = str(attempt)
 
@@ -75,8 +76,23 @@ class TaskContext:
     def cancelled(self) -> threading.Event:
         """Set when the task is being aborted (batch canceled, handed back, shutdown)."""
         if self._cancelled is None:
-            self._cancelled = threading.Event()
+            # published before the mark is read: an abort in between wakes this event itself
+            self._cancelled = ev = CancelledEvent(self)
+            if self._aborted:
+                ev.set()
         return self._cancelled
+
+    def mark_aborted(self) -> None:
+        """First half of an abort: a flag, so that the aborting thread raises TaskCanceled in
+        every target thread back to back (behind many CPU-bound threads it may not get the GIL
+        back for a whole round of switch intervals); ``cancelled`` reads as set from here on."""
+        self._aborted = True
+
+    def wake_cancelled(self) -> None:
+        """Second half of an abort: wake threads waiting on ``cancelled``."""
+        ev = self._cancelled
+        if ev is not None:
+            ev.set()
 
     def extend_lock(self, duration: timedelta) -> None:
         """Keep the task leased for at least ``duration`` from now (server clock). Raises
@@ -88,8 +104,23 @@ class TaskContext:
             raise LeaseLost(f"task {self.task_id}: the lease is no longer held by this worker")
 
     def raise_if_cancelled(self) -> None:
-        if self.cancelled.is_set():
+        if self._aborted:
             raise TaskCanceled(f"task {self.task_id} was canceled")
 
     def __repr__(self) -> str:
         return f"<TaskContext {self.task_id} {self.target} tenant={self.tenant} attempt={self.attempt}>"
+
+
+class CancelledEvent(threading.Event):
+    """``TaskContext.cancelled``: reads as set as soon as the task is marked aborted, before
+    the aborting thread gets round to waking its waiters."""
+
+    def __init__(self, ctx: TaskContext) -> None:
+        super().__init__()
+        self._ctx = ctx
+
+    def is_set(self) -> bool:
+        return self._ctx._aborted or super().is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._ctx._aborted or super().wait(timeout)

@@ -58,6 +58,11 @@ class Options:
       share one Redis Cluster slot, which multi-key scripts require there.
     queues: fetch order; the first queue with ready work wins.
     processes x max_workers: worker processes started by the manager, threads per process.
+    sched_batch: on Linux, task threads run under the SCHED_BATCH policy: the same share of the
+      CPU, but a thread that wakes up does not preempt them. The worker's own threads (the fetch
+      loop, the control thread that aborts canceled tasks, lease renewal) then get a core the
+      moment they need one instead of queueing behind CPU-bound tasks; without it a cancel
+      behind a hundred busy threads took several times longer (docs/decisions.md).
     retries: retries after the first attempt before a task is dead-lettered.
     invisibility: how long a task stays leased without renewal before it is redelivered.
     base_frequency: polling interval when no pub/sub event arrives.
@@ -95,6 +100,7 @@ class Options:
     queues: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_QUEUES))
     processes: int = DEFAULT_PROCESSES
     max_workers: int = DEFAULT_MAX_WORKERS
+    sched_batch: bool = True
     retries: int = DEFAULT_RETRIES
     invisibility: timedelta = DEFAULT_INVISIBILITY
     base_frequency: timedelta = DEFAULT_BASE_FREQUENCY
@@ -165,6 +171,8 @@ class Options:
         from .signing import check_allowed_modules, check_signing_keys
         self.signing_key = check_signing_keys(self.signing_key)
         self.allowed_modules = check_allowed_modules(self.allowed_modules)
+        if not isinstance(self.sched_batch, bool):
+            raise ConfigurationError(f"Options.sched_batch must be True or False, got {self.sched_batch!r}")
         if not isinstance(self.allow_unsigned_pickle, bool):
             raise ConfigurationError(f"Options.allow_unsigned_pickle must be True or False, got {self.allow_unsigned_pickle!r}")
 

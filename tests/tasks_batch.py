@@ -90,3 +90,8 @@ def _make() -> TaskProcessor:
 
 
 processor: Any = _make() if "CORETASK_TEST_PREFIX" in os.environ else None
+
+
+def record_sched_policy(key: str) -> None:
+    """Records the scheduling policy of the thread the task runs in."""
+    R().rpush(key, os.sched_getscheduler(0))

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from datetime import timedelta
 
 import pytest
 
+from coretask import TaskCanceled
 from coretask.worker.control import Frames
 from coretask.worker.process import WorkerProcess
 from tests import tasks, tasks_batch
@@ -333,6 +335,54 @@ def test_pause_requeue_running_hands_tasks_back_without_a_retry(processor, embed
     for k in keys:
         assert [json.loads(x)[:2] for x in r.lrange(k + ":started", 0, -1)] == [[1, 2], [2, 2]]
     assert processor.get_queue("default").dead == 0
+
+
+def test_task_threads_run_under_sched_batch_unless_disabled(make_processor, embedded_worker, r, prefix):
+    # Given two workers on different queues, one with the default options, one with sched_batch off
+    default = make_processor(queues=["on"])
+    off = make_processor(queues=["off"], sched_batch=False)
+    embedded_worker(default)
+    embedded_worker(off)
+    # When each runs a task that reads its thread's scheduling policy
+    default.enqueue_task("on", "acme", tasks_batch.record_sched_policy, prefix + ":on")
+    off.enqueue_task("off", "acme", tasks_batch.record_sched_policy, prefix + ":off")
+    wait_until(lambda: r.llen(prefix + ":on") and r.llen(prefix + ":off"), 10, "both tasks ran")
+    # Then the default worker's task thread is SCHED_BATCH (the worker's own threads preempt it)
+    assert int(r.lindex(prefix + ":on", 0)) == os.SCHED_BATCH
+    # And with sched_batch=False the thread keeps the ordinary policy
+    assert int(r.lindex(prefix + ":off", 0)) == os.SCHED_OTHER
+
+
+def test_ctx_cancelled_reads_set_from_the_abort_mark_and_wakes_waiters(processor):
+    # Given two task contexts: one whose event a thread already waits on, one never looked at
+    from coretask.context import TaskContext
+    waited, fresh = (TaskContext(task_id=t, queue="q", tenant="acme", target="x", attempt=1, retries_left=0,
+                                 batch_id=None, store=processor.store) for t in ("t1", "t2"))
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(waited.cancelled.wait(30)))
+    waiter.start()
+    # When both are aborted (the mark first, then the wake-up, as the control thread does)
+    for ctx in (waited, fresh):
+        ctx.mark_aborted()
+    # Then both read as cancelled at once, before any wake-up
+    assert waited.cancelled.is_set() and fresh.cancelled.is_set()
+    with pytest.raises(TaskCanceled):
+        fresh.raise_if_cancelled()
+    # And the waiting thread returns True once woken, long before its 30 s timeout
+    waited.wake_cancelled()
+    waiter.join(10)
+    assert woke == [True]
+
+
+def test_control_thread_stop_ends_its_blocking_read(processor):
+    # Given a worker's control thread, subscribed and blocked reading its socket (no timeout)
+    w = WorkerProcess(processor)
+    w.control.start()
+    assert w.control.subscribed.wait(10)
+    # When it is stopped
+    w.control.stop()
+    # Then the thread has ended (stop() shuts the socket down; it waits at most 3 s)
+    assert not w.control._thread.is_alive()
 
 
 # ----------------------------------------------------------------- the subscription reader

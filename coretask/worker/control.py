@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BACKOFF_MAX = 5.0
-POLL = 0.5      # seconds between checks of the stop flag while no message arrives
 
 
 def cancel_key(ctx: TaskContext) -> str | None:
@@ -43,12 +42,19 @@ class Control:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coretask-control", daemon=True)
         self.subscribed = threading.Event()
+        self._sock: socket.socket | None = None
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # ends the blocking recv in _read
+            except OSError:
+                pass
         self._thread.join(timeout=3)
 
     def _run(self) -> None:
@@ -59,8 +65,10 @@ class Control:
             try:
                 pubsub = w.store.redis.pubsub()
                 pubsub.subscribe(w.store.keys.events)
-                sock = pubsub.connection._sock      # type: ignore[union-attr]  # read by _read
-                sock.settimeout(POLL)
+                sock = self._sock = pubsub.connection._sock      # type: ignore[union-attr]
+                sock.settimeout(None)     # see _read
+                if self._stop.is_set():
+                    break
                 self.subscribed.set()
                 self._resync()
                 delay = 0.1
@@ -74,6 +82,7 @@ class Control:
                 self._stop.wait(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
             finally:
+                self._sock = None
                 if pubsub is not None:
                     try:
                         pubsub.close()
@@ -84,17 +93,17 @@ class Control:
         """Read the subscription straight off its socket: one blocking recv per wake-up. Behind
         many CPU-bound task threads each wait for the GIL lasts a round of switch intervals,
         and redis-py's reader (a poll, then a recv, each giving up the GIL) would cost several
-        such waits before a cancel could be acted on."""
+        such waits before a cancel could be acted on. For the same reason the socket has no
+        timeout (a timeout makes every recv a poll and then a recv): stop() shuts it down."""
         buf = bytearray(65536)
         view = memoryview(buf)
         frames = Frames()
         pending = getattr(sock, "pending", None)          # TLS: records already decrypted
         while not self._stop.is_set():
-            try:
-                n = sock.recv_into(buf)
-            except TimeoutError:
-                continue
+            n = sock.recv_into(buf)
             if n == 0:
+                if self._stop.is_set():
+                    return
                 raise ConnectionError("the server closed the pub/sub connection")
             received = frames.feed(view[:n])
             while pending is not None and pending():

@@ -288,16 +288,18 @@ class WorkerProcess:
         return len(tasks)
 
     def abort_all(self, tasks: list[Fetched], reason: str) -> None:
-        """Set each task's cancellation event and raise TaskCanceled in its thread, back to back,
-        before anything else: the caller (the control thread) keeps the GIL only until the next
-        switch, and behind many CPU-bound task threads getting it back takes a long while. The
-        watch for tasks that ignore the abort comes after all of them."""
+        """Mark each task and raise TaskCanceled in its thread, back to back, before anything
+        else: the caller (the control thread) keeps the GIL only until the next switch, and
+        behind many CPU-bound task threads getting it back takes a long while. Waking threads
+        that wait on ``ctx.cancelled`` and the watch for tasks that ignore the abort come after."""
         aborted = [t for t in tasks if t.abort_reason is None]
         for task in aborted:
             task.abort_reason = reason
-            task.ctx.cancelled.set()
+            task.ctx.mark_aborted()
             if task.runner is not None:         # set by the runner before the body starts
                 task.runner.abort(task.id)
+        for task in aborted:
+            task.ctx.wake_cancelled()
         self.maintenance.watch_aborts(aborted)
 
     def running_of(self, batch_id: str | None) -> list[Fetched]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import threading
 import time
 import traceback
@@ -67,6 +68,8 @@ class Runner:
 
     def loop(self) -> None:
         self.thread_id = threading.get_ident()
+        if self.worker.options.sched_batch:
+            _sched_batch()
         inbox = self.worker.inbox
         while True:
             task = inbox.get()
@@ -166,6 +169,17 @@ class Runner:
                 return
             except TaskCanceled:
                 continue
+
+
+def _sched_batch() -> None:
+    """Put the calling thread under SCHED_BATCH (Options.sched_batch), where the OS has it."""
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None:
+        return
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))     # 0: the calling thread (Linux)
+    except OSError as exc:       # a seccomp profile may forbid it: the tasks run all the same
+        log.debug("could not set SCHED_BATCH on task thread: %s", exc)
 
 
 def _hook(fn: Callable[..., Any] | None, *args: Any) -> Any:
