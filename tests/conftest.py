@@ -81,13 +81,33 @@ FAST = dict(base_frequency=0.5, pushback_frequency=0.2, cleanup_frequency=0.5, i
 
 
 @pytest.fixture
-def make_processor(server: Target, prefix: str) -> Iterator[Callable[..., TaskProcessor]]:
+def own_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., RedisServer]]:
+    """``own_server(kind=None, **kwargs)``: a single server of the test's own, which it may
+    reconfigure, flush or stop, from the binary under test (Redis 7 under --server cluster)
+    unless ``kind`` names another."""
+    started: list[RedisServer] = []
+
+    def start(kind: str | None = None, **kwargs: Any) -> RedisServer:
+        kind = kind or request.config.getoption("--server")
+        s = RedisServer(binary=find_server_binary("redis7" if kind == "cluster" else kind), **kwargs)
+        started.append(s)
+        return s.start()
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def processor_on(prefix: str) -> Iterator[Callable[..., TaskProcessor]]:
+    """``processor_on(url, prefix=None, **options)``: a TaskProcessor with the suite's fast
+    timings on any URL, under this test's prefix unless given one; closed at teardown."""
     made: list[TaskProcessor] = []
 
-    def make(**opts: Any) -> TaskProcessor:
-        kw: dict[str, Any] = dict(redis=server.url, cluster=server.cluster, prefix=prefix, **FAST)
+    def make(url: str, prefix_: str | None = None, **opts: Any) -> TaskProcessor:
+        kw: dict[str, Any] = dict(FAST)
         kw.update(opts)
-        p = TaskProcessor(Options(**kw))
+        p = TaskProcessor(Options(redis=url, prefix=prefix_ or prefix, **kw))
         made.append(p)
         return p
 
@@ -97,28 +117,37 @@ def make_processor(server: Target, prefix: str) -> Iterator[Callable[..., TaskPr
 
 
 @pytest.fixture
+def make_processor(server: Target, processor_on: Callable[..., TaskProcessor]) -> Callable[..., TaskProcessor]:
+    """``make_processor(**options)``: a TaskProcessor on the session's server."""
+    return lambda **opts: processor_on(server.url, **{"cluster": server.cluster, **opts})
+
+
+@pytest.fixture
 def processor(make_processor: Callable[..., TaskProcessor]) -> TaskProcessor:
     return make_processor()
 
 
 @pytest.fixture
 def embedded_worker() -> Iterator[Callable[[TaskProcessor], threading.Event]]:
-    """Start ``processor.run`` in a thread; returns its stop event. Always stopped at teardown."""
+    """``embedded_worker(processor)`` runs ``processor.run`` in a thread and returns its stop
+    event (with the thread as ``.thread``, to join a worker stopped mid-test). Every worker is
+    stopped at teardown, and must have ended."""
     running: list[tuple[threading.Event, threading.Thread]] = []
 
     def start(p: TaskProcessor) -> threading.Event:
         stop = threading.Event()
         t = threading.Thread(target=p.run, args=(stop,), daemon=True)
         t.start()
+        stop.thread = t  # type: ignore[attr-defined]
         running.append((stop, t))
         return stop
 
     yield start
-    for stop, t in running:
+    for stop, _ in running:
         stop.set()
     for _, t in running:
-        t.join(timeout=15)
-        assert not t.is_alive(), "embedded worker did not stop"
+        t.join(timeout=20)
+    assert not any(t.is_alive() for _, t in running), "an embedded worker did not stop"
 
 
 class ManagerProcess:
@@ -161,25 +190,32 @@ class ManagerProcess:
             self.proc.wait(10)
 
 
+def spawn_manager(app: str, log_path: Path, prefix: str, processes: int = 1, threads: int = 4,
+                  queues: str | None = None, env: dict[str, str] | None = None, **opts: Any) -> ManagerProcess:
+    """``python -m coretask.worker --app APP`` in its own process group, with the suite's fast
+    timings overridden by ``opts`` (the app reads them from CORETASK_TEST_OPTIONS)."""
+    options = dict(FAST)
+    options.update(opts)
+    full_env = dict(os.environ, CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps(options),
+                    PYTHONPATH=str(ROOT), **(env or {}))
+    cmd = [sys.executable, "-m", "coretask.worker", "--app", app,
+           "--processes", str(processes), "--threads", str(threads)]
+    if queues:
+        cmd += ["--queues", queues]
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return ManagerProcess(proc, log_path)
+
+
 @pytest.fixture
 def start_manager(server: Target, prefix: str, tmp_path: Path) -> Iterator[Callable[..., ManagerProcess]]:
     """Start a worker manager for ``tests.app:processor`` with options given as keywords."""
     started: list[ManagerProcess] = []
 
     def start(processes: int = 1, threads: int = 4, queues: str | None = None, **opts: Any) -> ManagerProcess:
-        options = dict(FAST)
-        options.update(opts)
-        env = dict(os.environ, CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps(options),
-                   PYTHONPATH=str(ROOT))
-        cmd = [sys.executable, "-m", "coretask.worker", "--app", "tests.app:processor",
-               "--processes", str(processes), "--threads", str(threads)]
-        if queues:
-            cmd += ["--queues", queues]
-        log_path = tmp_path / f"manager-{len(started)}.log"
-        with open(log_path, "wb") as out:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        m = ManagerProcess(proc, log_path)
+        m = spawn_manager("tests.app:processor", tmp_path / f"manager-{len(started)}.log", prefix,
+                          processes, threads, queues, **opts)
         started.append(m)
         return m
 
@@ -188,14 +224,16 @@ def start_manager(server: Target, prefix: str, tmp_path: Path) -> Iterator[Calla
         m.kill_all()
 
 
-def wait_until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+def wait_until(cond: Callable[[], Any], timeout: float = 15.0, what: str | Callable[[], str] = "condition",
                interval: float = 0.02) -> Any:
-    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``."""
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``
+    (``what`` may be a function, to show the state worth seeing when it fails)."""
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value {value!r})")
+            text = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {text} (last value {value!r})")
         time.sleep(interval)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coretask import TaskContext
+from tests.conftest import wait_until
 
 if TYPE_CHECKING:
     from coretask import TaskProcessor
@@ -120,17 +121,6 @@ def make_certificates(folder: Path) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------ a full workload
-
-def wait_until(cond: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value {value!r})")
-        time.sleep(0.02)
-
 
 def exercise(p: TaskProcessor, notes: Path) -> None:
     """Every kind of call coretask makes to Redis, through ``p``, with a worker for ``p``'s

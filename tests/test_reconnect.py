@@ -7,10 +7,9 @@ Each test starts a server of its own from the binary of the server under test (R
 from __future__ import annotations
 
 import re
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ import psutil
 import pytest
 import redis
 
-from coretask import Options, ReplicationError, TaskProcessor
-from coretask.servers import RedisServer, find_server_binary
+from coretask import Options, ReplicationError
+from coretask.servers import RedisServer
 from tests.conftest import FAST
 from tests.tasks_servers import Manager, note, read_notes, wait_until
 
@@ -29,53 +28,6 @@ IDLE = dict(base_frequency=5.0, pushback_frequency=30.0, cleanup_frequency=60.0,
 
 def new_prefix() -> str:
     return "{ct-" + uuid.uuid4().hex[:10] + "}"
-
-
-@pytest.fixture
-def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., RedisServer]]:
-    kind = request.config.getoption("--server")
-    binary = find_server_binary("redis7" if kind == "cluster" else kind)
-    started: list[RedisServer] = []
-
-    def start(**kwargs: Any) -> RedisServer:
-        server = RedisServer(binary=binary, **kwargs)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture
-def own() -> Iterator[Any]:
-    """``own(url, **options)`` makes a TaskProcessor; ``own.run(p)`` starts an embedded worker.
-    All are stopped and closed at teardown."""
-    made: list[TaskProcessor] = []
-    workers: list[tuple[threading.Event, threading.Thread]] = []
-
-    def make(url: str, prefix: str, **opts: Any) -> TaskProcessor:
-        options = dict(FAST)
-        options.update(opts)
-        p = TaskProcessor(Options(redis=url, prefix=prefix, **options))
-        made.append(p)
-        return p
-
-    def run(p: TaskProcessor) -> None:
-        stop = threading.Event()
-        t = threading.Thread(target=p.run, args=(stop,), daemon=True)
-        t.start()
-        workers.append((stop, t))
-
-    make.run = run  # type: ignore[attr-defined]
-    yield make
-    for stop, _ in workers:
-        stop.set()
-    for _, t in workers:
-        t.join(15)
-    for p in made:
-        p.close()
-    assert not any(t.is_alive() for _, t in workers), "an embedded worker did not stop"
 
 
 def workers(manager: Manager) -> list[psutil.Process]:
@@ -98,11 +50,11 @@ def check_backoff(delays: list[float]) -> None:
 # ----------------------------------------------------------------------------- restarting
 
 def test_worker_survives_redis_restart_and_no_acknowledged_task_is_lost(
-        start_server: Callable[..., RedisServer], own: Any, tmp_path: Path) -> None:
-    server = start_server(appendonly=True, extra_args=["--appendfsync", "always"])
+        own_server: Callable[..., RedisServer], processor_on: Any, tmp_path: Path) -> None:
+    server = own_server(appendonly=True, extra_args=["--appendfsync", "always"])
     prefix = new_prefix()
     path = str(tmp_path / "notes")
-    producer = own(server.url, prefix)
+    producer = processor_on(server.url, prefix)
     manager = Manager(server.url, prefix, tmp_path / "manager.log", threads=4, **FAST)
     try:
         producer.enqueue_task("default", "acme", note, path, "warm-up")
@@ -138,9 +90,9 @@ def test_worker_survives_redis_restart_and_no_acknowledged_task_is_lost(
 
 
 def test_producer_fails_fast_with_connection_error_while_redis_is_down(
-        start_server: Callable[..., RedisServer], own: Any, tmp_path: Path) -> None:
-    server = start_server()
-    p = own(server.url, new_prefix())
+        own_server: Callable[..., RedisServer], processor_on: Any, tmp_path: Path) -> None:
+    server = own_server()
+    p = processor_on(server.url, new_prefix())
     p.enqueue_task("default", "acme", note, str(tmp_path / "n"), "ok")   # connected once
     server.kill()
     for call in (lambda: p.enqueue_task("default", "acme", note, str(tmp_path / "n"), "lost"),
@@ -162,13 +114,14 @@ def numsub(client: redis.Redis, channel: str) -> int:
 
 
 def test_pubsub_connection_killed_is_reconnected_and_resubscribed(
-        start_server: Callable[..., RedisServer], own: Any, tmp_path: Path) -> None:
-    server = start_server()
+        own_server: Callable[..., RedisServer], processor_on: Any, embedded_worker: Any,
+        tmp_path: Path) -> None:
+    server = own_server()
     prefix = new_prefix()
     channel = prefix + ":ev"
     path = str(tmp_path / "notes")
-    producer = own(server.url, prefix, **IDLE)
-    own.run(own(server.url, prefix, **IDLE))
+    producer = processor_on(server.url, prefix, **IDLE)
+    embedded_worker(processor_on(server.url, prefix, **IDLE))
     admin = server.client(socket_timeout=5)
     try:
         def subscriber() -> int | None:
@@ -196,16 +149,16 @@ def test_pubsub_connection_killed_is_reconnected_and_resubscribed(
 
 # ------------------------------------------------------------------------------------ WAIT
 
-def test_wait_replicas_with_a_master_and_a_replica(start_server: Callable[..., RedisServer], own: Any,
+def test_wait_replicas_with_a_master_and_a_replica(own_server: Callable[..., RedisServer], processor_on: Any,
                                                   tmp_path: Path) -> None:
-    master = start_server(extra_args=["--repl-diskless-sync-delay", "0"])
-    replica = start_server(extra_args=["--replicaof", master.host, str(master.port)])
+    master = own_server(extra_args=["--repl-diskless-sync-delay", "0"])
+    replica = own_server(extra_args=["--replicaof", master.host, str(master.port)])
     with master.client() as admin:
         wait_until(lambda: admin.info("replication").get("slave0", {}).get("state") == "online", 15,
                    "the replica to finish its initial sync")
     prefix = new_prefix()
     path = str(tmp_path / "notes")
-    p = own(master.url, prefix, wait_replicas=1, wait_timeout=2.0)
+    p = processor_on(master.url, prefix, wait_replicas=1, wait_timeout=2.0)
     tid = p.enqueue_task("default", "acme", note, path, "replicated")
     bid = p.enqueue_batch("default", "acme", lambda b: b.enqueue(note, path, "b"))
     assert p.cancel_batch(bid)
@@ -213,7 +166,7 @@ def test_wait_replicas_with_a_master_and_a_replica(start_server: Callable[..., R
         assert r.exists(f"{prefix}:t:{tid}") and r.hget(f"{prefix}:b:{bid}", "state") == b"canceled"
 
     replica.kill()
-    p2 = own(master.url, prefix, wait_replicas=1, wait_timeout=0.2)
+    p2 = processor_on(master.url, prefix, wait_replicas=1, wait_timeout=0.2)
     with pytest.raises(ReplicationError, match="only 0 of the 1 replicas") as info:
         p2.enqueue_task("default", "acme", note, path, "unreplicated")
     assert info.value.task_id and (info.value.acknowledged, info.value.required) == (0, 1)

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
 import redis.commands.core
 
-from coretask import Options, TaskProcessor
-from coretask.servers import RedisServer, find_server_binary
+from coretask import TaskProcessor
+from coretask.servers import RedisServer
 from tests.conftest import FAST, ROOT
 from tests.tasks_servers import (
     Manager,
@@ -88,37 +87,6 @@ def test_acl_line_covers_every_command_coretask_uses() -> None:
     assert not allowed & {"KEYS", "SCAN", "CONFIG", "FLUSHALL", "FLUSHDB", "MONITOR", "EVAL", "FUNCTION"}
 
 
-@pytest.fixture
-def start_server(request: pytest.FixtureRequest) -> Iterator[Callable[..., RedisServer]]:
-    started: list[RedisServer] = []
-
-    def start(kind: str | None = None, **kwargs: Any) -> RedisServer:
-        kind = kind or request.config.getoption("--server")
-        server = RedisServer(binary=find_server_binary("redis7" if kind == "cluster" else kind), **kwargs)
-        started.append(server)
-        return server.start()
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-@pytest.fixture
-def processors() -> Iterator[Callable[..., TaskProcessor]]:
-    made: list[TaskProcessor] = []
-
-    def make(url: str, prefix: str, **opts: Any) -> TaskProcessor:
-        options = dict(FAST)
-        options.update(opts)
-        p = TaskProcessor(Options(redis=url, prefix=prefix, **options))
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.close()
-
-
 def new_prefix() -> str:
     return "{ct-" + uuid.uuid4().hex[:10] + "}"
 
@@ -126,16 +94,16 @@ def new_prefix() -> str:
 # ------------------------------------------------------------------------------------- ACL
 
 def test_acl_user_with_only_the_documented_permissions_runs_everything(
-        start_server: Callable[..., RedisServer], processors: Callable[..., TaskProcessor],
+        own_server: Callable[..., RedisServer], processor_on: Callable[..., TaskProcessor],
         tmp_path: Path) -> None:
-    server = start_server()
+    server = own_server()
     prefix, password = new_prefix(), "s3cret-" + uuid.uuid4().hex[:8]
     with server.client() as admin:
         admin.execute_command("ACL", "SETUSER", "coretask", *acl_rules(prefix, password))
         admin.set("outside", "untouched")
         admin.set("{other}:queues", "untouched")
     url = f"redis://coretask:{password}@{server.host}:{server.port}/0"
-    p = processors(url, prefix, wait_replicas=0)
+    p = processor_on(url, prefix, wait_replicas=0)
     manager = Manager(url, prefix, tmp_path / "manager.log", threads=4, **FAST)
     try:
         exercise(p, tmp_path / "notes")
@@ -159,11 +127,11 @@ def test_acl_user_with_only_the_documented_permissions_runs_everything(
 
 # ------------------------------------------------------------------------------------- TLS
 
-def test_tls_with_client_certificates_end_to_end(start_server: Callable[..., RedisServer],
-                                                 processors: Callable[..., TaskProcessor],
+def test_tls_with_client_certificates_end_to_end(own_server: Callable[..., RedisServer],
+                                                 processor_on: Callable[..., TaskProcessor],
                                                  tmp_path: Path) -> None:
     certs = make_certificates(tmp_path)
-    server = start_server("redis7", extra_args=[
+    server = own_server("redis7", extra_args=[
         "--tls-cert-file", certs["server.crt"], "--tls-key-file", certs["server.key"],
         "--tls-ca-cert-file", certs["ca.crt"], "--tls-auth-clients", "yes"])
     assert server.url.startswith("rediss://")
@@ -171,7 +139,7 @@ def test_tls_with_client_certificates_end_to_end(start_server: Callable[..., Red
            f"&ssl_certfile={certs['client.crt']}&ssl_keyfile={certs['client.key']}")
     prefix = new_prefix()
     path = str(tmp_path / "notes")
-    p = processors(url, prefix)
+    p = processor_on(url, prefix)
     manager = Manager(url, prefix, tmp_path / "manager.log", threads=4, **FAST)
     try:
         bid = p.enqueue_batch("default", "acme", lambda b: (
@@ -186,10 +154,10 @@ def test_tls_with_client_certificates_end_to_end(start_server: Callable[..., Red
         assert conn.connection_pool.connection_class.__name__ == "SSLConnection"
 
     # a client that does not trust the CA is refused (and does not hang)
-    untrusted = processors(f"rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=required", new_prefix())
+    untrusted = processor_on(f"rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=required", new_prefix())
     with pytest.raises(redis.ConnectionError, match="(?i)certificate verify failed"):
         untrusted.get_queue("default")
     # nor does plain TCP reach it
-    plain = processors(f"redis://127.0.0.1:{server.port}/0", new_prefix(), wait_replicas=0)
+    plain = processor_on(f"redis://127.0.0.1:{server.port}/0", new_prefix(), wait_replicas=0)
     with pytest.raises(redis.ConnectionError):
         plain.get_queue("default")

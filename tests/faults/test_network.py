@@ -18,7 +18,7 @@ from typing import Any
 from coretask.store import SCRIPTS
 from tests import tasks_faults as tf
 from tests.conftest import wait_until
-from tests.faults.conftest import hash_counts, wait_for
+from tests.faults.conftest import hash_counts
 
 
 def counts(p: Any, queue: str = "default") -> tuple[int, int, int, int]:
@@ -43,19 +43,19 @@ def tenant_counters(p: Any, tenant: str) -> tuple[int, int, int, int]:
 # ------------------------------------------------------------------------------- latency
 
 def test_latency_50ms_leases_are_kept_and_every_task_runs_exactly_once(
-        proxy, own_processor, embedded, server, r, prefix):
+        proxy, processor_on, embedded_worker, server, r, prefix):
     # Given a worker and a producer behind the proxy (invisibility 2 s), and 50 ms of latency
     # each way (+100 ms per round trip)
     proxy.latency(0.05)
     url = proxy.url + "?socket_timeout=2"
-    producer = own_processor(url)
-    a = own_processor(url, invisibility=2.0, max_workers=8, pushback_frequency=1.0)   # fewer slow timers
+    producer = processor_on(url)
+    a = processor_on(url, invisibility=2.0, max_workers=8, pushback_frequency=1.0)   # fewer slow timers
     key = prefix + ":lat"
     # When 120 short tasks and 4 tasks longer than the invisibility (3 s) run through it
     tags = [f"s{i}" for i in range(120)] + [f"long{i}" for i in range(4)]
     bid = producer.enqueue_batch("default", "acme", lambda b: [
         b.enqueue(tf.run, key, t, 3.0 if t.startswith("long") else 0.01) for t in tags])
-    embedded(a)
+    embedded_worker(a)
 
     # Then every task finishes, exactly once: the leases of the long ones were renewed through
     # the slow link and never expired
@@ -72,12 +72,12 @@ def test_latency_50ms_leases_are_kept_and_every_task_runs_exactly_once(
 # ----------------------------------------------------------------------- connection resets
 
 def test_every_connection_reset_mid_run_the_worker_reconnects_and_all_tasks_complete(
-        proxy, own_processor, embedded, r, prefix):
+        proxy, processor_on, embedded_worker, r, prefix):
     # Given a worker and a producer behind the proxy
     url = proxy.url + "?socket_timeout=2"
-    producer = own_processor(url)
-    a = own_processor(url, max_workers=8)
-    embedded(a)
+    producer = processor_on(url)
+    a = processor_on(url, max_workers=8)
+    embedded_worker(a)
     key = prefix + ":drop"
     tags = [f"t{i}" for i in range(400)]
     errors: list[BaseException] = []
@@ -103,7 +103,7 @@ def test_every_connection_reset_mid_run_the_worker_reconnects_and_all_tasks_comp
     # Then the producer never failed, the worker reconnected, and every task ran
     assert not errors, errors
     assert all(n >= 1 for n in resets), resets
-    wait_for(lambda: all_ran(r, key, tags), 30,
+    wait_until(lambda: all_ran(r, key, tags), 30,
              lambda: f"every task: counts {counts(producer)}, leases {r.zrange(prefix + ':leases', 0, -1)}, "
                      f"missing {sorted(set(tags) - set(hash_counts(r, key + ':finished')))}")
     wait_until(lambda: idle(producer), 10, "0 queued / 0 in flight")
@@ -128,12 +128,12 @@ def test_every_connection_reset_mid_run_the_worker_reconnects_and_all_tasks_comp
 
 
 def test_fetch_reply_lost_to_a_reset_the_tasks_it_leased_are_handed_back(
-        proxy, own_processor, embedded, r, prefix):
+        proxy, processor_on, embedded_worker, r, prefix):
     # Given an idle worker behind the proxy (4 threads)
     url = proxy.url + "?socket_timeout=2"
-    producer = own_processor(server_url(proxy))
-    a = own_processor(url, max_workers=4)
-    embedded(a)
+    producer = processor_on(server_url(proxy))
+    a = processor_on(url, max_workers=4)
+    embedded_worker(a)
     key = prefix + ":cut"
     producer.enqueue_task("default", "acme", tf.run, key, "probe")
     wait_until(lambda: all_ran(r, key, ["probe"]), 10, "the worker to start")
@@ -162,15 +162,15 @@ def server_url(proxy: Any) -> str:
 # ----------------------------------------------------------------------------- half-open
 
 def test_half_open_longer_than_invisibility_leases_expire_and_late_acks_change_nothing(
-        proxy, own_processor, embedded, r, prefix):
+        proxy, processor_on, embedded_worker, r, prefix):
     # Given worker A behind the proxy (invisibility 2 s, 4 threads) running the 2 tasks of a
     # batch (1.5 s each), and a producer talking to Redis directly
-    producer = own_processor(server_url(proxy), invisibility=2.0)
-    a = own_processor(proxy.url + "?socket_timeout=1", invisibility=2.0, max_workers=4)
+    producer = processor_on(server_url(proxy), invisibility=2.0)
+    a = processor_on(proxy.url + "?socket_timeout=1", invisibility=2.0, max_workers=4)
     key = prefix + ":half"
     first = ["a0", "a1"]
     bid = producer.enqueue_batch("default", "acme", lambda b: [b.enqueue(tf.run, key, t, 1.5) for t in first])
-    embedded(a)
+    embedded_worker(a)
     wait_until(lambda: set(hash_counts(r, key + ":started")) == set(first), 10, "A running both tasks")
 
     # When A's connection goes half-open (its requests stop reaching Redis, nothing is closed:
@@ -180,8 +180,8 @@ def test_half_open_longer_than_invisibility_leases_expire_and_late_acks_change_n
     rest = [f"t{i}" for i in range(10)]
     assert producer.append_batch("default", "acme", bid, lambda b: [b.enqueue(tf.run, key, t, 0.2) for t in rest])
     tags = first + rest
-    b = own_processor(server_url(proxy), invisibility=2.0, max_workers=4)
-    stop_b = embedded(b)
+    b = processor_on(server_url(proxy), invisibility=2.0, max_workers=4)
+    stop_b = embedded_worker(b)
 
     # Then A's two leases expire (nobody renews them), B takes them back and runs them, and
     # B runs the rest: every task finished, A's two twice (once in A, whose acks are held)
@@ -209,7 +209,7 @@ def test_half_open_longer_than_invisibility_leases_expire_and_late_acks_change_n
     # all run in A, exactly once: those the late fetch leased to A (whose reply A no longer
     # reads) are handed back instead of staying leased to a live worker
     assert (producer.get_batch(bid), tenant_counters(producer, "acme")) == snapshot
-    wait_for(lambda: all_ran(r, key, late), 30,
+    wait_until(lambda: all_ran(r, key, late), 30,
              lambda: f"the late tasks: counts {counts(producer)}, leases {r.zrange(prefix + ':leases', 0, -1)}")
     wait_until(lambda: idle(producer), 10, "0 queued / 0 in flight")
     assert hash_counts(r, key + ":started") == {**expected, **{t: 1 for t in late}}
@@ -223,9 +223,9 @@ def test_half_open_longer_than_invisibility_leases_expire_and_late_acks_change_n
 
 @pytest.mark.parametrize("script", ["batch_stage", "batch_commit"])
 def test_batch_reply_lost_to_a_reset_the_resent_call_neither_fails_nor_duplicates(
-        proxy, own_processor, embedded, r, prefix, script):
+        proxy, processor_on, embedded_worker, r, prefix, script):
     # Given a producer behind the proxy, and a worker of its own
-    producer = own_processor(proxy.url + "?socket_timeout=2")
+    producer = processor_on(proxy.url + "?socket_timeout=2")
     key = prefix + ":bcut"
     tags = [f"t{i}" for i in range(600)]        # three staging chunks
     producer.enqueue_batch("default", "acme", lambda b: b.enqueue(tf.run, key, "warm-up"))  # scripts loaded
@@ -241,7 +241,7 @@ def test_batch_reply_lost_to_a_reset_the_resent_call_neither_fails_nor_duplicate
     assert proxy.cuts == 1
     batch = producer.get_batch(bid)
     assert (batch.total, batch.remaining) == (600, 600)
-    embedded(own_processor(server_url(proxy), max_workers=8))
+    embedded_worker(processor_on(server_url(proxy), max_workers=8))
     wait_until(lambda: producer.get_batch(bid).state == "succeeded", 30,
                lambda: f"the batch: {producer.get_batch(bid)}")
     wait_until(lambda: idle(producer), 10, "0 queued / 0 in flight")

@@ -12,7 +12,7 @@ import pytest
 from coretask import ConfigurationError, Options
 from tests import tasks_faults as tf
 from tests.conftest import wait_until
-from tests.faults.conftest import hash_counts, wait_for
+from tests.faults.conftest import hash_counts
 
 
 def fresh_below(m, limit: int) -> bool:
@@ -48,7 +48,7 @@ def test_max_tasks_per_process_50_over_500_tasks(processor, start_manager, r, pr
     processor.enqueue_batch("default", "acme", lambda b: [b.enqueue(tf.run_pid, key, t) for t in tags])
 
     # Then every task ran exactly once, nothing was dead-lettered or retried
-    wait_for(lambda: len(hash_counts(r, key + ":runs")) == 500, 60,
+    wait_until(lambda: len(hash_counts(r, key + ":runs")) == 500, 60,
              lambda: f"500 tasks (counts {counts(processor)}); log:\n{m.log()[-3000:]}")
     wait_until(lambda: counts(processor) == (0, 0, 0, 0), 10, "0 queued / 0 in flight")
     assert hash_counts(r, key + ":runs") == {t: 1 for t in tags}
@@ -77,7 +77,7 @@ def test_max_memory_per_process_recycles_a_leaking_process(processor, start_mana
 
     # Then every task ran exactly once, in successive processes, none of which took more than
     # a few of them before going over the limit and being replaced
-    wait_for(lambda: len(hash_counts(r, key + ":runs")) == 24, 60,
+    wait_until(lambda: len(hash_counts(r, key + ":runs")) == 24, 60,
              lambda: f"24 tasks (counts {counts(processor)}); log:\n{m.log()[-3000:]}")
     wait_until(lambda: counts(processor) == (0, 0, 0, 0), 10, "0 queued / 0 in flight")
     assert hash_counts(r, key + ":runs") == {t: 1 for t in tags}
@@ -105,7 +105,7 @@ def test_quick_recycles_are_not_crashes_and_get_no_backoff(processor, start_mana
     processor.enqueue_batch("default", "acme", lambda b: [b.enqueue(tf.run_pid, key, t) for t in tags])
 
     # Then 7 processes ran one each, and each was replaced at once: no restart backoff
-    wait_for(lambda: len(hash_counts(r, key + ":runs")) == 7, 30,
+    wait_until(lambda: len(hash_counts(r, key + ":runs")) == 7, 30,
              lambda: f"7 tasks; log:\n{m.log()[-3000:]}")
     assert hash_counts(r, key + ":runs") == {t: 1 for t in tags}
     assert sorted(hash_counts(r, key + ":pids").values()) == [1] * 7

@@ -14,7 +14,7 @@ import pytest
 from coretask import StoreFull
 from tests import tasks_faults as tf
 from tests.conftest import wait_until
-from tests.faults.conftest import hash_counts, wait_for
+from tests.faults.conftest import hash_counts
 
 
 def counts(p: Any, queue: str = "default") -> tuple[int, int, int, int]:
@@ -45,10 +45,10 @@ def keyspace(client: Any, prefix: str) -> dict[bytes, Any]:
 # ---------------------------------------------------------------------------- SCRIPT FLUSH
 
 def test_script_flush_while_running_scripts_reload_and_every_task_completes(
-        own_server, own_processor, faults_manager, r, prefix):
+        own_server, processor_on, faults_manager, r, prefix):
     # Given a manager (2 processes x 4 threads) and a producer on a server of the test's own
     server = own_server()
-    producer = own_processor(server.url)
+    producer = processor_on(server.url)
     m = faults_manager(server.url, processes=2, threads=4)
     m.wait_children(2)
     key = prefix + ":flush"
@@ -76,7 +76,7 @@ def test_script_flush_while_running_scripts_reload_and_every_task_completes(
                 batches[producer.enqueue_batch("default", "acme", lambda b, tags=tags: [
                     b.enqueue(tf.run, key, x, 0.002) for x in tags])] = tags
         everything = singles + [x for tags in batches.values() for x in tags]
-        wait_for(lambda: len(hash_counts(r, key + ":finished")) == len(everything), 60,
+        wait_until(lambda: len(hash_counts(r, key + ":finished")) == len(everything), 60,
                  lambda: f"every task (flushes {flushes[0]}, counts {counts(producer)})")
     finally:
         done.set()
@@ -100,12 +100,12 @@ def test_script_flush_while_running_scripts_reload_and_every_task_completes(
 # ------------------------------------------------------------------------------ maxmemory
 
 def test_maxmemory_reached_enqueue_raises_store_full_and_writes_nothing(
-        own_server, own_processor, embedded, r, prefix):
+        own_server, processor_on, embedded_worker, r, prefix):
     # Given a worker and a producer on a server of the test's own, and 3 tasks (1.5 s) running
     server = own_server()
     admin = server.client()
-    producer = own_processor(server.url)
-    embedded(own_processor(server.url, max_workers=4))
+    producer = processor_on(server.url)
+    embedded_worker(processor_on(server.url, max_workers=4))
     key = prefix + ":oom"
     inflight = [f"run{i}" for i in range(3)]
     for tag in inflight:
@@ -181,7 +181,7 @@ def test_maxmemory_reached_enqueue_raises_store_full_and_writes_nothing(
 
     # Then work continues: every accepted task runs exactly once, the refused ones never
     expected = inflight + [f"ok{i}" for i in range(len(accepted))] + more
-    wait_for(lambda: len(hash_counts(r, key + ":finished")) == len(expected), 30,
+    wait_until(lambda: len(hash_counts(r, key + ":finished")) == len(expected), 30,
              lambda: f"every accepted task (counts {counts(producer)})")
     wait_until(lambda: counts(producer) == (0, 0, 0, 0), 10, "0 queued / 0 in flight")
     assert hash_counts(r, key + ":started") == {t: 1 for t in expected}

@@ -13,7 +13,7 @@ import time
 
 from tests import tasks_faults as tf
 from tests.conftest import wait_until
-from tests.faults.conftest import hash_counts, wait_for
+from tests.faults.conftest import hash_counts
 
 
 def counts(p, queue: str = "default") -> tuple[int, int, int, int]:
@@ -33,7 +33,7 @@ def test_sigterm_with_100_tasks_running_each_finishes_or_is_handed_back_exactly_
     tags = [f"t{i}" for i in range(100)]
     ids = {t: processor.enqueue_task("default", "acme", tf.run, key, t, round(rnd.uniform(0.5, 3.0), 2))
            for t in tags}
-    wait_for(lambda: len(hash_counts(r, key + ":started")) == 100, 30,
+    wait_until(lambda: len(hash_counts(r, key + ":started")) == 100, 30,
              lambda: f"100 tasks running (counts {counts(processor)})")
 
     # When the manager gets SIGTERM
@@ -63,7 +63,7 @@ def test_sigterm_with_100_tasks_running_each_finishes_or_is_handed_back_exactly_
 
     # When a second manager drains the queue
     b = start_manager(processes=2, threads=50, **opts)
-    wait_for(lambda: len(hash_counts(r, key + ":finished")) == 100, 30,
+    wait_until(lambda: len(hash_counts(r, key + ":finished")) == 100, 30,
              lambda: f"every task finished (counts {counts(processor)})")
     wait_until(lambda: counts(processor) == (0, 0, 0, 0), 10, "0 queued / 0 in flight")
 
