@@ -337,7 +337,6 @@ def test_pause_requeue_running_hands_tasks_back_without_a_retry(processor, embed
     assert processor.get_queue("default").dead == 0
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 def test_task_threads_run_under_sched_batch_unless_disabled(make_processor, embedded_worker, r, prefix):
     # Given two workers on different queues, one with the default options, one with sched_batch off
     default = make_processor(queues=["on"])
