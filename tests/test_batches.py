@@ -399,10 +399,13 @@ def test_append_batch(processor, make_processor, embedded_worker, r, prefix):
     embedded_worker(processor)
     wait_until(lambda: r.get(prefix + ":ok"), 10, "continuation")
     assert processor.wait_for_batch(batch_id).state == "succeeded"
-    # And tasks are appended to the finished batch
+    # And tasks are appended to the finished batch (its queue paused, so that the live worker
+    # cannot finish them before the state is read)
+    processor.pause_queue("default")
     assert processor.append_batch("default", "acme", batch_id, lambda b: b.enqueue(tasks.record, key, 3))
     # Then it re-opens (at once), runs them, and the continuation that already ran does not run again
     assert processor.get_batch(batch_id).state == "running"
+    processor.resume_queue("default")
     wait_until(lambda: r.llen(key) == 3, 10, "appended task")
     info = processor.wait_for_batch(batch_id)
     assert (info.state, info.total, info.done) == ("succeeded", 3, 3)
