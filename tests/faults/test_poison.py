@@ -22,10 +22,12 @@ def counts(p, queue: str = "default") -> tuple[int, int, int, int]:
 
 
 def both_threads_serve(processor, r, key: str) -> None:
-    """Four 0.4 s tasks on a 2-thread process: both threads ran at once (none died)."""
+    """Four 0.4 s tasks on a 2-thread process: both threads ran at once (none died), and all
+    four are acknowledged (the body's last write comes before the acknowledgement)."""
     for _ in range(4):
         processor.enqueue_task("default", "acme", tw.concurrency, key, 0.4)
     wait_until(lambda: int(r.get(key + ":done") or 0) == 4, 20, "the probe tasks")
+    wait_until(lambda: processor.get_queue("default").in_flight == 0, 10, "the probes acknowledged")
     assert int(r.get(key + ":max")) == 2
 
 
