@@ -70,14 +70,21 @@ def sleep_then_record(key: str, seconds: float, value: Any = 1) -> None:
     R().rpush(key, value)
 
 
+def busy(seconds: float) -> None:
+    """Pure Python for ``seconds``, in a frame of its own: Python 3.13 may unwind the frame an
+    asynchronous exception lands in past its own ``except``/``finally`` (coretask.worker.runner),
+    so the tasks that record how they ended loop here, below their handlers."""
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        x += 1
+
+
 def spin(key: str, seconds: float) -> None:
     """Pure-Python busy loop: abortable by an asynchronous exception."""
     R().rpush(key + ":started", 1)
     try:
-        end = time.monotonic() + seconds
-        x = 0
-        while time.monotonic() < end:
-            x += 1
+        busy(seconds)
         R().rpush(key + ":finished", 1)
     finally:
         R().rpush(key + ":left", time.time())

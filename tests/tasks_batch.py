@@ -10,7 +10,7 @@ from typing import Any
 
 from coretask import Options, TaskCanceled, TaskContext, TaskProcessor
 from coretask.models import BatchInfo
-from tests.tasks import R
+from tests.tasks import R, busy
 
 
 def record_ctx(key: str, ctx: TaskContext) -> None:
@@ -33,9 +33,7 @@ def spin_ctx(key: str, seconds: float, ctx: TaskContext) -> None:
     R().rpush(key + ":started", os.getpid())
     outcome = "returned"
     try:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            pass
+        busy(seconds)
     except BaseException as exc:
         outcome = type(exc).__name__
         raise
@@ -47,9 +45,7 @@ def spin_then_fail(key: str, seconds: float) -> None:
     """Turns its abort into a different error: still counted canceled, never retried."""
     R().rpush(key + ":started", 1)
     try:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            pass
+        busy(seconds)
     except TaskCanceled:
         raise ValueError("cleanup failed after the abort") from None
 

@@ -107,10 +107,12 @@ def make_certificates(folder: Path) -> dict[str, str]:
         subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True, timeout=60)
 
     curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    # key usage and key identifiers: Python 3.13's default context verifies with X509_STRICT
     openssl("req", "-x509", *curve, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
-            "-subj", "/CN=coretask test CA")
-    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+            "-subj", "/CN=coretask test CA", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    ids = "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n"
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n" + ids)
+    (folder / "client.ext").write_text("extendedKeyUsage=clientAuth\n" + ids)
     for name in ("server", "client"):
         openssl("req", *curve, "-keyout", f"{name}.key", "-out", f"{name}.csr",
                 "-subj", f"/CN=coretask test {name}")

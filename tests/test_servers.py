@@ -126,12 +126,16 @@ def test_tls_server(start_server: StartServer, tmp_path: Path) -> None:
     def openssl(*args: str) -> None:
         subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True)
 
+    # key usage and key identifiers: Python 3.13's default context verifies with X509_STRICT
     openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
-            "-out", "ca.crt", "-days", "1", "-subj", "/CN=coretask-test-ca")
+            "-out", "ca.crt", "-days", "1", "-subj", "/CN=coretask-test-ca",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key",
             "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "server.ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.crt", "-days", "1")
+            "-CAcreateserial", "-out", "server.crt", "-days", "1", "-extfile", "server.ext")
     server = start_server(binary=find_server_binary("redis7"), extra_args=[
         "--tls-cert-file", str(tmp_path / "server.crt"),
         "--tls-key-file", str(tmp_path / "server.key"),

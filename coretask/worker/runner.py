@@ -9,6 +9,13 @@ the acknowledgement path:
 * the runner, on leaving the body, clears ``current``, waits out any ``raising`` in progress and
   passes a checkpoint inside ``try/except TaskCanceled``, so a raise that raced with the body's
   return is absorbed there. After that, nobody can raise into this thread for this task.
+
+Where the exception is handled depends on the Python version. Up to 3.12 the frame it lands in
+sees it first. CPython 3.13 (python/cpython#139622, seen on 3.13.0) may unwind that frame
+without running its ``except``/``finally`` blocks, depending on where in a loop it lands, and
+hands the exception to the caller. So every frame of the runner in which a raise can land has
+a caller that handles it too: the body's window is its own frame (``_invoke``), and the
+checkpoints after it are calls, never loops in the frame that catches.
 """
 from __future__ import annotations
 
@@ -146,29 +153,49 @@ class Runner:
                 args, kwargs = inv.args, inv.kwargs
                 if inv.target.context_param:
                     kwargs = {**kwargs, inv.target.context_param: ctx}
-            task.runner = self
+        except BaseException as exc:
+            return exc
+        coroutine = inv is not None and inv.target.is_coroutine
+        task.runner = self
+        try:
+            error = self._invoke(task, fn, args, kwargs, coroutine)
+        except TaskCanceled as exc:     # landed in _invoke's own frame: see the module docstring
+            self.current = None
+            error = exc
+        # Once ``current`` is cleared, at most two raises can still arrive: one already pending
+        # and one an aborter decided on just before. Each _settle absorbs at most one. Nested,
+        # not looped: a loop's backward jump would be a delivery point in this very frame.
+        try:
+            self._settle()
+        except TaskCanceled:
+            try:
+                self._settle()
+            except TaskCanceled:
+                self._settle()
+        return error
+
+    def _invoke(self, task: Fetched, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+                coroutine: bool) -> BaseException | None:
+        """The window in which an abort may raise into this thread: ``current`` names the task
+        from before the body starts until after it ends."""
+        try:
             self.current = task.id
             if task.abort_reason is not None:        # aborted before it started
                 raise TaskCanceled(task.abort_reason)
             result = fn(*args, **kwargs)
-            if inv is not None and inv.target.is_coroutine or asyncio.iscoroutine(result):
+            if coroutine or asyncio.iscoroutine(result):
                 asyncio.run(result)
         except BaseException as exc:
-            self._leave_body()
+            self.current = None
             return exc
-        self._leave_body()
+        self.current = None
         return None
 
-    def _leave_body(self) -> None:
-        while True:
-            try:
-                self.current = None
-                while self.raising:
-                    pass
-                _checkpoint()
-                return
-            except TaskCanceled:
-                continue
+    def _settle(self) -> None:
+        """Wait out a raise in progress, then pass a checkpoint where a pending one is delivered."""
+        while self.raising:
+            pass
+        _checkpoint()
 
 
 def _sched_batch() -> None:
