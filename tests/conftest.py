@@ -150,6 +150,23 @@ def embedded_worker() -> Iterator[Callable[[TaskProcessor], threading.Event]]:
     assert not any(t.is_alive() for _, t in running), "an embedded worker did not stop"
 
 
+def worker_processes(manager_pid: int) -> list[Any]:
+    """A manager's worker processes: spawned children running spawn_main (not multiprocessing's
+    resource tracker, nor a child forked a moment ago that still shows the manager's command
+    line)."""
+    import psutil
+
+    def worker(c: Any) -> bool:
+        try:
+            return "spawn_main" in " ".join(c.cmdline())
+        except psutil.Error:
+            return False
+    try:
+        return [c for c in psutil.Process(manager_pid).children() if worker(c)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 class ManagerProcess:
     """``python -m coretask.worker`` as a real subprocess in its own process group."""
 
@@ -162,11 +179,7 @@ class ManagerProcess:
         return self.proc.pid
 
     def children(self) -> list[Any]:
-        import psutil
-        try:
-            return [c for c in psutil.Process(self.pid).children() if "resource_tracker" not in " ".join(c.cmdline())]
-        except psutil.NoSuchProcess:
-            return []
+        return worker_processes(self.pid)
 
     def wait_children(self, n: int, timeout: float = 20) -> list[Any]:
         wait_until(lambda: len(self.children()) == n, timeout, f"{n} worker processes")

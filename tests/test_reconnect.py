@@ -19,7 +19,7 @@ import redis
 
 from coretask import Options, ReplicationError
 from coretask.servers import RedisServer
-from tests.conftest import FAST
+from tests.conftest import FAST, worker_processes
 from tests.tasks_servers import Manager, note, read_notes, wait_until
 
 IDLE = dict(base_frequency=5.0, pushback_frequency=30.0, cleanup_frequency=60.0, invisibility=30.0,
@@ -31,8 +31,7 @@ def new_prefix() -> str:
 
 
 def workers(manager: Manager) -> list[psutil.Process]:
-    return [c for c in psutil.Process(manager.proc.pid).children()
-            if "resource_tracker" not in " ".join(c.cmdline())]
+    return worker_processes(manager.proc.pid)
 
 
 def backoff_delays(log: str, what: str) -> list[float]:
