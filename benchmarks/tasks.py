@@ -58,21 +58,27 @@ def record_start(seq):
     conn().hset(START_KEY, str(seq), repr(t))
 
 
+def _spin_for(seconds):
+    end = time.monotonic() + seconds
+    x = 0
+    while time.monotonic() < end:
+        for i in range(2000):
+            x += i
+
+
 def spin(seq, max_seconds=30.0):
     """Busy pure-Python loop for up to ``max_seconds``; records start and leave times.
 
     Used by the coretask cancel-latency measurement. Everything is inside
     ``try`` so that a cancellation raised asynchronously in the task's thread
     (even while it is still writing its start time) always reaches the
-    ``finally``, which records the moment the thread left the task body.
+    ``finally``, which records the moment the thread left the task body. The
+    loop runs in a frame of its own: Python 3.13 may unwind the frame an
+    asynchronous exception lands in past that frame's ``finally``.
     """
     try:
         conn().hset(SPIN_START_KEY, str(seq), repr(time.time()))
-        end = time.monotonic() + max_seconds
-        x = 0
-        while time.monotonic() < end:
-            for i in range(2000):
-                x += i
+        _spin_for(max_seconds)
     finally:
         left = time.time()
         # bookkeeping only. The abort may have landed inside the start write's redis-py call and
