@@ -11,7 +11,6 @@ import threading
 import time
 from types import SimpleNamespace
 
-from coretask import TaskCanceled
 from coretask.worker.runner import Runner, _checkpoint
 
 
