@@ -526,7 +526,9 @@ def test_short_tasks_are_acknowledged_and_fetched_in_groups(make_processor, embe
     wait_until(lambda: int(r.get(prefix + ":n") or 0) == 600, 60, "600 tasks")
     # Then, once the tasks are known to be short, a round trip waits for half of the threads:
     # acknowledgements travel several per call and fetches ask for several tasks (a round trip
-    # per finished task would make both one)
+    # per finished task would make both one). Typically, not always: a wait that times out
+    # (a thread slow to finish on a loaded machine) sends what it has.
     grouped = acks_per_call[20:]
     assert grouped and sorted(grouped)[len(grouped) // 2] >= 4, acks_per_call
-    assert min(f for f in fetch_sizes[20:] if f > 0) >= 4, fetch_sizes
+    asked = sorted(f for f in fetch_sizes[20:] if f > 0)
+    assert asked and asked[len(asked) // 2] >= 4, fetch_sizes
