@@ -82,13 +82,13 @@ class TaskContext:
                 ev.set()
         return self._cancelled
 
-    def mark_aborted(self) -> None:
+    def _mark_aborted(self) -> None:
         """First half of an abort: a flag, so that the aborting thread raises TaskCanceled in
         every target thread back to back (behind many CPU-bound threads it may not get the GIL
         back for a whole round of switch intervals); ``cancelled`` reads as set from here on."""
         self._aborted = True
 
-    def wake_cancelled(self) -> None:
+    def _wake_cancelled(self) -> None:
         """Second half of an abort: wake threads waiting on ``cancelled``."""
         ev = self._cancelled
         if ev is not None:

@@ -363,13 +363,13 @@ def test_ctx_cancelled_reads_set_from_the_abort_mark_and_wakes_waiters(processor
     waiter.start()
     # When both are aborted (the mark first, then the wake-up, as the control thread does)
     for ctx in (waited, fresh):
-        ctx.mark_aborted()
+        ctx._mark_aborted()
     # Then both read as cancelled at once, before any wake-up
     assert waited.cancelled.is_set() and fresh.cancelled.is_set()
     with pytest.raises(TaskCanceled):
         fresh.raise_if_cancelled()
     # And the waiting thread returns True once woken, long before its 30 s timeout
-    waited.wake_cancelled()
+    waited._wake_cancelled()
     waiter.join(10)
     assert woke == [True]
 

@@ -295,11 +295,11 @@ class WorkerProcess:
         aborted = [t for t in tasks if t.abort_reason is None]
         for task in aborted:
             task.abort_reason = reason
-            task.ctx.mark_aborted()
+            task.ctx._mark_aborted()
             if task.runner is not None:         # set by the runner before the body starts
                 task.runner.abort(task.id)
         for task in aborted:
-            task.ctx.wake_cancelled()
+            task.ctx._wake_cancelled()
         self.maintenance.watch_aborts(aborted)
 
     def running_of(self, batch_id: str | None) -> list[Fetched]:
