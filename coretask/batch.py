@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .client import TaskProcessor
-    from .store import InFlight
+    from .gateway.transport import InFlight
 
 __all__ = ["BatchBuilder"]
 

@@ -25,7 +25,7 @@ from .models import BatchInfo
 from .options import Options, check_queue_name, check_tenant
 from .schedules import Schedules
 from .signing import signer_for, unsigned_pickle_problem
-from .store import Store
+from .gateway.transport import Store
 from .tenancy import TenantAdmin
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ from .errors import LeaseLost, TaskCanceled
 
 if TYPE_CHECKING:
     from .models import BatchInfo
-    from .store import Store
+    from .gateway.transport import Store
 
 __all__ = ["TaskContext"]
 

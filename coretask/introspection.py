@@ -12,7 +12,7 @@ from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo, ms_to_dt
 from .options import check_queue_name, check_tenant
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .gateway.transport import Store
 
 __all__ = ["Introspection"]
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from .options import Options
     from .signing import Signer
-    from .store import Store
+    from .gateway.transport import Store
 
 __all__ = ["ScheduleData", "ScheduleInfo", "Schedules", "ScheduleTimer"]
 

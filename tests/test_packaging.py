@@ -18,7 +18,7 @@ def test_wheel_installs_and_runs_a_task_outside_the_checkout(tmp_path: Path, ser
                     "-w", str(dist), str(ROOT)], check=True, cwd=tmp_path)
     wheel = next(dist.glob("coretask-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    lua = {Path(n).name for n in names if n.startswith("coretask/lua/") and n.endswith(".lua")}
+    lua = {Path(n).name for n in names if n.startswith("coretask/gateway/lua/") and n.endswith(".lua")}
     assert {"_lib.lua", "enqueue.lua", "fetch.lua", "complete.lua"} <= lua
     assert "coretask/py.typed" in names
 

@@ -12,7 +12,7 @@ from coretask import TaskProcessor
 from tests.conftest import ROOT, Target
 from tests.tasks_servers import exercise
 
-LUA = sorted((ROOT / "lua").glob("*.lua"))
+LUA = sorted((ROOT / "coretask" / "gateway" / "lua").glob("*.lua"))
 PYTHON = sorted((ROOT / "coretask").rglob("*.py"))
 CALL = r"redis\.p?call\(\s*['\"]{}['\"]"
 CLIENT = r"(?:redis|\br|pipe|client|conn)\.{}\("                    # a redis-py method call

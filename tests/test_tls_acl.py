@@ -55,7 +55,7 @@ def commands_coretask_uses() -> set[str]:
     """Every command in lua/ and every redis-py command method called in coretask/ (on a
     client, a pipeline or pub/sub), as ACL names (``SCRIPT|LOAD``)."""
     used: set[str] = set()
-    for path in (ROOT / "lua").glob("*.lua"):
+    for path in (ROOT / "coretask" / "gateway" / "lua").glob("*.lua"):
         used |= {c.upper() for c in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]", path.read_text())}
     methods = {n for n in dir(redis.commands.core.CoreCommands) if not n.startswith("_")}
     for path in (ROOT / "coretask").rglob("*.py"):

@@ -15,7 +15,7 @@ import threading
 import pytest
 from typing import Any
 
-from coretask.store import SCRIPTS
+from coretask.gateway.transport import SCRIPTS
 from tests import tasks_faults as tf
 from tests.conftest import wait_until
 from tests.faults.conftest import hash_counts

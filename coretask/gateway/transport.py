@@ -23,8 +23,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from .errors import ReplicationError, ScriptError, StoreError, StoreFull
-from .options import Options, redact_url
+from ..errors import ReplicationError, ScriptError, StoreError, StoreFull
+from ..options import Options, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ _POOL_WANTS_NAME = (inspect.signature(redis.ConnectionPool.get_connection).param
                     is inspect.Parameter.empty)
 
 _HERE = Path(__file__).resolve().parent
-LUA_DIR = _HERE / "lua" if (_HERE / "lua").is_dir() else _HERE.parent / "lua"
+LUA_DIR = _HERE / "lua"     # package data (setup.cfg): found beside this module, installed or not
 
 
 class Keys:
