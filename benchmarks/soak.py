@@ -446,7 +446,7 @@ class Soak:
     def drain(self) -> None:
         timeout = self.c.drain_timeout or max(120.0, self.c.tasks / 200)
         deadline = time.monotonic() + timeout
-        k = self.p.store.keys
+        k = self.p.gateway.keys
         while True:
             q = self.p.get_queue(QUEUE)
             pipe = self.r.pipeline(transaction=False)
@@ -466,7 +466,7 @@ class Soak:
     # ---------------------------------------------------------------------------- reconcile
 
     def reconcile(self) -> None:
-        rep, r, k, key = self.report, self.r, self.p.store.keys, self.key
+        rep, r, k, key = self.report, self.r, self.p.gateway.keys, self.key
         err = rep.errors.append
         rep.enqueued = len(self.planned)
         rep.batches = len(self.batches)

@@ -31,49 +31,35 @@ SCENARIOS = [  # label, tenants, tasks per tenant
     ("10 tenants x 5,000 tasks", 10, 5_000),
     ("10,000 tenants x 5 tasks", 10_000, 5),
 ]
-ENQUEUE_CHUNK = 2_000
 
 
 def fill(p: TaskProcessor, tenants: int, per_tenant: int) -> int:
-    """Enqueue per_tenant tasks for each tenant with pipelined enqueue script calls; the
-    tenants' tasks are interleaved, as independent producers would write them."""
-    k = p.store.keys
-    enc = encode(TaskData("bench", b"x"), p._serializer, p.options.max_payload_bytes)
-    calls = []
+    """Enqueue per_tenant tasks for each tenant through the gateway; the tenants' tasks are
+    interleaved, as independent producers would write them."""
+    enc = encode(TaskData("bench", b"x"), p.producer.serializer, p.options.max_payload_bytes)
     total = 0
     for _ in range(per_tenant):
         for t in range(tenants):
-            tid = uuid.uuid4().hex
-            calls.append(("enqueue", [k.task(tid), k.queues],
-                          [k.prefix, tid, QUEUE, f"tenant-{t:05d}", enc.payload, enc.serializer, enc.target, 0, 0]))
-            if len(calls) >= ENQUEUE_CHUNK:
-                p.store.run_many(calls)
-                total += len(calls)
-                calls = []
-    if calls:
-        p.store.run_many(calls)
-        total += len(calls)
+            p.gateway.enqueue(uuid.uuid4().hex, QUEUE, f"tenant-{t:05d}", enc.payload, enc.serializer, enc.target,
+                              0, 0, "")
+            total += 1
     return total
 
 
 def evalsha_stats(p: TaskProcessor) -> tuple[int, int]:
-    s = p.store.redis.info("commandstats").get("cmdstat_evalsha", {})
+    s = p.gateway.transport.redis.info("commandstats").get("cmdstat_evalsha", {})
     return int(s.get("calls", 0)), int(s.get("usec", 0))
 
 
 def measure(p: TaskProcessor, want: int) -> tuple[int, float, float]:
     """Fetch up to ``want`` tasks one per call; returns (fetched, redis usec/task, tasks/s)."""
-    k = p.store.keys
     worker = "bench-" + uuid.uuid4().hex[:6]
-    keys = [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker), k.trun, k.tlim]
-    args = [k.prefix, worker, 1, 600_000, 0, QUEUE]
-    p.store.run("fetch", keys, [k.prefix, worker, 0, 600_000, 0, QUEUE])   # load the script
+    p.gateway.fetch(worker, 0, 600_000, 0, [QUEUE])     # load the script
     calls0, usec0 = evalsha_stats(p)
     fetched = 0
     start = time.perf_counter()
     while fetched < want:
-        reply = p.store.run("fetch", keys, args)
-        got = (len(reply) - 3) // 12   # values per task in the fetch reply
+        got = len(p.gateway.fetch(worker, 1, 600_000, 0, [QUEUE]).tasks)
         if not got:
             break
         fetched += got

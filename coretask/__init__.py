@@ -6,7 +6,7 @@ times once ``enqueue_task`` has returned.
 from __future__ import annotations
 
 from .batch import BatchBuilder
-from .client import TaskProcessor
+from .processor import TaskProcessor
 from .context import TaskContext
 from .encoding import Call, Serializer, TaskData, call
 from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,

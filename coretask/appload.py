@@ -1,21 +1,23 @@
 """Finding the user's TaskProcessor from a ``MODULE:ATTRIBUTE`` string (CLI and child processes)."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from .client import TaskProcessor
+    from .processor import TaskProcessor
 
 
 def load_processor(app: str) -> TaskProcessor:
     """Import ``module:attribute``; the attribute is a TaskProcessor or a callable returning one.
     The current directory is importable, as for ``python -m``."""
-    from .client import TaskProcessor
+    from .processor import TaskProcessor
 
     module_name, _, attr = app.partition(":")
     if not module_name or not attr:
@@ -46,9 +48,19 @@ def load_processor(app: str) -> TaskProcessor:
 
 def with_overrides(processor: TaskProcessor, **changes: object) -> TaskProcessor:
     """The same processor, or a new one with some options changed (CLI flags win)."""
-    from .client import TaskProcessor
+    from .processor import TaskProcessor
 
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         return processor
     return TaskProcessor(processor.options.replace(**changes))
+
+
+def app_loader(app: str, **overrides: object) -> Callable[[], TaskProcessor]:
+    """A picklable callable that loads ``app`` and applies the overrides (None values are left
+    out): what the worker manager calls, in itself and in every spawned child."""
+    return functools.partial(_load_with_overrides, app, {k: v for k, v in overrides.items() if v is not None})
+
+
+def _load_with_overrides(app: str, overrides: dict[str, object]) -> TaskProcessor:
+    return with_overrides(load_processor(app), **overrides)

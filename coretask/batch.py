@@ -21,14 +21,13 @@ from .options import check_queue_name
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from .client import TaskProcessor
-    from .gateway.transport import InFlight
+    from .gateway import Gateway, InFlight
+    from .producing import Producer
 
 __all__ = ["BatchBuilder"]
 
 CHUNK = 250                        # tasks per staging call (each call stays well under 50 ms)
 CHUNK_BYTES = 1024 * 1024          # payload bytes per staging call (large payloads flush sooner)
-PUBLISH_CHUNK = 500                # tasks per publication call
 STAGE_TTL_MS = 3600 * 1000         # a batch must be built within an hour
 CONTINUE_ON = ("success", "complete")
 
@@ -36,9 +35,10 @@ CONTINUE_ON = ("success", "complete")
 class BatchBuilder:
     """Collects the tasks and continuations of one batch (or one append to a batch)."""
 
-    def __init__(self, processor: TaskProcessor, queue: str, tenant: str, batch_id: str,
+    def __init__(self, gateway: Gateway, producer: Producer, queue: str, tenant: str, batch_id: str,
                  scope: str | None, mode: str) -> None:
-        self._p = processor
+        self._gw = gateway
+        self._pr = producer
         self.queue = queue
         self.tenant = tenant
         self.id: str | None = batch_id if mode == "append" else None
@@ -52,10 +52,6 @@ class BatchBuilder:
         self._inflight: InFlight | None = None   # the staging call Redis runs while we encode
         self.tasks = 0
         self.continuations = 0
-        k = processor.store.keys
-        base = k.batch(batch_id)
-        self._staged, self._cstaged = f"{base}:s:{self._stage}", f"{base}:c:{self._stage}"
-        self._pub = f"{base}:p:{self._stage}"
 
     def enqueue(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
                 delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
@@ -75,15 +71,15 @@ class BatchBuilder:
 
     def _add(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], queue: str | None,
              delay_until: Any, retries: int | None, on: str) -> str:
-        p = self._p
+        pr = self._pr
         q = check_queue_name(queue, "queue") if queue is not None else self.queue
-        enc = p._encode(p._as_call(fn, args, kwargs))
+        enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
-        shape = (q, self.tenant, enc.serializer, enc.target, p._retries(retries), p._due_ms(delay_until), on)
+        shape = (q, self.tenant, enc.serializer, enc.target, pr.retries(retries), pr.due_ms(delay_until), on)
         number = self._shapes.get(shape)
         if number is None:
             number = self._shapes[shape] = len(self._shapes) + 1
-        self._chunk += [task_id, number, enc.payload, p._sign(task_id, self.tenant, q, enc)]
+        self._chunk += [task_id, number, enc.payload, pr.sign(task_id, self.tenant, q, enc)]
         self._chunk_bytes += len(enc.payload)
         if len(self._chunk) >= CHUNK * 4 or self._chunk_bytes >= CHUNK_BYTES:
             self._flush()
@@ -94,15 +90,12 @@ class BatchBuilder:
         next chunk is encoded while Redis stages this one. batch_stage is idempotent, so a call
         whose reply is lost can be sent again."""
         if self._chunk:
-            store = self._p.store
-            k = store.keys
-            shapes = [v for shape in self._shapes for v in shape]
-            args = [k.prefix, STAGE_TTL_MS, self._batch_id, len(self._shapes), *shapes, *self._chunk]
+            shapes, chunk = list(self._shapes), self._chunk
             self._chunk = []
             self._shapes = {}
             self._chunk_bytes = 0
             self._staged_so_far()
-            self._inflight = store.send("batch_stage", [self._staged, self._cstaged, k.queues], args)
+            self._inflight = self._gw.stage_batch(self._batch_id, self._stage, STAGE_TTL_MS, shapes, chunk)
 
     def _staged_so_far(self) -> None:
         """Wait for the staging call in flight (its error, if any, is raised here)."""
@@ -111,17 +104,11 @@ class BatchBuilder:
             flight.result()
 
     def _commit(self) -> bool:
-        store = self._p.store
-        k = store.keys
         self._flush()
         self._staged_so_far()
         try:
-            res = store.run("batch_commit",
-                            [k.batch(self._batch_id), self._staged, self._cstaged, self._pub, k.publishing,
-                             k.batches(self.tenant), f"{k.batch(self._batch_id)}:cont",
-                             f"{k.batch(self._batch_id)}:k"],
-                            [k.prefix, self._batch_id, self._stage, self.tenant, self.queue, self._scope or "",
-                             self._mode, self.tasks, self.continuations, os.urandom(12).hex()], durable=True)
+            res = self._gw.commit_batch(self._batch_id, self._stage, self.tenant, self.queue, self._scope or "",
+                                        self._mode, self.tasks, self.continuations, os.urandom(12).hex())
         except ReplicationError as exc:   # committed on the master; workers finish the publication
             exc.batch_id = self._batch_id
             raise
@@ -132,7 +119,7 @@ class BatchBuilder:
             self._abort()
             return False
         try:
-            publish(store, self._batch_id, self._stage)
+            self._gw.publish_batch(self._batch_id, self._stage)
         except Exception as exc:  # committed: any worker's maintenance loop finishes the publication
             log.warning("batch %s: publication interrupted (%s: %s); workers will finish it",
                         self._batch_id, type(exc).__name__, exc)
@@ -140,20 +127,11 @@ class BatchBuilder:
         return True
 
     def _abort(self) -> None:
-        store = self._p.store
         self._chunk = []
         self._shapes = {}
         try:
             self._staged_so_far()          # its data is removed below like the rest
         except Exception:
             pass
-        while store.run("batch_abort", [self._staged, self._cstaged], [store.keys.prefix, CHUNK]):
-            pass
+        self._gw.abort_stage(self._batch_id, self._stage, CHUNK)
 
-
-def publish(store: Any, batch_id: str, stage: str) -> None:
-    """Move a committed stage's tasks to their queues, one bounded chunk per call."""
-    k = store.keys
-    pub = f"{k.batch(batch_id)}:p:{stage}"
-    while store.run("batch_publish", [pub, k.publishing], [k.prefix, batch_id, stage, PUBLISH_CHUNK]):
-        pass

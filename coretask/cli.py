@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from .appload import load_processor
-from .client import TaskProcessor
+from .processor import TaskProcessor
 from .errors import ConfigurationError, CoreTaskError
 from .models import BatchInfo
 from .options import redact_url
@@ -254,8 +254,7 @@ def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 
 def cmd_tenant(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     s = p.get_tenant_stats(a.id)
-    r, k = p.store.redis, p.store.keys     # known: has work or history, is paused, or has a limit
-    if r.zscore(k.tenants, a.id) is None and not s.paused and not r.hexists(k.tlim, a.id):
+    if not p.gateway.tenant_known(a.id):
         _err(f"tenant {a.id} not found")
         return NOT_FOUND
     if out.json:

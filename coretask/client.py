@@ -1,16 +1,14 @@
-"""TaskProcessor: the synchronous, thread-safe client API.
+"""Client: the synchronous, thread-safe API that TaskProcessor (coretask/processor.py) offers.
 
-Every method is one or a few round trips; every state change is one Lua script. A producer
-never needs a running worker, and a TaskProcessor is cheap to share between threads (redis-py
-connection pool).
+Every method is one or a few round trips through the gateway; every state change is one Lua
+script. A producer never needs a running worker, and a client is cheap to share between threads
+(redis-py connection pool).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
-import math
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,23 +16,23 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .batch import BatchBuilder
-from .encoding import Call, Encoded, TaskData, encode, serializer_for
+from .encoding import Call, TaskData
+from .producing import Producer
 from .errors import ConfigurationError, ReplicationError
 from .introspection import Introspection
 from .models import BatchInfo
 from .options import Options, check_queue_name, check_tenant
 from .schedules import Schedules
-from .signing import signer_for, unsigned_pickle_problem
-from .gateway.transport import Store
+from .gateway import Gateway
 from .tenancy import TenantAdmin
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TaskProcessor"]
+__all__ = ["Client"]
 
 
-class TaskProcessor(Introspection, Schedules, TenantAdmin):
-    """The entry point: enqueue tasks and batches, control processing, inspect state.
+class Client(Introspection, Schedules, TenantAdmin):
+    """Enqueue tasks and batches, control processing, inspect state (TaskProcessor adds run()).
 
     Delivery contract: at least once. A task may run twice if its worker dies mid-task (it is
     then redelivered and consumes a retry); it never runs zero times once enqueue_task returned.
@@ -44,10 +42,8 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         if options is not None and kwargs:
             raise ConfigurationError("pass either an Options object or keyword options, not both")
         self.options = options if options is not None else Options(**kwargs)
-        self.store = Store(self.options)
-        self._serializer = serializer_for(self.options.serializer)
-        self._signer = signer_for(self.options)                    # None: payloads go unsigned
-        self._unsigned_pickle = unsigned_pickle_problem(self.options)  # set: refuse to enqueue
+        self.gateway = Gateway(self.options)
+        self.producer = Producer(self.options)
 
     # ------------------------------------------------------------------------------ enqueue
 
@@ -62,15 +58,12 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         """
         check_queue_name(queue)
         check_tenant(tenant)
-        enc = self._encode(self._as_call(fn, args, kwargs))
+        pr = self.producer
+        enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
-        k = self.store.keys
         try:
-            code, _ = self.store.run("enqueue", [k.task(task_id), k.queues],
-                                     [k.prefix, task_id, queue, tenant, enc.payload, enc.serializer,
-                                      enc.target, self._retries(retries), self._due_ms(delay_until),
-                                      self._sign(task_id, tenant, queue, enc)],
-                                     durable=True)
+            self.gateway.enqueue(task_id, queue, tenant, enc.payload, enc.serializer, enc.target,
+                                 pr.retries(retries), pr.due_ms(delay_until), pr.sign(task_id, tenant, queue, enc))
         except ReplicationError as exc:   # Options.wait_replicas: enqueued, not yet replicated
             exc.task_id = task_id
             raise
@@ -93,7 +86,7 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         set on exit. An exception inside the block enqueues nothing."""
         check_queue_name(queue)
         check_tenant(tenant)
-        builder = BatchBuilder(self, queue, tenant, uuid.uuid4().hex, scope, "create")
+        builder = BatchBuilder(self.gateway, self.producer, queue, tenant, uuid.uuid4().hex, scope, "create")
         yield from _staged(builder)
 
     def append_batch(self, queue: str, tenant: str, batch_id: str, build: Callable[[BatchBuilder], Any]) -> bool:
@@ -102,7 +95,7 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         continuations that already ran do not run again."""
         check_queue_name(queue)
         check_tenant(tenant)
-        builder = BatchBuilder(self, queue, tenant, batch_id, None, "append")
+        builder = BatchBuilder(self.gateway, self.producer, queue, tenant, batch_id, None, "append")
         try:
             build(builder)
             return builder._commit()
@@ -114,9 +107,7 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         """Cancel a running batch at once: queued and delayed tasks never start, running ones are
         aborted, continuations never run. False when unknown, finished, or (with ``tenant``)
         another tenant's."""
-        k = self.store.keys
-        return bool(self.store.run("cancel_batch", [k.batch(batch_id), k.bend],
-                                   [k.prefix, batch_id, tenant or ""], durable=True))
+        return self.gateway.cancel_batch(batch_id, tenant)
 
     # ------------------------------------------------------------------------- pause/resume
 
@@ -126,14 +117,14 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         their queues without consuming a retry."""
         self._pause("all", True, "")
         if requeue_running:
-            self.store.publish("pr")
+            self.gateway.publish("pr")
 
     def resume(self) -> None:
         self._pause("all", False, "")
 
     @property
     def is_paused(self) -> bool:
-        return bool(self.store.redis.exists(self.store.keys.paused))
+        return self.gateway.is_paused()
 
     def pause_queue(self, queue: str) -> None:
         self._pause("queue", True, check_queue_name(queue))
@@ -142,7 +133,7 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         self._pause("queue", False, check_queue_name(queue))
 
     def get_paused_queues(self) -> list[str]:
-        return sorted(m.decode() for m in self.store.redis.smembers(self.store.keys.pausedq))
+        return self.gateway.paused_queues()
 
     def pause_tenant(self, tenant: str) -> None:
         self._pause("tenant", True, check_tenant(tenant))
@@ -151,29 +142,18 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
         self._pause("tenant", False, check_tenant(tenant))
 
     def _pause(self, scope: str, on: bool, name: str) -> None:
-        k = self.store.keys
-        self.store.run("pause", [k.paused, k.pausedq, k.pausedt, k.queues],
-                       [k.prefix, scope, "1" if on else "0", name])
+        self.gateway.pause(scope, on, name)
 
     # -------------------------------------------------------------------------- dead letters
 
     def retry_dead_tasks(self, queue: str, retries: int | None = None, count: int | None = None) -> int:
         """Move dead-lettered tasks back to work (oldest first) with ``retries`` retries."""
-        k = self.store.keys
-        return int(self.store.run("dead_retry", [k.dead(check_queue_name(queue))],
-                                  [k.prefix, self._retries(retries), count or 0]))
+        return self.gateway.retry_dead(check_queue_name(queue), self.producer.retries(retries), count or 0)
 
     def discard_dead_tasks(self, queue: str, count: int | None = None) -> int:
-        k = self.store.keys
-        return int(self.store.run("dead_discard", [k.dead(check_queue_name(queue))], [k.prefix, count or 0]))
+        return self.gateway.discard_dead(check_queue_name(queue), count or 0)
 
-    # ------------------------------------------------------------------------------ running
-
-    def run(self, stop_event: threading.Event, *, worker_id: str | None = None) -> None:
-        """Run a worker loop in this process (threads only) until ``stop_event`` is set."""
-        from .worker.process import WorkerProcess
-
-        WorkerProcess(self, worker_id=worker_id, renew_own_leases=True).run(stop_event)
+    # ------------------------------------------------------------------------------ waiting
 
     def wait_for_batch(self, batch_id: str, timeout: float = 60.0, poll: float = 0.05) -> BatchInfo:
         """Block until the batch is finished (or canceled and drained); TimeoutError otherwise."""
@@ -187,48 +167,7 @@ class TaskProcessor(Introspection, Schedules, TenantAdmin):
             time.sleep(poll)
 
     def close(self) -> None:
-        self.store.redis.close()
-
-    # ------------------------------------------------------------------------------ helpers
-
-    def _as_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | TaskData:
-        if isinstance(fn, (Call, TaskData)):
-            if args or kwargs:
-                raise ConfigurationError(f"{type(fn).__name__} already carries its arguments; pass none besides it")
-            return fn
-        return Call(fn, args, kwargs)
-
-    def _encode(self, call: Call | TaskData) -> Encoded:
-        """encode() with this processor's serializer, size limit and allow-list; refuses a pickle
-        serializer without a signing key (see coretask.signing)."""
-        if self._unsigned_pickle and not isinstance(call, TaskData):
-            raise ConfigurationError(f"enqueue refused: {self._unsigned_pickle}")
-        return encode(call, self._serializer, self.options.max_payload_bytes,
-                      self.options.allowed_modules)  # type: ignore[arg-type]
-
-    def _sign(self, task_id: str, tenant: str, queue: str, enc: Encoded) -> str:
-        """The task's signature (field sg), or "" when Options.signing_key is not set."""
-        return self._signer.sign_task(task_id, tenant, queue, enc) if self._signer else ""
-
-    def _retries(self, retries: int | None) -> int:
-        if retries is None:
-            return self.options.retries
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ConfigurationError(f"retries must be an integer >= 0, got {retries!r}")
-        return retries
-
-    @staticmethod
-    def _due_ms(delay_until: datetime | timedelta | float | None) -> int:
-        if delay_until is None:
-            return 0
-        # rounded up: a due time between two milliseconds must not let the task start early
-        if isinstance(delay_until, timedelta):
-            return math.ceil((time.time() + delay_until.total_seconds()) * 1000)
-        if isinstance(delay_until, datetime):
-            return math.ceil(delay_until.timestamp() * 1000)
-        if isinstance(delay_until, (int, float)) and not isinstance(delay_until, bool):
-            return math.ceil(delay_until * 1000)
-        raise ConfigurationError(f"delay_until must be a datetime, timedelta or epoch seconds, got {delay_until!r}")
+        self.gateway.close()
 
 
 def _staged(builder: BatchBuilder) -> Iterator[BatchBuilder]:

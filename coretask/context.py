@@ -3,15 +3,21 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import LeaseLost, TaskCanceled
 
 if TYPE_CHECKING:
     from .models import BatchInfo
-    from .gateway.transport import Store
 
 __all__ = ["TaskContext"]
+
+
+class LeaseExtender(Protocol):
+    """What extend_lock needs (the gateway has it): push one task's lease to now + lease_ms;
+    returns the new deadline, 0 when the token is stale."""
+
+    def extend(self, task_id: str, token: str, lease_ms: int) -> int: ...
 
 
 class TaskContext:
@@ -24,11 +30,11 @@ class TaskContext:
     """
 
     __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "batch_id", "topic",
-                 "data", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted", "_store", "_token",
+                 "data", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted", "_gateway", "_token",
                  "__weakref__")
 
     def __init__(self, *, task_id: str, queue: str, tenant: str, target: str, attempt: int,
-                 retries_left: int, batch_id: str | None, store: Store, enqueued_ms: int | bytes | None = None,
+                 retries_left: int, batch_id: str | None, gateway: LeaseExtender, enqueued_ms: int | bytes | None = None,
                  batch_fields: list[bytes] | None = None, topic: str | None = None, data: bytes | None = None,
                  enqueued_at: datetime | None = None, batch: BatchInfo | None = None) -> None:
         self.task_id = task_id
@@ -45,7 +51,7 @@ class TaskContext:
         self._batch: BatchInfo | None = batch
         self._cancelled: CancelledEvent | None = None
         self._aborted = False
-        self._store = store
+        self._gateway = gateway
         self._token = str(attempt)
 
     # built on first use: most tasks never look, and the fetch loop's time is the throughput
@@ -97,9 +103,7 @@ class TaskContext:
     def extend_lock(self, duration: timedelta) -> None:
         """Keep the task leased for at least ``duration`` from now (server clock). Raises
         LeaseLost when the lease was already taken over: stop work that must not run twice."""
-        k = self._store.keys
-        deadline = self._store.run("extend", [k.task(self.task_id), k.leases],
-                                   [self.task_id, self._token, int(duration.total_seconds() * 1000)])
+        deadline = self._gateway.extend(self.task_id, self._token, int(duration.total_seconds() * 1000))
         if not deadline:
             raise LeaseLost(f"task {self.task_id}: the lease is no longer held by this worker")
 

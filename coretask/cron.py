@@ -37,12 +37,13 @@ The implementation assumes an offset change is never followed by another within
 from __future__ import annotations
 
 from bisect import bisect_left
+from functools import lru_cache
 from datetime import datetime, timedelta, timezone as _timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigurationError
 
-__all__ = ["CronSchedule", "CronSyntaxError", "TimezoneError"]
+__all__ = ["CronSchedule", "CronSyntaxError", "TimezoneError", "parse_cron"]
 
 
 class CronSyntaxError(ConfigurationError):
@@ -305,3 +306,9 @@ class CronSchedule:
 
     def __hash__(self) -> int:
         return hash((self.expression, self.timezone, self.seconds))
+
+
+@lru_cache(maxsize=1024)
+def parse_cron(expression: str, timezone: str, seconds: bool) -> CronSchedule:
+    """Parsed schedules are immutable, so every tick of a schedule reuses one parse."""
+    return CronSchedule(expression, timezone, seconds=seconds)

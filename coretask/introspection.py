@@ -6,13 +6,14 @@ a few milliseconds stale is fine for a dashboard.
 from __future__ import annotations
 
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo, ms_to_dt
 from .options import check_queue_name, check_tenant
 
 if TYPE_CHECKING:
-    from .gateway.transport import Store
+    from .gateway import Gateway
 
 __all__ = ["Introspection"]
 
@@ -20,58 +21,46 @@ PREVIEW = 120
 
 
 class Introspection:
-    store: Store
+    gateway: Gateway
 
     def get_queues(self) -> list[QueueInfo]:
-        names = sorted(m.decode() for m in self.store.redis.smembers(self.store.keys.queues))
-        return [self.get_queue(n) for n in names]
+        return [self.get_queue(n) for n in self.gateway.queue_names()]
 
     def get_queue(self, name: str) -> QueueInfo:
-        k = self.store.keys
-        pipe = self.store.redis.pipeline(transaction=False)
-        pipe.hmget(k.qstats(check_queue_name(name)), "ready", "inflight", "delayed")
-        pipe.llen(k.dead(name))
-        pipe.sismember(k.pausedq, name)
-        (ready, inflight, delayed), dead, paused = pipe.execute()
-        return QueueInfo(name=name, queued=int(ready or 0), in_flight=int(inflight or 0),
-                         delayed=int(delayed or 0), dead=int(dead), paused=bool(paused))
+        ready, inflight, delayed, dead, paused = self.gateway.queue_counts(check_queue_name(name))
+        return QueueInfo(name=name, queued=ready, in_flight=inflight, delayed=delayed, dead=dead, paused=paused)
 
     def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
         """Ready tasks of a queue, tenant by tenant (tenants in name order, FIFO within one)."""
-        k = self.store.keys
-        r = self.store.redis
-        ids: list[bytes] = []
-        for tenant in sorted(r.smembers(f"{k.prefix}:qt:{check_queue_name(queue)}")):
+        gw = self.gateway
+        ids: list[str] = []
+        for tenant in gw.queue_tenants(check_queue_name(queue)):
             if len(ids) >= take:
                 break
-            key = k.ready(queue, tenant.decode())
-            n = r.llen(key)
+            n = gw.ready_count(queue, tenant)
             if skip >= n:
                 skip -= n
                 continue
-            ids += r.lrange(key, skip, skip + take - len(ids) - 1)
+            ids += gw.ready_ids(queue, tenant, skip, skip + take - len(ids) - 1)
             skip = 0
         return [t for t in self._tasks(ids, TaskInfo) if t is not None]
 
     def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
-        ids = self.store.redis.lrange(self.store.keys.dead(check_queue_name(queue)), skip, skip + take - 1)
+        ids = self.gateway.dead_ids(check_queue_name(queue), skip, skip + take - 1)
         return [t for t in self._tasks(ids, DeadTask) if t is not None]
 
     def get_task(self, task_id: str) -> TaskInfo | None:
-        return self._tasks([task_id.encode()], DeadTask)[0]
+        return self._tasks([task_id], DeadTask)[0]
 
-    def _tasks(self, ids: list[bytes], cls: type) -> list[Any]:
-        pipe = self.store.redis.pipeline(transaction=False)
-        for i in ids:
-            pipe.hgetall(self.store.keys.task(i.decode()))
+    def _tasks(self, ids: list[str], cls: type) -> list[Any]:
         out = []
-        for i, h in zip(ids, pipe.execute()):
+        for i, h in zip(ids, self.gateway.task_hashes(ids)):
             if not h:
                 out.append(None)
                 continue
             s = {key.decode(): (v.decode(errors="replace") if key != b"p" else v) for key, v in h.items()}
             fields: dict[str, Any] = dict(
-                id=i.decode(), queue=s.get("q", ""), tenant=s.get("tn", ""), target=s.get("tg", ""),
+                id=i, queue=s.get("q", ""), tenant=s.get("tn", ""), target=s.get("tg", ""),
                 args_preview=_preview(s.get("p", b""), s.get("s", "")), retries_left=int(s.get("r", 0)),
                 enqueued_at=ms_to_dt(s.get("e")), state=s.get("st", ""), batch_id=s.get("b") or None)
             if cls is DeadTask:
@@ -84,27 +73,22 @@ class Introspection:
 
     def get_batch(self, batch_id: str, tenant: str | None = None) -> BatchInfo | None:
         """The batch's statistics, or None when unknown (or, with ``tenant``, another tenant's)."""
-        h = self.store.redis.hgetall(self.store.keys.batch(batch_id))
+        h = self.gateway.batch_hash(batch_id)
         if not h or b"tn" not in h or (tenant is not None and h[b"tn"].decode() != tenant):
             return None
         return BatchInfo.from_hash(batch_id, h)
 
     def get_batches(self, tenant: str, skip: int = 0, take: int = 25) -> list[BatchInfo]:
         """A tenant's batches, newest first."""
-        ids = self.store.redis.zrevrange(self.store.keys.batches(check_tenant(tenant)), skip, skip + take - 1)
-        pipe = self.store.redis.pipeline(transaction=False)
-        for b in ids:
-            pipe.hgetall(self.store.keys.batch(b.decode()))
-        return [BatchInfo.from_hash(b.decode(), h) for b, h in zip(ids, pipe.execute()) if h]
+        return [BatchInfo.from_hash(b, h) for b, h in self.gateway.batch_page(check_tenant(tenant), skip, take)]
 
     def get_batches_count(self, tenant: str) -> int:
-        return int(self.store.redis.zcard(self.store.keys.batches(check_tenant(tenant))))
+        return self.gateway.batch_count(check_tenant(tenant))
 
     def get_workers(self) -> dict[str, float]:
         """Worker ids with the age in seconds of their last heartbeat."""
-        import time
         now = time.time() * 1000
-        return {w.decode(): (now - int(hb)) / 1000 for w, hb in self.store.redis.hgetall(self.store.keys.workers).items()}
+        return {w: (now - hb) / 1000 for w, hb in self.gateway.worker_heartbeats().items()}
 
 
 def _preview(payload: bytes, serializer: str) -> str:

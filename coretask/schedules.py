@@ -1,4 +1,5 @@
-"""Cron schedules: the client API (a mixin of TaskProcessor) and the worker's schedule timer.
+"""Cron schedules: the client API (a mixin of the client); the worker's timer that claims the
+ticks is coretask/worker/schedules.py.
 
 Why it is built this way:
 
@@ -17,15 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
-from .cron import CronSchedule
-from .encoding import Call, Encoded, Serializer, TaskData
+from .cron import parse_cron
 from .errors import ConfigurationError
 from .models import ms_to_dt
 from .options import check_queue_name, check_tenant
@@ -33,16 +31,15 @@ from .options import check_queue_name, check_tenant
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from .encoding import Call, TaskData
+    from .gateway import Gateway
     from .options import Options
-    from .signing import Signer
-    from .gateway.transport import Store
+    from .producing import Producer
 
-__all__ = ["ScheduleData", "ScheduleInfo", "Schedules", "ScheduleTimer"]
+__all__ = ["ScheduleData", "ScheduleInfo", "Schedules"]
 
 log = logging.getLogger(__name__)
 
-DUE_PER_CALL = 100       # due schedules handled per round trip; more are taken on the next turn
-ERROR_RETRY = 1.0        # seconds before the timer tries again after a Redis error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,24 +80,6 @@ class ScheduleInfo:
     skipped_expired: int
 
 
-def schedule_key(prefix: str, schedule_id: str) -> str:
-    return f"{prefix}:s:{schedule_id}"
-
-
-def due_key(prefix: str) -> str:
-    return f"{prefix}:sdue"
-
-
-def tenant_key(prefix: str, tenant: str) -> str:
-    return f"{prefix}:sched:{tenant}"
-
-
-@lru_cache(maxsize=1024)
-def parse_cron(expression: str, timezone: str, seconds: bool) -> CronSchedule:
-    """Parsed schedules are immutable, so every tick of a schedule reuses one parse."""
-    return CronSchedule(expression, timezone, seconds=seconds)
-
-
 def _check_id(schedule_id: object) -> str:
     if not isinstance(schedule_id, str) or not schedule_id or len(schedule_id) > 200 \
             or any(c.isspace() for c in schedule_id):
@@ -125,13 +104,9 @@ def _s(value: bytes | None) -> str:
 class Schedules:
     """Schedule methods of TaskProcessor (a mixin: it uses the processor's store and encoder)."""
 
-    store: Store
+    gateway: Gateway
     options: Options
-    _serializer: Serializer
-    _as_call: Callable[..., Call | TaskData]
-    _encode: Callable[[Call | TaskData], Encoded]
-    _signer: Signer | None
-    _retries: Callable[[int | None], int]
+    producer: Producer
 
     def upsert_schedule(self, data: ScheduleData, fn: Callable[..., Any] | Call | TaskData,
                         *args: Any, **kwargs: Any) -> bool:
@@ -152,15 +127,14 @@ class Schedules:
             msg = str(exc).replace("pass seconds=True", "set Options.use_cron_seconds=True")
             raise type(exc)(f"schedule {sid!r}: {msg}") from None
         expire_ms = _expire_ms(data.expire)
-        enc = self._encode(self._as_call(fn, args, kwargs))
-        sig = self._signer.sign_schedule(sid, data.tenant, data.queue, enc) if self._signer else ""
-        k = self.store.keys
-        now = int(self.store.run("schedule_due", [due_key(k.prefix), k.paused], [k.prefix, 0])[0])
-        code, _ = self.store.run(
-            "schedule_upsert", [schedule_key(k.prefix, sid), due_key(k.prefix), tenant_key(k.prefix, data.tenant)],
-            [k.prefix, sid, data.tenant, data.queue, data.scope or "", sched.expression, data.timezone,
-             "1" if seconds else "0", "1" if data.unique else "0", expire_ms, enc.payload, enc.serializer,
-             enc.target, self._retries(None), sched.next_after_ms(now), sig])
+        pr = self.producer
+        enc = pr.encode_call(fn, args, kwargs)
+        gw = self.gateway
+        now = gw.server_time_ms()
+        code = gw.upsert_schedule(sid, data.tenant, data.queue, data.scope or "", sched.expression, data.timezone,
+                                  seconds, data.unique, expire_ms, enc.payload, enc.serializer, enc.target,
+                                  pr.retries(None), sched.next_after_ms(now),
+                                  pr.sign_schedule(sid, data.tenant, data.queue, enc))
         if code == -1:
             raise ConfigurationError(f"schedule id {sid!r} belongs to another tenant; pick another id")
         log.debug("schedule %s %s: %s (%s) -> %s", sid, "created" if code == 1 else "replaced",
@@ -170,50 +144,26 @@ class Schedules:
     def cancel_schedule(self, schedule_id: str, tenant: str) -> bool:
         """Delete a schedule; False when unknown or another tenant's. Runs already enqueued
         stay queued."""
-        k = self.store.keys
-        return bool(self.store.run("schedule_cancel", [schedule_key(k.prefix, schedule_id), due_key(k.prefix)],
-                                   [k.prefix, schedule_id, tenant]))
+        return self.gateway.cancel_schedule(schedule_id, tenant)
 
     def trigger_schedule(self, schedule_id: str, tenant: str | None = None) -> bool:
         """Enqueue a run now, without moving the next tick; False for an unknown schedule (or,
         with ``tenant``, another tenant's: checked inside the script). A
         manual run is never skipped by ``unique`` or a pause (a paused processor just holds
         it queued), but it counts as the previous run for the next ``unique`` tick."""
-        k = self.store.keys
-        tid = uuid.uuid4().hex
-        code, _, _ = self.store.run("schedule_tick", _tick_keys(k.prefix, k.paused, k.queues, schedule_id, tid),
-                                    [k.prefix, schedule_id, "trigger", tid, 0, 0, 0, tenant or ""])
-        return code == 1
+        return self.gateway.trigger_schedule(schedule_id, uuid.uuid4().hex, tenant).code == 1
 
     def get_schedule(self, schedule_id: str) -> ScheduleInfo | None:
-        k = self.store.keys
-        pipe = self.store.redis.pipeline(transaction=False)
-        pipe.hgetall(schedule_key(k.prefix, schedule_id))
-        pipe.zscore(due_key(k.prefix), schedule_id)
-        h, score = pipe.execute()
+        h, score = self.gateway.schedule(schedule_id)
         return _info(schedule_id, h, score) if h else None
 
     def get_schedules(self, tenant: str, skip: int = 0, take: int = 25) -> list[ScheduleInfo]:
         """A tenant's schedules ordered by id."""
-        k = self.store.keys
-        raw: Any = self.store.redis.zrange(tenant_key(k.prefix, check_tenant(tenant)), skip, skip + take - 1)
-        ids = [i.decode() for i in raw]
-        pipe = self.store.redis.pipeline(transaction=False)
-        for sid in ids:
-            pipe.hgetall(schedule_key(k.prefix, sid))
-            pipe.zscore(due_key(k.prefix), sid)
-        res = pipe.execute()
-        return [_info(sid, h, score) for sid, h, score in zip(ids, res[::2], res[1::2]) if h]
+        return [_info(sid, h, score) for sid, h, score in self.gateway.schedules(check_tenant(tenant), skip, take)]
 
     def get_schedules_count(self, tenant: str | None = None) -> int:
         """Schedules of ``tenant``, or of all tenants when None."""
-        k = self.store.keys
-        key = due_key(k.prefix) if tenant is None else tenant_key(k.prefix, check_tenant(tenant))
-        return int(self.store.redis.zcard(key))
-
-
-def _tick_keys(prefix: str, paused: str, queues: str, schedule_id: str, task_id: str) -> list[str]:
-    return [due_key(prefix), schedule_key(prefix, schedule_id), paused, f"{prefix}:t:{task_id}", queues]
+        return self.gateway.schedule_count(None if tenant is None else check_tenant(tenant))
 
 
 def _info(schedule_id: str, h: dict[bytes, bytes], score: float | None) -> ScheduleInfo:
@@ -225,73 +175,3 @@ def _info(schedule_id: str, h: dict[bytes, bytes], score: float | None) -> Sched
         unique=h.get(b"u") == b"1", expire=timedelta(milliseconds=expire) if expire else None,
         last_task_id=_s(h.get(b"lt")) or None, skipped_unique=int(h.get(b"nu", b"0")),
         skipped_expired=int(h.get(b"nx", b"0")))
-
-
-class ScheduleTimer:
-    """The schedule timer of one worker process, run from its maintenance loop.
-
-    ``run()`` enqueues every due tick and arms ``due`` (monotonic seconds) for the earliest next
-    tick, capped at base_frequency so that a lost pub/sub event costs at most that long.
-    ``poke()`` (from the control thread on "s"/"r") makes the next maintenance turn re-read;
-    it is a flag rather than a write to ``due`` so a run in progress cannot overwrite it."""
-
-    def __init__(self, store: Store, options: Options, worker_id: str = "") -> None:
-        self.store = store
-        self.worker_id = worker_id
-        self.idle = options.base_frequency.total_seconds()
-        self.due = 0.0
-        self.dirty = True
-
-    def poke(self) -> None:
-        self.dirty = True
-
-    def next_due(self) -> float:
-        return 0.0 if self.dirty else self.due
-
-    def run_if_due(self, now: float) -> None:
-        if self.dirty or self.due <= now:
-            self.run()
-
-    def run(self) -> None:
-        self.dirty = False
-        try:
-            wait = self._run_once()
-        except Exception as exc:
-            log.warning("worker %s: schedule timer failed: %s", self.worker_id, exc)
-            wait = ERROR_RETRY
-        self.due = time.monotonic() + wait
-
-    def _run_once(self) -> float:
-        """One read of the due ticks, then one claim per due tick (pipelined); returns the
-        seconds to wait before the next read."""
-        k = self.store.keys
-        sdue = due_key(k.prefix)
-        reply = self.store.run("schedule_due", [sdue, k.paused], [k.prefix, DUE_PER_CALL])
-        now, paused, earliest = int(reply[0]), int(reply[1]), int(reply[2])
-        if paused:
-            return self.idle      # ticks wait in place; resume publishes "r", which pokes us
-        calls = []
-        for sid_b, tick_b, cron_b, tz_b, sec_b, ver_b in reply[3:]:
-            sid, tick = sid_b.decode(), int(float(tick_b))
-            try:
-                nxt = parse_cron(cron_b.decode(), tz_b.decode(), sec_b == b"1").next_after_ms(max(now, tick))
-            except ValueError as exc:  # e.g. a zone this machine's tz database lacks
-                log.error("worker %s: schedule %s cannot be evaluated here: %s", self.worker_id, sid, exc)
-                continue
-            tid = uuid.uuid4().hex
-            calls.append(("schedule_tick", _tick_keys(k.prefix, k.paused, k.queues, sid, tid),
-                          [k.prefix, sid, "tick", tid, tick, ver_b, nxt]))
-        results = self.store.run_many(calls) if calls else []   # one round trip for a burst
-        for (_, _, args), (code, _, score) in zip(calls, results):
-            if code == 1:   # debug: a per-second schedule would flood an info log
-                log.debug("schedule %s: enqueued the run of tick %s", args[1], ms_to_dt(args[4]))
-            elif code in (2, 3):
-                log.debug("schedule %s: tick %s skipped (%s)", args[1], ms_to_dt(args[4]),
-                         "previous run still active" if code == 2 else "expired")
-            if int(score) >= 0:
-                earliest = int(score) if earliest < 0 else min(earliest, int(score))
-        if len(reply) - 3 >= DUE_PER_CALL:
-            return 0.0
-        if earliest < 0:
-            return self.idle
-        return min(max((earliest - now) / 1000, 0.0), self.idle)

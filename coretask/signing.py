@@ -29,7 +29,7 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import ConfigurationError, TaskRefused
 from .targets import refusal
@@ -37,7 +37,6 @@ from .targets import refusal
 if TYPE_CHECKING:
     from .encoding import Encoded
     from .options import Options
-    from .worker.process import Fetched
 
 __all__ = ["Signer", "TaskGuard", "signer_for", "unsigned_pickle_problem", "check_signing_keys",
            "check_allowed_modules"]
@@ -161,6 +160,28 @@ def signer_for(options: Options) -> Signer | None:
 
 # ------------------------------------------------------------------------------ the worker
 
+class SignedTask(Protocol):
+    """What TaskGuard reads of a fetched task (the gateway's Leased record has it): the stored
+    fields the signature covers, and the tenant field of the task's own hash."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def tenant(self) -> str: ...
+    @property
+    def queue(self) -> str: ...
+    @property
+    def serializer(self) -> str: ...
+    @property
+    def target(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def signature(self) -> str: ...
+    @property
+    def stored_tenant(self) -> str | None: ...
+
+
 class TaskGuard:
     """What a worker checks for every task before decoding its payload or importing its target."""
 
@@ -175,7 +196,7 @@ class TaskGuard:
             log.warning("worker runs serializer %r without a signing key (allow_unsigned_pickle=True): "
                         "whoever can write to this Redis can run code here", name)
 
-    def check(self, task: Fetched) -> None:
+    def check(self, task: SignedTask) -> None:
         """TaskRefused when the task must not be read at all."""
         if self.signer is not None:
             if task.stored_tenant is not None and task.stored_tenant != task.tenant:

@@ -13,11 +13,13 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
-from .options import check_tenant
+from .options import check_queue_name, check_tenant
 
 if TYPE_CHECKING:
     from .batch import BatchBuilder
-    from .client import TaskProcessor
+    from .client import Client
+    from .gateway import Gateway
+    from .options import Options
     from .encoding import Call, TaskData
     from .models import BatchInfo, DeadTask, TaskInfo
     from .schedules import ScheduleData, ScheduleInfo
@@ -47,7 +49,7 @@ class TenantStats:
 class TenantView:
     """The TaskProcessor API for one tenant. Obtain it with ``processor.tenant(name)``."""
 
-    def __init__(self, processor: TaskProcessor, tenant: str) -> None:
+    def __init__(self, processor: Client, tenant: str) -> None:
         self.processor = processor
         self.tenant = check_tenant(tenant)
 
@@ -65,7 +67,7 @@ class TenantView:
     def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
         """This tenant's ready tasks in the queue, FIFO."""
         p = self.processor
-        ids = p.store.redis.lrange(p.store.keys.ready(queue, self.tenant), skip, skip + take - 1)
+        ids = p.gateway.ready_ids(check_queue_name(queue), self.tenant, skip, skip + take - 1)
         return [t for t in p._tasks(ids, _task_info()) if t is not None]
 
     def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
@@ -157,8 +159,8 @@ def _task_info() -> type:
 class TenantAdmin:
     """Tenant methods of TaskProcessor (a mixin)."""
 
-    store: Any
-    options: Any
+    gateway: Gateway
+    options: Options
 
     def tenant(self, tenant: str) -> TenantView:
         """A view of this processor for one tenant (see :class:`TenantView`)."""
@@ -170,39 +172,25 @@ class TenantAdmin:
         tenant's waiting work at once."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise ConfigurationError(f"tenant limit must be an integer >= 1 or None, got {limit!r}")
-        k = self.store.keys
-        self.store.run("tenant_limit", [k.tlim], [k.prefix, check_tenant(tenant), limit or 0])
+        self.gateway.set_tenant_limit(check_tenant(tenant), limit)
 
     def is_tenant_paused(self, tenant: str) -> bool:
-        return bool(self.store.redis.sismember(self.store.keys.pausedt, check_tenant(tenant)))
+        return self.gateway.is_tenant_paused(check_tenant(tenant))
 
     def get_paused_tenants(self) -> list[str]:
-        return sorted(m.decode() for m in self.store.redis.smembers(self.store.keys.pausedt))
+        return self.gateway.paused_tenants()
 
     def get_tenants(self, skip: int = 0, take: int = 25) -> list[str]:
         """Tenants with work or history, in name order."""
-        return [t.decode() for t in self.store.redis.zrange(self.store.keys.tenants, skip, skip + take - 1)]
+        return self.gateway.tenant_page(skip, take)
 
     def get_tenants_count(self) -> int:
-        return int(self.store.redis.zcard(self.store.keys.tenants))
+        return self.gateway.tenant_count()
 
     def get_tenant_stats(self, tenant: str) -> TenantStats:
-        k = self.store.keys
-        check_tenant(tenant)
-        queues = sorted(q.decode() for q in self.store.redis.smembers(k.queues))
-        pipe = self.store.redis.pipeline(transaction=False)
-        for q in queues:
-            pipe.llen(k.ready(q, tenant))
-        pipe.hget(k.trun, tenant)
-        pipe.hgetall(k.tstats(tenant))
-        pipe.sismember(k.pausedt, tenant)
-        pipe.hget(k.tlim, tenant)
-        res = pipe.execute()
-        lengths, (running, counters, paused, limit) = res[:len(queues)], res[len(queues):]
-        c = {key.decode(): int(v) for key, v in counters.items()}
-        default = self.options.tenant_concurrency
+        queued, running, c, paused, limit = self.gateway.tenant_counters(check_tenant(tenant))
         return TenantStats(
-            tenant=tenant, queued=dict(zip(queues, (int(n) for n in lengths))), running=int(running or 0),
+            tenant=tenant, queued=queued, running=running,
             done=c.get("done", 0), failed=c.get("failed", 0), canceled=c.get("canceled", 0), dead=c.get("dead", 0),
             batches={s: c.get("b_" + s, 0) for s in ("running", "succeeded", "failed", "canceled")},
-            paused=bool(paused), limit=int(limit) if limit else default)
+            paused=paused, limit=limit or self.options.tenant_concurrency)

@@ -114,7 +114,7 @@ def test_exception_inside_build_leaves_nothing(processor, r, prefix, form):
 def test_redis_error_midway_leaves_nothing(processor, r, prefix, monkeypatch, failing):
     # Given a store whose n-th staging call (or the commit) fails as if the connection dropped
     # (a staging call's error surfaces when its reply is read, after it ran)
-    real_run, real_send = processor.store.run, processor.store.send
+    real_run, real_send = processor.gateway.transport.run, processor.gateway.transport.send
     calls = {"batch_stage": 0}
 
     def send(name, keys, args):
@@ -133,8 +133,8 @@ def test_redis_error_midway_leaves_nothing(processor, r, prefix, monkeypatch, fa
             raise redis.ConnectionError("connection reset by peer (simulated)")
         return real_run(name, keys, args, **kw)
 
-    monkeypatch.setattr(processor.store, "send", send)
-    monkeypatch.setattr(processor.store, "run", run)
+    monkeypatch.setattr(processor.gateway.transport, "send", send)
+    monkeypatch.setattr(processor.gateway.transport, "run", run)
     # When a 3,500-task batch is built
     with pytest.raises(redis.ConnectionError):
         processor.enqueue_batch("default", "acme", lambda b: [b.enqueue(tasks.record, "k", i) for i in range(3500)])
@@ -157,9 +157,9 @@ def test_hundred_thousand_tasks_bounded_memory_short_scripts(processor, embedded
     # Given a 200-character argument, so that 100,000 payloads would take > 20 MB
     n = 100_000
     arg = "x" * 200
-    one = len(encode(Call(tasks.record, (prefix + ":never", arg), {}), processor._serializer, 10**6).payload)
+    one = len(encode(Call(tasks.record, (prefix + ":never", arg), {}), processor.producer.serializer, 10**6).payload)
     # And every script call timed in server CPU (calls serialized so each delta is its own)
-    cpu, store, lock = server_cpu_probe(server), processor.store, threading.RLock()
+    cpu, store, lock = server_cpu_probe(server), processor.gateway.transport, threading.RLock()
     timed: list[tuple[str, float]] = []
 
     def timing(fn: Any, name_of: Any) -> Any:

@@ -87,8 +87,8 @@ def test_cancel_message_carries_the_batch_cancel_key_and_the_worker_aborts_witho
     batch_id = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, spin, 60))
     worker_side = make_processor()
     reads: list[tuple] = []
-    real_hget = worker_side.store.redis.hget
-    worker_side.store.redis.hget = lambda *a: (reads.append(a), real_hget(*a))[1]   # type: ignore[method-assign]
+    real_hget = worker_side.gateway.transport.redis.hget
+    worker_side.gateway.transport.redis.hget = lambda *a: (reads.append(a), real_hget(*a))[1]   # type: ignore[method-assign]
     embedded_worker(worker_side)
     wait_until(lambda: started(r, spin), 10, "task running")
     listener = r.pubsub(ignore_subscribe_messages=True)
@@ -357,7 +357,7 @@ def test_ctx_cancelled_reads_set_from_the_abort_mark_and_wakes_waiters(processor
     # Given two task contexts: one whose event a thread already waits on, one never looked at
     from coretask.context import TaskContext
     waited, fresh = (TaskContext(task_id=t, queue="q", tenant="acme", target="x", attempt=1, retries_left=0,
-                                 batch_id=None, store=processor.store) for t in ("t1", "t2"))
+                                 batch_id=None, gateway=processor.gateway) for t in ("t1", "t2"))
     woke = []
     waiter = threading.Thread(target=lambda: woke.append(waited.cancelled.wait(30)))
     waiter.start()

@@ -123,12 +123,12 @@ def test_every_key_of_a_workload_is_in_the_prefix_slot(cluster: RedisCluster, pr
     p = procs(cluster.url, prefix)
     procs.run(procs(cluster.url, prefix))
     exercise(p, tmp_path / "notes")
-    slot = p.store.redis.keyslot(prefix)
+    slot = p.gateway.transport.redis.keyslot(prefix)
     owner = cluster.master_for_key(prefix)
     with node_client(cluster, owner.port) as direct:
         keys = list(direct.scan_iter(match=prefix + "*", count=1000))
     assert len(keys) > 10
-    assert {p.store.redis.keyslot(k) for k in keys} == {slot}
+    assert {p.gateway.transport.redis.keyslot(k) for k in keys} == {slot}
     for node in cluster.nodes:   # and nothing of this prefix anywhere else
         if node.port != owner.port and node.running:
             with node.client(socket_timeout=5) as c:
@@ -148,7 +148,7 @@ def test_idle_worker_subscribed_through_another_node_is_woken_promptly(
     channel = prefix + ":ev"
     producer = procs(cluster.url, prefix, **IDLE)
     worker = procs(cluster.url, prefix, **IDLE)
-    client = worker.store.redis
+    client = worker.gateway.transport.redis
     slot_nodes = client.nodes_manager.slots_cache[client.keyslot(channel)]
     owner = slot_nodes[0]
     if where == "replica":

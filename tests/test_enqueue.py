@@ -325,7 +325,7 @@ def test_dill_carries_a_lambda_and_a_closure(make_processor, embedded_worker, r,
     # And the module they use (tests.tasks, holding a live client) travels by name, not by value
     client = tasks.R()
     for tid in (t1, t2):
-        assert len(r.hget(p.store.keys.task(tid), "p")) < 2000
+        assert len(r.hget(p.gateway.keys.task(tid), "p")) < 2000
     # When a dill worker runs them
     embedded_worker(p)
     wait_until(lambda: r.llen(key) == 2, 10, "lambda and closure ran")
@@ -361,7 +361,7 @@ def test_custom_serializer_round_trips(make_processor, embedded_worker, r, prefi
     # Given a value JSON could not carry, written by the user serializer
     tid = p.enqueue_task("default", "acme", tasks.record, key, value=(1, frozenset({2})))
     assert ser.dumped == 1
-    stored = r.hmget(p.store.keys.task(tid), "s", "p", "tg")
+    stored = r.hmget(p.gateway.keys.task(tid), "s", "p", "tg")
     assert stored[0] == b"marked-pickle" and stored[1].startswith(MarkedPickle.MARK)
     assert stored[2] == b"tests.tasks:record"
     # When a worker with the same serializer runs it

@@ -60,7 +60,7 @@ def test_flask_example_enqueues_from_a_route(standalone, prefix, monkeypatch):
     t = threading.Thread(target=flask_app.processor.run, args=(stop,))
     t.start()
     try:
-        r = flask_app.processor.store.redis
+        r = flask_app.processor.gateway.transport.redis
         wait_until(lambda: r.llen(f"{prefix}:sent") == 3, 20, "3 mails sent")
         wait_until(lambda: client.get(f"/batches/{batch_id}", headers={"X-Tenant": "acme"}).get_json()["state"]
                    == "succeeded", 10, "batch succeeded")

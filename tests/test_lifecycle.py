@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 
 from coretask import LeaseLost, TaskContext, TaskProcessor
+from coretask.gateway import Ack, Failure, Release
+from coretask.producing import Producer
 from tests import tasks, tasks_extra
 from tests.conftest import wait_until
 
-FIELDS = 12
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -23,38 +24,30 @@ FIELDS = 12
 def fetch_as(p: TaskProcessor, worker: str, n: int = 1, lease_ms: int | None = None,
              queues: list[str] | None = None) -> tuple[list[Any], list[dict[str, Any]]]:
     """Run the fetch script as ``worker``; returns the reply head and the leased tasks."""
-    k = p.store.keys
     if lease_ms is None:
         lease_ms = int(p.options.invisibility.total_seconds() * 1000)
-    reply = p.store.run("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker), k.trun,
-                                  k.tlim], [k.prefix, worker, n, lease_ms, 0, *(queues or p.options.queues)])
-    got = []
-    for i in range(3, len(reply), FIELDS):
-        tid, attempt, payload, ser, target, queue, tenant, batch, retries, enqueued, _, _ = reply[i:i + FIELDS]
-        got.append(dict(id=tid.decode(), token=str(attempt), target=target.decode(), queue=queue.decode(),
-                        tenant=tenant.decode(), retries_left=int(retries), now_ms=int(reply[2])))
-    return reply[:3], got
+    reply = p.gateway.fetch(worker, n, lease_ms, 0, queues or p.options.queues)
+    got = [dict(id=t.id, token=t.token, target=t.target, queue=t.queue, tenant=t.tenant,
+                retries_left=t.retries_left, now_ms=reply.now_ms) for t in reply.tasks]
+    return [int(reply.paused), reply.next_due_ms, reply.now_ms], got
 
 
 def complete(p: TaskProcessor, worker: str, tid: str, token: str) -> list[int]:
-    k = p.store.keys
-    return p.store.run("complete", [k.leases, k.worker(worker)], [k.prefix, worker, tid, token, "ok", 5])
+    return p.gateway.complete(worker, [Ack(tid, token, "ok", 5)])
 
 
 def fail(p: TaskProcessor, worker: str, tid: str, token: str, *, delay_ms: int = 0, bury: bool = False) -> int:
-    k = p.store.keys
-    return p.store.run("fail", [k.task(tid)], [k.prefix, worker, tid, token, delay_ms, "1", "ValueError", "bad",
-                                               "Traceback: bad", 5, "1" if bury else "0", "0"])
+    return p.gateway.fail(worker, Failure(tid, token, "ValueError", "bad", "Traceback: bad", 5, delay_ms=delay_ms,
+                                          bury=bury))
 
 
 def release(p: TaskProcessor, worker: str, tid: str, token: str) -> int:
-    k = p.store.keys
-    return p.store.run("release", [k.leases], [k.prefix, worker, tid, token])
+    return p.gateway.release(worker, [Release(tid, token)])
 
 
 def recover_expired(p: TaskProcessor) -> list[int]:
-    k = p.store.keys
-    return p.store.run("recover", [k.leases], [k.prefix, "expired", "", "1", "lease expired", 100, "1", "0"])
+    res = p.gateway.recover_expired("lease expired", 100)
+    return [res.requeued, res.buried, res.canceled]
 
 
 def counts(p: TaskProcessor, queue: str = "default") -> tuple[int, int, int, int]:
@@ -64,7 +57,7 @@ def counts(p: TaskProcessor, queue: str = "default") -> tuple[int, int, int, int
 
 def snapshot(p: TaskProcessor, r, tid: str, worker: str) -> dict[str, Any]:
     """Everything a stale answer could wrongly change."""
-    k = p.store.keys
+    k = p.gateway.keys
     return dict(task=r.hgetall(k.task(tid)), lease=r.zscore(k.leases, tid), owned=r.smembers(k.worker(worker)),
                 counts=counts(p), trun=r.hgetall(k.trun), dead=r.lrange(k.dead("default"), 0, -1),
                 ready=r.lrange(k.ready("default", "acme"), 0, -1))
@@ -80,7 +73,7 @@ def wait_worker_listening(p: TaskProcessor, r, prefix: str) -> None:
     p.enqueue_task(p.options.queues[0], "probe", tasks.record, probe, 1)
     wait_until(lambda: r.llen(probe) == 1, 10, "the probe task")
     if not p.options.cluster:
-        wait_until(lambda: dict(r.pubsub_numsub(p.store.keys.events)).get(p.store.keys.events.encode(), 0) >= 1,
+        wait_until(lambda: dict(r.pubsub_numsub(p.gateway.keys.events)).get(p.gateway.keys.events.encode(), 0) >= 1,
                    10, "the worker's pub/sub subscription")
     wait_until(lambda: p.get_queue(p.options.queues[0]).in_flight == 0, 5, "the probe's ack")
 
@@ -106,10 +99,10 @@ def test_priority_order_high_before_default_before_low(make_processor, embedded_
 
 def test_due_time_is_never_rounded_down():
     # a due time between two milliseconds must not become the earlier one
-    assert TaskProcessor._due_ms(1700000000.0004) == 1700000000001
-    assert TaskProcessor._due_ms(1700000000.25) == 1700000000250
+    assert Producer.due_ms(1700000000.0004) == 1700000000001
+    assert Producer.due_ms(1700000000.25) == 1700000000250
     when = datetime(2030, 1, 1, 0, 0, 0, 999, tzinfo=timezone.utc)
-    assert TaskProcessor._due_ms(when) == int(when.timestamp()) * 1000 + 1
+    assert Producer.due_ms(when) == int(when.timestamp()) * 1000 + 1
 
 
 def test_delayed_tasks_start_on_time(processor, embedded_worker, r, prefix):
@@ -151,7 +144,7 @@ def test_delayed_task_waits_in_the_delayed_set(processor, r, prefix):
     # a fetch right now leases nothing
     head, got = fetch_as(processor, "fake-w", 5)
     assert got == []
-    assert int(head[1]) == int(r.zscore(processor.store.keys.delayed, tid))   # next due time reported
+    assert int(head[1]) == int(r.zscore(processor.gateway.keys.delayed, tid))   # next due time reported
 
 
 # ------------------------------------------------------------------- retries, dead letters
@@ -253,8 +246,8 @@ def test_deadletter_false_discards_exhausted_tasks(make_processor, embedded_work
     wait_until(lambda: len(errors) == 2 and p.get_task(tid) is None, 10, "two attempts, then deleted")
     assert errors == [(tid, 1), (tid, 2)]
     wait_until(lambda: counts(p) == (0, 0, 0, 0), 5, "counters back to zero")
-    assert r.llen(p.store.keys.dead("default")) == 0
-    assert not r.exists(p.store.keys.task(tid))
+    assert r.llen(p.gateway.keys.dead("default")) == 0
+    assert not r.exists(p.gateway.keys.task(tid))
 
 
 def test_on_task_error_receives_context_and_exception(make_processor, embedded_worker):
@@ -305,7 +298,7 @@ def test_unloadable_tasks_are_dead_lettered_and_the_worker_goes_on(make_processo
     errors: list[tuple[str, str]] = []
     p = make_processor(max_workers=1, on_task_error=lambda ctx, exc: errors.append((ctx.task_id,
                                                                                     type(exc).__name__)))
-    k = p.store.keys
+    k = p.gateway.keys
     # Given a corrupted payload, a target that no longer imports, and a payload of an unknown serializer
     corrupt = p.enqueue_task("default", "acme", tasks_extra.victim, victim)
     r.hset(k.task(corrupt), "p", b"\x80{not json")
@@ -345,7 +338,7 @@ def test_unloadable_tasks_are_dead_lettered_and_the_worker_goes_on(make_processo
 
 def test_stale_tokens_change_nothing(make_processor, r, prefix):
     p = make_processor(retries=3)
-    k = p.store.keys
+    k = p.gateway.keys
     tid = p.enqueue_task("default", "acme", tasks.record, prefix + ":out", 1)
     # Given the task leased to worker A (token "1") for 300 ms
     _, (a,) = fetch_as(p, "fake-a", 1, lease_ms=300)
@@ -380,7 +373,7 @@ def test_stale_tokens_change_nothing(make_processor, r, prefix):
     assert fail(p, "fake-a", tid, "1", bury=True) == 0
     assert release(p, "fake-a", tid, "1") == 0
     ctx_a = TaskContext(task_id=tid, queue="default", tenant="acme", target="tests.tasks:record", attempt=1,
-                        retries_left=3, enqueued_at=None, batch_id=None, batch=None, store=p.store)
+                        retries_left=3, enqueued_at=None, batch_id=None, batch=None, gateway=p.gateway)
     with pytest.raises(LeaseLost):
         ctx_a.extend_lock(timedelta(seconds=30))
     # Then B's lease is intact
@@ -398,7 +391,7 @@ def test_stale_tokens_change_nothing(make_processor, r, prefix):
 def test_expired_lease_is_redelivered_and_consumes_a_retry(make_processor, embedded_worker, r, prefix):
     key = prefix + ":out"
     p = make_processor(invisibility=1.0, retries=3)
-    k = p.store.keys
+    k = p.gateway.keys
     tid = p.enqueue_task("default", "acme", tasks_extra.record_ctx, key)
     # Given the task leased by a worker that then vanished (never renews, never answers)
     _, (lost,) = fetch_as(p, "vanished-worker", 1)
@@ -432,7 +425,7 @@ def test_expired_lease_without_retries_left_is_dead_lettered(make_processor, emb
 def test_extend_lock_keeps_the_lease_beyond_invisibility(make_processor, embedded_worker, r, prefix):
     key = prefix + ":out"
     p = make_processor(invisibility=1.0)
-    k = p.store.keys
+    k = p.gateway.keys
     # Given two tasks leased by a fake worker (no renewal) for invisibility = 1 s
     held = p.enqueue_task("default", "acme", tasks_extra.lease_holder, key)
     control = p.enqueue_task("default", "acme", tasks_extra.lease_holder, key)
@@ -443,7 +436,7 @@ def test_extend_lock_keeps_the_lease_beyond_invisibility(make_processor, embedde
     def ctx_for(g: dict[str, Any]) -> TaskContext:
         return TaskContext(task_id=g["id"], queue="default", tenant="acme", target=g["target"],
                            attempt=int(g["token"]), retries_left=g["retries_left"], enqueued_at=None,
-                           batch_id=None, batch=None, store=p.store)
+                           batch_id=None, batch=None, gateway=p.gateway)
 
     # When the first task extends its lock to 5 s
     ctx_held, ctx_control = ctx_for(got[0]), ctx_for(got[1])
@@ -523,5 +516,5 @@ def test_queue_counters_are_exact_at_each_step(processor, embedded_worker, r, pr
     embedded_worker(p)
     wait_until(lambda: counts(p) == (0, 0, 2, 0), 10, "the ready tasks done")
     assert sorted(lines(r, key)) == ["b", "soon"]
-    assert {t for t in r.zrange(p.store.keys.delayed, 0, -1)} == {c.encode(), later.encode()}
-    assert r.hgetall(p.store.keys.trun) == {}
+    assert {t for t in r.zrange(p.gateway.keys.delayed, 0, -1)} == {c.encode(), later.encode()}
+    assert r.hgetall(p.gateway.keys.trun) == {}

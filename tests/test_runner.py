@@ -11,6 +11,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+from coretask.worker.ledger import Ledger
 from coretask.worker.runner import Runner, _checkpoint
 
 
@@ -46,8 +47,7 @@ def call_body(runner: Runner, task: SimpleNamespace) -> object:
 def test_every_outcome_is_reported_once_whenever_aborts_land():
     # Given a runner whose tasks run a short pure-Python body, and a thread aborting whatever
     # task it finds running, thousands of times at random moments
-    worker = SimpleNamespace(options=SimpleNamespace(execute=short_body))
-    runner = Runner(worker)                 # type: ignore[arg-type]
+    runner = Runner(Ledger(1), SimpleNamespace(execute=short_body))  # type: ignore[arg-type]
     rnd = random.Random(3)
     tasks = [SimpleNamespace(id=f"t{i}", ctx=SimpleNamespace(steps=rnd.randint(0, 400)), abort_reason=None,
                              runner=None) for i in range(50000)]

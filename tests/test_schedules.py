@@ -16,8 +16,7 @@ YEARLY = "0 0 1 1 *"   # never fires during a test unless its tick is moved into
 
 
 def server_ms(p) -> int:
-    k = p.store.keys
-    return int(p.store.run("schedule_due", [f"{k.prefix}:sdue", k.paused], [k.prefix, 0])[0])
+    return p.gateway.server_time_ms()
 
 
 def ticks(r, key: str) -> list[tuple[int, int]]:

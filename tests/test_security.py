@@ -49,18 +49,16 @@ def inject(p: TaskProcessor, tenant: str, target: str, args: list[Any], *, queue
            retries: int = 3) -> str:
     """Write a task straight into Redis with the enqueue script, bypassing every check that
     enqueue_task makes: what someone who can write the coretask keys can do."""
-    k = p.store.keys
     tid = os.urandom(8).hex()
     if payload is None:
         payload = json.dumps({"t": target, "a": args, "k": {}}).encode()
-    p.store.run("enqueue", [k.task(tid), k.queues],
-                [k.prefix, tid, queue, tenant, payload, serializer, tg or target, retries, 0, sg])
+    p.gateway.enqueue(tid, queue, tenant, payload, serializer, tg or target, retries, 0, sg)
     return tid
 
 
 def move(r: Any, p: TaskProcessor, tid: str, tenant: str, queue: str = "default") -> None:
     """Move a queued task's id to another (queue, tenant) list, as someone with write access could."""
-    k = p.store.keys
+    k = p.gateway.keys
     q, tn = (v.decode() for v in r.hmget(k.task(tid), "q", "tn"))
     assert r.lrem(k.ready(q, tn), 0, tid) == 1
     r.rpush(k.ready(queue, tenant), tid)
@@ -82,7 +80,7 @@ def assert_refused(r: Any, p: TaskProcessor, dead: dict[str, Any], tid: str, *sn
     assert t.error_type == "TaskRefused", (tid, t.error_type, t.error_message)
     for s in snippets:
         assert s in t.error_message, (tid, s, t.error_message)
-    assert r.hget(p.store.keys.task(tid), "a") == b"1"       # one attempt: buried, not retried
+    assert r.hget(p.gateway.keys.task(tid), "a") == b"1"       # one attempt: buried, not retried
 
 
 def values(r: Any, key: str) -> list[str]:
@@ -220,7 +218,7 @@ def test_signed_tasks_run_on_every_path(make_processor, embedded_worker, r, pref
         tasks.R().rpush(out, f"raw|{ctx.tenant}|{ctx.queue}")
 
     p = make_processor(signing_key=[NEW, OLD], queues=["high", "default", "low"], execute=execute)
-    k = p.store.keys
+    k = p.gateway.keys
     # Given signed work of every kind: a task, a delayed one, one retried once, one that is
     # dead-lettered and then retried from the dead letters, a batch task and its continuation,
     # a schedule (triggered, and ticking), a TaskData, and a dill lambda (another queue)
@@ -263,7 +261,7 @@ def test_tampered_unsigned_or_rehomed_tasks_are_dead_lettered_unread(make_proces
                                                                     tmp_path):
     out = prefix + ":out"
     p = make_processor(signing_key=KEY, queues=["default", "low"])
-    k = p.store.keys
+    k = p.gateway.keys
 
     def task(value: str, tenant: str = "a") -> str:
         return p.enqueue_task("default", tenant, ts.note, out, value)
@@ -341,7 +339,7 @@ def test_key_rotation_old_key_verifies_new_key_signs(make_processor, embedded_wo
     old = make_processor(signing_key=OLD, queues=["default", "rotated"])
     rotating = make_processor(signing_key=[NEW, OLD])
     rotated = make_processor(signing_key=NEW, queues=["rotated"])
-    k = old.store.keys
+    k = old.gateway.keys
     # Given tasks and a schedule signed with the old key, and a task signed during the rotation
     by_old = old.enqueue_task("default", "acme", ts.note, out, "by-old")
     old.upsert_schedule(ScheduleData("rot", "acme", "default", None, YEARLY), ts.note, out, "sched-by-old")
@@ -450,7 +448,7 @@ def test_forged_pause_and_resume_messages_change_nothing(make_processor, r, pref
     w = WorkerProcess(p, renew_own_leases=True)
     handled: list[str] = []
     fetches: list[tuple[int, int]] = []    # (messages handled before the fetch, paused flag of its reply)
-    handle, run_many = w.control.handle, p.store.run_many
+    handle, run_many = w.control.handle, p.gateway.transport.run_many
 
     def recording_handle(message: str) -> None:
         handle(message)
@@ -464,7 +462,7 @@ def test_forged_pause_and_resume_messages_change_nothing(make_processor, r, pref
         return results
 
     w.control.handle = recording_handle           # type: ignore[method-assign]
-    p.store.run_many = recording_run_many         # type: ignore[method-assign]
+    p.gateway.transport.run_many = recording_run_many         # type: ignore[method-assign]
     stop = threading.Event()
     thread = threading.Thread(target=w.run, args=(stop,), daemon=True)
     thread.start()
@@ -536,7 +534,7 @@ def test_redis_password_never_appears_in_logs_output_or_errors(r, prefix, tmp_pa
         out = prefix + ":out"
         m = manager(good)
         p = TaskProcessor(Options(redis=good, prefix=prefix, **FAST))
-        seen += [repr(p.options), repr(p.store.redis), p.store.url]
+        seen += [repr(p.options), repr(p.gateway.transport.redis), p.gateway.url]
         p.enqueue_task("default", "acme", tasks.record, out, "ran")
         wait_until(lambda: admin.llen(out) == 1, 30, "the manager's worker ran the task")
         assert m.terminate() == 0

@@ -18,12 +18,12 @@ from typing import Any
 import pytest
 
 from coretask import ConfigurationError, ScheduleData, TaskProcessor
+from coretask.gateway import Ack, Failure, Release
 from coretask.tenancy import TenantStats, TenantView
 from tests import tasks
 from tests import tasks_tenancy as tt
 from tests.conftest import FAST, ROOT, wait_until
 
-FIELDS = 12          # values per task in the fetch reply
 HOUR = timedelta(hours=1)
 FAR = "0 0 1 1 *"    # a cron schedule that never ticks during a test
 
@@ -33,35 +33,27 @@ FAR = "0 0 1 1 *"    # a cron schedule that never ticks during a test
 def fetch_as(p: TaskProcessor, worker: str, n: int, *, lease_ms: int = 60_000, deflim: int = 0,
              queues: list[str] | None = None) -> list[dict[str, str]]:
     """Run the fetch script as ``worker``; returns the leased tasks (id, token, tenant, queue)."""
-    k = p.store.keys
-    reply = p.store.run("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker), k.trun,
-                                  k.tlim], [k.prefix, worker, n, lease_ms, deflim, *(queues or p.options.queues)])
-    out = []
-    for i in range(3, len(reply), FIELDS):
-        tid, attempt, _, _, _, queue, tenant = reply[i:i + 7]
-        out.append(dict(id=tid.decode(), token=str(attempt), tenant=tenant.decode(), queue=queue.decode()))
-    return out
+    reply = p.gateway.fetch(worker, n, lease_ms, deflim, queues or p.options.queues)
+    return [dict(id=t.id, token=t.token, tenant=t.tenant, queue=t.queue) for t in reply.tasks]
 
 
 def complete(p: TaskProcessor, worker: str, t: dict[str, str], outcome: str = "ok") -> list[int]:
-    k = p.store.keys
-    return p.store.run("complete", [k.leases, k.worker(worker)], [k.prefix, worker, t["id"], t["token"], outcome, 3])
+    return p.gateway.complete(worker, [Ack(t["id"], t["token"], outcome, 3)])  # type: ignore[arg-type]
 
 
 def fail(p: TaskProcessor, worker: str, t: dict[str, str], *, delay_ms: int = 0, bury: bool = False) -> int:
-    k = p.store.keys
-    return p.store.run("fail", [k.task(t["id"])], [k.prefix, worker, t["id"], t["token"], delay_ms, "1", "ValueError",
-                                                   "bad", "Traceback: bad", 3, "1" if bury else "0", "0"])
+    return p.gateway.fail(worker, Failure(t["id"], t["token"], "ValueError", "bad", "Traceback: bad", 3,
+                                          delay_ms=delay_ms, bury=bury))
 
 
 def release(p: TaskProcessor, worker: str, t: dict[str, str]) -> int:
-    k = p.store.keys
-    return p.store.run("release", [k.leases], [k.prefix, worker, t["id"], t["token"]])
+    return p.gateway.release(worker, [Release(t["id"], t["token"])])
 
 
 def recover(p: TaskProcessor, mode: str, worker: str = "") -> list[int]:
-    k = p.store.keys
-    return p.store.run("recover", [k.leases], [k.prefix, mode, worker, "1", "worker lost", 100, "1", "0"])
+    res = (p.gateway.recover_worker(worker, "worker lost", True) if mode == "worker"
+           else p.gateway.recover_expired("worker lost", 100))
+    return [res.requeued, res.buried, res.canceled]
 
 
 def lines(r, key: str) -> list[str]:
@@ -69,17 +61,17 @@ def lines(r, key: str) -> list[str]:
 
 
 def ring(r, p: TaskProcessor, queue: str = "default") -> list[str]:
-    return [v.decode() for v in r.lrange(p.store.keys.ring(queue), 0, -1)]
+    return [v.decode() for v in r.lrange(p.gateway.keys.ring(queue), 0, -1)]
 
 
 def trun(r, p: TaskProcessor, tenant: str) -> int:
     """The tenant's running count as the scripts keep it (P:trun)."""
-    return int(r.hget(p.store.keys.trun, tenant) or 0)
+    return int(r.hget(p.gateway.keys.trun, tenant) or 0)
 
 
 def leased(r, p: TaskProcessor, tenant: str) -> int:
     """Ground truth for the running count: leases held by tasks of the tenant (a test-only scan)."""
-    k = p.store.keys
+    k = p.gateway.keys
     ids = [i.decode() for i in r.zrange(k.leases, 0, -1)]
     return sum(1 for i in ids if r.hget(k.task(i), "tn") == tenant.encode())
 
@@ -214,7 +206,7 @@ def test_every_way_back_to_ready_goes_through_the_tenants_list(processor, r):
     # Then after each way a task goes back to ready, B is in the ring again and its task is among
     # the next two fetched, whatever A's backlog
     recover(p, "worker", "w1")                     # the worker died: redelivered (A's too)
-    assert "B" in ring(r, p) and r.lrange(p.store.keys.ready("default", "B"), 0, -1) == [b_id.encode()]
+    assert "B" in ring(r, p) and r.lrange(p.gateway.keys.ready("default", "B"), 0, -1) == [b_id.encode()]
     t = fetch_two_expecting_b("redelivery")
     assert release(p, "w1", t) == 1                # handed back (shutdown, pause with requeue)
     t = fetch_two_expecting_b("release")
@@ -283,7 +275,7 @@ def test_tenant_concurrency_caps_each_tenant_across_processes_without_blocking_o
     assert max(s[0] for s in samples) <= 3 and max(s[2] for s in samples) <= 3 and max(s[1] for s in samples) <= 5
     assert any(s[0] > 0 and s[1] > 0 for s in samples)
     assert (peak(r, key, "acme"), peak(r, key, "globex")) == (3, 5)
-    wait_until(lambda: not r.hgetall(p.store.keys.trun), 5, "every running count back to 0")
+    wait_until(lambda: not r.hgetall(p.gateway.keys.trun), 5, "every running count back to 0")
     assert (p.get_tenant_stats("acme").done, p.get_tenant_stats("globex").done) == (20, 20)
 
     # Given 8 more tasks of acme, held, 3 of them running
@@ -311,7 +303,7 @@ def test_tenant_concurrency_caps_each_tenant_across_processes_without_blocking_o
 
 def test_tenant_slots_are_released_on_every_exit_path(processor, r):
     p = processor
-    k = p.store.keys
+    k = p.gateway.keys
 
     def check(tenant: str, n: int) -> None:
         assert trun(r, p, tenant) == n == leased(r, p, tenant) == p.get_tenant_stats(tenant).running
@@ -401,14 +393,14 @@ def test_kill_9_of_a_worker_leaks_no_tenant_slot(make_processor, start_manager, 
     wait_until(lambda: leased(r, p, "acme") == 2, 5, "the dead process's leases gone")
     s = p.get_tenant_stats("acme")
     assert (trun(r, p, "acme"), s.running, s.queued["default"]) == (2, 2, 4)
-    assert len(list(r.scan_iter(match=f"{p.store.keys.prefix}:w:*"))) == 1    # the dead worker's set is gone
+    assert len(list(r.scan_iter(match=f"{p.gateway.keys.prefix}:w:*"))) == 1    # the dead worker's set is gone
     # When they are released
     r.set(key + ":go", 1)
     # Then all 6 tasks complete (the 2 killed ones once more) and no slot stays taken
     wait_until(lambda: r.llen(done) == 6, 20, "all 6 tasks done")
     wait_until(lambda: p.get_tenant_stats("acme").done == 6, 5, "6 acknowledgements")
-    assert r.hget(p.store.keys.trun, "acme") is None and p.get_tenant_stats("acme").running == 0
-    assert r.zcard(p.store.keys.leases) == 0
+    assert r.hget(p.gateway.keys.trun, "acme") is None and p.get_tenant_stats("acme").running == 0
+    assert r.zcard(p.gateway.keys.leases) == 0
     assert all(int(v) != dead_pid for v in r.lrange(done, 0, -1))
 
 
@@ -614,7 +606,7 @@ def test_tenant_statistics_are_exact_after_a_mixed_workload(make_processor, embe
     # Then they no longer count by state, while the task counters keep the tenant's history
     assert [p.get_batch(b) for b in (b1, b2)] == [None, None]
     assert stats_of(p, "acme") == dict(queued=none, running=0, done=14, failed=2, canceled=5, dead=0, batches={})
-    raw = r.hgetall(p.store.keys.tstats("acme"))
+    raw = r.hgetall(p.gateway.keys.tstats("acme"))
     assert all(int(raw.get(f"b_{s}".encode(), 0)) == 0 for s in ("running", "succeeded", "failed", "canceled"))
 
 

@@ -150,7 +150,7 @@ def test_tls_with_client_certificates_end_to_end(own_server: Callable[..., Redis
         assert p.get_workers()
     finally:
         manager.stop()
-    with p.store.redis as conn:         # really TLS: the server sees a TLS connection on its only port
+    with p.gateway.transport.redis as conn:         # really TLS: the server sees a TLS connection on its only port
         assert conn.connection_pool.connection_class.__name__ == "SSLConnection"
 
     # a client that does not trust the CA is refused (and does not hang)

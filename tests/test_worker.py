@@ -510,7 +510,7 @@ def test_short_tasks_are_acknowledged_and_fetched_in_groups(make_processor, embe
     p.enqueue_batch("default", "acme", lambda b: [b.enqueue(tasks.count, prefix + ":n") for _ in range(600)])
     acks_per_call: list[int] = []
     fetch_sizes: list[int] = []
-    real = p.store.run_many
+    real = p.gateway.transport.run_many
 
     def recording(calls):  # type: ignore[no-untyped-def]
         for name, _keys, args in calls:
@@ -520,7 +520,7 @@ def test_short_tasks_are_acknowledged_and_fetched_in_groups(make_processor, embe
                 fetch_sizes.append(int(args[2]))
         return real(calls)
 
-    p.store.run_many = recording  # type: ignore[method-assign]
+    p.gateway.transport.run_many = recording  # type: ignore[method-assign]
     # When the worker runs them all
     embedded_worker(p)
     wait_until(lambda: int(r.get(prefix + ":n") or 0) == 600, 60, "600 tasks")

@@ -1,1 +1,12 @@
-"""The gateway to Redis: transport, key names, and one typed method per Lua script."""
+"""The gateway to Redis: one typed method per Lua script (gateway.py), every key name (keys.py),
+the typed messages they exchange (records.py), and the transport that runs scripts (transport.py).
+
+Nothing here imports the API or the worker; both talk to Redis only through :class:`Gateway`.
+"""
+from .gateway import Gateway
+from .keys import Keys
+from .records import Ack, DueSchedule, DueSchedules, Failure, FetchReply, Leased, Outcomes, Recovered, Release, TickResult
+from .transport import InFlight, Transport, connect
+
+__all__ = ["Ack", "DueSchedule", "DueSchedules", "Failure", "FetchReply", "Gateway", "InFlight", "Keys", "Leased",
+           "Outcomes", "Recovered", "Release", "TickResult", "Transport", "connect"]

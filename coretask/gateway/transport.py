@@ -1,9 +1,9 @@
-"""Store: the connection, every key name, and the Lua scripts that change state.
+"""Transport: the connection and the running of Lua scripts, by name, with raw KEYS and ARGV.
 
-All key names are built here (and, for keys only known inside a script, by the same scheme in
-``lua/_lib.lua``, whose header documents the whole layout). Scripts are loaded from the
-``lua`` folder once, called with EVALSHA, and reloaded transparently after a NOSCRIPT reply
-(server restart, SCRIPT FLUSH, failover to a replica that never saw them).
+Only the gateway (coretask/gateway/gateway.py) calls it: that is where each script's KEYS and
+ARGV order is written, next to the call. Scripts are loaded from ``lua/`` beside this module
+once, called with EVALSHA, and reloaded transparently after a NOSCRIPT reply (server restart,
+SCRIPT FLUSH, failover to a replica that never saw them).
 """
 from __future__ import annotations
 
@@ -47,54 +47,6 @@ _HERE = Path(__file__).resolve().parent
 LUA_DIR = _HERE / "lua"     # package data (setup.cfg): found beside this module, installed or not
 
 
-class Keys:
-    """Key and channel names under one prefix; see lua/_lib.lua for what each holds."""
-
-    def __init__(self, prefix: str) -> None:
-        p = self.prefix = prefix
-        self.queues = f"{p}:queues"
-        self.delayed = f"{p}:delayed"
-        self.leases = f"{p}:leases"
-        self.trun = f"{p}:trun"
-        self.tlim = f"{p}:tlim"
-        self.paused = f"{p}:paused"
-        self.pausedq = f"{p}:pausedq"
-        self.pausedt = f"{p}:pausedt"
-        self.bend = f"{p}:bend"
-        self.bended = f"{p}:bended"
-        self.publishing = f"{p}:publishing"
-        self.workers = f"{p}:workers"
-        self.events = f"{p}:ev"
-        self.tenants = f"{p}:tenants"
-
-    def task(self, task_id: str) -> str:
-        return f"{self.prefix}:t:{task_id}"
-
-    def ready(self, queue: str, tenant: str) -> str:
-        return f"{self.prefix}:q:{queue}:{tenant}"
-
-    def qstats(self, queue: str) -> str:
-        return f"{self.prefix}:qs:{queue}"
-
-    def dead(self, queue: str) -> str:
-        return f"{self.prefix}:dead:{queue}"
-
-    def ring(self, queue: str) -> str:
-        return f"{self.prefix}:ring:{queue}"
-
-    def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}:w:{worker_id}"
-
-    def tstats(self, tenant: str) -> str:
-        return f"{self.prefix}:ts:{tenant}"
-
-    def batch(self, batch_id: str) -> str:
-        return f"{self.prefix}:b:{batch_id}"
-
-    def batches(self, tenant: str) -> str:
-        return f"{self.prefix}:batches:{tenant}"
-
-
 class Script:
     """One Lua file (with lua/_lib.lua prepended), run by SHA with NOSCRIPT recovery."""
 
@@ -136,12 +88,12 @@ def connect(options: Options, **overrides: Any) -> redis.Redis:
     return redis.Redis.from_url(options.redis, **kwargs)
 
 
-class Store:
-    """The connection plus keys and scripts for one prefix. Thread-safe (redis-py pools)."""
+class Transport:
+    """The connection and the scripts for one prefix. Thread-safe (redis-py pools)."""
 
     def __init__(self, options: Options, client: redis.Redis | None = None) -> None:
         self.options = options
-        self.keys = Keys(options.prefix)
+        self.slot_key = options.prefix      # a call without keys goes to the prefix's slot
         self.redis = client if client is not None else connect(options)
         self.url = redact_url(options.redis)
         self._idle: list[Any] = []      # see _checkout
@@ -274,7 +226,7 @@ class Store:
         for attempt in range(1, 4):
             client = rc
             if cluster:
-                node = rc.get_node_from_key(keys[0] if keys else self.keys.events)
+                node = rc.get_node_from_key(keys[0] if keys else self.slot_key)
                 client = rc.get_redis_connection(node)
             pipe = client.pipeline(transaction=False)
             pipe.evalsha(script.sha, len(keys), *keys, *args)
@@ -317,23 +269,20 @@ class Store:
             # load on the node that serves the slot of the keys (all coretask keys share it)
             from redis.cluster import RedisCluster
             assert isinstance(self.redis, RedisCluster)
-            node = self.redis.get_node_from_key(keys[0] if keys else self.keys.events)
+            node = self.redis.get_node_from_key(keys[0] if keys else self.slot_key)
             # (RedisCluster.script_load takes no target_nodes: give the node to execute_command)
             self.redis.execute_command("SCRIPT LOAD", script.source, target_nodes=node)
         else:
             self.redis.script_load(script.source)
 
-    def publish(self, message: str) -> None:
-        self.redis.publish(self.keys.events, message)
-
 
 class InFlight:
-    """A script call sent by Store.send whose reply is still to be read."""
+    """A script call sent by Transport.send whose reply is still to be read."""
 
     _UNSET: Any = object()
 
-    def __init__(self, store: Store, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
-        self.store, self.name, self.keys, self.args = store, name, keys, args
+    def __init__(self, transport: Transport, name: str, keys: Sequence[str], args: Sequence[Any]) -> None:
+        self.transport, self.name, self.keys, self.args = transport, name, keys, args
         self.conn: Any = None
         self.value: Any = self._UNSET
 
@@ -347,15 +296,15 @@ class InFlight:
             reply = exc
         except BaseException as exc:
             conn.disconnect()               # a half-read reply must never reach the next user
-            self.store._idle.append(conn)
+            self.transport._idle.append(conn)
             if not isinstance(exc, Exception):
                 raise
             log.debug("script %s: reply lost (%s); running it again", self.name, exc)
-            self.value = self.store.run(self.name, self.keys, self.args)
+            self.value = self.transport.run(self.name, self.keys, self.args)
             return self.value
-        self.store._idle.append(conn)
+        self.transport._idle.append(conn)
         if isinstance(reply, NoScriptError):            # it did not run: load it and run it now
-            self.value = self.store.run(self.name, self.keys, self.args)
+            self.value = self.transport.run(self.name, self.keys, self.args)
         elif isinstance(reply, ResponseError):
             raise _translate(self.name, reply) from reply
         else:

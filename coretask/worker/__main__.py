@@ -5,6 +5,7 @@ import argparse
 import logging
 import sys
 
+from ..appload import app_loader
 from ..errors import ConfigurationError
 from .manager import Manager
 
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     level = getattr(logging, args.log_level)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     try:
-        manager = Manager(args.app, processes=args.processes, threads=args.threads,
-                          queues=args.queues.split(",") if args.queues else None, log_level=level)
+        load = app_loader(args.app, max_workers=args.threads, processes=args.processes,
+                          queues=args.queues.split(",") if args.queues else None)
+        manager = Manager(load, log_level=level)
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

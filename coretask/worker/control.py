@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..context import TaskContext
-    from .process import Fetched, WorkerProcess
+    from ..gateway import Gateway
+    from .aborts import Aborts
+    from .ledger import Ledger, Task
+    from .schedules import ScheduleTimer
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,13 @@ def cancel_key(ctx: TaskContext) -> str | None:
 
 
 class Control:
-    def __init__(self, worker: WorkerProcess) -> None:
-        self.worker = worker
+    def __init__(self, worker_id: str, ledger: Ledger, aborts: Aborts, gateway: Gateway,
+                 schedules: ScheduleTimer) -> None:
+        self.worker_id = worker_id
+        self.ledger = ledger
+        self.aborts = aborts
+        self.gateway = gateway
+        self.schedules = schedules
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="coretask-control", daemon=True)
         self.subscribed = threading.Event()
@@ -58,13 +66,11 @@ class Control:
         self._thread.join(timeout=3)
 
     def _run(self) -> None:
-        w = self.worker
         delay = 0.1
         while not self._stop.is_set():
             pubsub = None
             try:
-                pubsub = w.store.redis.pubsub()
-                pubsub.subscribe(w.store.keys.events)
+                pubsub = self.gateway.subscribe()
                 sock = self._sock = pubsub.connection._sock      # type: ignore[union-attr]
                 sock.settimeout(None)     # see _read
                 if self._stop.is_set():
@@ -72,13 +78,13 @@ class Control:
                 self.subscribed.set()
                 self._resync()
                 delay = 0.1
-                self._read(sock, w.store.keys.events.encode())
+                self._read(sock, self.gateway.keys.events.encode())
             except Exception as exc:
                 self.subscribed.clear()
                 if self._stop.is_set():
                     break
                 log.warning("worker %s: pub/sub connection lost (%s); reconnecting in %.1fs",
-                            w.id, exc, delay)
+                            self.worker_id, exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
             finally:
@@ -115,42 +121,37 @@ class Control:
     def _resync(self) -> None:
         """Events published before the subscription was (re)established were missed: re-read
         the state they would have announced, including a cancel of a running task's batch."""
-        w = self.worker
-        w.maintenance.schedules.poke()
-        w.wake.set()
-        for batch_id in {t.batch_id for t in w.running_of(None) if t.batch_id}:
+        self.schedules.poke()
+        self.ledger.wake.set()
+        for batch_id in {t.batch_id for t in self.ledger.running_of(None) if t.batch_id}:
             if self._canceled(batch_id):
-                self._abort(batch_id, w.running_of(batch_id), "while unsubscribed")
+                self._abort(batch_id, self.ledger.running_of(batch_id), "while unsubscribed")
 
     def _canceled(self, batch_id: str) -> bool:
-        w = self.worker
-        return w.store.redis.hget(w.store.keys.batch(batch_id), "state") == b"canceled"  # type: ignore[no-any-return]
+        return self.gateway.batch_state(batch_id) == "canceled"
 
-    def _abort(self, batch_id: str, mine: list[Fetched], when: str) -> None:
-        w = self.worker
-        w.abort_all(mine, "canceled")
+    def _abort(self, batch_id: str, mine: list[Task], when: str) -> None:
+        self.aborts.abort(mine, "canceled")
         log.info("worker %s: batch %s canceled%s, aborting %d running tasks",
-                 w.id, batch_id, f" {when}" if when else "", len(mine))
+                 self.worker_id, batch_id, f" {when}" if when else "", len(mine))
 
     def handle(self, message: str) -> None:
-        w = self.worker
-        k = w.store.keys
         if message.startswith("c:"):
             batch_id, _, key = message[2:].partition(":")
-            mine = w.running_of(batch_id)
+            mine = self.ledger.running_of(batch_id)
             if not mine:
                 return                # nothing of that batch runs here
             keyed = bool(key) and any(hmac.compare_digest(cancel_key(t.ctx) or "", key) for t in mine)
             if keyed or self._canceled(batch_id):       # a message without the key is verified
                 self._abort(batch_id, mine, "")
         elif message == "pr":
-            if w.store.redis.exists(k.paused):
-                n = w.abort_where("requeue")
-                log.info("worker %s: paused with requeue, handing back %d running tasks", w.id, n)
+            if self.gateway.is_paused():
+                n = self.aborts.abort_batch(None, "requeue")
+                log.info("worker %s: paused with requeue, handing back %d running tasks", self.worker_id, n)
         else:
             if message in ("s", "r"):     # schedules changed / resumed: re-read the next tick
-                w.maintenance.schedules.poke()
-            w.wake.set()
+                self.schedules.poke()
+            self.ledger.wake.set()
 
 
 class Frames:

@@ -16,12 +16,13 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..appload import load_processor, with_overrides
 from ..signing import TaskGuard
-from .process import WorkerProcess, new_worker_id
+from .leases import Leases
+from .process import Configured, WorkerProcess, new_worker_id
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,9 @@ class Child:
     restart_at: float = 0.0
 
 
-def child_main(app: str, overrides: dict[str, Any], worker_id: str, log_level: int) -> None:
-    """Entry point of a worker process (spawned, so it imports the app afresh)."""
+def child_main(load: Callable[[], Configured], worker_id: str, log_level: int) -> None:
+    """Entry point of a worker process (spawned, so it imports the app afresh: ``load`` is a
+    picklable callable that builds the processor, coretask.appload.app_loader)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     _die_with_parent()
     # Pool threads mostly wait on I/O; a short switch interval keeps a thread whose reply has
@@ -59,7 +61,7 @@ def child_main(app: str, overrides: dict[str, Any], worker_id: str, log_level: i
         # it died before PR_SET_PDEATHSIG was armed: no signal will come, and nobody renews leases
         log.error("worker %s: manager %d was gone before this worker started; exiting", worker_id, parent)
         return
-    processor = with_overrides(load_processor(app), **overrides)
+    processor = load()
     stop = threading.Event()
     worker = WorkerProcess(processor, worker_id=worker_id, on_exit_request=lambda: os._exit(FORCED_EXIT),
                            recycle=True)
@@ -104,15 +106,16 @@ def _die_with_parent() -> None:
 
 
 class Manager:
-    def __init__(self, app: str, *, processes: int | None = None, threads: int | None = None,
-                 queues: list[str] | None = None, log_level: int = logging.INFO) -> None:
-        self.app = app
-        self.overrides = {k: v for k, v in dict(max_workers=threads, queues=queues, processes=processes).items()
-                          if v is not None}
-        self.processor = with_overrides(load_processor(app), **self.overrides)
-        self.options = self.processor.options
+    """``load``: a picklable callable that builds the processor (in the manager and again in
+    every spawned child), e.g. ``coretask.appload.app_loader("myapp.tasks:processor")``."""
+
+    def __init__(self, load: Callable[[], Configured], *, log_level: int = logging.INFO) -> None:
+        self.load = load
+        processor = load()
+        self.options = processor.options
         TaskGuard(self.options)   # ConfigurationError before any child starts (unsigned pickle)
-        self.store = self.processor.store
+        self.url = processor.gateway.url
+        self.leases = Leases(processor.gateway, self.options)
         self.log_level = log_level
         self.children: list[Child] = []
         self.stopping = False   # set by the signal handler: a plain flag, never a lock
@@ -121,7 +124,7 @@ class Manager:
 
     def _spawn(self) -> Child:
         wid = new_worker_id().rsplit(":", 1)[0] + ":" + os.urandom(3).hex()
-        p = self._ctx.Process(target=child_main, args=(self.app, self.overrides, wid, self.log_level),
+        p = self._ctx.Process(target=child_main, args=(self.load, wid, self.log_level),
                               name=f"coretask-worker-{wid}", daemon=False)
         p.start()
         log.info("manager: started worker process %d (%s)", p.pid, wid)
@@ -132,9 +135,9 @@ class Manager:
         signal.signal(signal.SIGINT, self._on_signal)
         n = self.options.processes
         log.info("manager %d: %d processes x %d threads, queues %s, redis %s", os.getpid(), n,
-                 self.options.max_workers, ",".join(self.options.queues), self.store.url)
+                 self.options.max_workers, ",".join(self.options.queues), self.url)
         self.children = [self._spawn() for _ in range(n)]
-        renew_every = max(self.options.invisibility.total_seconds() / 3, 0.05)
+        renew_every = self.leases.timings.renew_every
         next_renew = 0.0
         while not self.stopping:
             for i, child in enumerate(self.children):
@@ -182,29 +185,23 @@ class Manager:
                     pass
 
     def _renew(self) -> None:
-        k = self.store.keys
-        lease_ms = int(self.options.invisibility.total_seconds() * 1000)
         for c in self.children:
             if c.process.is_alive():
                 try:
-                    self.store.run("renew", [k.leases, k.worker(c.worker_id), k.workers], [lease_ms, c.worker_id])
+                    self.leases.renew(c.worker_id)
                 except Exception as exc:
                     log.warning("manager: lease renewal for %s failed: %s", c.worker_id, exc)
 
     def _recover(self, child: Child, consume_retry: bool) -> None:
         code = child.process.exitcode
-        k = self.store.keys
         reason = f"worker process {child.process.pid} died (exit code {code}) while running the task"
         if consume_retry and code not in (FORCED_EXIT, RECYCLE):
             log.error("manager: %s; recovering its tasks and starting a new one", reason.replace(" while running the task", ""))
         try:
-            res = self.store.run("recover", [k.leases],
-                                 [k.prefix, "worker", child.worker_id, "1" if self.options.deadletter else "0",
-                                  reason, 0, "1" if consume_retry else "0",
-                                  "1" if self.options.deadletter_schedules else "0"])
-            self.store.redis.hdel(k.workers, child.worker_id)
-            if sum(res):
-                log.warning("manager: tasks of %s: requeued=%d buried=%d canceled=%d", child.worker_id, *res)
+            res = self.leases.recover_worker(child.worker_id, reason, consume_retry)
+            if res:
+                log.warning("manager: tasks of %s: requeued=%d buried=%d canceled=%d", child.worker_id,
+                            res.requeued, res.buried, res.canceled)
         except Exception as exc:
             log.error("manager: could not recover tasks of %s (%s); their leases will expire", child.worker_id, exc)
 

@@ -30,12 +30,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..context import TaskContext
-from ..encoding import decode
+from ..encoding import Serializer, decode
 from ..errors import TaskCanceled, TaskLoadError
+from ..gateway import Failure
 
 if TYPE_CHECKING:
-    from .process import Fetched, WorkerProcess
+    from ..options import Options
+    from ..signing import TaskGuard
+    from .ledger import Ledger, Task
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,15 @@ def _checkpoint() -> None:
 
 
 class Runner:
-    """One pool thread's task execution state."""
+    """One pool thread's task execution state. It takes tasks from the ledger's inbox and
+    reports each one's outcome back to the ledger."""
 
-    def __init__(self, worker: WorkerProcess) -> None:
-        self.worker = worker
+    def __init__(self, ledger: Ledger, options: Options, guard: TaskGuard | None = None,
+                 serializer: Serializer | None = None) -> None:
+        self.ledger = ledger
+        self.options = options
+        self.guard = guard
+        self.serializer = serializer
         self.thread_id = 0
         self.current: str | None = None      # task id while its body runs
         self.raising = False
@@ -75,9 +82,9 @@ class Runner:
 
     def loop(self) -> None:
         self.thread_id = threading.get_ident()
-        if self.worker.options.sched_batch:
+        if self.options.sched_batch:
             _sched_batch()
-        inbox = self.worker.inbox
+        inbox = self.ledger.inbox
         while True:
             task = inbox.get()
             if task is None:
@@ -89,9 +96,9 @@ class Runner:
             except BaseException:  # never let the pool thread die
                 log.exception("internal error while running task %s", task.id)
 
-    def execute(self, task: Fetched) -> None:
-        w = self.worker
-        opts = w.options
+    def execute(self, task: Task) -> None:
+        ledger = self.ledger
+        opts = self.options
         ctx = task.ctx
         started = time.monotonic()
         error: BaseException | None = None
@@ -107,49 +114,50 @@ class Runner:
         if load_error is not None:
             log.error("task %s %s cannot be loaded: %s", task.id, task.target, load_error)
             _hook(opts.on_task_error, ctx, load_error)
-            w.finish_failed(task, load_error, duration_ms, bury=True, delay_ms=0)
+            ledger.failed(task, _failure(task, load_error, duration_ms, bury=True))
         elif error is None:
             log.debug("task %s %s done in %d ms", task.id, task.target, duration_ms)
-            w.finish_ok(task, duration_ms)
+            ledger.succeeded(task, duration_ms)
         elif isinstance(error, TaskCanceled) or task.abort_reason is not None:
             log.info("task %s %s aborted (%s) after %d ms", task.id, task.target,
                      task.abort_reason or "canceled", duration_ms)
-            w.finish_aborted(task, duration_ms)
+            ledger.aborted(task, duration_ms)
         else:
             log.warning("task %s %s failed after %d ms: %s: %s", task.id, task.target, duration_ms,
                         type(error).__name__, error)
             _hook(opts.on_task_error, ctx, error)
             delay = None
-            if task.retries_left > 0 and opts.on_task_failed_delay is not None:
-                delay = _hook(opts.on_task_failed_delay, ctx, task.retries_left)
+            if ctx.retries_left > 0 and opts.on_task_failed_delay is not None:
+                delay = _hook(opts.on_task_failed_delay, ctx, ctx.retries_left)
             if isinstance(delay, (int, float)) and not isinstance(delay, bool):
                 delay = timedelta(seconds=delay)          # seconds, as elsewhere in Options
             delay_ms = int(delay.total_seconds() * 1000) if isinstance(delay, timedelta) else 0
-            w.finish_failed(task, error, duration_ms, bury=False, delay_ms=delay_ms)
+            ledger.failed(task, _failure(task, error, duration_ms, delay_ms=delay_ms))
         _hook(opts.on_task_end, ctx)
 
-    def _load(self, task: Fetched) -> Any:
-        w = self.worker
-        w.guard.check(task)   # signature, tenant, target policy: before anything is decoded or imported
-        if task.serializer == "raw":
-            if w.options.execute is None:
-                raise TaskLoadError(f"task {task.id} is a TaskData (topic {task.target[6:]!r}) but "
+    def _load(self, task: Task) -> Any:
+        leased = task.leased
+        assert self.guard is not None and self.serializer is not None
+        self.guard.check(leased)   # signature, tenant, target policy: before anything is decoded or imported
+        if leased.serializer == "raw":
+            if self.options.execute is None:
+                raise TaskLoadError(f"task {task.id} is a TaskData (topic {leased.target[6:]!r}) but "
                                     "Options.execute is not set")
-            task.ctx.topic, task.ctx.data = task.target[6:], task.payload
+            task.ctx.topic, task.ctx.data = leased.target[6:], leased.payload
             return None
-        return decode(task.payload, task.serializer, w.serializer, w.options.allowed_modules)  # type: ignore[arg-type]
+        return decode(leased.payload, leased.serializer, self.serializer,
+                      self.options.allowed_modules)  # type: ignore[arg-type]
 
-    def _body(self, task: Fetched, inv: Any) -> BaseException | None:
+    def _body(self, task: Task, inv: Any) -> BaseException | None:
         """Run the task body; returns the exception it raised, or None."""
-        w = self.worker
         ctx = task.ctx
         try:
             if inv is None:
-                fn: Callable[..., Any] = w.options.execute  # type: ignore[assignment]
+                fn: Callable[..., Any] = self.options.execute  # type: ignore[assignment]
                 args: tuple[Any, ...] = (ctx,)
                 kwargs: dict[str, Any] = {}
             else:
-                fn = inv.target.bind(w.options.resolver)
+                fn = inv.target.bind(self.options.resolver)
                 args, kwargs = inv.args, inv.kwargs
                 if inv.target.context_param:
                     kwargs = {**kwargs, inv.target.context_param: ctx}
@@ -174,7 +182,7 @@ class Runner:
                 self._settle()
         return error
 
-    def _invoke(self, task: Fetched, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
+    def _invoke(self, task: Task, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any],
                 coroutine: bool) -> BaseException | None:
         """The window in which an abort may raise into this thread: ``current`` names the task
         from before the body starts until after it ends."""
@@ -218,6 +226,12 @@ def _hook(fn: Callable[..., Any] | None, *args: Any) -> Any:
     except Exception:
         log.exception("hook %s raised; the task goes on", getattr(fn, "__name__", fn))
         return None
+
+
+def _failure(task: Task, error: BaseException, duration_ms: int, *, delay_ms: int = 0,
+             bury: bool = False) -> Failure:
+    etype, message, tb = format_error(error)
+    return Failure(task.id, task.token, etype, message, tb, duration_ms, delay_ms=delay_ms, bury=bury)
 
 
 def format_error(exc: BaseException) -> tuple[str, str, str]:

@@ -149,7 +149,7 @@ def test_maxmemory_reached_enqueue_raises_store_full_and_writes_nothing(
     admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 3 * 1024 * 1024)
     before = keyspace(admin, prefix)
     staged_calls = []
-    real_run, real_send = producer.store.run, producer.store.send
+    real_run, real_send = producer.gateway.transport.run, producer.gateway.transport.send
 
     def spy(real: Any) -> Any:
         def call(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -157,13 +157,13 @@ def test_maxmemory_reached_enqueue_raises_store_full_and_writes_nothing(
             return real(name, *args, **kwargs)
         return call
 
-    producer.store.run, producer.store.send = spy(real_run), spy(real_send)  # type: ignore[method-assign]
+    producer.gateway.transport.run, producer.gateway.transport.send = spy(real_run), spy(real_send)  # type: ignore[method-assign]
     try:
         with pytest.raises(StoreFull, match="maxmemory"):
             producer.enqueue_batch("default", "acme", lambda b: [
                 b.enqueue(tf.run, key, f"batch{j}", 0.0, pad) for j in range(3000)])
     finally:
-        producer.store.run, producer.store.send = real_run, real_send  # type: ignore[method-assign]
+        producer.gateway.transport.run, producer.gateway.transport.send = real_run, real_send  # type: ignore[method-assign]
     assert staged_calls.count("batch_stage") >= 2, staged_calls    # a chunk was staged, then refused
     assert "batch_abort" in staged_calls
     assert keyspace(admin, prefix) == before

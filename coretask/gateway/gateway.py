@@ -1,0 +1,435 @@
+"""Gateway: one typed method per Lua script, and the reads the API and the worker need.
+
+Each method takes domain values and returns records (coretask/gateway/records.py); the KEYS and
+ARGV order of its script is written here once, beside the call, and matches the script's header.
+Above this class nobody builds a key list, counts reply positions or holds the Redis client:
+the API (client, batch, schedules, tenancy, introspection) and the worker talk to Redis only
+through it. Reads are plain commands, pipelined, never scripts: they change nothing, and a
+snapshot a few milliseconds old is fine for the CLI and a dashboard.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..options import Options
+from .keys import Keys
+from .records import (Ack, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Recovered, Release,
+                      TickResult, parse_fetch_reply)
+from .transport import InFlight, Transport
+
+__all__ = ["Gateway"]
+
+Call = tuple[str, list[str], list[Any]]
+
+PUBLISH_CHUNK = 500     # tasks per batch_publish call (bounded work per script call)
+
+
+def _flag(value: bool) -> str:
+    return "1" if value else "0"
+
+
+def _decoded(values: Any) -> list[str]:
+    return [v.decode() for v in values]
+
+
+class Gateway:
+    """The one door to Redis for one prefix. Thread-safe, as its transport is."""
+
+    def __init__(self, options: Options, transport: Transport | None = None) -> None:
+        self.options = options
+        self.keys = Keys(options.prefix)
+        self.transport = transport if transport is not None else Transport(options)
+        self.url = self.transport.url       # the server's URL, password masked
+        self._redis = self.transport.redis
+        self._deadletter = _flag(options.deadletter)
+        self._deadletter_schedules = _flag(options.deadletter_schedules)
+
+    def close(self) -> None:
+        self._redis.close()
+
+    def publish(self, message: str) -> None:
+        """An event on the prefix's channel. It carries no authority: workers only re-read
+        state that a script wrote (worker/control.py)."""
+        self._redis.publish(self.keys.events, message)
+
+    def subscribe(self) -> Any:
+        """A redis-py PubSub subscribed to the prefix's channel (the worker's control thread
+        then reads its socket directly: coretask/worker/control.py)."""
+        pubsub = self._redis.pubsub()
+        pubsub.subscribe(self.keys.events)
+        return pubsub
+
+    # ====================================================================== task lifecycle
+
+    def enqueue(self, task_id: str, queue: str, tenant: str, payload: bytes, serializer: str, target: str,
+                retries: int, due_ms: int, signature: str) -> int:
+        """Store a task and make it ready (or delayed). 1 ready, 2 delayed, -1 the id existed
+        (a re-sent call whose first attempt had landed)."""
+        k = self.keys
+        code, _ = self.transport.run(
+            "enqueue", [k.task(task_id), k.queues],
+            [k.prefix, task_id, queue, tenant, payload, serializer, target, retries, due_ms, signature],
+            durable=True)
+        return int(code)
+
+    def exchange(self, worker_id: str, outcomes: Outcomes, free: int, lease_ms: int, default_limit: int,
+                 queues: Sequence[str]) -> FetchReply:
+        """A worker's turn in one round trip: its outcomes (complete, release, fail), then a
+        fetch of up to ``free`` tasks. On an error the outcomes may or may not have landed;
+        sending them again is harmless (the lease token makes a repeat a no-op)."""
+        k = self.keys
+        calls = self._outcome_calls(worker_id, outcomes)
+        calls.append(("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker_id), k.trun,
+                                k.tlim],
+                      [k.prefix, worker_id, free, lease_ms, default_limit, *queues]))
+        return parse_fetch_reply(self.transport.run_many(calls)[-1])
+
+    def fetch(self, worker_id: str, free: int, lease_ms: int, default_limit: int,
+              queues: Sequence[str]) -> FetchReply:
+        return self.exchange(worker_id, Outcomes(), free, lease_ms, default_limit, queues)
+
+    def send_outcomes(self, worker_id: str, outcomes: Outcomes) -> None:
+        calls = self._outcome_calls(worker_id, outcomes)
+        if calls:
+            self.transport.run_many(calls)
+
+    def _outcome_calls(self, worker_id: str, outcomes: Outcomes) -> list[Call]:
+        k = self.keys
+        calls: list[Call] = []
+        if outcomes.acks:
+            calls.append(self._complete_call(worker_id, outcomes.acks))
+        if outcomes.releases:
+            calls.append(self._release_call(worker_id, outcomes.releases))
+        for f in outcomes.failures:
+            calls.append(("fail", [k.task(f.task_id)],
+                          [k.prefix, worker_id, f.task_id, f.token, f.delay_ms, self._deadletter, f.error_type,
+                           f.message, f.traceback, f.duration_ms, _flag(f.bury), self._deadletter_schedules]))
+        return calls
+
+    def _complete_call(self, worker_id: str, acks: Sequence[Ack]) -> Call:
+        k = self.keys
+        args: list[Any] = [k.prefix, worker_id]
+        for a in acks:
+            args += (a.task_id, a.token, a.outcome, a.duration_ms)
+        return "complete", [k.leases, k.worker(worker_id)], args
+
+    def _release_call(self, worker_id: str, releases: Sequence[Release]) -> Call:
+        k = self.keys
+        args: list[Any] = [k.prefix, worker_id]
+        for r in releases:
+            args += (r.task_id, r.token)
+        return "release", [k.leases], args
+
+    def complete(self, worker_id: str, acks: Sequence[Ack]) -> list[int]:
+        """Acknowledge finished tasks; per task 1 counted, 0 stale token (ignored)."""
+        name, keys, args = self._complete_call(worker_id, acks)
+        return [int(c) for c in self.transport.run(name, keys, args)]
+
+    def fail(self, worker_id: str, failure: Failure) -> int:
+        """1 requeued for a retry, 2 buried, 3 counted canceled, 0 stale token."""
+        (name, keys, args), = self._outcome_calls(worker_id, Outcomes(failures=[failure]))
+        return int(self.transport.run(name, keys, args))
+
+    def release(self, worker_id: str, releases: Sequence[Release]) -> int:
+        """Hand tasks back to the head of their queues, no retry consumed; returns how many."""
+        if not releases:
+            return 0
+        name, keys, args = self._release_call(worker_id, releases)
+        return int(self.transport.run(name, keys, args))
+
+    def recover_worker(self, worker_id: str, reason: str, consume_retry: bool) -> Recovered:
+        """Take back every task leased to a worker process that is gone."""
+        return self._recover("worker", worker_id, reason, 0, consume_retry)
+
+    def recover_expired(self, reason: str, limit: int) -> Recovered:
+        """Take back up to ``limit`` tasks whose lease deadline passed (each consumes a retry)."""
+        return self._recover("expired", "", reason, limit, True)
+
+    def _recover(self, mode: str, worker_id: str, reason: str, limit: int, consume_retry: bool) -> Recovered:
+        k = self.keys
+        requeued, buried, canceled = self.transport.run(
+            "recover", [k.leases],
+            [k.prefix, mode, worker_id, self._deadletter, reason, limit, _flag(consume_retry),
+             self._deadletter_schedules])
+        return Recovered(int(requeued), int(buried), int(canceled))
+
+    def renew(self, worker_id: str, lease_ms: int) -> int:
+        """Extend the leases of a live worker process's tasks and record its heartbeat."""
+        k = self.keys
+        return int(self.transport.run("renew", [k.leases, k.worker(worker_id), k.workers], [lease_ms, worker_id]))
+
+    def extend(self, task_id: str, token: str, lease_ms: int) -> int:
+        """One task's lease to now + lease_ms; the new deadline, or 0 when the lease was lost."""
+        k = self.keys
+        return int(self.transport.run("extend", [k.task(task_id), k.leases], [task_id, token, lease_ms]))
+
+    def forget_worker(self, worker_id: str) -> None:
+        self._redis.hdel(self.keys.workers, worker_id)
+
+    # ============================================================================ control
+
+    def pause(self, scope: str, on: bool, name: str = "") -> bool:
+        """scope "all" | "queue" | "tenant"; True when the state changed."""
+        k = self.keys
+        return bool(self.transport.run("pause", [k.paused, k.pausedq, k.pausedt, k.queues],
+                                       [k.prefix, scope, _flag(on), name]))
+
+    def cancel_batch(self, batch_id: str, tenant: str | None) -> bool:
+        k = self.keys
+        return bool(self.transport.run("cancel_batch", [k.batch(batch_id), k.bend],
+                                       [k.prefix, batch_id, tenant or ""], durable=True))
+
+    def set_tenant_limit(self, tenant: str, limit: int | None) -> None:
+        k = self.keys
+        self.transport.run("tenant_limit", [k.tlim], [k.prefix, tenant, limit or 0])
+
+    def retry_dead(self, queue: str, retries: int, count: int) -> int:
+        k = self.keys
+        return int(self.transport.run("dead_retry", [k.dead(queue)], [k.prefix, retries, count]))
+
+    def discard_dead(self, queue: str, count: int) -> int:
+        k = self.keys
+        return int(self.transport.run("dead_discard", [k.dead(queue)], [k.prefix, count]))
+
+    def cleanup(self, retention_ms: int, limit: int) -> int:
+        """Delete up to ``limit`` batches that ended more than retention ago; how many."""
+        k = self.keys
+        return int(self.transport.run("cleanup", [k.bend], [k.prefix, retention_ms, limit]))
+
+    # ============================================================================ batches
+
+    def stage_batch(self, batch_id: str, stage: str, ttl_ms: int, shapes: Sequence[tuple[Any, ...]],
+                    chunk: Sequence[Any]) -> InFlight:
+        """Send one chunk of staged tasks without waiting (read the reply with .result() before
+        the next call). ``shapes``: what tasks share (queue, tenant, serializer, target, retries,
+        due ms, continuation condition); ``chunk``: per task id, shape number, payload, signature."""
+        k = self.keys
+        flat = [v for shape in shapes for v in shape]
+        return self.transport.send(
+            "batch_stage", [k.staged(batch_id, stage), k.staged_continuations(batch_id, stage), k.queues],
+            [k.prefix, ttl_ms, batch_id, len(shapes), *flat, *chunk])
+
+    def commit_batch(self, batch_id: str, stage: str, tenant: str, queue: str, scope: str, mode: str,
+                     tasks: int, continuations: int, cancel_key: str) -> int:
+        """1 committed, 0 append refused, -1 staged data expired (see batch_commit.lua)."""
+        k = self.keys
+        return int(self.transport.run(
+            "batch_commit",
+            [k.batch(batch_id), k.staged(batch_id, stage), k.staged_continuations(batch_id, stage),
+             k.publication(batch_id, stage), k.publishing, k.batches(tenant), k.continuations(batch_id),
+             k.committed_stages(batch_id)],
+            [k.prefix, batch_id, stage, tenant, queue, scope, mode, tasks, continuations, cancel_key],
+            durable=True))
+
+    def publish_batch(self, batch_id: str, stage: str, chunk: int = PUBLISH_CHUNK) -> None:
+        """Move a committed stage's tasks to their queues, one bounded call after another."""
+        k = self.keys
+        keys = [k.publication(batch_id, stage), k.publishing]
+        while self.transport.run("batch_publish", keys, [k.prefix, batch_id, stage, chunk]):
+            pass
+
+    def unfinished_publications(self) -> list[tuple[str, str]]:
+        """(batch id, stage) of every committed batch whose tasks are not all published."""
+        out = []
+        for entry in self._redis.smembers(self.keys.publishing):
+            batch_id, _, stage = entry.decode().partition(":")
+            out.append((batch_id, stage))
+        return out
+
+    def abort_stage(self, batch_id: str, stage: str, chunk: int) -> None:
+        """Delete what a failed batch build staged, in bounded calls."""
+        k = self.keys
+        keys = [k.staged(batch_id, stage), k.staged_continuations(batch_id, stage)]
+        while self.transport.run("batch_abort", keys, [k.prefix, chunk]):
+            pass
+
+    # ========================================================================== schedules
+
+    def schedule_due(self, limit: int) -> DueSchedules:
+        """The server clock, the pause flag and up to ``limit`` due schedules (0: clock only)."""
+        k = self.keys
+        reply = self.transport.run("schedule_due", [k.sdue, k.paused], [k.prefix, limit])
+        due = [DueSchedule(sid.decode(), int(float(tick)), cron.decode(), tz.decode(), sec == b"1", version)
+               for sid, tick, cron, tz, sec, version in reply[3:]]
+        return DueSchedules(now_ms=int(reply[0]), paused=bool(int(reply[1])), next_ms=int(reply[2]), due=due)
+
+    def server_time_ms(self) -> int:
+        return self.schedule_due(0).now_ms
+
+    def _tick_keys(self, schedule_id: str, task_id: str) -> list[str]:
+        k = self.keys
+        return [k.sdue, k.schedule(schedule_id), k.paused, k.task(task_id), k.queues]
+
+    def claim_ticks(self, claims: Sequence[tuple[DueSchedule, str, int]]) -> list[TickResult]:
+        """Claim due ticks (schedule, new task id, next tick ms) in one round trip; each claim
+        is a compare-and-set that enqueues the run (schedule_tick.lua)."""
+        k = self.keys
+        calls: list[Call] = [("schedule_tick", self._tick_keys(d.id, tid),
+                              [k.prefix, d.id, "tick", tid, d.tick_ms, d.version, nxt]) for d, tid, nxt in claims]
+        return [TickResult(int(c), int(now), int(score)) for c, now, score in self.transport.run_many(calls)]
+
+    def trigger_schedule(self, schedule_id: str, task_id: str, tenant: str | None) -> TickResult:
+        k = self.keys
+        code, now, score = self.transport.run("schedule_tick", self._tick_keys(schedule_id, task_id),
+                                              [k.prefix, schedule_id, "trigger", task_id, 0, 0, 0, tenant or ""])
+        return TickResult(int(code), int(now), int(score))
+
+    def upsert_schedule(self, schedule_id: str, tenant: str, queue: str, scope: str, cron: str, timezone: str,
+                        seconds: bool, unique: bool, expire_ms: int, payload: bytes, serializer: str, target: str,
+                        retries: int, next_ms: int, signature: str) -> int:
+        """1 created, 2 replaced, -1 the id belongs to another tenant."""
+        k = self.keys
+        code, _ = self.transport.run(
+            "schedule_upsert", [k.schedule(schedule_id), k.sdue, k.tenant_schedules(tenant)],
+            [k.prefix, schedule_id, tenant, queue, scope, cron, timezone, _flag(seconds), _flag(unique), expire_ms,
+             payload, serializer, target, retries, next_ms, signature])
+        return int(code)
+
+    def cancel_schedule(self, schedule_id: str, tenant: str) -> bool:
+        k = self.keys
+        return bool(self.transport.run("schedule_cancel", [k.schedule(schedule_id), k.sdue],
+                                       [k.prefix, schedule_id, tenant]))
+
+    def schedule(self, schedule_id: str) -> tuple[dict[bytes, bytes], float | None]:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hgetall(self.keys.schedule(schedule_id))
+        pipe.zscore(self.keys.sdue, schedule_id)
+        h, score = pipe.execute()
+        return h, score
+
+    def schedules(self, tenant: str, skip: int, take: int) -> list[tuple[str, dict[bytes, bytes], float | None]]:
+        """A tenant's schedules by id: (id, hash, next tick score); deleted ones left out."""
+        ids = _decoded(self._redis.zrange(self.keys.tenant_schedules(tenant), skip, skip + take - 1))
+        pipe = self._redis.pipeline(transaction=False)
+        for sid in ids:
+            pipe.hgetall(self.keys.schedule(sid))
+            pipe.zscore(self.keys.sdue, sid)
+        res = pipe.execute()
+        return [(sid, h, score) for sid, h, score in zip(ids, res[::2], res[1::2]) if h]
+
+    def schedule_count(self, tenant: str | None) -> int:
+        return int(self._redis.zcard(self.keys.sdue if tenant is None else self.keys.tenant_schedules(tenant)))
+
+    # ============================================================================== reads
+
+    def is_paused(self) -> bool:
+        return bool(self._redis.exists(self.keys.paused))
+
+    def paused_queues(self) -> list[str]:
+        return sorted(_decoded(self._redis.smembers(self.keys.pausedq)))
+
+    def paused_tenants(self) -> list[str]:
+        return sorted(_decoded(self._redis.smembers(self.keys.pausedt)))
+
+    def is_tenant_paused(self, tenant: str) -> bool:
+        return bool(self._redis.sismember(self.keys.pausedt, tenant))
+
+    def queue_names(self) -> list[str]:
+        return sorted(_decoded(self._redis.smembers(self.keys.queues)))
+
+    def queue_counts(self, queue: str) -> tuple[int, int, int, int, bool]:
+        """(ready, in flight, delayed, dead, paused), read from the counters the scripts keep."""
+        k = self.keys
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hmget(k.qstats(queue), "ready", "inflight", "delayed")
+        pipe.llen(k.dead(queue))
+        pipe.sismember(k.pausedq, queue)
+        (ready, inflight, delayed), dead, paused = pipe.execute()
+        return int(ready or 0), int(inflight or 0), int(delayed or 0), int(dead), bool(paused)
+
+    def queue_tenants(self, queue: str) -> list[str]:
+        """Tenants that ever had ready work in the queue, in name order."""
+        return sorted(_decoded(self._redis.smembers(self.keys.queue_tenants(queue))))
+
+    def ready_count(self, queue: str, tenant: str) -> int:
+        return int(self._redis.llen(self.keys.ready(queue, tenant)))
+
+    def ready_ids(self, queue: str, tenant: str, start: int, stop: int) -> list[str]:
+        return _decoded(self._redis.lrange(self.keys.ready(queue, tenant), start, stop))
+
+    def dead_ids(self, queue: str, start: int, stop: int) -> list[str]:
+        return _decoded(self._redis.lrange(self.keys.dead(queue), start, stop))
+
+    def task_hashes(self, task_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
+        """The tasks' hashes, in order ({} for a task that no longer exists)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for tid in task_ids:
+            pipe.hgetall(self.keys.task(tid))
+        return pipe.execute()  # type: ignore[no-any-return]
+
+    def leased_to(self, worker_id: str) -> set[str]:
+        """Ids of the tasks leased to one worker process (its lease set)."""
+        return set(_decoded(self._redis.smembers(self.keys.worker(worker_id))))
+
+    def lease_holders(self, task_ids: Sequence[str]) -> list[tuple[str | None, str | None, str | None]]:
+        """Per task: (lease token, state, worker) as stored, None where absent."""
+        pipe = self._redis.pipeline(transaction=False)
+        for tid in task_ids:
+            pipe.hmget(self.keys.task(tid), "a", "st", "w")
+        return [tuple(v.decode() if v is not None else None for v in row)  # type: ignore[misc]
+                for row in pipe.execute()]
+
+    def batch_hash(self, batch_id: str) -> dict[bytes, bytes]:
+        return self._redis.hgetall(self.keys.batch(batch_id))  # type: ignore[no-any-return]
+
+    def batch_state(self, batch_id: str) -> str | None:
+        state = self._redis.hget(self.keys.batch(batch_id), "state")
+        return state.decode() if state is not None else None
+
+    def batch_page(self, tenant: str, skip: int, take: int) -> list[tuple[str, dict[bytes, bytes]]]:
+        """A tenant's batches, newest first: (id, hash); deleted ones left out."""
+        ids = _decoded(self._redis.zrevrange(self.keys.batches(tenant), skip, skip + take - 1))
+        pipe = self._redis.pipeline(transaction=False)
+        for b in ids:
+            pipe.hgetall(self.keys.batch(b))
+        return [(b, h) for b, h in zip(ids, pipe.execute()) if h]
+
+    def batch_count(self, tenant: str) -> int:
+        return int(self._redis.zcard(self.keys.batches(tenant)))
+
+    def next_ended_batch(self) -> tuple[str, dict[bytes, bytes]] | None:
+        """Pop one finished batch waiting for on_batch_end (one at a time: a crash loses at
+        most one): (id, hash); the hash is {} when the batch is already deleted. None: empty."""
+        b = self._redis.lpop(self.keys.bended)
+        if not b:
+            return None
+        batch_id = b.decode()
+        return batch_id, self.batch_hash(batch_id)
+
+    def worker_heartbeats(self) -> dict[str, int]:
+        """Worker id -> last heartbeat (ms, server clock)."""
+        return {w.decode(): int(hb) for w, hb in self._redis.hgetall(self.keys.workers).items()}
+
+    def tenant_page(self, skip: int, take: int) -> list[str]:
+        return _decoded(self._redis.zrange(self.keys.tenants, skip, skip + take - 1))
+
+    def tenant_count(self) -> int:
+        return int(self._redis.zcard(self.keys.tenants))
+
+    def tenant_known(self, tenant: str) -> bool:
+        """Has work or history, is paused, or has a limit."""
+        k = self.keys
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zscore(k.tenants, tenant)
+        pipe.sismember(k.pausedt, tenant)
+        pipe.hexists(k.tlim, tenant)
+        score, paused, limited = pipe.execute()
+        return score is not None or bool(paused) or bool(limited)
+
+    def tenant_counters(self, tenant: str) -> tuple[dict[str, int], int, dict[str, int], bool, int | None]:
+        """(ready per queue, running, counters of P:ts:<tenant>, paused, limit override)."""
+        k = self.keys
+        queues = self.queue_names()
+        pipe = self._redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(k.ready(q, tenant))
+        pipe.hget(k.trun, tenant)
+        pipe.hgetall(k.tstats(tenant))
+        pipe.sismember(k.pausedt, tenant)
+        pipe.hget(k.tlim, tenant)
+        res = pipe.execute()
+        lengths, (running, counters, paused, limit) = res[:len(queues)], res[len(queues):]
+        return ({q: int(n) for q, n in zip(queues, lengths)}, int(running or 0),
+                {key.decode(): int(v) for key, v in counters.items()}, bool(paused),
+                int(limit) if limit else None)

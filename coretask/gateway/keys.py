@@ -1,0 +1,91 @@
+"""Keys: every key and channel name under one prefix, in one place.
+
+The layout (what each key holds) is documented once, at the top of ``lua/_lib.lua``; scripts
+build the keys only they know (a task's batch, a ring) by the same scheme. Python builds every
+name it passes to a script or reads here, so a rename is one edit on each side.
+"""
+from __future__ import annotations
+
+__all__ = ["Keys"]
+
+
+class Keys:
+    """Key and channel names under one prefix; see lua/_lib.lua for what each holds."""
+
+    __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt",
+                 "bend", "bended", "publishing", "workers", "events", "tenants", "sdue")
+
+    def __init__(self, prefix: str) -> None:
+        p = self.prefix = prefix
+        self.queues = f"{p}:queues"
+        self.delayed = f"{p}:delayed"
+        self.leases = f"{p}:leases"
+        self.trun = f"{p}:trun"
+        self.tlim = f"{p}:tlim"
+        self.paused = f"{p}:paused"
+        self.pausedq = f"{p}:pausedq"
+        self.pausedt = f"{p}:pausedt"
+        self.bend = f"{p}:bend"
+        self.bended = f"{p}:bended"
+        self.publishing = f"{p}:publishing"
+        self.workers = f"{p}:workers"
+        self.events = f"{p}:ev"
+        self.tenants = f"{p}:tenants"
+        self.sdue = f"{p}:sdue"
+
+    # ------------------------------------------------------------------------------ tasks
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}:t:{task_id}"
+
+    def ready(self, queue: str, tenant: str) -> str:
+        return f"{self.prefix}:q:{queue}:{tenant}"
+
+    def ring(self, queue: str) -> str:
+        return f"{self.prefix}:ring:{queue}"
+
+    def queue_tenants(self, queue: str) -> str:
+        return f"{self.prefix}:qt:{queue}"
+
+    def qstats(self, queue: str) -> str:
+        return f"{self.prefix}:qs:{queue}"
+
+    def dead(self, queue: str) -> str:
+        return f"{self.prefix}:dead:{queue}"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:w:{worker_id}"
+
+    def tstats(self, tenant: str) -> str:
+        return f"{self.prefix}:ts:{tenant}"
+
+    # ---------------------------------------------------------------------------- batches
+
+    def batch(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{batch_id}"
+
+    def batches(self, tenant: str) -> str:
+        return f"{self.prefix}:batches:{tenant}"
+
+    def staged(self, batch_id: str, stage: str) -> str:
+        return f"{self.prefix}:b:{batch_id}:s:{stage}"
+
+    def staged_continuations(self, batch_id: str, stage: str) -> str:
+        return f"{self.prefix}:b:{batch_id}:c:{stage}"
+
+    def publication(self, batch_id: str, stage: str) -> str:
+        return f"{self.prefix}:b:{batch_id}:p:{stage}"
+
+    def continuations(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{batch_id}:cont"
+
+    def committed_stages(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{batch_id}:k"
+
+    # -------------------------------------------------------------------------- schedules
+
+    def schedule(self, schedule_id: str) -> str:
+        return f"{self.prefix}:s:{schedule_id}"
+
+    def tenant_schedules(self, tenant: str) -> str:
+        return f"{self.prefix}:sched:{tenant}"

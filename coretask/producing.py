@@ -1,0 +1,71 @@
+"""Producer: what every enqueue path shares (single tasks, batches, schedules): turning a call
+into a checked, encoded, signed task description. Pure Python, no Redis: the callers hand the
+result to the gateway."""
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime, timedelta
+from typing import Any
+
+from .encoding import Call, Encoded, TaskData, encode, serializer_for
+from .errors import ConfigurationError
+from .options import Options
+from .signing import Signer, signer_for, unsigned_pickle_problem
+
+__all__ = ["Producer"]
+
+
+class Producer:
+    """Encoding, size limit, allow-list, signing and option checks for one Options."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.serializer = serializer_for(options.serializer)
+        self.signer: Signer | None = signer_for(options)              # None: payloads go unsigned
+        self._unsigned_pickle = unsigned_pickle_problem(options)     # set: refuse to enqueue
+
+    def as_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | TaskData:
+        if isinstance(fn, (Call, TaskData)):
+            if args or kwargs:
+                raise ConfigurationError(f"{type(fn).__name__} already carries its arguments; pass none besides it")
+            return fn
+        return Call(fn, args, kwargs)
+
+    def encode(self, call: Call | TaskData) -> Encoded:
+        """encode() with this processor's serializer, size limit and allow-list; refuses a pickle
+        serializer without a signing key (see coretask.signing)."""
+        if self._unsigned_pickle and not isinstance(call, TaskData):
+            raise ConfigurationError(f"enqueue refused: {self._unsigned_pickle}")
+        return encode(call, self.serializer, self.options.max_payload_bytes,
+                      self.options.allowed_modules)  # type: ignore[arg-type]
+
+    def encode_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Encoded:
+        return self.encode(self.as_call(fn, args, kwargs))
+
+    def sign(self, task_id: str, tenant: str, queue: str, enc: Encoded) -> str:
+        """The task's signature (field sg), or "" when Options.signing_key is not set."""
+        return self.signer.sign_task(task_id, tenant, queue, enc) if self.signer else ""
+
+    def sign_schedule(self, schedule_id: str, tenant: str, queue: str, enc: Encoded) -> str:
+        return self.signer.sign_schedule(schedule_id, tenant, queue, enc) if self.signer else ""
+
+    def retries(self, retries: int | None) -> int:
+        if retries is None:
+            return self.options.retries
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ConfigurationError(f"retries must be an integer >= 0, got {retries!r}")
+        return retries
+
+    @staticmethod
+    def due_ms(delay_until: datetime | timedelta | float | None) -> int:
+        if delay_until is None:
+            return 0
+        # rounded up: a due time between two milliseconds must not let the task start early
+        if isinstance(delay_until, timedelta):
+            return math.ceil((time.time() + delay_until.total_seconds()) * 1000)
+        if isinstance(delay_until, datetime):
+            return math.ceil(delay_until.timestamp() * 1000)
+        if isinstance(delay_until, (int, float)) and not isinstance(delay_until, bool):
+            return math.ceil(delay_until * 1000)
+        raise ConfigurationError(f"delay_until must be a datetime, timedelta or epoch seconds, got {delay_until!r}")

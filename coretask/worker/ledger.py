@@ -1,0 +1,163 @@
+"""Ledger: what the parts of one worker process share, and nothing else.
+
+The fetch loop admits leased tasks; runners take them from the inbox and record how each ended;
+the loop sends those outcomes with its next fetch; control and maintenance read which tasks run.
+Every one of them gets this object, not the whole worker, so what they share is written down
+here: the running tasks, the pending outcomes (typed records, coretask/gateway/records.py), the
+lock that guards both, and the event that wakes the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from typing import TYPE_CHECKING
+
+from ..context import TaskContext
+from ..gateway import Ack, Failure, Leased, Outcomes, Release
+
+if TYPE_CHECKING:
+    from .runner import Runner
+
+__all__ = ["Ledger", "Task", "SHORT_TASK_MS"]
+
+SHORT_TASK_MS = 10.0  # tasks averaging less than this are acknowledged and fetched in groups
+AVERAGE_WEIGHT = 0.1  # weight of the newest duration in the moving average
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class Task:
+    """A leased task as this process tracks it: what the fetch returned, the context its body
+    sees, the runner executing it, and why it is being aborted (once it is)."""
+
+    id: str
+    leased: Leased
+    ctx: TaskContext
+    runner: Runner | None = None     # set by the runner before the body starts
+    abort_reason: str | None = None  # "canceled" | "requeue" | "shutdown" once aborted
+
+    @property
+    def token(self) -> str:
+        return self.leased.token
+
+    @property
+    def target(self) -> str:
+        return self.leased.target
+
+    @property
+    def batch_id(self) -> str | None:
+        return self.leased.batch_id
+
+
+class Ledger:
+    """Running tasks and pending outcomes of one worker process, under one lock."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.lock = threading.Lock()
+        self.wake = threading.Event()          # set when the loop has something to do
+        self.inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self.running: dict[str, Task] = {}     # fetched and not yet reported, by id
+        self.pending = Outcomes()              # reported, not yet sent to Redis
+        self.quiet = False                     # stop fetching (shutdown, recycling)
+        self.tasks_done = 0
+        self.tasks_taken = 0
+        self.avg_ms = SHORT_TASK_MS            # moving average of task durations; starts as "long"
+
+    # ------------------------------------------------------------------------- the loop's side
+
+    def admit(self, tasks: list[Task]) -> None:
+        """Tasks a fetch leased to this process: running from now on, queued for the runners."""
+        with self.lock:
+            for task in tasks:
+                self.running[task.id] = task
+        for task in tasks:
+            self.inbox.put(task)
+        self.tasks_taken += len(tasks)
+
+    def take_outcomes(self) -> Outcomes:
+        with self.lock:
+            taken, self.pending = self.pending, Outcomes()
+        return taken
+
+    def restore(self, outcomes: Outcomes) -> None:
+        """Outcomes that may not have reached Redis go back in front; a repeat is harmless
+        (the lease token makes the second one a no-op)."""
+        with self.lock:
+            self.pending.prepend(outcomes)
+
+    def free(self) -> int:
+        return 0 if self.quiet else self.threads - len(self.running)
+
+    def drained(self) -> bool:
+        with self.lock:
+            return not (self.running or self.pending)
+
+    def short(self) -> bool:
+        return self.avg_ms < SHORT_TASK_MS
+
+    def busy(self) -> bool:
+        started = len(self.running) - self.inbox.qsize()
+        return started > self.threads * 3 // 4 and not self.quiet
+
+    def running_of(self, batch_id: str | None) -> list[Task]:
+        """Running tasks, of one batch or all (None)."""
+        # no lock: list() of a dict's values is one C call under the GIL, and the lock could be
+        # held by a task thread that is itself waiting for the GIL (a whole round of switches)
+        return [t for t in list(self.running.values()) if batch_id is None or t.batch_id == batch_id]
+
+    def is_running(self, task: Task) -> bool:
+        return self.running.get(task.id) is task
+
+    def known_ids(self) -> set[str]:
+        """Every task this process runs or still has to report."""
+        with self.lock:
+            return set(self.running) | self.pending.task_ids()
+
+    def release_unstarted(self) -> None:
+        """Fetched tasks no runner has taken yet are handed back (shutdown waits only for the
+        ones that started)."""
+        with self.lock:
+            while True:
+                try:
+                    task = self.inbox.get_nowait()
+                except queue.Empty:
+                    return
+                if task is not None and self.running.pop(task.id, None) is not None:
+                    self.pending.releases.append(Release(task.id, task.token))
+
+    def release_running(self) -> list[Task]:
+        """Hand back every task still running (blocked where an abort cannot reach)."""
+        with self.lock:
+            stuck = list(self.running.values())
+            self.running.clear()
+            self.pending.releases += [Release(t.id, t.token) for t in stuck]
+        return stuck
+
+    # ----------------------------------------------------------------------- the runners' side
+
+    def succeeded(self, task: Task, duration_ms: int) -> None:
+        with self.lock:
+            self.pending.acks.append(Ack(task.id, task.token, "ok", duration_ms))
+            self._finished(task, duration_ms)
+
+    def aborted(self, task: Task, duration_ms: int) -> None:
+        """A requeue or shutdown abort hands the task back; a cancel counts it canceled."""
+        with self.lock:
+            if task.abort_reason in ("requeue", "shutdown"):
+                self.pending.releases.append(Release(task.id, task.token))
+            else:
+                self.pending.acks.append(Ack(task.id, task.token, "canceled", duration_ms))
+            self._finished(task, duration_ms)
+
+    def failed(self, task: Task, failure: Failure) -> None:
+        with self.lock:
+            self.pending.failures.append(failure)
+            self._finished(task, failure.duration_ms)
+
+    def _finished(self, task: Task, duration_ms: int) -> None:
+        self.running.pop(task.id, None)
+        self.tasks_done += 1
+        self.avg_ms += (duration_ms - self.avg_ms) * AVERAGE_WEIGHT
+        if self.threads - len(self.running) >= self.threads // 2 or self.quiet or not self.short():
+            self.wake.set()     # else the loop would only wake to wait again (worker/loop.py)

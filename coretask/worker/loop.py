@@ -1,0 +1,192 @@
+"""Loop: the fetch loop of one worker process, and its graceful shutdown.
+
+One loop thread talks to Redis: each turn it sends, in one round trip, the outcomes that runner
+threads recorded in the ledger since the last turn and a fetch sized to the free threads.
+Runner threads never touch Redis on the happy path, so the Redis cost per task stays a fraction
+of a round trip. The loop sleeps until the earliest of: a pub/sub event, a finished task, the
+next delayed task's due time, the next maintenance timer, or base_frequency.
+
+While recent tasks average under SHORT_TASK_MS, the loop waits until half of the threads are
+free before its next round trip, so that each script call carries several acknowledgements and
+a fetch for several tasks instead of one or two (the per-call cost of the scripts dominates for
+tiny tasks). It never leases more tasks than it has free threads: a task leased ahead would
+start after a pause() that returned meanwhile (docs/decisions.md).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from ..context import TaskContext
+from ..gateway import FetchReply, Gateway
+from ..options import Options
+from .aborts import Aborts
+from .leases import Leases
+from .ledger import Ledger, Task
+from .maintenance import Maintenance
+
+__all__ = ["Loop", "Recycling"]
+
+log = logging.getLogger(__name__)
+
+COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
+ABORT_SETTLE = 0.5  # seconds shutdown waits for aborted tasks to report before handing them back
+SHUTDOWN_POLL = 0.05
+MIB = 1024 * 1024
+
+
+class Recycling:
+    """Worker recycling (manager children): max_tasks_per_process and max_memory_per_process.
+    Once a limit is reached the loop stops fetching and ends when everything is acknowledged."""
+
+    def __init__(self, options: Options, ledger: Ledger, worker_id: str) -> None:
+        self.max_tasks = options.max_tasks_per_process
+        self.max_mib = options.max_memory_per_process
+        self.ledger = ledger
+        self.worker_id = worker_id
+        self.reason: str | None = None
+        self._rss_done = 0              # tasks_done at the last RSS reading (~20 us each)
+        self._process: Any = None
+
+    def limit(self, free: int) -> int:
+        """How many tasks this turn may fetch; switches to quiet once a limit is reached."""
+        ledger = self.ledger
+        if self.reason is None:
+            if self.max_tasks is not None and ledger.tasks_taken >= self.max_tasks:
+                self._start(f"it took {ledger.tasks_taken} tasks (max_tasks_per_process={self.max_tasks})")
+            elif self.max_mib is not None and ledger.tasks_done != self._rss_done:
+                self._rss_done = ledger.tasks_done          # read after every turn in which a task ended
+                if self._process is None:
+                    import psutil
+                    self._process = psutil.Process()
+                rss = self._process.memory_info().rss
+                if rss > self.max_mib * MIB:
+                    self._start(f"its RSS is {rss / MIB:.0f} MiB (max_memory_per_process={self.max_mib} MiB)")
+        if self.reason is not None:
+            return 0
+        if self.max_tasks is not None:
+            free = min(free, self.max_tasks - ledger.tasks_taken)
+        return free
+
+    def _start(self, reason: str) -> None:
+        log.info("worker %s: recycling after %d tasks: %s; finishing %d running tasks, then exiting",
+                 self.worker_id, self.ledger.tasks_done, reason, len(self.ledger.running))
+        self.reason = reason
+        self.ledger.quiet = True
+
+
+class Loop:
+    def __init__(self, worker_id: str, ledger: Ledger, gateway: Gateway, options: Options, leases: Leases,
+                 maintenance: Maintenance, aborts: Aborts, recycling: Recycling | None) -> None:
+        self.worker_id = worker_id
+        self.ledger = ledger
+        self.gateway = gateway
+        self.options = options
+        self.leases = leases
+        self.maintenance = maintenance
+        self.aborts = aborts
+        self.recycling = recycling
+        self.queues = tuple(options.queues)
+        self.default_limit = options.tenant_concurrency or 0
+        self.base = options.base_frequency.total_seconds()
+
+    def run(self, stop: threading.Event) -> None:
+        """Turn until ``stop`` is set (or recycling has drained this process)."""
+        ledger, maintenance = self.ledger, self.maintenance
+        threads = ledger.threads
+        lease_ms = self.leases.timings.lease_ms
+        hold_timed_out = False
+        while not stop.is_set():
+            ledger.wake.clear()
+            free = ledger.free()
+            if self.recycling is not None:
+                free = self.recycling.limit(free)
+            if not hold_timed_out and not ledger.quiet and free < threads // 2 and ledger.short():
+                # most threads run short tasks: let more finish, so that the next round trip
+                # carries their acknowledgements together and a fetch for several
+                hold_timed_out = not ledger.wake.wait(min(maintenance.tick(), self.base))
+                continue
+            hold_timed_out = False
+            outcomes = ledger.take_outcomes()
+            try:
+                reply = self.gateway.exchange(self.worker_id, outcomes, free, lease_ms, self.default_limit,
+                                              self.queues)
+            except Exception as exc:
+                ledger.restore(outcomes)
+                log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
+                            type(exc).__name__, exc, maintenance.delay)
+                maintenance.backoff(stop)
+                continue
+            maintenance.connected()
+            got = self._admit(reply)
+            if self.recycling is not None and self.recycling.reason is not None and ledger.drained():
+                return                            # recycling: every task done and acknowledged
+            timeout = maintenance.tick()
+            if got and got == free and threads > len(ledger.running):
+                continue                          # there may be more, and threads freed up meanwhile
+            if reply.next_due_ms != -1:
+                timeout = min(timeout, max((reply.next_due_ms - reply.now_ms) / 1000, 0.001))
+            if ledger.wake.wait(min(timeout, self.base)) and ledger.busy():
+                # a task finished while most threads still work: give the others a moment to
+                # finish too, so one round trip carries several acknowledgements and a fetch
+                # for several threads
+                time.sleep(COALESCE)
+
+    def _admit(self, reply: FetchReply) -> int:
+        gateway = self.gateway
+        tasks = [Task(leased.id, leased, TaskContext(
+            task_id=leased.id, queue=leased.queue, tenant=leased.tenant, target=leased.target,
+            attempt=leased.attempt, retries_left=leased.retries_left, enqueued_ms=leased.enqueued_ms,
+            batch_id=leased.batch_id, batch_fields=leased.batch_fields, gateway=gateway))
+            for leased in reply.tasks]
+        if tasks:
+            self.ledger.admit(tasks)
+        return len(tasks)
+
+    # ------------------------------------------------------------------------------ shutdown
+
+    def shutdown(self) -> None:
+        """Stop fetching; let running tasks finish within shutdown_timeout; hand the rest back
+        without consuming a retry; flush every outcome."""
+        ledger = self.ledger
+        ledger.quiet = True
+        ledger.release_unstarted()
+        self.flush()
+        deadline = time.monotonic() + self.options.shutdown_timeout.total_seconds()
+        next_renew = 0.0
+        while ledger.running and time.monotonic() < deadline:
+            if time.monotonic() >= next_renew:
+                # a stopping (or dead) manager no longer renews, nor does the stopped loop: keep
+                # the leases of the tasks finishing here, or another worker would run them too
+                try:
+                    self.leases.renew(self.worker_id)
+                except Exception as exc:
+                    log.warning("worker %s: lease renewal while stopping failed: %s", self.worker_id, exc)
+                next_renew = time.monotonic() + self.leases.timings.renew_every
+            self.flush()
+            ledger.wake.wait(SHUTDOWN_POLL)
+            ledger.wake.clear()
+        if ledger.running:
+            log.warning("worker %s: %d tasks still running at the shutdown deadline; handing them back",
+                        self.worker_id, len(ledger.running))
+            self.aborts.abort(ledger.running_of(None), "shutdown")
+            # each runner reports its task: handed back if the abort landed in the body, but
+            # acknowledged if the body had returned already (or swallowed the abort), since a
+            # task that finished must not run again
+            settle = time.monotonic() + ABORT_SETTLE
+            while ledger.running and time.monotonic() < settle:
+                ledger.wake.wait(0.01)
+                ledger.wake.clear()
+            ledger.release_running()       # blocked where an abort cannot reach (C code)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send pending outcomes now; keep them for the next try if Redis cannot be reached."""
+        outcomes = self.ledger.take_outcomes()
+        if outcomes:
+            try:
+                self.gateway.send_outcomes(self.worker_id, outcomes)
+            except Exception:
+                self.ledger.restore(outcomes)
