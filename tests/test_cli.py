@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from coretask.servers import RedisServer, find_server_binary, free_port
+from coretask.embedded.servers import RedisServer, find_server_binary, free_port
 from tests import tasks
 from tests.conftest import FAST, ROOT, wait_until
 

@@ -20,7 +20,7 @@ import redis.cluster
 from redis.cluster import ClusterPubSub
 
 from coretask import ConfigurationError, Options, ReplicationError, TaskProcessor
-from coretask.servers import RedisCluster, find_server_binary
+from coretask.embedded.servers import RedisCluster, find_server_binary
 from tests.conftest import FAST
 from tests.tasks_servers import (
     Manager,

@@ -20,7 +20,7 @@ def _run(module: str, server, *args: str) -> subprocess.CompletedProcess[str]:
 def standalone(server):
     """The examples use plain (non-cluster) clients, as a user's first steps would."""
     if server.cluster:
-        from coretask.servers import RedisServer
+        from coretask.embedded.servers import RedisServer
         with RedisServer() as srv:
             yield srv
     else:

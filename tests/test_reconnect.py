@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from coretask import Options, ReplicationError
-from coretask.servers import RedisServer
+from coretask.embedded.servers import RedisServer
 from tests.conftest import FAST, worker_processes
 from tests.tasks_servers import Manager, note, read_notes, wait_until
 

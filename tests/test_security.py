@@ -25,7 +25,7 @@ import pytest
 from coretask import (ConfigurationError, Options, ScheduleData, TargetError, TaskData, TaskProcessor,
                       TaskRefused)
 from coretask import targets as targets_module
-from coretask.servers import RedisServer, find_server_binary, free_port
+from coretask.embedded.servers import RedisServer, find_server_binary, free_port
 from coretask.signing import Signer, check_signing_keys
 from coretask.targets import refusal
 from coretask.tenancy import TenantView

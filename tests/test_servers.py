@@ -1,4 +1,4 @@
-"""Tests for coretask.servers: real servers started as child processes.
+"""Tests for coretask.embedded.servers: real servers started as child processes.
 
 None of these touch 127.0.0.1:6379 (a machine Redis may run there); every
 server started here runs on a port of its own and is stopped by the test.
@@ -16,8 +16,8 @@ import pytest
 import redis
 from redis.cluster import RedisCluster as ClusterClient
 
-from coretask import servers
-from coretask.servers import RedisCluster, RedisServer, find_server_binary, free_port
+from coretask.embedded import servers
+from coretask.embedded.servers import RedisCluster, RedisServer, find_server_binary, free_port
 
 MACHINE_REDIS_PORT = 6379
 KINDS = [("redis7", (7,)), ("redis62", (6, 2)), ("valkey8", (8,))]

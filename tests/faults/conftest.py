@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from coretask.servers import RedisServer
+from coretask.embedded.servers import RedisServer
 from tests.conftest import ManagerProcess, Target, spawn_manager
 from tests.faults.proxy import Proxy
 

