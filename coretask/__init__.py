@@ -12,6 +12,7 @@ from .encoding import Call, Serializer, TaskData, call
 from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,
                      ReplicationError, ScriptError, SerializationError, StoreError, StoreFull, TargetError,
                      TaskCanceled, TaskLoadError, TaskRefused)
+from .middleware import Middleware
 from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo
 from .options import Options
 from .schedules import ScheduleData, ScheduleInfo
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     # client
-    "TaskProcessor", "Options", "BatchBuilder", "TaskContext",
+    "TaskProcessor", "Options", "BatchBuilder", "TaskContext", "Middleware",
     # schedules
     "ScheduleData", "ScheduleInfo",
     # what can be enqueued

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
+from .middleware import check_middleware
 
 if TYPE_CHECKING:
     from .context import TaskContext
@@ -71,7 +72,13 @@ class Options:
     deadletter: keep tasks whose retries are exhausted (else they are discarded).
     on_task_failed_delay(ctx, retries_left) -> timedelta | None: delay before the next retry.
     on_task_error(ctx, exc), on_task_start(ctx), on_task_end(ctx), on_batch_end(batch_info):
-      hooks; an exception in a hook is logged and never loses the task.
+      hooks; an exception in a hook is logged and never loses the task. A hook may be
+      ``async def``: it is awaited in the task's thread (an async on_task_failed_delay's delay
+      is honoured). The hooks are one built-in middleware, the innermost (coretask.middleware).
+    middleware: an ordered list of middleware instances (coretask.Middleware subclasses or any
+      objects with some of its methods: before_enqueue, after_enqueue, before_task, after_task,
+      on_retry, on_dead, on_batch_end, on_worker_start, on_worker_stop); the first is the
+      outermost layer. Stored as a tuple. See docs/middleware.md.
     resolver(cls) -> instance: builds the object a method task runs on.
     serializer: "json" (default, safe), "dill" (lambdas, closures, any object) or an object with
       ``name``, ``dumps(call) -> bytes`` and ``loads(bytes) -> call``.
@@ -123,6 +130,7 @@ class Options:
     on_task_start: Callable[[TaskContext], Any] | None = None
     on_task_end: Callable[[TaskContext], Any] | None = None
     on_batch_end: Callable[[BatchInfo], Any] | None = None
+    middleware: Sequence[object] = ()
     resolver: Callable[[type], Any] = _default_resolver
     serializer: str | Serializer = "json"
     execute: Callable[[TaskContext], Any] | None = None
@@ -161,6 +169,7 @@ class Options:
             if (value is not None or name == "resolver") and not callable(value):
                 allowed = "callable" if name == "resolver" else "callable or None"
                 raise ConfigurationError(f"Options.{name} must be {allowed}, got {type(value).__name__}")
+        self.middleware = check_middleware(self.middleware)
         if isinstance(self.serializer, str):
             if self.serializer not in SERIALIZER_NAMES:
                 raise ConfigurationError(
