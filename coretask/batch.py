@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .encoding import Call, TaskData
 from .errors import ConfigurationError, ReplicationError, StoreError
+from .middleware import EnqueueMessage
 from .options import check_queue_name
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ class BatchBuilder:
         self._inflight: InFlight | None = None   # the staging call Redis runs while we encode
         self.tasks = 0
         self.continuations = 0
+        self._messages: list[EnqueueMessage] = []   # for after_enqueue middleware, after the commit
 
     def enqueue(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
                 delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
@@ -81,6 +83,13 @@ class BatchBuilder:
             number = self._shapes[shape] = len(self._shapes) + 1
         self._chunk += [task_id, number, enc.payload, pr.sign(task_id, self.tenant, q, enc)]
         self._chunk_bytes += len(enc.payload)
+        chain = pr.chain
+        if chain.before_enqueue or chain.after_enqueue:
+            message = EnqueueMessage(task_id, q, self.tenant, enc.target, self._batch_id, shape[5], shape[4], on or None)
+            if chain.before_enqueue:
+                chain.before_enqueue(message)
+            if chain.after_enqueue:           # kept only when someone wants them after the commit
+                self._messages.append(message)
         if len(self._chunk) >= CHUNK * 4 or self._chunk_bytes >= CHUNK_BYTES:
             self._flush()
         return task_id
@@ -124,6 +133,10 @@ class BatchBuilder:
             log.warning("batch %s: publication interrupted (%s: %s); workers will finish it",
                         self._batch_id, type(exc).__name__, exc)
         self.id = self._batch_id
+        if self._messages:
+            messages, self._messages = self._messages, []
+            for message in messages:
+                self._pr.chain.after_enqueue(message)
         return True
 
     def _abort(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from .batch import BatchBuilder
 from .encoding import Call, TaskData
+from .middleware import Chain, EnqueueMessage
 from .producing import Producer
 from .errors import ConfigurationError, ReplicationError
 from .introspection import Introspection
@@ -43,7 +44,8 @@ class Client(Introspection, Schedules, TenantAdmin):
             raise ConfigurationError("pass either an Options object or keyword options, not both")
         self.options = options if options is not None else Options(**kwargs)
         self.gateway = Gateway(self.options)
-        self.producer = Producer(self.options)
+        self.chain = Chain.from_options(self.options)
+        self.producer = Producer(self.options, self.chain)
 
     # ------------------------------------------------------------------------------ enqueue
 
@@ -61,14 +63,23 @@ class Client(Introspection, Schedules, TenantAdmin):
         pr = self.producer
         enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
+        n_retries, due_ms = pr.retries(retries), pr.due_ms(delay_until)
+        chain = self.chain
+        message = None
+        if chain.before_enqueue or chain.after_enqueue:
+            message = EnqueueMessage(task_id, queue, tenant, enc.target, None, due_ms, n_retries)
+            if chain.before_enqueue:
+                chain.before_enqueue(message)
         try:
-            self.gateway.enqueue(task_id, queue, tenant, enc.payload, enc.serializer, enc.target,
-                                 pr.retries(retries), pr.due_ms(delay_until), pr.sign(task_id, tenant, queue, enc))
+            self.gateway.enqueue(task_id, queue, tenant, enc.payload, enc.serializer, enc.target, n_retries, due_ms,
+                                 pr.sign(task_id, tenant, queue, enc))
         except ReplicationError as exc:   # Options.wait_replicas: enqueued, not yet replicated
             exc.task_id = task_id
             raise
         # code -1 means the id exists: a retried call whose first attempt had landed
         log.debug("enqueued %s %s queue=%s tenant=%s", task_id, enc.target, queue, tenant)
+        if message is not None and chain.after_enqueue:
+            chain.after_enqueue(message)
         return task_id
 
     def enqueue_batch(self, queue: str, tenant: str, build: Callable[[BatchBuilder], Any],

@@ -10,6 +10,7 @@ from typing import Any
 
 from .encoding import Call, Encoded, TaskData, encode, serializer_for
 from .errors import ConfigurationError
+from .middleware import Chain
 from .options import Options
 from .signing import Signer, signer_for, unsigned_pickle_problem
 
@@ -17,10 +18,12 @@ __all__ = ["Producer"]
 
 
 class Producer:
-    """Encoding, size limit, allow-list, signing and option checks for one Options."""
+    """Encoding, size limit, allow-list, signing and option checks for one Options, and the
+    middleware that sees every enqueue (``chain.before_enqueue`` / ``after_enqueue``)."""
 
-    def __init__(self, options: Options) -> None:
+    def __init__(self, options: Options, chain: Chain | None = None) -> None:
         self.options = options
+        self.chain = chain if chain is not None else Chain.from_options(options)
         self.serializer = serializer_for(options.serializer)
         self.signer: Signer | None = signer_for(options)              # None: payloads go unsigned
         self._unsigned_pickle = unsigned_pickle_problem(options)     # set: refuse to enqueue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..context import TaskContext
 from ..gateway import Ack, Failure, Leased, Outcomes, Release
@@ -35,6 +35,7 @@ class Task:
     ctx: TaskContext
     runner: Runner | None = None     # set by the runner before the body starts
     abort_reason: str | None = None  # "canceled" | "requeue" | "shutdown" once aborted
+    result: Any = None               # what the body returned (for after_task middleware)
 
     @property
     def token(self) -> str:

@@ -10,12 +10,12 @@ import threading
 import time
 
 from ..gateway import Gateway, Release
+from ..middleware import Chain
 from ..models import BatchInfo
 from ..options import Options
 from .aborts import Aborts
 from .leases import Leases
 from .ledger import Ledger
-from .runner import _hook
 from .schedules import ScheduleTimer
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ BACKOFF_MAX = 5.0
 
 class Maintenance:
     def __init__(self, worker_id: str, ledger: Ledger, gateway: Gateway, leases: Leases, options: Options,
-                 aborts: Aborts, schedules: ScheduleTimer, *, renew_own_leases: bool) -> None:
+                 aborts: Aborts, schedules: ScheduleTimer, chain: Chain, *, renew_own_leases: bool) -> None:
         self.worker_id = worker_id
         self.ledger = ledger
         self.gateway = gateway
@@ -36,11 +36,12 @@ class Maintenance:
         self.options = options
         self.aborts = aborts
         self.schedules = schedules
+        self.chain = chain
         every = options.pushback_frequency.total_seconds()
         self.intervals = {"expired": every, "cleanup": options.cleanup_frequency.total_seconds(),
                           "publish": every, "unreceived": every}
-        if options.on_batch_end is not None:
-            # polled only where the hook exists: without it, nothing would wake an idle loop every
+        if chain.on_batch_end:
+            # polled only where a middleware (or Options.on_batch_end) wants it: without it, nothing would wake an idle loop every
             # 0.2 s (it sleeps until a pub/sub event, a due time, a timer or base_frequency)
             self.intervals["hooks"] = HOOK_INTERVAL
         if renew_own_leases:
@@ -120,8 +121,7 @@ class Maintenance:
             self.gateway.publish_batch(batch_id, stage)
 
     def _hooks(self) -> None:
-        hook = self.options.on_batch_end
-        if hook is None:
+        if not self.chain.on_batch_end:
             return      # leave the queue to processes that have the hook (cleanup trims it)
         while True:
             ended = self.gateway.next_ended_batch()
@@ -129,4 +129,4 @@ class Maintenance:
                 return
             batch_id, h = ended
             if h and b"tn" in h:                            # not deleted, not a cancel tombstone
-                _hook(hook, BatchInfo.from_hash(batch_id, h))
+                self.chain.on_batch_end(BatchInfo.from_hash(batch_id, h))

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from ..encoding import serializer_for
 from ..gateway import Gateway, Release
+from ..middleware import Chain, WorkerInfo
 from ..options import Options
 from ..signing import TaskGuard
 from .aborts import Aborts
@@ -40,6 +41,7 @@ class Configured(Protocol):
 
     options: Options
     gateway: Gateway
+    chain: Chain
 
 
 def new_worker_id() -> str:
@@ -55,6 +57,7 @@ class WorkerProcess:
                  on_exit_request: Callable[[], None] | None = None, recycle: bool = False) -> None:
         options = self.options = processor.options
         gateway = self.gateway = processor.gateway
+        chain = self.chain = processor.chain
         guard = TaskGuard(options)   # refuses an unsigned pickle setup; checks every task
         self.id = worker_id or new_worker_id()
         self.on_exit_request = on_exit_request
@@ -65,9 +68,9 @@ class WorkerProcess:
         schedules = ScheduleTimer(gateway, options, self.id)   # armed for the next cron tick
         self.control = Control(self.id, ledger, self.aborts, gateway, schedules)
         self.maintenance = Maintenance(self.id, ledger, gateway, self.leases, options, self.aborts, schedules,
-                                       renew_own_leases=renew_own_leases)
+                                       chain, renew_own_leases=renew_own_leases)
         serializer = serializer_for(options.serializer)
-        self.runners = [Runner(ledger, options, guard, serializer) for _ in range(ledger.threads)]
+        self.runners = [Runner(ledger, options, guard, serializer, chain) for _ in range(ledger.threads)]
         self.recycling = Recycling(options, ledger, self.id) if recycle else None
         self.loop = Loop(self.id, ledger, gateway, options, self.leases, self.maintenance, self.aborts,
                          self.recycling)
@@ -88,6 +91,10 @@ class WorkerProcess:
         # (the control thread re-checks running tasks' batches on every later resubscription)
         self.control.subscribed.wait(SUBSCRIBE_WAIT)
         log.info("worker %s started: queues=%s threads=%d", self.id, ",".join(self.options.queues), ledger.threads)
+        info = WorkerInfo(worker_id=self.id, queues=tuple(self.options.queues), threads=ledger.threads,
+                          pid=os.getpid(), host=socket.gethostname())
+        if self.chain.on_worker_start:
+            self.chain.on_worker_start(info)
         threading.Thread(target=lambda: (stop.wait(), ledger.wake.set()), daemon=True).start()
         try:
             self.loop.run(stop)
@@ -97,6 +104,8 @@ class WorkerProcess:
                 ledger.inbox.put(None)
             self.control.stop()
             self.aborts.clear()
+            if self.chain.on_worker_stop:
+                self.chain.on_worker_stop(info)
             log.info("worker %s stopped after %d tasks", self.id, ledger.tasks_done)
 
     def force_exit(self, why: str) -> None:

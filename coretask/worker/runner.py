@@ -27,12 +27,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..encoding import Serializer, decode
 from ..errors import TaskCanceled, TaskLoadError
 from ..gateway import Failure
+from ..middleware import CANCELED, FAILED, HANDED_BACK, SUCCEEDED, Chain
 
 if TYPE_CHECKING:
     from ..options import Options
@@ -54,9 +54,10 @@ class Runner:
     reports each one's outcome back to the ledger."""
 
     def __init__(self, ledger: Ledger, options: Options, guard: TaskGuard | None = None,
-                 serializer: Serializer | None = None) -> None:
+                 serializer: Serializer | None = None, chain: Chain | None = None) -> None:
         self.ledger = ledger
         self.options = options
+        self.chain = chain if chain is not None else Chain()
         self.guard = guard
         self.serializer = serializer
         self.thread_id = 0
@@ -97,13 +98,16 @@ class Runner:
                 log.exception("internal error while running task %s", task.id)
 
     def execute(self, task: Task) -> None:
-        ledger = self.ledger
-        opts = self.options
+        """Load and run one task and report its outcome to the ledger. Middleware sees it
+        before it is loaded and once more, whatever happened, before the outcome is recorded
+        (so what it writes, a result or history, is in place when the task shows as done)."""
+        chain = self.chain
         ctx = task.ctx
         started = time.monotonic()
         error: BaseException | None = None
         load_error: TaskLoadError | None = None
-        _hook(opts.on_task_start, ctx)
+        if chain.before_task:
+            chain.before_task(ctx)
         try:
             inv = self._load(task)
         except TaskLoadError as exc:
@@ -113,27 +117,41 @@ class Runner:
         duration_ms = int((time.monotonic() - started) * 1000)
         if load_error is not None:
             log.error("task %s %s cannot be loaded: %s", task.id, task.target, load_error)
-            _hook(opts.on_task_error, ctx, load_error)
-            ledger.failed(task, _failure(task, load_error, duration_ms, bury=True))
+            if chain.on_dead:
+                chain.on_dead(ctx, load_error)
+            if chain.after_task:
+                chain.after_task(ctx, FAILED, None, load_error)
+            self.ledger.failed(task, _failure(task, load_error, duration_ms, bury=True))
         elif error is None:
             log.debug("task %s %s done in %d ms", task.id, task.target, duration_ms)
-            ledger.succeeded(task, duration_ms)
+            if chain.after_task:
+                chain.after_task(ctx, SUCCEEDED, task.result, None)
+            self.ledger.succeeded(task, duration_ms)
         elif isinstance(error, TaskCanceled) or task.abort_reason is not None:
             log.info("task %s %s aborted (%s) after %d ms", task.id, task.target,
                      task.abort_reason or "canceled", duration_ms)
-            ledger.aborted(task, duration_ms)
+            if chain.after_task:
+                handed_back = task.abort_reason in ("requeue", "shutdown")
+                chain.after_task(ctx, HANDED_BACK if handed_back else CANCELED, None, error)
+            self.ledger.aborted(task, duration_ms)
         else:
-            log.warning("task %s %s failed after %d ms: %s: %s", task.id, task.target, duration_ms,
-                        type(error).__name__, error)
-            _hook(opts.on_task_error, ctx, error)
-            delay = None
-            if ctx.retries_left > 0 and opts.on_task_failed_delay is not None:
-                delay = _hook(opts.on_task_failed_delay, ctx, ctx.retries_left)
-            if isinstance(delay, (int, float)) and not isinstance(delay, bool):
-                delay = timedelta(seconds=delay)          # seconds, as elsewhere in Options
-            delay_ms = int(delay.total_seconds() * 1000) if isinstance(delay, timedelta) else 0
-            ledger.failed(task, _failure(task, error, duration_ms, delay_ms=delay_ms))
-        _hook(opts.on_task_end, ctx)
+            self._failed(task, error, duration_ms)
+
+    def _failed(self, task: Task, error: BaseException, duration_ms: int) -> None:
+        chain = self.chain
+        ctx = task.ctx
+        delay = chain.retry_delay(ctx, ctx.retries_left) if ctx.retries_left > 0 else None
+        log.warning("task %s %s failed after %d ms: %s: %s", task.id, task.target, duration_ms,
+                    type(error).__name__, error)
+        if ctx.retries_left > 0:
+            if chain.on_retry:
+                chain.on_retry(ctx, error, delay)
+        elif chain.on_dead:
+            chain.on_dead(ctx, error)
+        if chain.after_task:
+            chain.after_task(ctx, FAILED, None, error)
+        delay_ms = int(delay.total_seconds() * 1000) if delay is not None else 0
+        self.ledger.failed(task, _failure(task, error, duration_ms, delay_ms=delay_ms))
 
     def _load(self, task: Task) -> Any:
         leased = task.leased
@@ -192,7 +210,8 @@ class Runner:
                 raise TaskCanceled(task.abort_reason)
             result = fn(*args, **kwargs)
             if coroutine or asyncio.iscoroutine(result):
-                asyncio.run(result)
+                result = asyncio.run(result)
+            task.result = result
         except BaseException as exc:
             self.current = None
             return exc
@@ -215,17 +234,6 @@ def _sched_batch() -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))     # 0: the calling thread (Linux)
     except OSError as exc:       # a seccomp profile may forbid it: the tasks run all the same
         log.debug("could not set SCHED_BATCH on task thread: %s", exc)
-
-
-def _hook(fn: Callable[..., Any] | None, *args: Any) -> Any:
-    """Run a user hook; an exception in it is logged and never loses the task."""
-    if fn is None:
-        return None
-    try:
-        return fn(*args)
-    except Exception:
-        log.exception("hook %s raised; the task goes on", getattr(fn, "__name__", fn))
-        return None
 
 
 def _failure(task: Task, error: BaseException, duration_ms: int, *, delay_ms: int = 0,
