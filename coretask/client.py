@@ -126,9 +126,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         """Stop all fetching everywhere; effective for every worker once this returns. Running
         tasks finish, unless ``requeue_running``: then they are aborted and handed back to
         their queues without consuming a retry."""
-        self._pause("all", True, "")
-        if requeue_running:
-            self.gateway.publish("pr")
+        self.gateway.pause("all", True, requeue=requeue_running)
 
     def resume(self) -> None:
         self._pause("all", False, "")

@@ -409,3 +409,94 @@ def test_the_subscription_reader_parses_frames_split_at_any_byte():
     # And a frame of a type a subscription never receives is reported, not skipped
     with pytest.raises(ConnectionError, match="unexpected reply"):
         Frames().feed(b"!5\r\nboom!\r\n")
+
+
+# ------------------------------------------------------------- forged messages, every state
+
+def forged_messages(batch_id: str) -> list[str]:
+    """Every message type the control thread knows, as someone who can publish but not write
+    the coretask keys would send them: events, pause/resume, a requeue, and cancels of a running
+    batch without its key, with a made-up key, and of an unknown batch."""
+    return ["p", "r", "pr", "s", "d", "f:default", f"c:{batch_id}", f"c:{batch_id}:{'0' * 24}",
+            f"c:{batch_id}:", "c:no-such-batch", "zz"]
+
+
+@pytest.mark.parametrize("state", ["running", "paused", "paused with requeue", "canceled"])
+def test_no_forged_message_changes_anything_in_any_state(make_processor, r, prefix, state):
+    # Given a worker whose control thread records what it handled and whose loop records, per
+    # fetch, how many messages had been handled before it and whether it found the pause
+    p = make_processor()
+    w = WorkerProcess(p, renew_own_leases=True)
+    handled: list[str] = []
+    fetches: list[tuple[int, bool, int]] = []      # (messages handled before, paused, tasks leased)
+    handle, exchange = w.control.handle, p.gateway.exchange
+
+    def recording_handle(message: str) -> None:
+        handle(message)
+        handled.append(message)
+
+    def recording_exchange(*args: object, **kwargs: object):
+        before = len(handled)
+        reply = exchange(*args, **kwargs)           # type: ignore[arg-type]
+        fetches.append((before, reply.paused, len(reply.tasks)))
+        return reply
+
+    w.control.handle = recording_handle             # type: ignore[method-assign]
+    p.gateway.exchange = recording_exchange         # type: ignore[method-assign]
+    stop = threading.Event()
+    thread = threading.Thread(target=w.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_until(w.control.subscribed.is_set, 10, "the worker subscribed")
+        # and two running batch tasks, A and C, that spin for 3 s
+        a_key, c_key = prefix + ":a", prefix + ":c"
+        a = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, a_key, 3.0))
+        c = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.spin_ctx, c_key, 3.0))
+        wait_until(lambda: started(r, a_key) == 1 and started(r, c_key) == 1, 10, "A and C running")
+        # and the state under test, reached through the API
+        if state == "paused":
+            p.pause()
+        elif state == "paused with requeue":
+            p.pause(requeue_running=True)
+            wait_until(lambda: r.llen(a_key + ":left") == 1 and r.llen(c_key + ":left") == 1, 10,
+                       "A and C handed back")
+        elif state == "canceled":
+            assert p.cancel_batch(a)
+            wait_until(lambda: r.llen(a_key + ":left") == 1, 10, "A aborted by its cancel")
+        queued = p.enqueue_task("default", "acme", tasks.record, prefix + ":q", "late")
+        legit = len(handled)
+
+        # When every message type is forged (cancels naming C, the batch that must survive)
+        forged = forged_messages(c)
+        for message in forged:
+            assert r.publish(f"{prefix}:ev", message) >= 1
+        wait_until(lambda: len(handled) >= legit + len(forged), 10, "every forged message handled")
+        wait_until(lambda: any(before >= legit + len(forged) for before, _, _ in fetches), 10,
+                   "a fetch after the forged messages")
+
+        # Then nothing changed: the pause holds (or never came), no running task was aborted
+        # by a message, and a paused worker leased nothing
+        after = [(paused, n) for before, paused, n in fetches if before >= legit + len(forged)]
+        paused = state in ("paused", "paused with requeue")
+        assert p.is_paused is paused
+        assert all(pz == paused for pz, _ in after)
+        if paused:
+            assert all(n == 0 for _, n in after) and r.llen(prefix + ":q") == 0
+            p.resume()
+        info_c = p.wait_for_batch(c, 20)
+        assert (info_c.state, info_c.done, info_c.canceled) == ("succeeded", 1, 0)
+        info_a = p.wait_for_batch(a, 20)
+        if state == "canceled":
+            assert (info_a.state, info_a.canceled) == ("canceled", 1)
+        else:
+            assert (info_a.state, info_a.done) == ("succeeded", 1)
+        # the runs that ended by a message: only the legitimate requeue and cancel
+        left = {k: [json.loads(x)["outcome"] for x in r.lrange(k + ":left", 0, -1)] for k in (a_key, c_key)}
+        expected = {"running": ([], []), "paused": ([], []), "canceled": (["TaskCanceled"], []),
+                    "paused with requeue": (["TaskCanceled"], ["TaskCanceled"])}[state]
+        assert [o for o in left[a_key] if o != "returned"] == expected[0]
+        assert [o for o in left[c_key] if o != "returned"] == expected[1]
+        wait_until(lambda: r.llen(prefix + ":q") == 1 and p.get_task(queued) is None, 10, "the queued task ran")
+    finally:
+        stop.set()
+        thread.join(30)

@@ -169,11 +169,12 @@ class Gateway:
 
     # ============================================================================ control
 
-    def pause(self, scope: str, on: bool, name: str = "") -> bool:
-        """scope "all" | "queue" | "tenant"; True when the state changed."""
+    def pause(self, scope: str, on: bool, name: str = "", *, requeue: bool = False) -> bool:
+        """scope "all" | "queue" | "tenant"; True when the state changed. ``requeue`` (scope
+        all): the pause also asks workers to hand their running tasks back."""
         k = self.keys
         return bool(self.transport.run("pause", [k.paused, k.pausedq, k.pausedt, k.queues],
-                                       [k.prefix, scope, _flag(on), name]))
+                                       [k.prefix, scope, _flag(on), name, _flag(requeue)]))
 
     def cancel_batch(self, batch_id: str, tenant: str | None) -> bool:
         k = self.keys
@@ -315,6 +316,10 @@ class Gateway:
 
     def is_paused(self) -> bool:
         return bool(self._redis.exists(self.keys.paused))
+
+    def is_paused_for_requeue(self) -> bool:
+        """Paused by pause(requeue_running=True): what makes a "pr" message act (pause.lua)."""
+        return self._redis.get(self.keys.paused) == b"requeue"
 
     def paused_queues(self) -> list[str]:
         return sorted(_decoded(self._redis.smembers(self.keys.pausedq)))

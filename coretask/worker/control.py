@@ -145,7 +145,7 @@ class Control:
             if keyed or self._canceled(batch_id):       # a message without the key is verified
                 self._abort(batch_id, mine, "")
         elif message == "pr":
-            if self.gateway.is_paused():
+            if self.gateway.is_paused_for_requeue():    # a forged "pr" during a plain pause: nothing
                 n = self.aborts.abort_batch(None, "requeue")
                 log.info("worker %s: paused with requeue, handing back %d running tasks", self.worker_id, n)
         else:

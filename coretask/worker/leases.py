@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from datetime import timedelta
 
 from ..gateway import Gateway, Recovered
 from ..options import Options
@@ -30,7 +31,8 @@ class LeaseTimings:
     @classmethod
     def of(cls, options: Options) -> LeaseTimings:
         seconds = options.invisibility.total_seconds()
-        return cls(lease_ms=int(seconds * 1000), renew_every=max(seconds / 3, MIN_RENEW_INTERVAL))
+        lease_ms = options.invisibility // timedelta(milliseconds=1)    # exact: no float truncation
+        return cls(lease_ms=lease_ms, renew_every=max(seconds / 3, MIN_RENEW_INTERVAL))
 
 
 class Leases:

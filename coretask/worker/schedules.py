@@ -83,8 +83,8 @@ class ScheduleTimer:
                           "previous run still active" if res.code == 2 else "expired")
             if res.score_ms >= 0:
                 earliest = res.score_ms if earliest < 0 else min(earliest, res.score_ms)
-        if len(due.due) >= DUE_PER_CALL:
-            return 0.0
+        if len(due.due) >= DUE_PER_CALL and claims:
+            return 0.0    # a full page claimed: more may be due (a page of unevaluable ones is not re-read at once)
         if earliest < 0:
             return self.idle
         return min(max((earliest - now) / 1000, 0.0), self.idle)

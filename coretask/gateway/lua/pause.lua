@@ -4,11 +4,21 @@
 -- KEYS[1]  P:paused   KEYS[2] P:pausedq   KEYS[3] P:pausedt   KEYS[4] P:queues
 -- ARGV[1]  P   ARGV[2] scope ("all" | "queue" | "tenant")   ARGV[3] "1" pause, "0" resume
 -- ARGV[4]  queue or tenant name (scopes queue and tenant)
+-- ARGV[5]  "1" = scope all, pause: also hand running tasks back (pause(requeue_running=True))
 -- Reply: 1 when the state changed, 0 when it already was so.
-local P, scope, on, name = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4]
+--
+-- A pause with requeue stores "requeue" as the flag's value and publishes "pr"; a worker aborts
+-- its running tasks on "pr" only when it reads that value, so a forged "pr" during a plain pause
+-- (value "1") or while running changes nothing. Running tasks are all aborted by the first "pr";
+-- no task can start while paused, so the value left in place needs no reset until resume.
+local P, scope, on, name, requeue = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], ARGV[5] == '1'
 local changed
+local event = on and 'p' or 'r'
 if scope == 'all' then
-  if on then changed = redis.call('SET', KEYS[1], '1', 'NX') and 1 or 0
+  if on and requeue then
+    changed = redis.call('SET', KEYS[1], 'requeue', 'GET') ~= 'requeue' and 1 or 0
+    event = 'pr'
+  elseif on then changed = redis.call('SET', KEYS[1], '1', 'NX') and 1 or 0
   else changed = redis.call('DEL', KEYS[1]) end
 elseif scope == 'queue' then
   if on then changed = redis.call('SADD', KEYS[2], name) else changed = redis.call('SREM', KEYS[2], name) end
@@ -25,5 +35,5 @@ else
     end
   end
 end
-redis.call('PUBLISH', P .. ':ev', on and 'p' or 'r')
+redis.call('PUBLISH', P .. ':ev', event)
 return changed
