@@ -23,7 +23,7 @@ from typing import Any
 from .appload import load_processor
 from .processor import TaskProcessor
 from .errors import ConfigurationError, CoreTaskError
-from .models import BatchInfo
+from .models import BatchInfo, DeadTask
 from .options import redact_url
 
 OK, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
@@ -217,10 +217,14 @@ def cmd_dead(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         out.data({"queue": a.queue, "count": queue.dead, "tasks": tasks})
         return OK
     out.table(["TASK", "TARGET", "TENANT", "ERROR", "DEAD AT", "ARGS"],
-              [[t.id, t.target, t.tenant, f"{t.error_type}: {t.error_message}".replace("\n", " ")[:60], t.dead_at, t.args_preview[:50]]
-               for t in tasks])
+              [[t.id, t.target, t.tenant, _dead_error(t), t.dead_at, t.args_preview[:50]] for t in tasks])
     print(f"{len(tasks)} shown of {queue.dead} dead tasks in queue {a.queue}")
     return OK
+
+
+def _dead_error(t: DeadTask) -> str:
+    text = f"damaged record: {t.problem}" if t.problem else f"{t.error_type}: {t.error_message}"
+    return text.replace("\n", " ")[:60]
 
 
 def cmd_schedules(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:

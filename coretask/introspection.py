@@ -9,7 +9,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo, ms_to_dt
+from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo, ms_to_dt, to_int
 from .options import check_queue_name, check_tenant
 
 if TYPE_CHECKING:
@@ -53,20 +53,18 @@ class Introspection:
         return self._tasks([task_id], DeadTask)[0]
 
     def _tasks(self, ids: list[str], cls: type) -> list[Any]:
+        """Task views, None for a task that no longer exists. Any stored value reads: a field
+        that is damaged (or a key of the wrong type) is named in ``problem``, never raised."""
         out = []
         for i, h in zip(ids, self.gateway.task_hashes(ids)):
+            if isinstance(h, str):          # the key holds another Redis type
+                out.append(cls(id=i, queue="", tenant="", target="", args_preview="", retries_left=0,
+                               enqueued_at=None, state="unreadable", problem=h))
+                continue
             if not h:
                 out.append(None)
                 continue
-            s = {key.decode(): (v.decode(errors="replace") if key != b"p" else v) for key, v in h.items()}
-            fields: dict[str, Any] = dict(
-                id=i, queue=s.get("q", ""), tenant=s.get("tn", ""), target=s.get("tg", ""),
-                args_preview=_preview(s.get("p", b""), s.get("s", "")), retries_left=int(s.get("r", 0)),
-                enqueued_at=ms_to_dt(s.get("e")), state=s.get("st", ""), batch_id=s.get("b") or None)
-            if cls is DeadTask:
-                fields.update(error_type=s.get("et", ""), error_message=s.get("em", ""),
-                              traceback=s.get("etb", ""), dead_at=ms_to_dt(s.get("da")))
-            out.append(cls(**fields))
+            out.append(_task_view(i, h, cls))
         return out
 
     # ------------------------------------------------------------------------------ batches
@@ -91,13 +89,46 @@ class Introspection:
         return {w: (now - hb) / 1000 for w, hb in self.gateway.worker_heartbeats().items()}
 
 
-def _preview(payload: bytes, serializer: str) -> str:
+NUMERIC = {"r": "retries", "e": "enqueued", "da": "dead at"}
+
+
+def _task_view(task_id: str, h: dict[bytes, bytes], cls: type) -> Any:
+    s = {key.decode(errors="replace"): (v.decode(errors="replace") if key != b"p" else v) for key, v in h.items()}
+    problems = [f"field {f!r} ({what}) is not a number: {s[f][:40]!r}" for f, what in NUMERIC.items()
+                if f in s and not _is_int(s[f])]
+    for f, what in (("q", "queue"), ("tn", "tenant"), ("tg", "target")):
+        if not s.get(f):
+            problems.append(f"field {f!r} ({what}) is missing")
+    preview = _preview(s.get("p", b""), s.get("s", ""))
+    if preview.startswith("<unreadable"):
+        problems.append(f"payload: {preview[1:-1]}")
+    fields: dict[str, Any] = dict(
+        id=task_id, queue=s.get("q", ""), tenant=s.get("tn", ""), target=s.get("tg", ""), args_preview=preview,
+        retries_left=to_int(s.get("r")), enqueued_at=ms_to_dt(s.get("e")), state=s.get("st", ""),
+        batch_id=s.get("b") or None, problem="; ".join(problems) or None)
+    if cls is DeadTask:
+        fields.update(error_type=s.get("et", ""), error_message=s.get("em", ""),
+                      traceback=s.get("etb", ""), dead_at=ms_to_dt(s.get("da")))
+    return cls(**fields)
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _preview(payload: bytes | str, serializer: str) -> str:
     if serializer == "json":
         try:
             doc = json.loads(payload)
+            if not isinstance(doc, dict):
+                raise ValueError(f"a JSON {type(doc).__name__}, not an object")
             text = json.dumps({"args": doc.get("a", []), "kwargs": doc.get("k", {})}, ensure_ascii=False)
-        except ValueError:
-            text = "<corrupted payload>"
+        except ValueError as exc:
+            text = f"<unreadable payload: {str(exc)[:60]}>"
     else:
         text = f"<{len(payload)} bytes, {serializer}>"
     return text if len(text) <= PREVIEW else text[:PREVIEW - 1] + "…"

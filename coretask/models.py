@@ -8,9 +8,24 @@ __all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask"]
 
 
 def ms_to_dt(ms: int | str | bytes | None) -> datetime | None:
+    """Epoch milliseconds as an aware UTC datetime; None for an absent or unreadable value (a
+    read path shows what it can of a damaged record instead of failing)."""
     if ms in (None, b"", ""):
         return None
-    return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
+    try:
+        return datetime.fromtimestamp(int(ms) / 1000, tz=timezone.utc)
+    except (ValueError, TypeError, OverflowError, OSError):
+        return None
+
+
+def to_int(value: object, default: int = 0) -> int:
+    """A stored counter as an int; ``default`` when absent or unreadable."""
+    if value in (None, b"", ""):
+        return default
+    try:
+        return int(value)  # type: ignore[call-overload, no-any-return]
+    except (ValueError, TypeError):
+        return default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,6 +39,7 @@ class TaskInfo:
     enqueued_at: datetime | None
     state: str
     batch_id: str | None = None
+    problem: str | None = None      # what is unreadable in the stored record (None: all of it reads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +88,10 @@ class BatchInfo:
     @classmethod
     def from_hash(cls, batch_id: str, h: dict[bytes, bytes]) -> BatchInfo:
         def s(k: str) -> str:
-            return h.get(k.encode(), b"").decode()
+            return h.get(k.encode(), b"").decode(errors="replace")
 
         def n(k: str) -> int:
-            return int(h.get(k.encode(), b"0") or 0)
+            return to_int(h.get(k.encode()))
 
         return cls(id=batch_id, tenant=s("tn"), scope=s("sc") or None, queue=s("q"), state=s("state"),
                    total=n("total"), done=n("done"), failed=n("failed"), canceled=n("canceled"),

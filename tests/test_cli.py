@@ -184,6 +184,48 @@ def test_dead_list_retry_and_discard(processor, embedded_worker, cli):
     assert cli("dead", "default", "--retry", "1", "--discard", "1").returncode == 2
 
 
+def test_damaged_task_records_read_as_damaged_everywhere(processor, embedded_worker, cli, r, prefix):
+    # Given dead tasks whose stored records were damaged by someone with write access: a payload
+    # that is valid JSON but not an object, non-numeric retries and dead-at fields, a missing
+    # target, and a task key that holds a string instead of a hash; and a healthy dead task
+    for reason in ("damaged", "wrong-type", "healthy"):
+        processor.enqueue_task("default", "acme", tasks.always_fail, reason, retries=0)
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_queue("default").dead == 3, 10, "3 dead tasks")
+    dead = {t.error_message: t.id for t in processor.get_dead_tasks("default")}
+    k = processor.gateway.keys
+    r.hset(k.task(dead["damaged"]), mapping={"p": b"[1, 2]", "r": "x", "da": "soon"})
+    r.hdel(k.task(dead["damaged"]), "tg")
+    r.delete(k.task(dead["wrong-type"]))
+    r.set(k.task(dead["wrong-type"]), "not a hash")
+    # and a queued task with the same damage, behind a pause
+    processor.pause()
+    queued = processor.enqueue_task("default", "acme", tasks.record, prefix + ":never", 1)
+    r.hset(k.task(queued), mapping={"p": b"\"text\"", "e": "later"})
+
+    # When every read path is asked for them
+    listed = {t.id: t for t in processor.get_dead_tasks("default")}
+    in_queue = processor.get_tasks_in_queue("default")
+    one = processor.get_task(dead["wrong-type"])
+    text = ok(cli("dead", "default"))
+    doc = json.loads(ok(cli("dead", "default", "--json")))
+
+    # Then each record reads, a damaged one names what is damaged, a healthy one is intact
+    damaged = listed[dead["damaged"]]
+    assert "field 'r' (retries) is not a number" in damaged.problem
+    assert "field 'da' (dead at) is not a number" in damaged.problem
+    assert "field 'tg' (target) is missing" in damaged.problem
+    assert "a JSON list, not an object" in damaged.problem and damaged.dead_at is None
+    assert one is not None and one.state == "unreadable" and "not a hash" in one.problem
+    assert listed[dead["wrong-type"]].state == "unreadable"
+    assert listed[dead["healthy"]].problem is None and listed[dead["healthy"]].error_message == "healthy"
+    assert [t.id for t in in_queue] == [queued]
+    assert "field 'e' (enqueued) is not a number" in in_queue[0].problem and in_queue[0].enqueued_at is None
+    assert text.count("damaged record:") == 2 and "ValueError: healthy" in text
+    assert {t["id"]: t["problem"] is None for t in doc["tasks"]} == {
+        dead["damaged"]: False, dead["wrong-type"]: False, dead["healthy"]: True}
+
+
 def test_usage_errors_exit_2(cli):
     assert cli(app="").returncode == 2                                # no --app, no command
     assert cli("status", app="").returncode == 2                      # no --app

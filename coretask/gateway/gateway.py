@@ -356,12 +356,14 @@ class Gateway:
     def dead_ids(self, queue: str, start: int, stop: int) -> list[str]:
         return _decoded(self._redis.lrange(self.keys.dead(queue), start, stop))
 
-    def task_hashes(self, task_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
-        """The tasks' hashes, in order ({} for a task that no longer exists)."""
+    def task_hashes(self, task_ids: Sequence[str]) -> list[dict[bytes, bytes] | str]:
+        """The tasks' hashes, in order: {} for a task that no longer exists, the error's text
+        for a key that is not a hash (read paths show it, never fail on it)."""
         pipe = self._redis.pipeline(transaction=False)
         for tid in task_ids:
             pipe.hgetall(self.keys.task(tid))
-        return pipe.execute()  # type: ignore[no-any-return]
+        return [f"the task's key is not a hash: {res}" if isinstance(res, Exception) else res
+                for res in pipe.execute(raise_on_error=False)]
 
     def leased_to(self, worker_id: str) -> set[str]:
         """Ids of the tasks leased to one worker process (its lease set)."""
