@@ -234,7 +234,7 @@ def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int,
 
 
 def _check_policy(ref: str, fn: Any, allowed: tuple[str, ...] | None) -> None:
-    why = refusal(ref, allowed) or object_refusal(fn)
+    why = refusal(ref, allowed) or object_refusal(fn, allowed)
     if why:
         raise TargetError(why if why.startswith("target ") else f"target {ref} is refused: {why}")
 
@@ -282,7 +282,7 @@ def decode(payload: bytes, serializer_name: str, serializer: Serializer,
         c = serializer.loads(payload)
         fn = c.fn
         ref = f"{getattr(fn, '__module__', '?')}:{getattr(fn, '__qualname__', '?')}"
-        why = refusal(ref, allowed) or object_refusal(fn)
+        why = refusal(ref, allowed) or object_refusal(fn, allowed)
         if why:
             raise TaskRefused(why if why.startswith("target ") else f"target {ref} is refused: {why}")
         return Invocation(describe(ref, fn), tuple(c.args), dict(c.kwargs))

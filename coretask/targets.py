@@ -163,7 +163,7 @@ def resolve(ref: str, allowed: tuple[str, ...] | None = None) -> Target:
         raise
     except Exception as exc:
         raise TaskLoadError(f"target {ref} cannot be imported: {type(exc).__name__}: {exc}") from None
-    why = object_refusal(obj)
+    why = object_refusal(obj, allowed) or _reexport_refusal(ref)
     if why:
         raise TaskRefused(f"target {ref} is refused: {why}")
     owner = None
@@ -187,12 +187,32 @@ def _qualname_refusal(ref: str) -> str | None:
     return None
 
 
-def object_refusal(obj: Any) -> str | None:
-    """Why a resolved callable may not run: it is really a function of a denied module, re-exported
-    under another name (``from os import system`` in an allowed module)."""
+def object_refusal(obj: Any, allowed: tuple[str, ...] | None = None) -> str | None:
+    """Why a resolved callable may not run, judged by the module it really lives in (its
+    ``__module__``), not by the reference: a function of a denied module, or of a module outside
+    Options.allowed_modules, re-exported under an allowed name (``from shutil import rmtree``)."""
     real = getattr(obj, "__module__", None)
-    if isinstance(real, str) and _denied(real):
-        return f"it is {real}.{getattr(obj, '__qualname__', '?')}, in module {real} (coretask's deny-list)"
+    if not isinstance(real, str):
+        return None
+    name = f"{real}.{getattr(obj, '__qualname__', '?')}"
+    if _denied(real):
+        return f"it is {name}, in module {real} (coretask's deny-list)"
+    if allowed is not None and not _in(real, allowed):
+        return f"it is {name}; module {real} is not in Options.allowed_modules {list(allowed)}"
+    return None
+
+
+def _reexport_refusal(ref: str) -> str | None:
+    """A reference names what its module defines: a function or class that another module
+    defines, imported into this one, is a re-export, and refused (enqueue records every callable
+    under the module that defines it, so only a hand-written reference meets this)."""
+    module_name, _, qualname = ref.partition(":")
+    top = getattr(importlib.import_module(module_name), qualname.split(".")[0], None)
+    real = getattr(top, "__module__", None)
+    if (inspect.isfunction(top) or inspect.isbuiltin(top) or isinstance(top, type)) \
+            and isinstance(real, str) and real != module_name:
+        return (f"{qualname.split('.')[0]} is defined in module {real} and only re-exported by "
+                f"{module_name}; a task must name the module that defines it")
     return None
 
 

@@ -3,6 +3,9 @@ Each records what it did in Redis under a key the test passes."""
 from __future__ import annotations
 
 from os import system  # noqa: F401  a denied function re-exported by an allowed module
+from shutil import rmtree  # noqa: F401  a function of a module outside an allow-list, re-exported
+
+from tests.tasks_extra import record_json as reexported_record  # noqa: F401  a re-export of a harmless task
 
 from coretask import TaskContext
 from tests.tasks import R

@@ -431,6 +431,31 @@ def test_allowed_modules_bound_what_is_enqueued_and_imported(make_processor, emb
     assert not canary_imported(r)
 
 
+@pytest.mark.parametrize("allow_list", [True, False])
+def test_reexported_callables_are_refused_by_the_module_they_live_in(make_processor, embedded_worker, r, prefix,
+                                                                     tmp_path, allow_list):
+    # Given tasks written straight into Redis naming callables that an allowed module only
+    # imported: shutil.rmtree (over a directory that must survive) and another module's task
+    out = prefix + ":out"
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    p = make_processor(allowed_modules=["tests.tasks", "tests.tasks_security"] if allow_list else None)
+    rm = inject(p, "acme", "tests.tasks_security:rmtree", [str(victim)])
+    alias = inject(p, "acme", "tests.tasks_security:reexported_record", [out, "via alias"])
+    control = inject(p, "acme", "tests.tasks:record", [out, "control"])
+    # When a worker runs them
+    embedded_worker(p)
+    wait_until(lambda: p.get_queue("default").dead == 2 and r.llen(out) == 1, 10, "two refusals and the control")
+    # Then both are dead-lettered as refused, naming the module the callable lives in, and
+    # nothing of theirs ran
+    dead = dead_by_id(p)
+    why = "not in Options.allowed_modules" if allow_list else "only re-exported by tests.tasks_security"
+    assert_refused(r, p, dead, rm, "is refused", "shutil")
+    assert_refused(r, p, dead, rm, "is refused", why)
+    assert_refused(r, p, dead, alias, "is refused", "tests.tasks_extra")
+    assert victim.is_dir() and values(r, out) == ["control"] and control not in dead
+
+
 def test_canary_marks_its_import(r, tmp_path):
     """Positive control for the tests above: importing the canary does mark Redis."""
     key = "coretask-test-canary:control:" + tmp_path.name
