@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from coretask import Options
+from coretask.middleware import Chain
 from coretask.context import TaskContext
 from coretask.gateway import Ack, DueSchedule, DueSchedules, Failure, Leased, Release, TickResult
 from coretask.worker.aborts import Aborts
@@ -516,7 +517,7 @@ def make_maintenance(gateway: Any = None, *, renew_own_leases: bool = False,
     ledger = Ledger(4)
     aborts = Aborts(ledger, 1.0, "w1", on_stuck=None)
     timer = ScheduleTimer(gateway, opts, "w1")
-    m = Maintenance("w1", ledger, gateway, Leases(gateway, opts), opts, aborts, timer,
+    m = Maintenance("w1", ledger, gateway, Leases(gateway, opts), opts, aborts, timer, Chain.from_options(opts),
                     renew_own_leases=renew_own_leases)
     return m, ledger
 
