@@ -266,6 +266,26 @@ class Invocation:
     kwargs: dict[str, Any]
 
 
+FORMAT_VERSION = 1                   # of the JSON envelope; version 1 is written without "v"
+ENVELOPE_FIELDS = frozenset({"t", "a", "k", "v"})
+
+
+def _check_format(doc: object) -> None:
+    """A JSON envelope this worker can read: an object of version 1 (no "v", or "v": 1) with
+    only the fields it knows. A newer producer's task is dead-lettered as unsupported rather
+    than misread (a rolling upgrade: retry it once the workers are upgraded)."""
+    if not isinstance(doc, dict):
+        raise TaskLoadError(f"payload is a JSON {type(doc).__name__}, not a task envelope (an object)")
+    version = doc.get("v", FORMAT_VERSION)
+    if version != FORMAT_VERSION:
+        raise TaskLoadError(f"unsupported task format version {version!r}: this worker reads version "
+                            f"{FORMAT_VERSION}; upgrade the worker, then retry the dead task")
+    unknown = sorted(set(doc) - ENVELOPE_FIELDS)
+    if unknown:
+        raise TaskLoadError(f"unsupported task format: fields {unknown} are unknown to this worker (version "
+                            f"{FORMAT_VERSION}); upgrade the worker, then retry the dead task")
+
+
 def decode(payload: bytes, serializer_name: str, serializer: Serializer,
            allowed: tuple[str, ...] | None = None) -> Invocation:
     """Decode in a worker; any failure is a TaskLoadError (the task is dead-lettered). A target
@@ -274,6 +294,7 @@ def decode(payload: bytes, serializer_name: str, serializer: Serializer,
     try:
         if serializer_name == "json":
             doc = json.loads(payload)
+            _check_format(doc)
             target = resolve(doc["t"], allowed)
             return Invocation(target, *_revive_args(target, doc.get("a", []), doc.get("k", {})))
         if serializer_name != serializer.name:

@@ -296,8 +296,8 @@ def test_hooks_that_raise_do_not_lose_tasks(make_processor, embedded_worker, r, 
 def test_unloadable_tasks_are_dead_lettered_and_the_worker_goes_on(make_processor, embedded_worker, r, prefix):
     victim, ok = prefix + ":victim", prefix + ":ok"
     errors: list[tuple[str, str]] = []
-    p = make_processor(max_workers=1, on_task_error=lambda ctx, exc: errors.append((ctx.task_id,
-                                                                                    type(exc).__name__)))
+    p = make_processor(max_workers=1, max_payload_bytes=4096,
+                       on_task_error=lambda ctx, exc: errors.append((ctx.task_id, type(exc).__name__)))
     k = p.gateway.keys
     # Given a corrupted payload, a target that no longer imports, and a payload of an unknown serializer
     corrupt = p.enqueue_task("default", "acme", tasks_extra.victim, victim)
@@ -309,24 +309,38 @@ def test_unloadable_tasks_are_dead_lettered_and_the_worker_goes_on(make_processo
     r.hset(k.task(moved), mapping={"p": json.dumps(doc), "tg": "nonexistent.module:fn"})
     foreign = p.enqueue_task("default", "acme", tasks_extra.victim, victim)
     r.hset(k.task(foreign), "s", "dill")
+    # and envelopes this worker must not guess at: not an object, a newer format version, a
+    # field it does not know, and a payload over max_payload_bytes written past enqueue's check
+    envelope = {"t": "tests.tasks_extra:victim", "a": [victim], "k": {}}
+    odd: dict[str, bytes] = {"listed": json.dumps([envelope]).encode(),
+                             "newer": json.dumps({**envelope, "v": 2}).encode(),
+                             "extra": json.dumps({**envelope, "deadline": 5}).encode(),
+                             "huge": json.dumps({**envelope, "a": [victim, "x" * 8000]}).encode()}
+    odd_ids = {}
+    for name, payload in odd.items():
+        odd_ids[name] = p.enqueue_task("default", "acme", tasks_extra.victim, victim)
+        r.hset(k.task(odd_ids[name]), "p", payload)
     # and ordinary tasks behind them
     for i in range(5):
         p.enqueue_task("default", "acme", tasks.record, ok, i)
-    assert p.get_task(corrupt).args_preview == "<corrupted payload>"
+    assert p.get_task(corrupt).args_preview.startswith("<unreadable payload")
     # When a single-threaded worker runs the queue
     embedded_worker(p)
     # Then the broken ones are dead-lettered at once (no retries spent) with the reason
-    wait_until(lambda: counts(p) == (0, 0, 0, 3), 10, "three dead letters")
+    wait_until(lambda: counts(p) == (0, 0, 0, 7), 10, "seven dead letters")
     dead = {d.id: d for d in p.get_dead_tasks("default")}
-    assert set(dead) == {corrupt, moved, foreign}
+    assert set(dead) == {corrupt, moved, foreign, *odd_ids.values()}
     assert all(d.error_type == "TaskLoadError" and d.retries_left == 3 for d in dead.values())
     assert "payload cannot be decoded (json)" in dead[corrupt].error_message
     assert "nonexistent.module:fn cannot be imported" in dead[moved].error_message
     assert "No module named 'nonexistent'" in dead[moved].error_message
     assert dead[moved].target == "nonexistent.module:fn"
     assert "serializer 'dill'" in dead[foreign].error_message
-    assert sorted(errors) == sorted([(corrupt, "TaskLoadError"), (moved, "TaskLoadError"),
-                                     (foreign, "TaskLoadError")])
+    assert "a JSON list, not a task envelope" in dead[odd_ids["listed"]].error_message
+    assert "unsupported task format version 2" in dead[odd_ids["newer"]].error_message
+    assert "fields ['deadline'] are unknown" in dead[odd_ids["extra"]].error_message
+    assert "over max_payload_bytes=4096; refused before decoding" in dead[odd_ids["huge"]].error_message
+    assert sorted(errors) == sorted((tid, "TaskLoadError") for tid in dead)
     # And the worker kept serving: the ordinary tasks ran, and a new one still runs
     wait_until(lambda: r.llen(ok) == 5, 10, "ordinary tasks")
     p.enqueue_task("default", "acme", tasks.record, ok, "after")

@@ -157,6 +157,10 @@ class Runner:
         leased = task.leased
         assert self.guard is not None and self.serializer is not None
         self.guard.check(leased)   # signature, tenant, target policy: before anything is decoded or imported
+        limit = self.options.max_payload_bytes
+        if len(leased.payload) > limit:     # written past enqueue's check: never decoded
+            raise TaskLoadError(f"task {task.id} has a {len(leased.payload)}-byte payload, over "
+                                f"max_payload_bytes={limit}; refused before decoding")
         if leased.serializer == "raw":
             if self.options.execute is None:
                 raise TaskLoadError(f"task {task.id} is a TaskData (topic {leased.target[6:]!r}) but "
