@@ -85,7 +85,8 @@ class BatchBuilder:
         self._chunk_bytes += len(enc.payload)
         chain = pr.chain
         if chain.before_enqueue or chain.after_enqueue:
-            message = EnqueueMessage(task_id, q, self.tenant, enc.target, self._batch_id, shape[5], shape[4], on or None)
+            message = EnqueueMessage(task_id, q, self.tenant, enc.target, self._batch_id, pr.due_epoch_ms(shape[5]),
+                                     shape[4], on or None)
             if chain.before_enqueue:
                 chain.before_enqueue(message)
             if chain.after_enqueue:           # kept only when someone wants them after the commit

@@ -67,7 +67,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         chain = self.chain
         message = None
         if chain.before_enqueue or chain.after_enqueue:
-            message = EnqueueMessage(task_id, queue, tenant, enc.target, None, due_ms, n_retries)
+            message = EnqueueMessage(task_id, queue, tenant, enc.target, None, pr.due_epoch_ms(due_ms), n_retries)
             if chain.before_enqueue:
                 chain.before_enqueue(message)
         try:

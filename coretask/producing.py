@@ -62,13 +62,22 @@ class Producer:
 
     @staticmethod
     def due_ms(delay_until: datetime | timedelta | float | None) -> int:
+        """The due time as the scripts take it: epoch ms, 0 for at once, or, for a timedelta,
+        minus the delay in ms: the script adds it to the server's clock, so a producer whose
+        clock is off still delays by exactly the duration asked for."""
         if delay_until is None:
             return 0
         # rounded up: a due time between two milliseconds must not let the task start early
         if isinstance(delay_until, timedelta):
-            return math.ceil((time.time() + delay_until.total_seconds()) * 1000)
+            return -math.ceil(delay_until.total_seconds() * 1000) if delay_until > timedelta(0) else 0
         if isinstance(delay_until, datetime):
             return math.ceil(delay_until.timestamp() * 1000)
         if isinstance(delay_until, (int, float)) and not isinstance(delay_until, bool):
             return math.ceil(delay_until * 1000)
         raise ConfigurationError(f"delay_until must be a datetime, timedelta or epoch seconds, got {delay_until!r}")
+
+    @staticmethod
+    def due_epoch_ms(due_ms: int) -> int:
+        """A due_ms value as epoch ms on this machine's clock (for middleware messages): a
+        relative delay is shown from now; the stored due time is the server's."""
+        return math.ceil(time.time() * 1000) - due_ms if due_ms < 0 else due_ms

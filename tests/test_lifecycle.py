@@ -97,6 +97,28 @@ def test_priority_order_high_before_default_before_low(make_processor, embedded_
 
 # ------------------------------------------------------------------------------- delays
 
+def test_relative_delays_are_counted_on_the_server_clock(processor, r, monkeypatch):
+    # Given a producer whose clock is an hour behind the server's
+    import coretask.producing
+    real = time.time
+    monkeypatch.setattr(coretask.producing.time, "time", lambda: real() - 3600)
+    k = processor.gateway.keys
+    # When a task and a batch task are enqueued with delay_until=30 s
+    before = processor.gateway.server_time_ms()
+    tid = processor.enqueue_task("default", "acme", tasks.record, "out", 1, delay_until=timedelta(seconds=30))
+    bid = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, "out", 2,
+                                                                          delay_until=timedelta(seconds=30)))
+    after = processor.gateway.server_time_ms()
+    # Then each is due 30 s after the server's time of the enqueue, not at once (the producer's
+    # clock would have made them an hour overdue), and an absolute time is taken as given
+    batch_task = next(m.decode() for m in r.zrange(k.delayed, 0, -1) if m.decode() != tid)
+    for task_id in (tid, batch_task):
+        due = r.zscore(k.delayed, task_id)
+        assert before + 30_000 <= due <= after + 30_000, (task_id, due - before)
+    assert processor.get_queue("default").delayed == 2 and processor.get_batch(bid).remaining == 1
+    assert Producer.due_ms(timedelta(seconds=-5)) == 0 and Producer.due_ms(timedelta(0)) == 0
+
+
 def test_due_time_is_never_rounded_down():
     # a due time between two milliseconds must not become the earlier one
     assert Producer.due_ms(1700000000.0004) == 1700000000001

@@ -7,7 +7,8 @@
 --          aborted must leave nothing behind; publish and commit register the queues)
 -- ARGV[1]  P   ARGV[2] ttl ms of the staged data   ARGV[3] batch id   ARGV[4] S, shapes
 -- ARGV[5..] S shapes of 7 (what tasks of a chunk mostly share): queue, tenant, serializer,
---           target, retries, due ms (0 = ready at once), continuation condition ("" for a
+--           target, retries, due ms (0 = ready at once; negative = a delay of that many ms from
+--           now on the server's clock, fixed here), continuation condition ("" for a
 --           task of the batch, else "success" | "complete")
 -- then groups of 4, one per task: id, shape number (1-based), payload, signature (field sg,
 --           "" = unsigned)
@@ -24,8 +25,10 @@ local tasks, conts = {}, {}
 for i = first, #ARGV, 4 do
   local tkey = P .. ':t:' .. ARGV[i]
   local s = 5 + 7 * (tonumber(ARGV[i+1]) - 1)
+  local due = tonumber(ARGV[s+5])
+  if due < 0 then due = now - due end
   local h = {'q', ARGV[s], 'tn', ARGV[s+1], 's', ARGV[s+2], 'tg', ARGV[s+3], 'r', ARGV[s+4],
-             'd', ARGV[s+5], 'p', ARGV[i+2], 'a', 0, 'e', now, 'st', 'staged'}
+             'd', due, 'p', ARGV[i+2], 'a', 0, 'e', now, 'st', 'staged'}
   if ARGV[s+6] == '' then
     h[21] = 'b'; h[22] = batch
     tasks[#tasks+1] = ARGV[i]

@@ -9,7 +9,8 @@
 -- ARGV[6]  serializer  name of the serializer that wrote the payload
 -- ARGV[7]  target      "module:qualname" or a description, for introspection and allow-lists
 -- ARGV[8]  retries     retries allowed after the first attempt
--- ARGV[9]  delay_until epoch ms, 0 = ready now
+-- ARGV[9]  delay_until epoch ms, 0 = ready now; negative = a delay of -ARGV[9] ms from now on
+--          the server's clock (a relative delay_until: the producer's clock does not matter)
 -- ARGV[10] signature   field sg ("" or absent = unsigned; see coretask/signing.py)
 -- Reply: {code, due_ms}; code 1 = ready, 2 = delayed, -1 = the id already exists.
 local P, id, queue, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -19,6 +20,7 @@ redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6]
            'r', ARGV[8], 'a', 0, 'e', now, 'st', 'queued')
 if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'sg', ARGV[10]) end
 local due = tonumber(ARGV[9])
+if due < 0 then due = now - due end
 if due > now then
   redis.call('SADD', KEYS[2], queue)
   redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
