@@ -99,6 +99,10 @@ class Options:
       tasks, or whose resident memory (RSS, in MiB: 1 = 1024 * 1024 bytes) exceeds
       max_memory_per_process after a task, stops fetching, finishes its running tasks and exits
       with code 4; the manager starts a fresh one at once (not counted as a crash). None = off.
+    max_crashes: a worker process that dies (segfault, os._exit, killed, MemoryError) hands its
+      tasks back without consuming a retry; they then run one at a time, each alone in a process,
+      so the task that crashes alone is known. It is dead-lettered as WorkerLost, with its own exit
+      code, after max_crashes such crashes (crashes never consume retries).
     """
 
     redis: str = dataclasses.field(default_factory=lambda: os.environ.get("CORETASK_REDIS_URL", DEFAULT_REDIS))
@@ -122,6 +126,7 @@ class Options:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     tenant_concurrency: int | None = None
     max_tasks_per_process: int | None = None
+    max_crashes: int = 2
     max_memory_per_process: int | None = None
     wait_replicas: int = 0
     wait_timeout: timedelta = DEFAULT_WAIT_TIMEOUT
@@ -157,7 +162,7 @@ class Options:
         if len(set(self.queues)) != len(self.queues):
             raise ConfigurationError(f"Options.queues lists a queue twice: {self.queues!r}")
         for name, low in (("processes", 1), ("max_workers", 1), ("retries", 0), ("max_payload_bytes", 64),
-                          ("wait_replicas", 0)):
+                          ("wait_replicas", 0), ("max_crashes", 1)):
             _check_int(name, getattr(self, name), low)
         for name in ("tenant_concurrency", "max_tasks_per_process", "max_memory_per_process"):
             if getattr(self, name) is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -91,3 +92,11 @@ processor: Any = _make() if "CORETASK_TEST_PREFIX" in os.environ else None
 def record_sched_policy(key: str) -> None:
     """Records the scheduling policy of the thread the task runs in."""
     R().rpush(key, os.sched_getscheduler(0))
+
+
+def catastrophic_regex(key: str) -> None:
+    """Holds the GIL in C for hours: ``(a+)+$`` against 40 a's and a b backtracks 2**40 times.
+    Nothing in its process, not even the process's own loop thread, runs until it returns."""
+    R().rpush(key + ":started", os.getpid())
+    re.match(r"(a+)+$", "a" * 40 + "b")
+    R().rpush(key + ":finished", 1)

@@ -60,3 +60,31 @@ def concurrency(key: str, seconds: float) -> None:
     time.sleep(seconds)
     r.decr(key + ":running")
     r.incr(key + ":done")
+
+
+# ------------------------------------------------------------- crashes (tests/faults/test_crashes.py)
+
+def innocent(key: str, seconds: float, ctx: TaskContext) -> None:
+    """Runs a while, then records that it finished: (attempt, retries left, pid) per start."""
+    R().rpush(key + ":started", f"{ctx.attempt}:{ctx.retries_left}:{os.getpid()}")
+    time.sleep(seconds)
+    R().rpush(key + ":finished", ctx.attempt)
+
+
+def crash(key: str, how: str, after: float) -> None:
+    """Ends its own process after ``after`` seconds: a segfault, os._exit(17), or exhausting the
+    address space under an RLIMIT_AS it sets for its process (MemoryError)."""
+    R().rpush(key, os.getpid())
+    time.sleep(after)
+    if how == "segfault":
+        import ctypes
+        ctypes.string_at(0)                      # reads address 0: SIGSEGV
+    elif how == "exit":
+        os._exit(17)
+    elif how == "memory":
+        import resource
+        import psutil
+        limit = psutil.Process().memory_info().vms + 256 * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        hog = [bytearray(64 * 1024 * 1024) for _ in range(64)]     # 4 GiB: MemoryError first
+        R().rpush(key + ":survived", len(hog))

@@ -167,6 +167,40 @@ def test_cancel_ends_process_of_blocked_task_after_grace_and_hands_back_others(p
     assert "ignored its abort" in m.log()
 
 
+def test_manager_ends_a_process_whose_canceled_task_holds_the_gil(processor, start_manager, r, prefix):
+    # Given one worker process (4 threads, cancel_grace 1 s) running three tasks of one batch: a
+    # regex backtracking in C while holding the GIL (nothing else in the process runs, not even its
+    # own abort watch), a cooperative pure-Python loop and a time.sleep(60); and a task of no batch
+    regex, spin, block, plain = prefix + ":regex", prefix + ":spin", prefix + ":block", prefix + ":plain"
+    m = start_manager(processes=1, threads=4, cancel_grace=1.0)
+    (child,) = m.wait_children(1)
+    plain_id = processor.enqueue_task("default", "acme", tasks_batch.first_attempt_long, plain, 30, False, retries=0)
+    wait_until(lambda: started(r, plain), 20, "the plain task running")
+    batch_id = processor.enqueue_batch("default", "acme", lambda b: (
+        b.enqueue(tasks_batch.spin_ctx, spin, 60), b.enqueue(tasks.block, block, 60)))
+    wait_until(lambda: started(r, spin) and started(r, block), 20, "spin and block running")
+    processor.append_batch("default", "acme", batch_id, lambda b: b.enqueue(tasks_batch.catastrophic_regex, regex))
+    wait_until(lambda: started(r, regex), 20, "the regex running")
+    # When the batch is canceled
+    assert processor.cancel_batch(batch_id)
+    # Then the manager ends the process within about a second after the grace, the batch counts
+    # its three tasks canceled, and none of them finished
+    wait_until(lambda: not child.is_running() or child.status() == "zombie", 20, "worker process ended")
+    info = processor.wait_for_batch(batch_id, 15)
+    assert (info.state, info.canceled, info.remaining, info.done, info.failed) == ("canceled", 3, 0, 0, 0)
+    assert r.llen(regex + ":finished") == 0 and r.llen(block + ":finished") == 0
+    assert "ignored its abort (batch canceled)" in m.log()
+    # And a new process took over, and the task of no batch was handed back without consuming a
+    # retry (retries=0: a charged crash would have dead-lettered it) and completed there
+    new = wait_until(lambda: [c for c in m.children() if c.pid != child.pid], 20, "replacement worker process")
+    wait_until(lambda: r.llen(plain + ":finished"), 20, "the handed-back task completes")
+    starts = [json.loads(x) for x in r.lrange(plain + ":started", 0, -1)]
+    assert [(a, left) for a, left, _ in starts] == [(1, 0), (2, 0)] and starts[1][2] == new[0].pid
+    wait_until(lambda: processor.get_queue("default").in_flight == 0, 5, "acks")
+    q = processor.get_queue("default")
+    assert (q.queued, q.dead, q.delayed) == (0, 0, 0) and processor.get_task(plain_id) is None
+
+
 def test_embedded_worker_lets_a_blocked_aborted_task_run_out_without_handing_back_others(
         make_processor, embedded_worker, r, prefix):
     # Given an embedded worker (threads only, cancel_grace 0.3 s) running a batch task blocked in

@@ -344,11 +344,11 @@ def test_whole_manager_group_killed_tasks_come_back_after_invisibility(processor
 
 # ------------------------------------------------------------ 6. a task that kills its process
 
-def test_task_killing_its_own_process_is_dead_lettered_after_its_retries(processor, start_manager, r, prefix):
-    # Given a task that ends its own process (2 retries) among 30 ordinary tasks
+def test_task_killing_its_own_process_is_dead_lettered_after_max_crashes(processor, start_manager, r, prefix):
+    # Given a task that ends its own process (2 retries, max_crashes 2) among 30 ordinary tasks
     key = prefix + ":killer"
     others = prefix + ":others"
-    m = start_manager(processes=2, threads=2)
+    m = start_manager(processes=2, threads=2, max_crashes=2)
     killer = processor.enqueue_task("default", "acme", tw.kill_own_process_pid, key, retries=2)
     for i in range(30):
         processor.enqueue_task("default", "acme", tw.add, others, i)
@@ -356,15 +356,16 @@ def test_task_killing_its_own_process_is_dead_lettered_after_its_retries(process
     # When the workers run them
     wait_until(lambda: processor.get_queue("default").dead == 1, 30, "the killer dead-lettered")
 
-    # Then the killer ran 3 times (1 + 2 retries), each time in a process that died, and its
-    # dead letter names the last dead worker process
+    # Then the killer ran until it had crashed a process twice while running alone (its first
+    # crash may have had company: then nobody was charged and it ran again alone), each time in
+    # a process that died; its dead letter names the last one, and no retry was consumed
     pids = [int(p) for p in r.lrange(key, 0, -1)]
-    assert len(pids) == 3
+    assert len(pids) in (2, 3)
     [dead] = processor.get_dead_tasks("default")
     assert dead.id == killer
     assert dead.error_type == "WorkerLost"
     assert f"worker process {pids[-1]} died (exit code 17)" in dead.error_message
-    assert dead.retries_left == 0
+    assert dead.retries_left == 2
     assert not any(alive(p) for p in pids)
     # ... while the other tasks were all served, and new ones still are
     wait_until(lambda: r.scard(others) == 30, 20, "30 ordinary tasks")
@@ -373,8 +374,8 @@ def test_task_killing_its_own_process_is_dead_lettered_after_its_retries(process
     wait_until(lambda: r.scard(others) == 40, 20, "10 more ordinary tasks")
     assert {int(x) for x in r.smembers(others)} == set(range(40))
     wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
-    assert len(live_children(m)) == 2
-    assert m.log().count("died (exit code 17)") == 3
+    wait_until(lambda: len(live_children(m)) == 2, 10, "two worker processes (the isolation one ended)")
+    assert m.log().count("died (exit code 17)") == len(pids)
     assert m.terminate() == 0
 
 

@@ -74,15 +74,21 @@ class Gateway:
         return int(code)
 
     def exchange(self, worker_id: str, outcomes: Outcomes, free: int, lease_ms: int, default_limit: int,
-                 queues: Sequence[str]) -> FetchReply:
+                 queues: Sequence[str], *, isolated: bool = False) -> FetchReply:
         """A worker's turn in one round trip: its outcomes (complete, release, fail), then a
-        fetch of up to ``free`` tasks. On an error the outcomes may or may not have landed;
-        sending them again is harmless (the lease token makes a repeat a no-op)."""
+        fetch of up to ``free`` tasks (``isolated``: at most one task from the isolation lists,
+        for the manager's isolation worker, fetch_isolated.lua). On an error the outcomes may or
+        may not have landed; sending them again is harmless (the lease token makes a repeat a
+        no-op)."""
         k = self.keys
         calls = self._outcome_calls(worker_id, outcomes)
-        calls.append(("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker_id), k.trun,
-                                k.tlim],
-                      [k.prefix, worker_id, free, lease_ms, default_limit, *queues]))
+        if isolated:
+            calls.append(("fetch_isolated", [k.paused, k.pausedt, k.leases, k.worker(worker_id), k.trun],
+                          [k.prefix, worker_id, lease_ms, min(free, 1), *queues]))
+        else:
+            calls.append(("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker_id),
+                                    k.trun, k.tlim],
+                          [k.prefix, worker_id, free, lease_ms, default_limit, *queues]))
         return parse_fetch_reply(self.transport.run_many(calls)[-1])
 
     def fetch(self, worker_id: str, free: int, lease_ms: int, default_limit: int,
@@ -154,6 +160,23 @@ class Gateway:
              self._deadletter_schedules])
         return Recovered(int(requeued), int(buried), int(canceled))
 
+    def crashed(self, worker_id: str, reason: str, max_crashes: int) -> tuple[Recovered, str | None]:
+        """Take back the tasks of a worker process that crashed (crashed.lua): the one culprit,
+        when a single task was running, is charged a crash; several go uncharged to isolation.
+        Returns (isolated as requeued, buried, canceled) and the culprit's id."""
+        k = self.keys
+        isolated, buried, canceled, culprit = self.transport.run(
+            "crashed", [k.leases, k.worker(worker_id)],
+            [k.prefix, worker_id, reason, max_crashes, self._deadletter, self._deadletter_schedules])
+        return Recovered(int(isolated), int(buried), int(canceled)), (culprit.decode() or None)
+
+    def isolated_count(self, queues: Sequence[str]) -> int:
+        """Tasks waiting in the isolation lists of these queues."""
+        pipe = self._redis.pipeline(transaction=False)
+        for q in queues:
+            pipe.llen(self.keys.isolated(q))
+        return sum(int(n) for n in pipe.execute())
+
     def renew(self, worker_id: str, lease_ms: int) -> int:
         """Extend the leases of a live worker process's tasks and record its heartbeat."""
         k = self.keys
@@ -163,6 +186,13 @@ class Gateway:
         """One task's lease to now + lease_ms; the new deadline, or 0 when the lease was lost."""
         k = self.keys
         return int(self.transport.run("extend", [k.task(task_id), k.leases], [task_id, token, lease_ms]))
+
+    def overdue(self, worker_id: str, grace_ms: int) -> list[tuple[str, str, int]]:
+        """Tasks of a worker process that ignore their abort (batch canceled, or paused with
+        requeue) for more than ``grace_ms``: (task id, "canceled" | "requeue", ms since)."""
+        k = self.keys
+        reply = self.transport.run("overdue", [k.worker(worker_id), k.paused], [k.prefix, grace_ms])
+        return [(reply[i].decode(), reply[i + 1].decode(), int(reply[i + 2])) for i in range(1, len(reply), 3)]
 
     def forget_worker(self, worker_id: str) -> None:
         self._redis.hdel(self.keys.workers, worker_id)
@@ -319,7 +349,7 @@ class Gateway:
 
     def is_paused_for_requeue(self) -> bool:
         """Paused by pause(requeue_running=True): what makes a "pr" message act (pause.lua)."""
-        return self._redis.get(self.keys.paused) == b"requeue"
+        return (self._redis.get(self.keys.paused) or b"").startswith(b"requeue:")
 
     def paused_queues(self) -> list[str]:
         return sorted(_decoded(self._redis.smembers(self.keys.pausedq)))

@@ -50,6 +50,9 @@ class Keys:
     def qstats(self, queue: str) -> str:
         return f"{self.prefix}:qs:{queue}"
 
+    def isolated(self, queue: str) -> str:
+        return f"{self.prefix}:iso:{queue}"
+
     def dead(self, queue: str) -> str:
         return f"{self.prefix}:dead:{queue}"
 

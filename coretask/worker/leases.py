@@ -50,6 +50,13 @@ class Leases:
         self.gateway.forget_worker(worker_id)
         return recovered
 
+    def crashed(self, worker_id: str, reason: str, max_crashes: int) -> tuple[Recovered, str | None]:
+        """A process crashed: its tasks go to isolation uncharged, or its one culprit is charged
+        (gateway.crashed); its heartbeat is forgotten."""
+        result = self.gateway.crashed(worker_id, reason, max_crashes)
+        self.gateway.forget_worker(worker_id)
+        return result
+
     def recover_expired(self) -> Recovered:
         """Take back every task whose lease passed its deadline, a bounded batch per call."""
         total = [0, 0, 0]

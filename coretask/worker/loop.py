@@ -79,7 +79,9 @@ class Recycling:
 
 class Loop:
     def __init__(self, worker_id: str, ledger: Ledger, gateway: Gateway, options: Options, leases: Leases,
-                 maintenance: Maintenance, aborts: Aborts, recycling: Recycling | None) -> None:
+                 maintenance: Maintenance, aborts: Aborts, recycling: Recycling | None, *,
+                 isolation: bool = False) -> None:
+        self.isolation = isolation
         self.worker_id = worker_id
         self.ledger = ledger
         self.gateway = gateway
@@ -112,7 +114,7 @@ class Loop:
             outcomes = ledger.take_outcomes()
             try:
                 reply = self.gateway.exchange(self.worker_id, outcomes, free, lease_ms, self.default_limit,
-                                              self.queues)
+                                              self.queues, isolated=self.isolation)
             except Exception as exc:
                 ledger.restore(outcomes)
                 log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
@@ -123,6 +125,8 @@ class Loop:
             got = self._admit(reply)
             if self.recycling is not None and self.recycling.reason is not None and ledger.drained():
                 return                            # recycling: every task done and acknowledged
+            if self.isolation and not got and not reply.paused and ledger.drained():
+                return                            # isolation: nothing left to run alone
             timeout = maintenance.tick()
             if got and got == free and threads > len(ledger.running):
                 continue                          # there may be more, and threads freed up meanwhile

@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 POLL = 0.1
 FORCED_EXIT = 3   # exit code of a child that ended itself for a stuck task
 RECYCLE = 4       # exit code of a child that reached max_tasks/max_memory_per_process (not a crash)
+MEMORY_ERROR = 5  # exit code of a child that ended itself after a task raised MemoryError (a crash)
 SIGNAL_DEBOUNCE = 2.0
+OVERDUE_POLL = 0.25        # seconds between checks for tasks that ignore their abort
+OVERDUE_MARGIN = 1.0       # seconds past cancel_grace before the manager acts: the process's own
+                           # watch hands its tasks back and exits at cancel_grace when it can run
 QUICK_DEATH = 5.0          # seconds: a child dying sooner counts towards backoff
 QUICK_DEATHS_FREE = 5     # restarts without delay before the backoff starts
 RESTART_BACKOFF = 0.25
@@ -45,11 +49,13 @@ class Child:
     recovered: bool = False
     failures: int = 0          # consecutive deaths soon after start
     restart_at: float = 0.0
+    ended_by_manager: bool = False   # killed for a task that ignored its abort (not a crash)
 
 
-def child_main(load: Callable[[], Configured], worker_id: str, log_level: int) -> None:
+def child_main(load: Callable[[], Configured], worker_id: str, log_level: int, isolation: bool = False) -> None:
     """Entry point of a worker process (spawned, so it imports the app afresh: ``load`` is a
-    picklable callable that builds the processor, coretask.appload.app_loader)."""
+    picklable callable that builds the processor, coretask.appload.app_loader). ``isolation``:
+    the isolation worker, which runs the tasks of crashed processes one at a time, then exits."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
     _die_with_parent()
     # Pool threads mostly wait on I/O; a short switch interval keeps a thread whose reply has
@@ -64,7 +70,7 @@ def child_main(load: Callable[[], Configured], worker_id: str, log_level: int) -
     processor = load()
     stop = threading.Event()
     worker = WorkerProcess(processor, worker_id=worker_id, on_exit_request=lambda: os._exit(FORCED_EXIT),
-                           recycle=True)
+                           on_crash=lambda: os._exit(MEMORY_ERROR), recycle=not isolation, isolation=isolation)
 
     first_signal = [0.0]
 
@@ -118,17 +124,21 @@ class Manager:
         self.leases = Leases(processor.gateway, self.options)
         self.log_level = log_level
         self.children: list[Child] = []
+        self.isolation: Child | None = None     # the isolation worker, while crashed tasks wait
         self.stopping = False   # set by the signal handler: a plain flag, never a lock
         self.signals = 0
         self._ctx = multiprocessing.get_context("spawn")
 
-    def _spawn(self) -> Child:
+    def _spawn(self, isolation: bool = False) -> Child:
         wid = new_worker_id().rsplit(":", 1)[0] + ":" + os.urandom(3).hex()
-        p = self._ctx.Process(target=child_main, args=(self.load, wid, self.log_level),
-                              name=f"coretask-worker-{wid}", daemon=False)
+        p = self._ctx.Process(target=child_main, args=(self.load, wid, self.log_level, isolation),
+                              name=f"coretask-{'isolation' if isolation else 'worker'}-{wid}", daemon=False)
         p.start()
-        log.info("manager: started worker process %d (%s)", p.pid, wid)
+        log.info("manager: started %s process %d (%s)", "isolation" if isolation else "worker", p.pid, wid)
         return Child(wid, p, time.monotonic())
+
+    def _all(self) -> list[Child]:
+        return self.children + ([self.isolation] if self.isolation is not None else [])
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -137,9 +147,13 @@ class Manager:
         log.info("manager %d: %d processes x %d threads, queues %s, redis %s", os.getpid(), n,
                  self.options.max_workers, ",".join(self.options.queues), self.url)
         self.children = [self._spawn() for _ in range(n)]
+        self._isolate_if_waiting()          # crashed tasks a previous manager left isolated
         renew_every = self.leases.timings.renew_every
-        next_renew = 0.0
+        next_renew = next_overdue = 0.0
         while not self.stopping:
+            if time.monotonic() >= next_overdue:
+                self._end_overdue()
+                next_overdue = time.monotonic() + OVERDUE_POLL
             for i, child in enumerate(self.children):
                 if not child.process.is_alive() and not self.stopping:
                     if not child.recovered:
@@ -148,11 +162,12 @@ class Manager:
                         recycled = child.process.exitcode == RECYCLE
                         if recycled:
                             log.info("manager: worker process %d recycled; starting a new one", child.process.pid)
-                        self._recover(child, consume_retry=True)
+                        self._crashed(child)
                         child.recovered = True
                         # a child that dies right after starting (a broken app, say) is restarted
                         # with capped exponential backoff instead of in a tight loop
                         quick = not recycled and time.monotonic() - child.started < QUICK_DEATH
+                        quick = quick and not child.ended_by_manager
                         child.failures = child.failures + 1 if quick else 0
                         backoff = child.failures - QUICK_DEATHS_FREE
                         child.restart_at = time.monotonic() + (
@@ -165,6 +180,7 @@ class Manager:
                         new = self._spawn()
                         new.failures = child.failures
                         self.children[i] = new
+            self._watch_isolation()
             if time.monotonic() >= next_renew:
                 self._renew()
                 next_renew = time.monotonic() + renew_every
@@ -177,28 +193,103 @@ class Manager:
             log.info("manager: signal %d, stopping workers (up to %gs)", signum,
                      self.options.shutdown_timeout.total_seconds())
             self.stopping = True
-        for c in self.children:
+        for c in self._all():
             if c.process.is_alive() and c.process.pid:
                 try:
                     os.kill(c.process.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
 
+    def _crashed(self, child: Child) -> None:
+        """A child died on its own: its tasks go to isolation uncharged, or, when it ran one, that
+        task is the culprit (gateway.crashed); then isolated tasks get their worker."""
+        code = child.process.exitcode
+        reason = f"worker process {child.process.pid} died (exit code {code}"
+        reason += ", MemoryError in a task)" if code == MEMORY_ERROR else ")"
+        if code not in (FORCED_EXIT, RECYCLE):
+            log.error("manager: %s; recovering its tasks and starting a new one", reason)
+        try:
+            res, culprit = self.leases.crashed(child.worker_id, reason + " while running the task",
+                                               self.options.max_crashes)
+        except Exception as exc:
+            log.error("manager: could not recover tasks of %s (%s); their leases will expire", child.worker_id, exc)
+            return
+        if culprit is not None:
+            log.error("manager: task %s was the only one running: %s", culprit,
+                      "dead-lettered as WorkerLost" if res.buried else "charged a crash, to run again alone")
+        if res.requeued:
+            log.warning("manager: %d tasks of %s go back uncharged and run one at a time, each alone in "
+                        "an isolation process, to find which one crashes it", res.requeued, child.worker_id)
+        if res.canceled:
+            log.info("manager: %d tasks of %s belonged to canceled batches", res.canceled, child.worker_id)
+        self._isolate_if_waiting()
+
+    def _isolate_if_waiting(self) -> None:
+        """Start the isolation worker when isolated tasks wait and none runs."""
+        if self.stopping or (self.isolation is not None and self.isolation.process.is_alive()):
+            return
+        try:
+            waiting = self.leases.gateway.isolated_count(self.options.queues)
+        except Exception as exc:
+            log.warning("manager: could not read the isolation lists: %s", exc)
+            return
+        if waiting:
+            self.isolation = self._spawn(isolation=True)
+
+    def _watch_isolation(self) -> None:
+        iso = self.isolation
+        if iso is None or iso.process.is_alive() or self.stopping:
+            return
+        self.isolation = None
+        if not iso.recovered:
+            iso.recovered = True
+            if iso.process.exitcode != 0:     # it crashed, running one task alone: the culprit
+                self._crashed(iso)            # (and starts the next isolation process)
+                return
+        self._isolate_if_waiting()
+
+    def _end_overdue(self) -> None:
+        """Deadlines no task can block: a task told to stop (its batch canceled, or a pause with
+        requeue) that still runs OVERDUE_MARGIN after cancel_grace is stuck where its own process
+        cannot reach it (C code holding the GIL, which also starves that process's own watch).
+        The manager, which runs no task, ends that process and hands its other tasks back
+        without consuming a retry; the stuck task counts as canceled (or goes back, for a requeue)."""
+        grace_ms = int((self.options.cancel_grace.total_seconds() + OVERDUE_MARGIN) * 1000)
+        for child in self._all():
+            if child.recovered or not child.process.is_alive():
+                continue
+            try:
+                overdue = self.leases.gateway.overdue(child.worker_id, grace_ms)
+            except Exception as exc:
+                log.warning("manager: overdue check for %s failed: %s", child.worker_id, exc)
+                continue
+            if not overdue:
+                continue
+            task_id, why, ms = overdue[0]
+            log.error("manager: task %s ignored its abort (%s) for %.1fs%s; ending worker process %d and "
+                      "handing its other tasks back", task_id, "batch canceled" if why == "canceled" else
+                      "paused with requeue", ms / 1000, f" (and {len(overdue) - 1} more)" if len(overdue) > 1 else "",
+                      child.process.pid)
+            child.process.kill()
+            child.process.join(5)
+            child.ended_by_manager = True
+            self._recover(child)
+            child.recovered = True
+
     def _renew(self) -> None:
-        for c in self.children:
+        for c in self._all():
             if c.process.is_alive():
                 try:
                     self.leases.renew(c.worker_id)
                 except Exception as exc:
                     log.warning("manager: lease renewal for %s failed: %s", c.worker_id, exc)
 
-    def _recover(self, child: Child, consume_retry: bool) -> None:
-        code = child.process.exitcode
-        reason = f"worker process {child.process.pid} died (exit code {code}) while running the task"
-        if consume_retry and code not in (FORCED_EXIT, RECYCLE):
-            log.error("manager: %s; recovering its tasks and starting a new one", reason.replace(" while running the task", ""))
+    def _recover(self, child: Child) -> None:
+        """Hand a child's tasks back without consuming a retry: the manager ended it (a task
+        ignored its abort, or the child outlived the shutdown)."""
+        reason = f"worker process {child.process.pid} was ended by the manager while running the task"
         try:
-            res = self.leases.recover_worker(child.worker_id, reason, consume_retry)
+            res = self.leases.recover_worker(child.worker_id, reason, consume_retry=False)
             if res:
                 log.warning("manager: tasks of %s: requeued=%d buried=%d canceled=%d", child.worker_id,
                             res.requeued, res.buried, res.canceled)
@@ -207,13 +298,13 @@ class Manager:
 
     def _shutdown(self) -> int:
         deadline = time.monotonic() + self.options.shutdown_timeout.total_seconds() + 5
-        for c in self.children:
+        for c in self._all():
             c.process.join(max(deadline - time.monotonic(), 0.1))
-        for c in self.children:
+        for c in self._all():
             if c.process.is_alive():
                 log.error("manager: worker %s did not stop in time; killing it", c.worker_id)
                 c.process.kill()
                 c.process.join(5)
-            self._recover(c, consume_retry=False)
+            self._recover(c)
         log.info("manager: stopped")
         return 0

@@ -51,11 +51,19 @@ def new_worker_id() -> str:
 class WorkerProcess:
     """``on_exit_request``: called when a stuck task forces the process out (after its other
     tasks were handed back); None for an embedded worker, which cannot end its host process.
-    ``recycle``: apply max_tasks/max_memory_per_process (manager children)."""
+    ``on_crash``: called when a task raises MemoryError (the process may be unusable for every
+    task in it: it ends at once, as a crash, and its tasks run again isolated); None: a
+    MemoryError is an ordinary failure (embedded workers).
+    ``recycle``: apply max_tasks/max_memory_per_process (manager children).
+    ``isolation``: the manager's isolation worker: one thread, tasks from the isolation lists
+    only (see crashed.lua), and the loop ends once they are empty."""
 
     def __init__(self, processor: Configured, *, worker_id: str | None = None, renew_own_leases: bool = False,
-                 on_exit_request: Callable[[], None] | None = None, recycle: bool = False) -> None:
+                 on_exit_request: Callable[[], None] | None = None, on_crash: Callable[[], None] | None = None,
+                 recycle: bool = False, isolation: bool = False) -> None:
         options = self.options = processor.options
+        if isolation:
+            options = self.options = options.replace(max_workers=1)
         gateway = self.gateway = processor.gateway
         chain = self.chain = processor.chain
         guard = TaskGuard(options)   # refuses an unsigned pickle setup; checks every task
@@ -70,10 +78,10 @@ class WorkerProcess:
         self.maintenance = Maintenance(self.id, ledger, gateway, self.leases, options, self.aborts, schedules,
                                        chain, renew_own_leases=renew_own_leases)
         serializer = serializer_for(options.serializer)
-        self.runners = [Runner(ledger, options, guard, serializer, chain) for _ in range(ledger.threads)]
+        self.runners = [Runner(ledger, options, guard, serializer, chain, on_crash) for _ in range(ledger.threads)]
         self.recycling = Recycling(options, ledger, self.id) if recycle else None
         self.loop = Loop(self.id, ledger, gateway, options, self.leases, self.maintenance, self.aborts,
-                         self.recycling)
+                         self.recycling, isolation=isolation)
 
     @property
     def recycle_reason(self) -> str | None:

@@ -54,7 +54,9 @@ class Runner:
     reports each one's outcome back to the ledger."""
 
     def __init__(self, ledger: Ledger, options: Options, guard: TaskGuard | None = None,
-                 serializer: Serializer | None = None, chain: Chain | None = None) -> None:
+                 serializer: Serializer | None = None, chain: Chain | None = None,
+                 on_crash: Callable[[], None] | None = None) -> None:
+        self.on_crash = on_crash
         self.ledger = ledger
         self.options = options
         self.chain = chain if chain is not None else Chain()
@@ -134,6 +136,11 @@ class Runner:
                 handed_back = task.abort_reason in ("requeue", "shutdown")
                 chain.after_task(ctx, HANDED_BACK if handed_back else CANCELED, None, error)
             self.ledger.aborted(task, duration_ms)
+        elif isinstance(error, MemoryError) and self.on_crash is not None:
+            # any task of this process may have met it: none can be blamed from here, so the
+            # process ends as a crash and its tasks run again one at a time (crashed.lua)
+            log.error("task %s %s raised MemoryError; ending this worker process", task.id, task.target)
+            self.on_crash()
         else:
             self._failed(task, error, duration_ms)
 

@@ -5,7 +5,7 @@
 -- every key below lives in one Redis Cluster slot and multi-key scripts stay legal):
 --   P:t:<id>            hash   one task: q queue, tn tenant, b batch, p payload, s serializer,
 --                              tg target, r retries left, a attempt (= lease token), e enqueued ms,
---                              d due ms, st state (queued|delayed|running|dead|waiting),
+--                              d due ms, st state (queued|delayed|running|dead|waiting|isolated),
 --                              w worker, ls lease start ms, on (continuations: success|complete),
 --                              et/em/etb error type/message/traceback, da dead-at ms,
 --                              sch schedule id and sk tick ms (runs enqueued by a schedule),
@@ -23,6 +23,9 @@
 --   P:tlim              hash   tenant -> concurrency limit override
 --   P:capped:<tenant>   set    queues whose ring dropped the tenant because it was at its limit
 --   P:dead:<queue>      list   dead-lettered task ids, oldest first
+--   P:iso:<queue>       list   isolated task ids (state isolated, counted ready): tasks of a
+--                              crashed process, run one at a time alone (crashed.lua); field cr
+--                              of a task counts the crashes it was the culprit of
 --   P:paused            string "1" while everything is paused
 --   P:pausedq / P:pausedt set  paused queues / paused tenants
 --   P:b:<id>            hash   batch: tn, sc scope, q, total, done, failed, canceled, remaining,

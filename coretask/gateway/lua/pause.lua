@@ -7,8 +7,9 @@
 -- ARGV[5]  "1" = scope all, pause: also hand running tasks back (pause(requeue_running=True))
 -- Reply: 1 when the state changed, 0 when it already was so.
 --
--- A pause with requeue stores "requeue" as the flag's value and publishes "pr"; a worker aborts
--- its running tasks on "pr" only when it reads that value, so a forged "pr" during a plain pause
+-- A pause with requeue stores "requeue:<ms>" as the flag's value and publishes "pr"; a worker
+-- aborts its running tasks on "pr" only when it reads that value (and the manager ends a process
+-- whose tasks ignore it past cancel_grace, overdue.lua), so a forged "pr" during a plain pause
 -- (value "1") or while running changes nothing. Running tasks are all aborted by the first "pr";
 -- no task can start while paused, so the value left in place needs no reset until resume.
 local P, scope, on, name, requeue = ARGV[1], ARGV[2], ARGV[3] == '1', ARGV[4], ARGV[5] == '1'
@@ -16,7 +17,9 @@ local changed
 local event = on and 'p' or 'r'
 if scope == 'all' then
   if on and requeue then
-    changed = redis.call('SET', KEYS[1], 'requeue', 'GET') ~= 'requeue' and 1 or 0
+    local was = redis.call('GET', KEYS[1])
+    changed = (was and string.sub(was, 1, 8) == 'requeue:') and 0 or 1
+    if changed == 1 then redis.call('SET', KEYS[1], 'requeue:' .. now_ms()) end
     event = 'pr'
   elseif on then changed = redis.call('SET', KEYS[1], '1', 'NX') and 1 or 0
   else changed = redis.call('DEL', KEYS[1]) end

@@ -1,0 +1,55 @@
+-- crashed.lua: the tasks of a worker process that died without handing them back (a segfault,
+-- os._exit, the kernel's OOM killer, a MemoryError in one of its tasks). Only the culprit pays.
+-- KEYS[1]  P:leases   KEYS[2] P:w:<worker>
+-- ARGV[1]  P   ARGV[2] worker id   ARGV[3] reason (names the process and its exit code)
+-- ARGV[4]  crashes that bury a task (Options.max_crashes)   ARGV[5] deadletter ("1" | "0")
+-- ARGV[6]  deadletter_schedules ("1" | "0")
+-- Reply: {isolated, buried, canceled, culprit id ("" when none could be named)}
+--
+-- With one task running, that task is the culprit: its crash count (field cr) goes up, and at
+-- max crashes it is buried as WorkerLost with the reason, else it is isolated again. With
+-- several running, none can be blamed: each goes, without consuming a retry, to its queue's
+-- isolation list P:iso:<queue> (state "isolated", counted as ready), from which the manager's
+-- isolation worker runs them one at a time, each alone in its process (fetch_isolated.lua), so
+-- a second crash names its culprit. Tasks of a canceled batch are counted canceled.
+local P, worker, reason, max_crashes = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = now_ms()
+local running = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local f = redis.call('HMGET', P .. ':t:' .. id, 'st', 'q', 'tn', 'b', 'w')
+  if f[1] == 'running' and f[5] == worker then
+    running[#running+1] = {id, f}
+  else
+    redis.call('ZREM', KEYS[1], id)       -- a stale entry: the task moved on
+  end
+end
+redis.call('DEL', KEYS[2])
+local res = {0, 0, 0, ''}
+for _, entry in ipairs(running) do
+  local id, f = entry[1], entry[2]
+  local tkey = P .. ':t:' .. id
+  drop_lease(P, id, worker, f[2], f[3], f[4])
+  redis.call('HDEL', tkey, 'w', 'ls')
+  if batch_canceled(P, f[4]) then
+    redis.call('DEL', tkey)
+    settle_batch(P, f[4], 'canceled', 0, now)
+    res[3] = res[3] + 1
+  else
+    local isolate = true
+    if #running == 1 then
+      res[4] = id
+      if redis.call('HINCRBY', tkey, 'cr', 1) >= max_crashes then
+        bury(P, id, f[2], f[4], ARGV[5], 'WorkerLost', reason, '', now, ARGV[6])
+        res[2] = res[2] + 1
+        isolate = false
+      end
+    end
+    if isolate then
+      redis.call('HSET', tkey, 'st', 'isolated')
+      redis.call('RPUSH', P .. ':iso:' .. f[2], id)
+      redis.call('HINCRBY', P .. ':qs:' .. f[2], 'ready', 1)
+      res[1] = res[1] + 1
+    end
+  end
+end
+return res

@@ -1,0 +1,54 @@
+-- fetch_isolated.lua: lease one isolated task (see crashed.lua) to the manager's isolation
+-- worker, a process of one thread that runs nothing else meanwhile.
+-- KEYS[1]  P:paused   KEYS[2] P:pausedt   KEYS[3] P:leases   KEYS[4] P:w:<worker>   KEYS[5] P:trun
+-- ARGV[1]  P   ARGV[2] worker id   ARGV[3] lease ms   ARGV[4] tasks wanted (0 or 1)
+-- ARGV[5..] queue names
+-- Reply: as fetch.lua's ({paused, -1, now_ms, then at most one task's 12 values}).
+-- A paused processor or queue leases nothing; a paused tenant's task goes to the back of the
+-- list. Tenant concurrency limits do not apply: the task ran before, and runs alone.
+local P, worker, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local now = now_ms()
+local out = {0, -1, now}
+if redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; return out end
+if tonumber(ARGV[4]) <= 0 then return out end
+for qi = 5, #ARGV do
+  local queue = ARGV[qi]
+  local list = P .. ':iso:' .. queue
+  if redis.call('SISMEMBER', P .. ':pausedq', queue) == 0 then
+    for _ = 1, redis.call('LLEN', list) do
+      local id = redis.call('LPOP', list)
+      local tkey = P .. ':t:' .. id
+      local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'st')
+      if f[10] ~= 'isolated' then
+        -- gone (deleted, or its batch's retention ran): nothing to run
+        if not f[1] then redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1) end
+      elseif redis.call('SISMEMBER', KEYS[2], f[9]) == 1 then
+        redis.call('RPUSH', list, id)
+      else
+        redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
+        if batch_canceled(P, f[4]) then
+          redis.call('DEL', tkey)           -- counted canceled when its batch was
+        else
+          local attempt = redis.call('HINCRBY', tkey, 'a', 1)
+          redis.call('HSET', tkey, 'st', 'running', 'w', worker)
+          redis.call('ZADD', KEYS[3], now + lease_ms, id)
+          redis.call('SADD', KEYS[4], id)
+          redis.call('HINCRBY', KEYS[5], f[9], 1)
+          redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', 1)
+          local shown, binfo = f[4], {}
+          if f[4] and f[4] ~= '' then
+            redis.call('HINCRBY', P .. ':b:' .. f[4], 'run', 1)
+          elseif f[7] then
+            shown = f[7]
+          end
+          if shown and shown ~= '' then binfo = redis.call('HGETALL', P .. ':b:' .. shown) end
+          out[4] = id; out[5] = attempt; out[6] = f[1]; out[7] = f[2]; out[8] = f[3]; out[9] = queue
+          out[10] = f[9]; out[11] = shown or ''; out[12] = f[5]; out[13] = f[6]; out[14] = binfo
+          out[15] = {f[8] or '', f[9] or ''}
+          return out
+        end
+      end
+    end
+  end
+end
+return out
