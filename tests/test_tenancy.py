@@ -384,16 +384,18 @@ def test_kill_9_of_a_worker_leaks_no_tenant_slot(make_processor, start_manager, 
     dead_pid = child.pid
     # When the worker process is killed with SIGKILL
     child.kill()
-    # Then the manager takes its tasks back, giving their slots back, and a new process runs 2 of
-    # acme's tasks; the running count is what truly runs: those 2
+    # Then the manager takes its tasks back, giving their slots back: the two it ran go to
+    # isolation (one runs there alone), and the new worker process runs one more of acme's
+    # tasks; the running count is what truly runs: those 2 (acme's limit)
     def new_starts() -> int:
         return sum(1 for v in r.lrange(started, 0, -1) if int(v) != dead_pid)
 
-    wait_until(lambda: new_starts() == 2, 30, "2 tasks running in the new process")
+    wait_until(lambda: new_starts() == 2, 30, "2 tasks running in the new processes")
     wait_until(lambda: leased(r, p, "acme") == 2, 5, "the dead process's leases gone")
     s = p.get_tenant_stats("acme")
-    assert (trun(r, p, "acme"), s.running, s.queued["default"]) == (2, 2, 4)
-    assert len(list(r.scan_iter(match=f"{p.gateway.keys.prefix}:w:*"))) == 1    # the dead worker's set is gone
+    assert (trun(r, p, "acme"), s.running) == (2, 2)
+    assert s.queued["default"] + r.llen(p.gateway.keys.isolated("default")) == 4 - 1 + 1
+    assert len(list(r.scan_iter(match=f"{p.gateway.keys.prefix}:w:*"))) == 2    # the dead worker's set is gone
     # When they are released
     r.set(key + ":go", 1)
     # Then all 6 tasks complete (the 2 killed ones once more) and no slot stays taken

@@ -131,7 +131,7 @@ def test_manager_restarts_a_killed_worker_process_within_a_second(processor, sta
 
 # ------------------------------------------------------------- 3. kill -9 mid-task: redelivery
 
-def test_worker_killed_mid_task_redelivers_it_with_one_retry_consumed(processor, start_manager, r, prefix):
+def test_worker_killed_mid_task_redelivers_it_alone_without_consuming_a_retry(processor, start_manager, r, prefix):
     # Given a manager and a 2 s task (3 retries) that has started in one of its processes
     key = prefix + ":slow"
     m = start_manager(processes=1, threads=2)
@@ -142,20 +142,24 @@ def test_worker_killed_mid_task_redelivers_it_with_one_retry_consumed(processor,
     # When its worker process is killed with SIGKILL
     os.kill(pid1, signal.SIGKILL)
 
-    # Then the manager starts a new process, which runs the task again to completion
+    # Then the manager starts a new worker process, and the task, the only one that was running
+    # (so charged one crash of max_crashes), runs again alone in an isolation process, to completion
     wait_until(lambda: r.llen(key + ":finished") == 1, 20, "the redelivered task finished")
     started = runs(r, key + ":started")
     finished = runs(r, key + ":finished")
     assert len(started) == 2
     (attempt2, left2, pid2) = started[1]
     assert (attempt1, left1) == (1, 3)
-    # ... having consumed exactly one retry
-    assert (attempt2, left2) == (2, 2)
+    # ... without consuming a retry
+    assert (attempt2, left2) == (2, 3)
     assert finished == [started[1]]
     assert pid2 != pid1 and not alive(pid1)
-    assert live_children(m) == {pid2}
     assert f"worker process {pid1} died (exit code -9)" in m.log()
+    assert f"task {task_id} was the only one running: charged a crash, to run again alone" in m.log()
+    assert "started isolation process" in m.log()
     wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
+    wait_until(lambda: pid2 not in live_children(m) and len(live_children(m)) == 1, 10,
+               "the isolation process ended, one worker process serves on")
     assert processor.get_task(task_id) is None
     assert m.terminate() == 0
 
