@@ -194,6 +194,17 @@ class Gateway:
         reply = self.transport.run("overdue", [k.worker(worker_id), k.paused], [k.prefix, grace_ms])
         return [(reply[i].decode(), reply[i + 1].decode(), int(reply[i + 2])) for i in range(1, len(reply), 3)]
 
+    def dataset_marker(self, token: str) -> tuple[str, bool]:
+        """The deployment's dataset marker (P:marker), set to ``token`` when absent: (its value,
+        whether this call created it). A marker that changes under a running worker means the
+        data vanished (worker/maintenance.py)."""
+        key = self.keys.marker
+        value = self._redis.get(key)
+        if value is not None:
+            return value.decode(), False
+        created = bool(self._redis.set(key, token, nx=True))
+        return (token, True) if created else ((self._redis.get(key) or b"").decode(), False)
+
     def forget_worker(self, worker_id: str) -> None:
         self._redis.hdel(self.keys.workers, worker_id)
 

@@ -13,7 +13,7 @@ class Keys:
     """Key and channel names under one prefix; see lua/_lib.lua for what each holds."""
 
     __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt",
-                 "bend", "bended", "publishing", "workers", "events", "tenants", "sdue")
+                 "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "marker")
 
     def __init__(self, prefix: str) -> None:
         p = self.prefix = prefix
@@ -32,6 +32,7 @@ class Keys:
         self.events = f"{p}:ev"
         self.tenants = f"{p}:tenants"
         self.sdue = f"{p}:sdue"
+        self.marker = f"{p}:marker"
 
     # ------------------------------------------------------------------------------ tasks
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
 from ..gateway import Gateway, Release
 from ..middleware import Chain
@@ -16,7 +17,9 @@ from ..options import Options
 from .aborts import Aborts
 from .leases import Leases
 from .ledger import Ledger
+from .runner import THROTTLE
 from .schedules import ScheduleTimer
+from .throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,9 @@ class Maintenance:
         self.chain = chain
         every = options.pushback_frequency.total_seconds()
         self.intervals = {"expired": every, "cleanup": options.cleanup_frequency.total_seconds(),
-                          "publish": every, "unreceived": every}
+                          "publish": every, "unreceived": every, "dataset": every}
+        self.throttle = LogThrottle(log)
+        self.marker: str | None = None          # the dataset marker this process last saw
         if chain.on_batch_end:
             # polled only where a middleware (or Options.on_batch_end) wants it: without it, nothing would wake an idle loop every
             # 0.2 s (it sleeps until a pub/sub event, a due time, a timer or base_frequency)
@@ -58,8 +63,11 @@ class Maintenance:
                 try:
                     getattr(self, "_" + name)()
                 except Exception as exc:
-                    log.warning("worker %s: maintenance %s failed: %s", self.worker_id, name, exc)
+                    self.throttle.log(("maintenance", name), logging.WARNING, f"maintenance {name} failures",
+                                      "worker %s: maintenance %s failed: %s", self.worker_id, name, exc)
                 self.due[name] = now + self.intervals[name]
+        self.throttle.flush()
+        THROTTLE.flush()
         abort_deadline = self.aborts.check(now)
         self.schedules.run_if_due(now)
         nxt = min(min(self.due.values()), self.schedules.next_due())
@@ -107,6 +115,22 @@ class Maintenance:
             n = self.gateway.release(self.worker_id, releases)
             log.warning("worker %s: %d tasks were leased to this process by a fetch whose reply was lost; "
                         "handed %d back", self.worker_id, len(releases), n)
+
+    def _dataset(self) -> None:
+        """Notice a dataset that vanished under a running deployment (a server restarted without
+        persistence, FLUSHALL, a failover to an empty replica): the marker key every worker
+        keeps is gone. The process that puts it back logs one error for the deployment; the
+        others adopt the new marker quietly."""
+        value, created = self.gateway.dataset_marker(uuid.uuid4().hex)    # fresh: a new dataset, a new marker
+        if self.marker is not None and value != self.marker:
+            if created:
+                log.error("the coretask data under prefix %s vanished from %s (a server restarted without "
+                          "persistence, FLUSHALL, or a failover to an empty replica): tasks, batches and "
+                          "schedules stored before are gone; answers for tasks running now will be ignored",
+                          self.gateway.keys.prefix, self.gateway.url)
+            else:
+                log.debug("worker %s: the dataset marker changed; another process reported it", self.worker_id)
+        self.marker = value
 
     def _renew(self) -> None:
         self.leases.renew(self.worker_id)

@@ -33,6 +33,7 @@ from ..encoding import Serializer, decode
 from ..errors import TaskCanceled, TaskLoadError
 from ..gateway import Failure
 from ..middleware import CANCELED, FAILED, HANDED_BACK, SUCCEEDED, Chain
+from .throttle import LogThrottle
 
 if TYPE_CHECKING:
     from ..options import Options
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from .ledger import Ledger, Task
 
 log = logging.getLogger(__name__)
+THROTTLE = LogThrottle(log)     # per process: flushed by the maintenance loop
 
 _set_async_exc = ctypes.pythonapi.PyThreadState_SetAsyncExc
 _set_async_exc.argtypes = (ctypes.c_ulong, ctypes.py_object)
@@ -118,7 +120,8 @@ class Runner:
             error = self._body(task, inv)
         duration_ms = int((time.monotonic() - started) * 1000)
         if load_error is not None:
-            log.error("task %s %s cannot be loaded: %s", task.id, task.target, load_error)
+            THROTTLE.log(("unloadable", task.target), logging.ERROR, f"tasks of {task.target} could not be loaded",
+                         "task %s %s cannot be loaded: %s", task.id, task.target, load_error)
             if chain.on_dead:
                 chain.on_dead(ctx, load_error)
             if chain.after_task:
@@ -148,8 +151,10 @@ class Runner:
         chain = self.chain
         ctx = task.ctx
         delay = chain.retry_delay(ctx, ctx.retries_left) if ctx.retries_left > 0 else None
-        log.warning("task %s %s failed after %d ms: %s: %s", task.id, task.target, duration_ms,
-                    type(error).__name__, error)
+        THROTTLE.log(("failed", task.target, type(error).__name__), logging.WARNING,
+                     f"tasks of {task.target} failed with {type(error).__name__}",
+                     "task %s %s failed after %d ms: %s: %s", task.id, task.target, duration_ms,
+                     type(error).__name__, error)
         if ctx.retries_left > 0:
             if chain.on_retry:
                 chain.on_retry(ctx, error, delay)

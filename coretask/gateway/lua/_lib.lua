@@ -47,6 +47,8 @@
 --                              (unique / expired)
 --   P:sdue              zset   schedule ids, score = next tick ms (moved by compare-and-set)
 --   P:sched:<tenant>    zset   the tenant's schedule ids, score 0 (ordered by id)
+--   P:marker            string a random token a worker sets when absent: if it changes under a
+--                              running worker, the dataset vanished (worker/maintenance.py)
 --   P:tenants           zset   every tenant with work or history, score 0 (name order)
 --   P:ts:<tenant>       hash   tenant counters: done, failed (retries exhausted), canceled, dead
 --                              (now in a dead letter list), b_<state> batches by state
