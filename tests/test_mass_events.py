@@ -55,7 +55,8 @@ def test_a_thousand_poison_tasks_log_a_few_lines_and_a_count(make_processor, emb
         # When a worker dead-letters them all and its window ends
         embedded_worker(p)
         wait_until(lambda: p.get_queue("default").dead == 200, 30, "200 dead letters")
-        wait_until(lambda: any("more: tasks of" in m.getMessage() for m in caplog.records), 20, "the summary")
+        wait_until(lambda: any("more: tasks of " + target in m.getMessage() for m in caplog.records), 20,
+                   "the summary")
     # Then at most 3 lines name single tasks, and one line counts the rest
     lines = [m.getMessage() for m in caplog.records if target in m.getMessage()]
     singles = [m for m in lines if "cannot be loaded" in m and "more:" not in m]
