@@ -17,14 +17,14 @@ from typing import Any
 
 from .batch import BatchBuilder
 from .encoding import Call, TaskData
-from .middleware import Chain, EnqueueMessage
-from .producing import Producer
 from .errors import ConfigurationError, ReplicationError
+from .gateway import Gateway
 from .introspection import Introspection
+from .middleware import Chain, EnqueueMessage
 from .models import BatchInfo
 from .options import Options, check_queue_name, check_tenant
+from .producing import Producer
 from .schedules import Schedules
-from .gateway import Gateway
 from .tenancy import TenantAdmin
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class Client(Introspection, Schedules, TenantAdmin):
     """Enqueue tasks and batches, control processing, inspect state (TaskProcessor adds run()).
 
     Delivery contract: at least once. A task may run twice if its worker dies mid-task (it is
-    then redelivered and consumes a retry); it never runs zero times once enqueue_task returned.
+    then redelivered); it never runs zero times once enqueue_task returned.
     """
 
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:

@@ -20,7 +20,7 @@ class TaskProcessor(Client):
     worker loop in this process.
 
     Delivery contract: at least once. A task may run twice if its worker dies mid-task (it is
-    then redelivered and consumes a retry); it never runs zero times once enqueue_task returned.
+    then redelivered; a crash charges only its culprit); it never runs zero times once enqueue_task returned.
     """
 
     def run(self, stop_event: threading.Event, *, worker_id: str | None = None) -> None:

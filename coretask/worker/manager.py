@@ -2,7 +2,10 @@
 
 The manager renews the leases of every child it sees alive (one script call per child), so a
 task stuck in C code that holds its process's GIL keeps its lease, while the tasks of a child
-that died are taken back at once, each consuming one retry (the task may be what killed it).
+that died are taken back at once. A crash charges only its culprit: the one task a dead child ran,
+or, when it ran several, none of them; those run again one at a time in an isolation process
+(crashed.lua) until a crash names its task. The manager also ends a child whose task ignores its
+abort past cancel_grace (overdue.lua): it runs no task, so it is never starved of its GIL.
 Shutdown is two-phase: SIGTERM/SIGINT asks every child to stop fetching and finish within
 shutdown_timeout, handing the rest back; a second signal forces it.
 """
