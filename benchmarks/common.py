@@ -10,6 +10,10 @@ REDIS_URL_ENV = "BENCH_REDIS_URL"
 CPU_LOOPS_ENV = "BENCH_CPU_LOOPS"
 PGID_FILE_ENV = "BENCH_PGID_FILE"
 LOG_DIR_ENV = "BENCH_LOG_DIR"
+# Set by benchmarks.compare: every process that builds the coretask app prints the coretask it
+# imported (to its log), so a before/after run can check each side ran its own tree.
+SHOW_CORETASK_ENV = "BENCH_SHOW_CORETASK"
+SHOW_CORETASK_TAG = "[bench] coretask imported from "
 
 # Used only if a module is imported without the harness (e.g. to read its
 # docstring): a port nobody listens on, so nothing ever touches a real Redis.

@@ -7,21 +7,25 @@ Bulk API: ``TaskProcessor.enqueue_batch``.
 
 This module is also the worker's app module: ``processor`` is built lazily
 (module ``__getattr__``) from BENCH_REDIS_URL, so importing the module needs
-no Redis and no coretask until the attribute is used.
+no Redis and no coretask until the attribute is used. With BENCH_SHOW_CORETASK set
+(benchmarks.compare), building it prints the imported ``coretask.__file__`` to stderr.
+Only coretask's public API is used (``Options``, ``TaskProcessor``, ``python -m
+coretask.worker``), so the same adapter drives any coretask tree.
 
 Extra measurements (coretask only), see ``extra_measurements``:
 cancel latency (``cancel_batch``) and pause latency (``pause``/``resume``).
 If the API they need is not there yet they report "pending".
 """
 
+import os
 import random
 import sys
 import threading
 import time
 
 from .. import tasks
-from ..common import (SPIN_END_KEY, SPIN_START_KEY, START_KEY, Deadline, Pending,
-                      percentile, redis_url, wait_until)
+from ..common import (SHOW_CORETASK_ENV, SHOW_CORETASK_TAG, SPIN_END_KEY, SPIN_START_KEY, START_KEY,
+                      Deadline, Pending, percentile, redis_url, wait_until)
 from . import _base
 
 NAME = "coretask"
@@ -38,6 +42,10 @@ FUNCS = {"noop": tasks.noop, "cpu": tasks.cpu, "record": tasks.record_start, "sp
 def make_processor(processes=2, max_workers=8):
     from coretask import Options, TaskProcessor
 
+    if os.environ.get(SHOW_CORETASK_ENV):
+        import coretask
+
+        print("%s%s (pid %d)" % (SHOW_CORETASK_TAG, coretask.__file__, os.getpid()), file=sys.stderr, flush=True)
     return TaskProcessor(Options(redis=redis_url(), prefix=PREFIX, queues=[QUEUE],
                                  processes=processes, max_workers=max_workers))
 
