@@ -64,13 +64,16 @@ class Options:
       loop, the control thread that aborts canceled tasks, lease renewal) then get a core the
       moment they need one instead of queueing behind CPU-bound tasks; without it a cancel
       behind a hundred busy threads took several times longer (docs/decisions.md).
-    retries: retries after the first attempt before a task is dead-lettered.
+    retries: how many attempts of a task may fail in all: the failure that reaches it dead-letters
+      the task (retries=3: at most 3 attempts; on_task_failed_delay is asked with 2, then 1).
+      0 is read as 1: one attempt, never retried. A lost lease (dead worker) consumes one too.
     invisibility: how long a task stays leased without renewal before it is redelivered.
     base_frequency: polling interval when no pub/sub event arrives.
     pushback_frequency: interval of the expired-lease check.
     cleanup_frequency / retention: how often, and after how long, finished batches are deleted.
     deadletter: keep tasks whose retries are exhausted (else they are discarded).
-    on_task_failed_delay(ctx, retries_left) -> timedelta | None: delay before the next retry.
+    on_task_failed_delay(ctx, retries_left) -> timedelta | None: delay before the next attempt;
+      retries_left is what remains after this failure (always >= 1: not asked before burial).
     on_task_error(ctx, exc), on_task_start(ctx), on_task_end(ctx), on_batch_end(batch_info):
       hooks; an exception in a hook is logged and never loses the task. A hook may be
       ``async def``: it is awaited in the task's thread (an async on_task_failed_delay's delay

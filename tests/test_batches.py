@@ -261,7 +261,7 @@ def test_counter_identity_holds_under_concurrent_completion(processor, start_man
             if kind == "x":
                 b.enqueue(tasks.always_fail, f"planned {i}", retries=0)
             elif kind == "f":
-                b.enqueue(tasks.fail_times, f"{prefix}:ft:{i}", 1, retries=1)
+                b.enqueue(tasks.fail_times, f"{prefix}:ft:{i}", 1, retries=2)     # fails once, then succeeds
             else:
                 b.enqueue(tasks.record, key, i)
     batch_id = processor.enqueue_batch("default", "acme", build)
@@ -440,7 +440,7 @@ def test_task_hooks_see_batch_statistics_and_never_lose_tasks(make_processor, em
                        on_task_failed_delay=hook("delay"), on_batch_end=hook("batch_end"))
     batch_id = p.enqueue_batch("default", "acme", lambda b: (
         [b.enqueue(tasks.record, prefix + ":out", i) for i in range(3)],
-        b.enqueue(tasks.fail_times, prefix + ":ft", 1, retries=1)))
+        b.enqueue(tasks.fail_times, prefix + ":ft", 1, retries=2)))
     # When a worker runs the batch
     embedded_worker(p)
     info = p.wait_for_batch(batch_id, 15)

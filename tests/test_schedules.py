@@ -273,12 +273,12 @@ def test_invalid_zone_and_target_raise_at_upsert(make_processor):
 
 @pytest.mark.parametrize("deadletter_schedules", [False, True])
 def test_deadletter_schedules(make_processor, embedded_worker, r, prefix, deadletter_schedules):
-    p = make_processor(retries=1, deadletter=True, deadletter_schedules=deadletter_schedules)
+    p = make_processor(retries=2, deadletter=True, deadletter_schedules=deadletter_schedules)   # two attempts
     key = prefix + ":attempts"
     p.upsert_schedule(ScheduleData("f", "acme", "default", None, YEARLY), tasks_sched.fail_always, key)
     p.trigger_schedule("f")
     run_id = p.get_schedule("f").last_task_id
-    plain_id = p.enqueue_task("default", "acme", tasks_sched.fail_always, key + ":plain", retries=1)
+    plain_id = p.enqueue_task("default", "acme", tasks_sched.fail_always, key + ":plain", retries=2)
     embedded_worker(p)
     wait_until(lambda: r.get(key) == b"2" and r.get(key + ":plain") == b"2", 10, "both tasks tried twice")
     wait_until(lambda: p.get_queue("default").in_flight == 0, 10, "failures recorded")

@@ -224,7 +224,7 @@ def test_signed_tasks_run_on_every_path(make_processor, embedded_worker, r, pref
     # a schedule (triggered, and ticking), a TaskData, and a dill lambda (another queue)
     ids = [p.enqueue_task("default", "acme", ts.note, out, "plain"),
            p.enqueue_task("default", "acme", ts.note, out, "delayed", delay_until=timedelta(seconds=0.3)),
-           p.enqueue_task("default", "acme", ts.fail_first, out, "retried", retries=1),
+           p.enqueue_task("default", "acme", ts.fail_first, out, "retried", retries=2),
            p.enqueue_task("default", "acme", TaskData("topic", b"data"))]
     r.set(flag, 1)
     dead_then_retried = p.enqueue_task("low", "acme", ts.fail_while, flag, out, "dead-retried", retries=0)
