@@ -22,7 +22,7 @@ from typing import Any
 
 from .appload import load_processor
 from .processor import TaskProcessor
-from .errors import ConfigurationError, CoreTaskError
+from .errors import ConfigurationError, CoreTaskError, StoreUnavailable
 from .models import BatchInfo, DeadTask
 from .options import redact_url
 
@@ -358,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         _err(str(exc))
         return USAGE
+    except StoreUnavailable as exc:            # its message names the masked URL and what to check
+        _err(redact_url(str(exc)))
+        return UNAVAILABLE
     except (redis.RedisError, CoreTaskError) as exc:
         _err(f"{type(exc).__name__} from {redact_url(processor.options.redis)}: "
              f"{redact_url(str(exc))}")

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import redis
 
-from coretask import BatchInfo, ConfigurationError
+from coretask import BatchInfo, ConfigurationError, StoreUnavailable
 from coretask.encoding import Call, encode
 from tests import tasks, tasks_batch
 from tests.conftest import FAST, ROOT, ManagerProcess, wait_until
@@ -136,7 +136,7 @@ def test_redis_error_midway_leaves_nothing(processor, r, prefix, monkeypatch, fa
     monkeypatch.setattr(processor.gateway.transport, "send", send)
     monkeypatch.setattr(processor.gateway.transport, "run", run)
     # When a 3,500-task batch is built
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises((redis.ConnectionError, StoreUnavailable)):   # the gateway translates the commit's
         processor.enqueue_batch("default", "acme", lambda b: [b.enqueue(tasks.record, "k", i) for i in range(3500)])
     # Then the chunks staged before the error are gone: nothing exists under the prefix
     assert calls["batch_stage"] >= (failing if isinstance(failing, int) else 1)
@@ -288,7 +288,7 @@ def test_counter_identity_holds_under_concurrent_completion(processor, start_man
 
 def test_finished_batches_are_deleted_after_retention(make_processor, embedded_worker, r, prefix):
     # Given a retention of 1 s, cleaned up every 0.2 s, a finished batch and a canceled one
-    p = make_processor(retention=1, cleanup_frequency=0.2)
+    p = make_processor(retention=1, cleanup_frequency=0.2, strict_queues=False)   # "elsewhere": nobody's queue
     done_id = p.enqueue_batch("default", "acme", lambda b: (
         b.enqueue(tasks.record, prefix + ":out", 1), b.continue_with(tasks.record, prefix + ":cont", on="success"),
         b.continue_with(tasks.record, prefix + ":never", on="complete", queue="elsewhere")))

@@ -57,8 +57,9 @@ def columns_aligned(lines: list[str], header: str) -> None:
                 assert row[end - 1].isdigit() and (len(row) == end or row[end] == " "), (row, col)
 
 
-def test_status_and_queues(processor, embedded_worker, cli, prefix):
+def test_status_and_queues(make_processor, embedded_worker, cli, prefix):
     # Given a worker (heartbeat), a dead task, queued tasks in two queues, and queue low paused
+    processor = make_processor(queues=["default", "low"])
     processor.enqueue_task("default", "acme", tasks.always_fail, retries=0)
     embedded_worker(processor)
     wait_until(lambda: processor.get_queue("default").dead == 1 and processor.get_workers(), 10, "a dead task")

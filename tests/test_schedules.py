@@ -159,7 +159,7 @@ def test_pause_holds_ticks_and_resume_catches_up_once(make_processor, embedded_w
 # ------------------------------------------------------------------------------------ API
 
 def test_upsert_replaces_cron_and_target(make_processor, embedded_worker, r, prefix):
-    p = make_processor(use_cron_seconds=True)
+    p = make_processor(use_cron_seconds=True, queues=["default", "low"])
     old, new = prefix + ":old", prefix + ":new"
     assert p.upsert_schedule(ScheduleData("job", "acme", "default", "v1", "0 0 0 1 1 *"), tasks_sched.mark, old, "a")
     v1 = p.get_schedule("job")
@@ -212,7 +212,7 @@ def test_trigger_runs_now_without_moving_the_next_tick(make_processor, embedded_
 
 
 def test_get_schedules_and_count(make_processor):
-    p = make_processor()
+    p = make_processor(queues=["default", "low"])
     before = datetime.now(timezone.utc)
     for sid in ("b", "a", "c"):
         p.upsert_schedule(ScheduleData(sid, "acme", "default", f"scope {sid}", "0 9 * * MON-FRI", "Europe/Berlin",

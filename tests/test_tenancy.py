@@ -301,8 +301,8 @@ def test_tenant_concurrency_caps_each_tenant_across_processes_without_blocking_o
     wait_until(lambda: trun(r, p, "acme") == 0, 5, "acme's running count back to 0")
 
 
-def test_tenant_slots_are_released_on_every_exit_path(processor, r):
-    p = processor
+def test_tenant_slots_are_released_on_every_exit_path(make_processor, r):
+    p = make_processor(queues=["default", "low"])
     k = p.gateway.keys
 
     def check(tenant: str, n: int) -> None:
@@ -446,8 +446,8 @@ def test_paused_tenant_stays_queued_in_every_queue_while_others_run(make_process
 
 # ------------------------------------------------------------------------- tenant view
 
-def test_tenant_view_cannot_see_or_change_another_tenants_work(processor, r, prefix):
-    p = processor
+def test_tenant_view_cannot_see_or_change_another_tenants_work(make_processor, r, prefix):
+    p = make_processor(queues=["default", "low"])
     out = prefix + ":out"
     acme, globex = p.tenant("acme"), p.tenant("globex")
     assert isinstance(acme, TenantView) and acme.tenant == "acme" and repr(acme) == "<TenantView 'acme'>"
@@ -626,8 +626,8 @@ def ok(res: subprocess.CompletedProcess[str]) -> str:
     return res.stdout
 
 
-def test_cli_tenants_and_tenant(processor, r, prefix):
-    p = processor
+def test_cli_tenants_and_tenant(make_processor, r, prefix):
+    p = make_processor(queues=["default", "low"])
     # Given acme with 3 queued tasks in default and 1 in low, one running, one dead, a batch,
     # paused and limited to 4; globex with one queued task; and initech with only a schedule
     for _ in range(3):

@@ -386,9 +386,10 @@ def test_task_killing_its_own_process_is_dead_lettered_after_max_crashes(process
 
 # ------------------------------------------------------------------------------------- 7. CLI
 
-def test_cli_flags_override_the_app_options(processor, start_manager, r, prefix):
+def test_cli_flags_override_the_app_options(make_processor, start_manager, r, prefix):
     # Given an app whose options say queues=["default"], 1 process x 4 threads,
-    # and work waiting in "default"
+    # and work waiting in "default" (from a producer that also feeds "other")
+    processor = make_processor(strict_queues=False)
     assert processor.options.queues == ["default"]
     assert (processor.options.processes, processor.options.max_workers) == (1, 4)
     key = prefix + ":cc"
