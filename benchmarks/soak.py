@@ -9,7 +9,8 @@ seconds: single tasks and batches (each with an ``on="complete"`` continuation) 
 Meanwhile:
 
 * tasks fail on purpose: each has a plan "fail the first k attempts" (k = 0, 1, 2, or always)
-  and a random number of retries (0-3); a failed attempt is retried after a random short delay
+  and a random number of retries (1-4: the attempts that may fail in all); a failed attempt is
+  retried after a random short delay
   (``on_task_failed_delay``) or at once;
 * random batches are canceled while they run;
 * a random worker process is killed with SIGKILL every ``--kill-every`` seconds;
@@ -342,7 +343,7 @@ class Soak:
     def plan(self) -> tuple[int, int]:
         x = self.rnd.random()
         fail_first = 0 if x < 0.7 else 1 if x < 0.82 else 2 if x < 0.9 else 4 if x < 0.95 else ALWAYS
-        return fail_first, self.rnd.randint(0, 3)
+        return fail_first, self.rnd.randint(1, 4)       # retries: attempts that may fail in all
 
     def duration(self) -> int:
         """Milliseconds a successful run takes: mostly nothing, 5% take 50 ms."""
@@ -535,7 +536,7 @@ class Soak:
             if o == "succeeded" and t.fail_first == ALWAYS:
                 err(f"task {tid} planned to always fail succeeded")
             if o == "dead":
-                if t.fail_first <= t.retries and not t.continuation:
+                if t.fail_first < t.retries and not t.continuation:     # it had an attempt left to succeed
                     if dead_errors.get(tid) == "WorkerLost":
                         rep.dead_by_kills += 1
                     else:

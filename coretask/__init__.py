@@ -10,8 +10,8 @@ from .processor import TaskProcessor
 from .context import TaskContext
 from .encoding import Call, Serializer, TaskData, call
 from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,
-                     ReplicationError, ScriptError, SerializationError, StoreError, StoreFull, TargetError,
-                     TaskCanceled, TaskLoadError, TaskRefused)
+                     ReplicationError, ScriptError, SerializationError, StoreError, StoreFull, StoreUnavailable,
+                     TargetError, TaskCanceled, TaskLoadError, TaskRefused, UnknownOption)
 from .middleware import Middleware
 from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo
 from .options import Options
@@ -31,5 +31,5 @@ __all__ = [
     # errors
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
-    "TaskCanceled", "ReplicationError",
+    "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption",
 ]

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 from .encoding import Call, TaskData
 from .errors import ConfigurationError, ReplicationError, StoreError
 from .middleware import EnqueueMessage
-from .options import check_queue_name
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ class BatchBuilder:
     def _add(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], queue: str | None,
              delay_until: Any, retries: int | None, on: str) -> str:
         pr = self._pr
-        q = check_queue_name(queue, "queue") if queue is not None else self.queue
+        q = pr.options.check_enqueue_queue(queue) if queue is not None else self.queue
         enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
         shape = (q, self.tenant, enc.serializer, enc.target, pr.retries(retries), pr.due_ms(delay_until), on)

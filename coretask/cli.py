@@ -2,8 +2,11 @@
 
 A thin layer over the TaskProcessor API: every command is one or two of its calls. Output is
 an aligned table for people, or JSON with ``--json`` (``batch --watch --json``: one JSON object
-per line, each time the numbers change). Exit codes: 0 done, 1 not found (or nothing to do, as
-canceling a finished batch), 2 usage error, 3 Redis unreachable or refused the command.
+per line, each time the numbers change). Times are shown in UTC, and say so. Exit codes: 0 done,
+1 not found (or nothing to do, as canceling a finished batch; or ``batch --watch`` saw the batch
+end failed or canceled), 2 usage error, 3 Redis unreachable or refused the command, 141 the
+reader of the output went away (``status | head -1``: the command stops quietly, like any tool
+killed by SIGPIPE).
 
 ``python -m coretask demo [--tasks N] [--processes N]`` runs the demo (coretask.embedded.demo),
 which builds its own processor and server: no ``--app``.
@@ -17,16 +20,19 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from .appload import load_processor
 from .processor import TaskProcessor
-from .errors import ConfigurationError, CoreTaskError
+from .errors import ConfigurationError, CoreTaskError, StoreUnavailable
 from .models import BatchInfo, DeadTask
 from .options import redact_url
 
 OK, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
+FAILED = 1                   # batch --watch: the batch ended failed or canceled
+BROKEN_PIPE = 128 + 13       # what a shell shows for a tool ended by SIGPIPE
+CLEAR_TO_EOL = "\033[K"      # ANSI: erase the rest of the line (a shorter bar leaves nothing behind)
 
 
 class Out:
@@ -71,7 +77,9 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
+        if value.tzinfo is None:
+            return value.strftime("%Y-%m-%d %H:%M:%S local time")
+        return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     if isinstance(value, float):
         return f"{value:.2f}"
     return str(value)
@@ -161,24 +169,32 @@ def cmd_batch(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         return OK
     tty = sys.stdout.isatty() and not out.json
     last = None
-    while True:
-        shown = (info.state, info.done, info.failed, info.canceled, info.remaining, info.total)
-        if shown != last:
-            if out.json:
-                out.data(info, line=True)
-            else:
-                print(("\r" if tty else "") + progress(info), end="" if tty else "\n", flush=True)
-            last = shown
-        if info.finished:
-            break
-        time.sleep(a.interval)
-        nxt = p.get_batch(a.id)
-        if nxt is None:                      # deleted by retention cleanup while we watched
-            break
-        info = nxt
-    if tty:
-        print()
-    return OK
+    try:
+        while True:
+            shown = (info.state, info.done, info.failed, info.canceled, info.remaining, info.total)
+            if shown != last:
+                if out.json:
+                    out.data(info, line=True)
+                elif tty:                    # redraw in place: back to the start, then clear the rest
+                    print("\r" + progress(info) + CLEAR_TO_EOL, end="", flush=True)
+                else:
+                    print(progress(info), flush=True)
+                last = shown
+            if info.finished:
+                break
+            time.sleep(a.interval)
+            nxt = p.get_batch(a.id)
+            if nxt is None:
+                if tty:
+                    print(flush=True)
+                    tty = False
+                _err(f"batch {a.id} was deleted (retention) while watched; last seen {info.state}")
+                return NOT_FOUND
+            info = nxt
+    finally:
+        if tty:
+            print(flush=True)               # the shell's prompt starts on a line of its own
+    return FAILED if info.state in ("failed", "canceled") else OK
 
 
 def progress(b: BatchInfo, width: int = 30) -> str:
@@ -337,6 +353,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()              # what is still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        # the reader went away (`status | head -1`): stop quietly, with no traceback; the output
+        # still buffered goes nowhere, so that the interpreter's own flush at exit cannot fail too
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:                 # its own processor and server: before --app is required
         from .embedded.demo import main as demo
@@ -358,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigurationError as exc:
         _err(str(exc))
         return USAGE
+    except StoreUnavailable as exc:            # its message names the masked URL and what to check
+        _err(redact_url(str(exc)))
+        return UNAVAILABLE
     except (redis.RedisError, CoreTaskError) as exc:
         _err(f"{type(exc).__name__} from {redact_url(processor.options.redis)}: "
              f"{redact_url(str(exc))}")

@@ -54,11 +54,12 @@ class Client(Introspection, Schedules, TenantAdmin):
                      **kwargs: Any) -> str:
         """Enqueue ``fn(*args, **kwargs)``; returns the task id. One round trip.
 
-        ``delay_until``: an aware datetime, a timedelta from now, or epoch seconds.
+        ``delay_until``: an aware datetime, a timedelta from now, or epoch seconds (a number
+        before the year 2000 is refused: it was meant as a delay, which is a timedelta).
         ``retries``: overrides Options.retries for this task.
         Use ``coretask.call(fn, ...)`` when fn has keyword arguments named like these options.
         """
-        check_queue_name(queue)
+        self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
         pr = self.producer
         enc = pr.encode_call(fn, args, kwargs)
@@ -95,7 +96,7 @@ class Client(Introspection, Schedules, TenantAdmin):
     def batch(self, queue: str, tenant: str, scope: str | None = None) -> Iterator[BatchBuilder]:
         """``with processor.batch(queue, tenant) as batch: batch.enqueue(...)``; ``batch.id`` is
         set on exit. An exception inside the block enqueues nothing."""
-        check_queue_name(queue)
+        self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
         builder = BatchBuilder(self.gateway, self.producer, queue, tenant, uuid.uuid4().hex, scope, "create")
         yield from _staged(builder)
@@ -104,7 +105,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         """Add tasks (and continuations) to an existing batch of this tenant. Returns False for
         an unknown, other tenant's or canceled batch. Appending to a finished batch re-opens it;
         continuations that already ran do not run again."""
-        check_queue_name(queue)
+        self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
         builder = BatchBuilder(self.gateway, self.producer, queue, tenant, batch_id, None, "append")
         try:

@@ -26,7 +26,10 @@ class TaskContext:
     ``cancelled`` is set the moment the task's batch is canceled (or the task is being handed
     back); long loops in C-free code can poll it to stop at a clean point before coretask
     raises :class:`TaskCanceled` in the thread. ``batch`` holds the batch's statistics as they
-    were when the task was fetched.
+    were when the task was fetched. ``attempt`` counts the times the task was fetched (1 on the
+    first run). ``retries_left`` is what remains should this attempt fail: the value
+    ``on_task_failed_delay`` is then asked with, 0 on the last attempt (with ``retries=3``: 2, 1,
+    then 0 on the third attempt, whose failure dead-letters the task).
     """
 
     __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "batch_id", "topic",

@@ -8,6 +8,7 @@ the library's errors in one clause. Errors about bad input also derive from the 
 
     CoreTaskError
     ├── ConfigurationError (ValueError)   an option or CLI flag has a value it cannot take
+    │   └── UnknownOption (TypeError)     Options(retrys=3): names the option meant, if close
     ├── EnqueueError                      a task was refused before anything was written
     │   ├── SerializationError (TypeError)   an argument the serializer cannot carry
     │   ├── TargetError (ValueError)          a callable that cannot be recorded by reference
@@ -17,6 +18,8 @@ the library's errors in one clause. Errors about bad input also derive from the 
     │   └── TaskRefused                   a stored task failed a security check before it was
     │                                     read (signature, tenant, refused target); dead-lettered
     ├── StoreError                        Redis refused a coretask operation
+    │   ├── StoreUnavailable              Redis cannot be reached (connection refused, reset or
+    │   │                                 timed out); the message names the URL, password masked
     │   ├── StoreFull                     Redis hit maxmemory (OOM); nothing was half-written
     │   ├── ScriptError                   a Lua script failed (a bug: please report it)
     │   └── ReplicationError              Options.wait_replicas: the write is on the master but
@@ -26,15 +29,16 @@ the library's errors in one clause. Errors about bad input also derive from the 
                                           batch was canceled or that is being handed back;
                                           never retried, never dead-lettered
 
-Connection problems surface as ``redis.exceptions.ConnectionError`` / ``TimeoutError``
-unchanged: they are transient, and their own type is what retry logic already knows.
+Connection problems (redis-py's ``ConnectionError`` / ``TimeoutError``) surface as
+:class:`StoreUnavailable`, with redis-py's exception as its ``__cause__``: they are transient,
+and a worker keeps retrying on its own; a producer decides whether to try again.
 """
 from __future__ import annotations
 
 __all__ = [
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
-    "TaskCanceled", "ReplicationError",
+    "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption",
 ]
 
 
@@ -44,6 +48,11 @@ class CoreTaskError(Exception):
 
 class ConfigurationError(CoreTaskError, ValueError):
     """An option has a value it cannot take; the message names the option and what is allowed."""
+
+
+class UnknownOption(ConfigurationError, TypeError):
+    """A keyword that is not an option (``Options(retrys=3)``); the message names the option it
+    resembles. Also a TypeError, as an unknown keyword argument is in plain Python."""
 
 
 class EnqueueError(CoreTaskError):
@@ -75,6 +84,16 @@ class TaskRefused(TaskLoadError):
 
 class StoreError(CoreTaskError):
     """Redis refused a coretask operation."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis cannot be reached: the connection was refused, reset or timed out (redis-py's
+    ConnectionError or TimeoutError, kept as ``__cause__``). ``url`` is the server's URL with
+    its password masked."""
+
+    def __init__(self, message: str, *, url: str = "") -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class StoreFull(StoreError):

@@ -105,7 +105,7 @@ class EnqueueMessage:
 
     task_id, queue, tenant: the task's; target: ``module:qualname`` (``topic:NAME`` for a
     TaskData); batch_id: None for a single task; due_ms: the due time in milliseconds since the
-    epoch, 0 to run at once; retries: retries after the first attempt; continue_on: for a batch
+    epoch, 0 to run at once; retries: how many attempts may fail in all (Options.retries); continue_on: for a batch
     continuation, ``"success"`` or ``"complete"``, else None.
     """
 

@@ -6,13 +6,15 @@ below so that documentation, the CLI and the code agree.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import os
 import re
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, UnknownOption
 from .middleware import check_middleware
 
 if TYPE_CHECKING:
@@ -57,20 +59,26 @@ class Options:
     redis: a redis-py URL (``rediss://`` for TLS); ``cluster=True`` selects the cluster client.
     prefix: every key and channel lives under it; written as a hash tag (``{name}``) all keys
       share one Redis Cluster slot, which multi-key scripts require there.
-    queues: fetch order; the first queue with ready work wins.
+    queues: fetch order; the first queue with ready work wins. With strict_queues (the default),
+      enqueueing to a queue not listed here (a task, a batch, a continuation, a schedule) raises
+      ConfigurationError naming the known queues, since no worker of this processor would fetch
+      it; strict_queues=False allows it, for producers that feed another deployment's queues.
     processes x max_workers: worker processes started by the manager, threads per process.
     sched_batch: on Linux, task threads run under the SCHED_BATCH policy: the same share of the
       CPU, but a thread that wakes up does not preempt them. The worker's own threads (the fetch
       loop, the control thread that aborts canceled tasks, lease renewal) then get a core the
       moment they need one instead of queueing behind CPU-bound tasks; without it a cancel
       behind a hundred busy threads took several times longer (docs/decisions.md).
-    retries: retries after the first attempt before a task is dead-lettered.
+    retries: how many attempts of a task may fail in all: the failure that reaches it dead-letters
+      the task (retries=3: at most 3 attempts; on_task_failed_delay is asked with 2, then 1).
+      0 is read as 1: one attempt, never retried. A lost lease (dead worker) consumes one too.
     invisibility: how long a task stays leased without renewal before it is redelivered.
     base_frequency: polling interval when no pub/sub event arrives.
     pushback_frequency: interval of the expired-lease check.
     cleanup_frequency / retention: how often, and after how long, finished batches are deleted.
     deadletter: keep tasks whose retries are exhausted (else they are discarded).
-    on_task_failed_delay(ctx, retries_left) -> timedelta | None: delay before the next retry.
+    on_task_failed_delay(ctx, retries_left) -> timedelta | None: delay before the next attempt;
+      retries_left is what remains after this failure (always >= 1: not asked before burial).
     on_task_error(ctx, exc), on_task_start(ctx), on_task_end(ctx), on_batch_end(batch_info):
       hooks; an exception in a hook is logged and never loses the task. A hook may be
       ``async def``: it is awaited in the task's thread (an async on_task_failed_delay's delay
@@ -109,6 +117,7 @@ class Options:
     cluster: bool = False
     prefix: str = DEFAULT_PREFIX
     queues: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_QUEUES))
+    strict_queues: bool = True
     processes: int = DEFAULT_PROCESSES
     max_workers: int = DEFAULT_MAX_WORKERS
     sched_batch: bool = True
@@ -185,6 +194,8 @@ class Options:
         from .signing import check_allowed_modules, check_signing_keys
         self.signing_key = check_signing_keys(self.signing_key)
         self.allowed_modules = check_allowed_modules(self.allowed_modules)
+        if not isinstance(self.strict_queues, bool):
+            raise ConfigurationError(f"Options.strict_queues must be True or False, got {self.strict_queues!r}")
         if not isinstance(self.sched_batch, bool):
             raise ConfigurationError(f"Options.sched_batch must be True or False, got {self.sched_batch!r}")
         if not isinstance(self.allow_unsigned_pickle, bool):
@@ -199,6 +210,45 @@ class Options:
     def replace(self, **changes: Any) -> Options:
         """A copy with some options changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def check_enqueue_queue(self, queue: object, what: str = "queue") -> str:
+        """A queue a task may be enqueued to: a valid name and, with strict_queues, one of
+        Options.queues (else no worker of this processor would ever fetch it)."""
+        name = check_queue_name(queue, what)
+        if self.strict_queues and name not in self.queues:
+            close = difflib.get_close_matches(name, self.queues, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigurationError(
+                f"{what} {name!r} is not in Options.queues {self.queues}{hint}: no worker of this processor "
+                "fetches it; add it to Options.queues, or set Options(strict_queues=False) in a producer "
+                "that feeds another deployment's queues")
+        return name
+
+
+_FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
+
+
+def _refuse_unknown(init: Callable[..., None]) -> Callable[..., None]:
+    """Options(retrys=3) would be a TypeError about __init__; say what was meant instead."""
+
+    @functools.wraps(init)
+    def __init__(self: Options, *args: Any, **kwargs: Any) -> None:
+        unknown = [name for name in kwargs if name not in _FIELDS]
+        if unknown:
+            raise UnknownOption("; ".join(_unknown_option(name) for name in unknown))
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _unknown_option(name: str) -> str:
+    close = difflib.get_close_matches(name, sorted(_FIELDS), n=1, cutoff=0.6)
+    if close:
+        return f"unknown option {name!r}; did you mean {close[0]!r}?"
+    return f"unknown option {name!r}; the options are: {', '.join(sorted(_FIELDS))}"
+
+
+Options.__init__ = _refuse_unknown(Options.__init__)  # type: ignore[method-assign]
 
 
 def check_queue_name(name: object, what: str = "queue") -> str:

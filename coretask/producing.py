@@ -16,6 +16,8 @@ from .signing import Signer, signer_for, unsigned_pickle_problem
 
 __all__ = ["Producer"]
 
+EPOCH_FLOOR = 946684800      # 2000-01-01T00:00:00Z: a smaller number was meant as seconds from now
+
 
 class Producer:
     """Encoding, size limit, allow-list, signing and option checks for one Options, and the
@@ -73,6 +75,15 @@ class Producer:
         if isinstance(delay_until, datetime):
             return math.ceil(delay_until.timestamp() * 1000)
         if isinstance(delay_until, (int, float)) and not isinstance(delay_until, bool):
+            if not math.isfinite(delay_until):
+                raise ConfigurationError(f"delay_until={delay_until!r} is not a time; pass a timedelta from now, "
+                                         "an aware datetime or epoch seconds")
+            if delay_until < EPOCH_FLOOR:
+                # 30 meant "in 30 seconds", not 00:00:30 on 1 January 1970 (it would run at once)
+                raise ConfigurationError(
+                    f"delay_until={delay_until!r} is not an epoch time (it is before the year 2000); for a "
+                    f"delay from now pass a timedelta, e.g. delay_until=timedelta(seconds={delay_until!r}), "
+                    "or an aware datetime")
             return math.ceil(delay_until * 1000)
         raise ConfigurationError(f"delay_until must be a datetime, timedelta or epoch seconds, got {delay_until!r}")
 

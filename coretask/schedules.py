@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .cron import parse_cron
 from .errors import ConfigurationError
 from .models import ms_to_dt
-from .options import check_queue_name, check_tenant
+from .options import check_tenant
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -117,7 +117,7 @@ class Schedules:
         and computes the next tick afresh from the server clock."""
         sid = _check_id(data.id)
         check_tenant(data.tenant)
-        check_queue_name(data.queue)
+        self.options.check_enqueue_queue(data.queue, f"schedule {sid!r}: queue")
         if data.scope is not None and not isinstance(data.scope, str):
             raise ConfigurationError(f"ScheduleData.scope must be a string or None, got {data.scope!r}")
         seconds = bool(self.options.use_cron_seconds)

@@ -132,6 +132,10 @@ def _lookup(ref: str) -> Any:
     return obj
 
 
+ANY_ARGUMENTS = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL),
+                                   inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+
 @dataclass(frozen=True)
 class Target:
     """A resolved reference: how to get the callable, and what its parameters want."""
@@ -223,7 +227,9 @@ def describe(ref: str, obj: Callable[..., Any], owner: type | None = None) -> Ta
     try:
         sig = inspect.signature(obj)
     except (TypeError, ValueError):
-        sig = inspect.Signature()
+        # a callable whose signature cannot be read (time.sleep and other built-ins): any
+        # arguments are accepted at enqueue; the call itself says whether they fit
+        sig = ANY_ARGUMENTS
     try:
         hints = typing.get_type_hints(func)
     except Exception:

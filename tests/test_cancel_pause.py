@@ -157,9 +157,10 @@ def test_cancel_ends_process_of_blocked_task_after_grace_and_hands_back_others(p
     wait_until(lambda: all(r.llen(f"{plain}{i}:finished") for i in range(2)), 20, "handed-back tasks complete")
     for i in range(2):
         starts = [json.loads(x) for x in r.lrange(f"{plain}{i}:started", 0, -1)]
-        assert [(a, left) for a, left, _ in starts] == [(1, 2), (2, 2)]
+        # (ctx.retries_left: what is left should the attempt fail; retries=2 leaves 1 on both)
+        assert [(a, left) for a, left, _ in starts] == [(1, 1), (2, 1)]
         assert starts[1][2] == new[0].pid
-        assert [json.loads(x) for x in r.lrange(f"{plain}{i}:finished", 0, -1)] == [[2, 2]]
+        assert [json.loads(x) for x in r.lrange(f"{plain}{i}:finished", 0, -1)] == [[2, 1]]
     wait_until(lambda: processor.get_queue("default").in_flight == 0, 5, "acks")
     q = processor.get_queue("default")
     assert (q.queued, q.dead, q.delayed) == (0, 0, 0)
@@ -363,11 +364,12 @@ def test_pause_requeue_running_hands_tasks_back_without_a_retry(processor, embed
         assert (info.state, info.retries_left) == ("queued", 2)
     time.sleep(NEGATIVE_WINDOW)
     assert all(started(r, k) == 1 for k in keys)       # not run again while paused
-    # When resumed, they run again (attempt 2, retries left still 2) and complete
+    # When resumed, they run again (attempt 2, retries still untouched: ctx.retries_left, what is
+    # left should the attempt fail, is 1 on both attempts) and complete
     processor.resume()
     wait_until(lambda: all(r.llen(k + ":finished") for k in keys), 10, "tasks complete after resume")
     for k in keys:
-        assert [json.loads(x)[:2] for x in r.lrange(k + ":started", 0, -1)] == [[1, 2], [2, 2]]
+        assert [json.loads(x)[:2] for x in r.lrange(k + ":started", 0, -1)] == [[1, 1], [2, 1]]
     assert processor.get_queue("default").dead == 0
 
 

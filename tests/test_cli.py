@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -57,8 +60,9 @@ def columns_aligned(lines: list[str], header: str) -> None:
                 assert row[end - 1].isdigit() and (len(row) == end or row[end] == " "), (row, col)
 
 
-def test_status_and_queues(processor, embedded_worker, cli, prefix):
+def test_status_and_queues(make_processor, embedded_worker, cli, prefix):
     # Given a worker (heartbeat), a dead task, queued tasks in two queues, and queue low paused
+    processor = make_processor(queues=["default", "low"])
     processor.enqueue_task("default", "acme", tasks.always_fail, retries=0)
     embedded_worker(processor)
     wait_until(lambda: processor.get_queue("default").dead == 1 and processor.get_workers(), 10, "a dead task")
@@ -154,6 +158,120 @@ def test_batch_watch_shows_progress_until_finished(make_processor, embedded_work
     assert lines.returncode == 0 and len(docs) >= 3 and docs[-1]["state"] == "succeeded"
     assert all(d["total"] == d["done"] + d["failed"] + d["canceled"] + d["remaining"] for d in docs)
     assert [d["done"] for d in docs] == sorted(d["done"] for d in docs)
+
+
+def test_batch_watch_exits_1_when_the_batch_failed_or_was_canceled(processor, embedded_worker, cli, prefix):
+    # Given a batch with a task that fails (no retry) and a batch canceled while it runs
+    failed = processor.enqueue_batch("default", "acme", lambda b: (
+        b.enqueue(tasks.record, prefix + ":ok", 1), b.enqueue(tasks.always_fail, "planned", retries=0)))
+    canceled = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, "k", 1, delay_until=HOUR))
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_batch(failed).finished, 10, "the failing batch finished")
+    watch = cli.popen("batch", canceled, "--watch", "--interval", "0.05")
+    assert "0/1" in watch.stdout.readline()
+    processor.cancel_batch(canceled)
+    # When each is watched to its end, as text and as JSON lines
+    out, err = watch.communicate(timeout=30)
+    results = [cli("batch", failed, "--watch"), cli("--json", "batch", failed, "--watch"),
+               cli("batch", canceled, "--watch")]
+    # Then every watch exits 1, its last line naming the state, and ends with a newline
+    assert watch.returncode == 1 and out.rstrip("\n").splitlines()[-1].endswith("canceled"), (out, err)
+    assert [x.returncode for x in results] == [1, 1, 1], [(x.stdout, x.stderr) for x in results]
+    assert results[0].stdout.endswith("failed\n") and json.loads(results[1].stdout)["state"] == "failed"
+    assert results[2].stdout.endswith("canceled\n")
+    # while a batch that succeeded exits 0
+    good = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, prefix + ":ok", 2))
+    wait_until(lambda: processor.get_batch(good).finished, 10, "the good batch finished")
+    assert ok(cli("batch", good, "--watch")).endswith("succeeded\n")
+
+
+def test_batch_watch_on_a_terminal_redraws_one_cleared_line(make_processor, embedded_worker, cli, prefix):
+    import pty
+    # Given a batch of 6 tasks of 0.1 s, watched on a terminal
+    p = make_processor(max_workers=1)
+    batch_id = p.enqueue_batch("default", "acme", lambda b: [
+        b.enqueue(tasks.sleep_then_record, prefix + ":out", 0.1, i) for i in range(6)])
+    controller, terminal = pty.openpty()
+    env = dict(os.environ, CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps(FAST), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "coretask", "--app", "tests.app:processor", "batch", batch_id,
+                             "--watch", "--interval", "0.05"], cwd=ROOT, env=env, stdout=terminal,
+                            stderr=subprocess.PIPE)
+    os.close(terminal)
+    seen, deadline, working = b"", time.monotonic() + 30, False
+    while time.monotonic() < deadline:           # read until the process closes the terminal
+        if not select.select([controller], [], [], 0.5)[0]:
+            continue
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:                          # EIO: every writer is gone
+            break
+        if not chunk:
+            break
+        seen += chunk
+        if not working:                          # the first bar is drawn: now the work starts
+            embedded_worker(p)
+            working = True
+    assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    os.close(controller)
+    text = seen.decode().replace("\r\n", "\n")         # the terminal turns the final newline into CR LF
+    # Then every redraw returns to the start of the line and clears what a longer line left,
+    # and the output ends with one newline after the last bar
+    draws = text.split("\r")[1:]
+    assert len(draws) >= 2, text
+    assert all(d.startswith("[") and "\x1b[K" in d for d in draws), text
+    assert text.endswith("succeeded\x1b[K\n") and text.count("\n") == 1, repr(text)
+
+
+def test_times_are_shown_with_their_zone(processor, embedded_worker, cli, prefix):
+    from coretask import ScheduleData
+    # Given a finished batch, a dead task and a schedule
+    batch_id = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, prefix + ":x", 1))
+    processor.enqueue_task("default", "acme", tasks.always_fail, "planned", retries=0)
+    processor.upsert_schedule(ScheduleData("zoned", "acme", "default", None, "0 9 * * *", "Europe/Berlin"),
+                              tasks.record, prefix + ":x")
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_batch(batch_id).finished and processor.get_queue("default").dead == 1, 10,
+               "the batch finished and the task dead")
+    # When the batch, the dead letters, the batches and the schedules are shown
+    shown = {"batch": ok(cli("batch", batch_id)), "dead": ok(cli("dead", "default")),
+             "batches": ok(cli("batches", "acme")), "schedules": ok(cli("schedules", "acme"))}
+    # Then every time names its zone: UTC in the tables, an offset in JSON
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    for name, text in shown.items():
+        times = re.findall(stamp + r"(?: \w+)?", text)
+        assert times and all(t.endswith(" UTC") for t in times), (name, text)
+    for field in ("created:", "started:", "ended:"):
+        assert re.search(field + r"\s+" + stamp + " UTC", shown["batch"]), shown["batch"]
+    doc = json.loads(ok(cli("--json", "batch", batch_id)))
+    assert all(doc[f].endswith("+00:00") for f in ("created", "started", "ended")), doc
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(processor, cli, prefix):
+    # Given enough queues that status prints more than a pipe holds
+    many = make_many_queues(processor, 3000)
+    # When its reader stops after one line, in a shell pipeline
+    env = dict(os.environ, CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps(FAST), PYTHONPATH=str(ROOT))
+    cmd = f"{sys.executable} -m coretask --app tests.app:processor status | head -1"
+    res = subprocess.run(["sh", "-c", cmd], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    # Then the one line arrives and nothing is said about the broken pipe
+    assert res.returncode == 0 and res.stdout.startswith("redis:") and res.stdout.count("\n") == 1, res
+    assert res.stderr == "", res.stderr
+    # And when the reader is gone before anything is written: exit 141 (as SIGPIPE), no traceback
+    for args in (("status",), ("queues",), ("--json", "status")):
+        read, write = os.pipe()
+        os.close(read)
+        proc = subprocess.run([sys.executable, "-m", "coretask", "--app", "tests.app:processor", *args], cwd=ROOT,
+                              env=env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
+        os.close(write)
+        assert proc.returncode == 141 and proc.stderr == "", (args, proc.returncode, proc.stderr)
+    assert many == 3000
+
+
+def make_many_queues(processor: Any, n: int) -> int:
+    """n queues known to the prefix (each received a task that then left), in one pipeline."""
+    r = processor.gateway.transport.redis
+    r.sadd(processor.gateway.keys.queues, *[f"q{i:05d}" for i in range(n)])
+    return int(r.scard(processor.gateway.keys.queues))
 
 
 def test_dead_list_retry_and_discard(processor, embedded_worker, cli):

@@ -180,6 +180,75 @@ def test_bad_queue_tenant_or_enqueue_option_is_refused(processor, r, prefix):
     assert keys_under(r, prefix) == []
 
 
+def test_queue_outside_options_queues_is_refused_naming_the_known_queues(make_processor, r, prefix):
+    from coretask import ScheduleData
+    p = make_processor(queues=["high", "default"])
+    # When a task, a batch, a batch task, a continuation, an append or a schedule names a queue
+    # this processor's workers do not fetch (a typo, or a queue of another deployment)
+    attempts = {
+        "enqueue_task": lambda: p.enqueue_task("hgih", "acme", tasks.record, "k"),
+        "tenant view": lambda: p.tenant("acme").enqueue_task("low", tasks.record, "k"),
+        "enqueue_batch": lambda: p.enqueue_batch("low", "acme", lambda b: b.enqueue(tasks.record, "k")),
+        "batch.enqueue": lambda: p.enqueue_batch("default", "acme", lambda b: (
+            b.enqueue(tasks.record, "k", 1), b.enqueue(tasks.record, "k", 2, queue="low"))),
+        "continue_with": lambda: p.enqueue_batch("default", "acme", lambda b: (
+            b.enqueue(tasks.record, "k", 1), b.continue_with(tasks.record, "k", 2, queue="low"))),
+        "append_batch": lambda: p.append_batch("low", "acme", "some-batch", lambda b: b.enqueue(tasks.record, "k")),
+        "upsert_schedule": lambda: p.upsert_schedule(ScheduleData("s", "acme", "low", None, "* * * * *"),
+                                                     tasks.record, "k"),
+    }
+    for name, attempt in attempts.items():
+        with pytest.raises(ConfigurationError) as info:
+            attempt()
+        # Then each is refused, naming the queue, the known queues and the way out; nothing is written
+        text = str(info.value)
+        assert "is not in Options.queues ['high', 'default']" in text and "strict_queues=False" in text, (name, text)
+        assert ("'hgih'" in text and "did you mean 'high'?" in text) if name == "enqueue_task" else "'low'" in text
+        assert keys_under(r, prefix) == [], name
+    assert "schedule 's': queue 'low'" in str(pytest.raises(ConfigurationError, attempts["upsert_schedule"]).value)
+    # And a producer for another deployment's queues says so with strict_queues=False
+    other = make_processor(queues=["high", "default"], strict_queues=False)
+    tid = other.enqueue_task("low", "acme", tasks.record, "k")
+    batch = other.enqueue_batch("default", "acme", lambda b: (b.enqueue(tasks.record, "k", queue="low"),
+                                                              b.continue_with(tasks.record, "k", queue="low")))
+    assert other.upsert_schedule(ScheduleData("s", "acme", "low", None, "* * * * *"), tasks.record, "k")
+    assert other.get_task(tid).queue == "low" and other.get_queue("low").queued == 2
+    assert other.get_batch(batch).total == 1
+
+
+def test_a_number_too_small_for_an_epoch_time_as_delay_until_is_refused(processor, r, prefix):
+    # When delay_until is a number of seconds meant as "from now" (before the year 2000 as epoch time)
+    for value in (30, 0.5, 0, -1, 946684799):
+        with pytest.raises(ConfigurationError, match=r"is not an epoch time.*timedelta\(seconds=") as info:
+            processor.enqueue_task("default", "acme", tasks.record, "k", delay_until=value)
+        assert f"delay_until={value!r}" in str(info.value)
+        with pytest.raises(ConfigurationError, match="timedelta"):
+            processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, "k", delay_until=value))
+    with pytest.raises(ConfigurationError, match="is not a time"):
+        processor.enqueue_task("default", "acme", tasks.record, "k", delay_until=float("nan"))
+    # Then nothing was written, while an epoch time, a timedelta and a datetime are taken
+    assert keys_under(r, prefix) == []
+    soon = datetime.now(timezone.utc) + timedelta(hours=1)
+    for value in (soon.timestamp(), timedelta(seconds=30), soon, 946684800):
+        processor.enqueue_task("default", "acme", tasks.record, "k", delay_until=value)
+    q = processor.get_queue("default")
+    assert (q.delayed, q.queued) == (3, 1)          # 946684800 (1 January 2000) is due at once
+
+
+def test_callable_whose_signature_cannot_be_read_takes_any_arguments(processor, embedded_worker, r, prefix):
+    import time
+    # Given built-ins whose signature Python cannot read (time.sleep), enqueued with arguments
+    first = processor.enqueue_task("default", "acme", time.sleep, 0.01)
+    second = processor.enqueue_task("default", "acme", time.sleep, 0.01, "one too many")
+    # Then both are accepted (the call itself says whether the arguments fit) and the first runs
+    assert processor.get_task(first).target == "time:sleep"
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_queue("default").dead == 1 and processor.get_task(first) is None, 10,
+               "the first done, the second dead-lettered by its own TypeError")
+    (dead,) = processor.get_dead_tasks("default")
+    assert dead.id == second and dead.error_type == "TypeError"
+
+
 def test_payload_over_max_payload_bytes_is_refused_with_both_sizes(make_processor, r, prefix):
     p = make_processor(max_payload_bytes=200)
     p.enqueue_task("default", "acme", tasks.record, "k", "x" * 100)      # fits

@@ -171,44 +171,63 @@ def test_delayed_task_waits_in_the_delayed_set(processor, r, prefix):
 
 # ------------------------------------------------------------------- retries, dead letters
 
-def test_retries_wait_for_the_delays_then_dead_letter(make_processor, embedded_worker, r, prefix):
+def test_retries_follow_the_seed_table_then_dead_letter(make_processor, embedded_worker, r, prefix, caplog):
+    # The seed's example: retries=3 with the delay table {2: 5 s, 1: 60 s} waits 5 s after the
+    # first failure, 60 s after the second, and dead-letters at the third. Same shape, scaled
+    # down: {2: 0.3 s, 1: 1.0 s}.
     key = prefix + ":attempts"
-    delays = {3: 0.2, 2: 0.4, 1: 0.3}
+    delays = {2: 0.3, 1: 1.0}
     asked: list[tuple[str, int, int]] = []
+    failed: list[tuple[int, int, float]] = []       # (attempt, ctx.retries_left, when the failure was seen)
 
     def failed_delay(ctx: TaskContext, retries_left: int) -> timedelta:
         asked.append((ctx.task_id, retries_left, ctx.attempt))
         return timedelta(seconds=delays[retries_left])
 
-    p = make_processor(retries=3, on_task_failed_delay=failed_delay)
-    # Given a task that always fails, with 3 retries
+    def on_error(ctx: TaskContext, exc: BaseException) -> None:
+        failed.append((ctx.attempt, ctx.retries_left, time.time()))
+
+    p = make_processor(retries=3, on_task_failed_delay=failed_delay, on_task_error=on_error)
+    # Given a task that always fails, with retries=3
     tid = p.enqueue_task("default", "acme", tasks_extra.fail_times_timed, key, 100)
+    assert p.get_task(tid).retries_left == 3
     # When a worker runs it
-    embedded_worker(p)
-    wait_until(lambda: counts(p) == (0, 0, 0, 1), 10, "the task in the dead letter queue")
-    # Then it ran four times, each retry no earlier than the delay the callback gave
+    with caplog.at_level("WARNING", logger="coretask.worker.runner"):
+        embedded_worker(p)
+        wait_until(lambda: counts(p) == (0, 0, 0, 1), 15, lambda: f"the task dead-lettered: {failed}")
+    # Then it ran three times in all: the third failure dead-lettered it
     starts = [float(x) for x in lines(r, key)]
-    assert len(starts) == 4
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    for gap, wanted in zip(gaps, [0.2, 0.4, 0.3]):
-        assert gap >= wanted - 0.001, (gaps, wanted)          # server clock has 1 ms resolution
-    # And the callback was asked with the retries left before each retry (not after the last)
-    assert asked == [(tid, 3, 1), (tid, 2, 2), (tid, 1, 3)]
+    assert len(starts) == 3 and [f[0] for f in failed] == [1, 2, 3], (starts, failed)
+    # And each attempt started no earlier than its delay after the failure before it (the task
+    # body's clock and the server's are this machine's; the server's has 1 ms resolution)
+    assert starts[1] >= failed[0][2] + 0.3 - 0.002, (starts, failed)
+    assert starts[2] >= failed[1][2] + 1.0 - 0.002, (starts, failed)
+    # And the callback was asked with the retries left after each failure: 2, then 1, and not
+    # after the third; ctx.retries_left says the same during each attempt (0 on the last)
+    assert asked == [(tid, 2, 1), (tid, 1, 2)]
+    assert [f[1] for f in failed] == [2, 1, 0]
+    # And the worker logged each failure with its attempt, retries left and what comes next
+    logged = [rec.getMessage() for rec in caplog.records if tid in rec.getMessage() and "failed" in rec.getMessage()]
+    assert len(logged) == 3, logged
+    assert "failed on attempt 1" in logged[0] and "2 retries left, retrying in 0.3s" in logged[0]
+    assert "failed on attempt 2" in logged[1] and "1 retries left, retrying in 1s" in logged[1]
+    assert "failed on attempt 3" in logged[2] and "0 retries left, dead-lettered" in logged[2]
+    assert "RuntimeError: planned failure 3 of 100" in logged[2]
     # And the dead letter keeps the last error
     (dead,) = p.get_dead_tasks("default")
     assert (dead.id, dead.state, dead.retries_left, dead.target) == (tid, "dead", 0,
                                                                       "tests.tasks_extra:fail_times_timed")
     assert dead.error_type == "RuntimeError"
-    assert dead.error_message == "planned failure 4 of 100"
+    assert dead.error_message == "planned failure 3 of 100"
     assert "Traceback (most recent call last)" in dead.traceback
-    assert "fail_times_timed" in dead.traceback and "RuntimeError: planned failure 4 of 100" in dead.traceback
+    assert "fail_times_timed" in dead.traceback and "RuntimeError: planned failure 3 of 100" in dead.traceback
     assert dead.dead_at is not None and dead.dead_at >= dead.enqueued_at
     assert p.get_task(tid).error_type == "RuntimeError"
 
 
 def test_retry_without_delay_callback_is_immediate_and_counts_down(processor, embedded_worker, r, prefix):
     key = prefix + ":n"
-    tid = processor.enqueue_task("default", "acme", tasks.fail_times, key, 2, retries=2)
+    tid = processor.enqueue_task("default", "acme", tasks.fail_times, key, 2, retries=3)   # 3 attempts may fail
     embedded_worker(processor)
     wait_until(lambda: r.llen(key + ":ok") == 1, 10, "success on the third attempt")
     assert lines(r, key + ":ok") == ["3"]
@@ -218,15 +237,15 @@ def test_retry_without_delay_callback_is_immediate_and_counts_down(processor, em
 
 def test_retry_dead_tasks_then_succeeds(make_processor, embedded_worker, r, prefix):
     key = prefix + ":n"
-    p = make_processor(retries=1)
-    # Given a task that fails 3 times, with 1 retry: dead after attempt 2
+    p = make_processor(retries=2)
+    # Given a task that fails 3 times, with retries=2: dead after attempt 2
     tid = p.enqueue_task("default", "acme", tasks.fail_times, key, 3)
     embedded_worker(p)
     wait_until(lambda: counts(p) == (0, 0, 0, 1), 10, "dead after two attempts")
     assert r.get(key) == b"2"
     assert p.retry_dead_tasks("other") == 0
-    # When it is retried from the dead letter queue with one retry
-    assert p.retry_dead_tasks("default", retries=1) == 1
+    # When it is retried from the dead letter queue with retries=2 (two more attempts)
+    assert p.retry_dead_tasks("default", retries=2) == 1
     # Then attempt 3 fails, attempt 4 succeeds, and nothing is left
     wait_until(lambda: r.llen(key + ":ok") == 1, 10, "success after the dead-letter retry")
     assert lines(r, key + ":ok") == ["4"]
@@ -261,7 +280,7 @@ def test_retry_and_discard_dead_tasks_oldest_first(processor, r, prefix):
 
 def test_deadletter_false_discards_exhausted_tasks(make_processor, embedded_worker, r, prefix):
     errors: list[tuple[str, int]] = []
-    p = make_processor(deadletter=False, retries=1, on_task_error=lambda ctx, exc: errors.append((ctx.task_id,
+    p = make_processor(deadletter=False, retries=2, on_task_error=lambda ctx, exc: errors.append((ctx.task_id,
                                                                                                  ctx.attempt)))
     tid = p.enqueue_task("default", "acme", tasks.always_fail, "gone")
     embedded_worker(p)
@@ -276,7 +295,7 @@ def test_on_task_error_receives_context_and_exception(make_processor, embedded_w
     seen: list[tuple] = []
     p = make_processor(on_task_error=lambda ctx, exc: seen.append(
         (ctx.task_id, ctx.tenant, ctx.queue, ctx.attempt, ctx.retries_left, ctx.target, type(exc), exc.args)))
-    tid = p.enqueue_task("default", "acme", tasks_extra.boom, "no such key", retries=1)
+    tid = p.enqueue_task("default", "acme", tasks_extra.boom, "no such key", retries=2)
     embedded_worker(p)
     wait_until(lambda: len(seen) == 2, 10, "two on_task_error calls")
     target = "tests.tasks_extra:boom"
@@ -295,7 +314,7 @@ def test_hooks_that_raise_do_not_lose_tasks(make_processor, embedded_worker, r, 
             raise RuntimeError(f"hook {name} is broken")
         return hook
 
-    p = make_processor(retries=1, on_task_start=raiser("start"), on_task_end=raiser("end"),
+    p = make_processor(retries=2, on_task_start=raiser("start"), on_task_end=raiser("end"),
                        on_task_error=raiser("error"), on_task_failed_delay=raiser("delay"))
     ok_key, flaky_key = prefix + ":ok", prefix + ":flaky"
     # Given a task that succeeds, one that fails once, and one that always fails
@@ -437,9 +456,10 @@ def test_expired_lease_is_redelivered_and_consumes_a_retry(make_processor, embed
     # When another worker runs (with invisibility=1 s)
     embedded_worker(p)
     wait_until(lambda: r.llen(key) == 1, 10, "the redelivered task")
-    # Then the task ran again only after the lease expired, with one retry consumed
+    # Then the task ran again only after the lease expired, with one retry consumed: 2 left, so
+    # the attempt it runs now leaves 1 should it fail
     ran = json.loads(lines(r, key)[0])
-    assert (ran["id"], ran["attempt"], ran["retries_left"]) == (tid, 2, 2)
+    assert (ran["id"], ran["attempt"], ran["retries_left"]) == (tid, 2, 1)
     assert ran["t"] >= leased_at + 1.0 - 0.001
     wait_until(lambda: counts(p) == (0, 0, 0, 0), 5, "counters back to zero")
     assert r.scard(k.worker("vanished-worker")) == 0

@@ -109,7 +109,7 @@ def test_a_succeeding_task_sees_before_task_then_after_task_with_its_result(make
 def test_a_failing_task_gives_on_retry_then_on_dead_and_failed_each_time(make_processor, embedded_worker,
                                                                          prefix):
     rec = tm.Recorder()
-    p = make_processor(middleware=[rec], retries=1)
+    p = make_processor(middleware=[rec], retries=2)      # two attempts may fail
     tid = p.enqueue_task("default", "acme", tm.fail, prefix, "it broke")
     embedded_worker(p)
     wait_until(lambda: rec.calls("after_task", tid) and len(rec.calls("after_task", tid)) == 2, 10,
@@ -129,7 +129,7 @@ def test_a_failing_task_gives_on_retry_then_on_dead_and_failed_each_time(make_pr
 
 def test_on_retry_gets_the_delay_from_on_task_failed_delay(make_processor, embedded_worker, prefix):
     rec = tm.Recorder()
-    p = make_processor(middleware=[rec], retries=1, on_task_failed_delay=lambda ctx, left: 0.2)
+    p = make_processor(middleware=[rec], retries=2, on_task_failed_delay=lambda ctx, left: 0.2)
     tid = p.enqueue_task("default", "acme", tm.fail_first, prefix, 1)
     embedded_worker(p)
     wait_until(lambda: "succeeded" in outcomes(rec, tid), 10, "the second attempt")
@@ -300,7 +300,7 @@ def test_the_options_hooks_still_work_and_async_ones_are_awaited(make_processor,
         await asyncio.sleep(0.01)
         return timedelta(seconds=1)
 
-    p = make_processor(retries=1, on_task_start=on_task_start, on_task_end=hook("end"),
+    p = make_processor(retries=2, on_task_start=on_task_start, on_task_end=hook("end"),
                        on_task_error=hook("error"), on_batch_end=hook("batch_end"),
                        on_task_failed_delay=failed_delay)
     ids: list[str] = []

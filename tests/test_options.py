@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from coretask import ConfigurationError, CoreTaskError, Options, TaskProcessor
+from coretask import ConfigurationError, CoreTaskError, Options, TaskProcessor, UnknownOption
 from coretask.options import redact_url
 from tests import tasks
 
@@ -38,6 +38,7 @@ BAD = [
     pytest.param(dict(queues=["x" * 101]), ["Options.queues", "1-100 characters"], id="queues=too-long"),
     pytest.param(dict(queues=["high", "low", "high"]), ["Options.queues", "twice", "'high'"], id="queues=duplicate"),
     pytest.param(dict(serializer="pickle"), ["Options.serializer", "json", "dill", "'pickle'"], id="serializer=pickle"),
+    pytest.param(dict(strict_queues="yes"), ["Options.strict_queues", "True or False", "'yes'"], id="strict_queues"),
     pytest.param(dict(serializer=object()), ["Options.serializer", "name", "dumps", "loads"], id="serializer=object"),
     pytest.param(dict(redis="http://x"), ["Options.redis", "redis://", "rediss://", "unix://", "http://x"],
                  id="redis=http"),
@@ -131,6 +132,24 @@ def test_replace_validates_again_and_keeps_the_original():
 def test_unknown_option_is_a_type_error():
     with pytest.raises(TypeError, match="no_such_option"):
         Options(no_such_option=1)
+
+
+def test_a_misspelt_option_names_the_option_meant():
+    # When an option is misspelt, in Options, in replace() or in TaskProcessor's keywords
+    for make in (lambda: Options(retrys=3), lambda: Options().replace(retrys=3),
+                 lambda: TaskProcessor(redis="redis://127.0.0.1:1/0", retrys=3)):
+        with pytest.raises(UnknownOption) as info:
+            make()
+        # Then the error says which one was meant, and is a ConfigurationError and a TypeError
+        assert str(info.value) == "unknown option 'retrys'; did you mean 'retries'?"
+        assert isinstance(info.value, ConfigurationError) and isinstance(info.value, TypeError)
+    with pytest.raises(UnknownOption, match="unknown option 'queue'; did you mean 'queues'?"):
+        Options(queue=["high"])
+    # And a name like no option lists them all
+    with pytest.raises(UnknownOption, match="unknown option 'flavour'; the options are: .*retries.*strict_queues"):
+        Options(flavour="blue")
+    with pytest.raises(UnknownOption, match="'retrys'; did you mean 'retries'.*'prefx'; did you mean 'prefix'"):
+        Options(retrys=3, prefx="{x}")
 
 
 def test_task_processor_from_options_or_keywords(server, prefix, r):

@@ -1,5 +1,6 @@
 """Reconnection: a worker outlives its Redis restarting and its pub/sub connection being killed;
-a producer fails fast (redis' ConnectionError) while Redis is down; WAIT on a master+replica.
+a producer fails fast (StoreUnavailable, naming the masked URL) while Redis is down; WAIT on a
+master+replica.
 
 Each test starts a server of its own from the binary of the server under test (Redis 7 under
 --server cluster), since it kills or restarts it. Every wait polls with a deadline.
@@ -17,8 +18,8 @@ import psutil
 import pytest
 import redis
 
-from coretask import Options, ReplicationError
-from coretask.embedded.servers import RedisServer
+from coretask import CoreTaskError, Options, ReplicationError, ScheduleData, StoreError, StoreUnavailable
+from coretask.embedded.servers import RedisServer, free_port
 from tests.conftest import FAST, worker_processes
 from tests.tasks_servers import Manager, note, read_notes, wait_until
 
@@ -84,11 +85,14 @@ def test_worker_survives_redis_restart_and_no_acknowledged_task_is_lost(
         log = manager.log()
         check_backoff(backoff_delays(log, "pub/sub connection lost"))
         check_backoff(backoff_delays(log, "Redis call failed"))
+        # and it said once, at INFO, that the connection came back and after how long
+        back = re.findall(r"INFO .*Redis connection back after ([0-9.]+)s lost", log)
+        assert len(back) == 1 and float(back[0]) > 0, back
     finally:
         manager.stop()
 
 
-def test_producer_fails_fast_with_connection_error_while_redis_is_down(
+def test_producer_fails_fast_with_store_unavailable_while_redis_is_down(
         own_server: Callable[..., RedisServer], processor_on: Any, tmp_path: Path) -> None:
     server = own_server()
     p = processor_on(server.url, new_prefix())
@@ -98,12 +102,36 @@ def test_producer_fails_fast_with_connection_error_while_redis_is_down(
                  lambda: p.enqueue_batch("default", "acme", lambda b: b.enqueue(note, "x", "y")),
                  lambda: p.get_queue("default")):
         began = time.monotonic()
-        with pytest.raises(redis.ConnectionError, match=f"{server.port}"):
+        with pytest.raises(StoreUnavailable, match=f"redis://127.0.0.1:{server.port}/0 cannot be reached") as info:
             call()
         assert time.monotonic() - began < 3.0     # pinned retries: 0.1 + 0.2 + 0.4 s, no hang
+        assert isinstance(info.value.__cause__, redis.ConnectionError)      # redis-py's error, kept as the cause
     server.restart()                                # (no AOF: it comes back empty)
     p.enqueue_task("default", "acme", note, str(tmp_path / "n"), "again")   # the same object recovers
     assert p.get_queue("default").queued == 1
+
+
+def test_unreachable_redis_is_store_unavailable_naming_the_masked_url(processor_on: Any) -> None:
+    # Given a processor whose URL, with a password, points at a port where nothing listens
+    port = free_port()
+    p = processor_on(f"redis://:s3cret-pw@127.0.0.1:{port}/0", new_prefix())
+    # When it enqueues, builds a batch, upserts a schedule, reads or pauses
+    calls = {"enqueue_task": lambda: p.enqueue_task("default", "acme", note, "x", "y"),
+             "enqueue_batch": lambda: p.enqueue_batch("default", "acme", lambda b: b.enqueue(note, "x", "y")),
+             "upsert_schedule": lambda: p.upsert_schedule(ScheduleData("s", "acme", "default", None, "* * * * *"),
+                                                          note, "x", "y"),
+             "get_queues": p.get_queues, "get_batch": lambda: p.get_batch("b"), "pause": p.pause}
+    for name, call in calls.items():
+        with pytest.raises(StoreUnavailable) as info:
+            call()
+        # Then each raises StoreUnavailable, a coretask error, naming the URL with its password masked
+        # and what to check, with redis-py's error as the cause
+        text = str(info.value)
+        assert isinstance(info.value, StoreError) and isinstance(info.value, CoreTaskError), name
+        assert f"redis://:***@127.0.0.1:{port}/0 cannot be reached" in text, (name, text)
+        assert "s3cret-pw" not in text and "check that the server is running" in text, (name, text)
+        assert info.value.url == f"redis://:***@127.0.0.1:{port}/0"
+        assert isinstance(info.value.__cause__, (redis.ConnectionError, redis.TimeoutError)), name
 
 
 # ---------------------------------------------------------------------------------- pub/sub

@@ -159,7 +159,7 @@ def test_pause_holds_ticks_and_resume_catches_up_once(make_processor, embedded_w
 # ------------------------------------------------------------------------------------ API
 
 def test_upsert_replaces_cron_and_target(make_processor, embedded_worker, r, prefix):
-    p = make_processor(use_cron_seconds=True)
+    p = make_processor(use_cron_seconds=True, queues=["default", "low"])
     old, new = prefix + ":old", prefix + ":new"
     assert p.upsert_schedule(ScheduleData("job", "acme", "default", "v1", "0 0 0 1 1 *"), tasks_sched.mark, old, "a")
     v1 = p.get_schedule("job")
@@ -212,7 +212,7 @@ def test_trigger_runs_now_without_moving_the_next_tick(make_processor, embedded_
 
 
 def test_get_schedules_and_count(make_processor):
-    p = make_processor()
+    p = make_processor(queues=["default", "low"])
     before = datetime.now(timezone.utc)
     for sid in ("b", "a", "c"):
         p.upsert_schedule(ScheduleData(sid, "acme", "default", f"scope {sid}", "0 9 * * MON-FRI", "Europe/Berlin",
@@ -273,12 +273,12 @@ def test_invalid_zone_and_target_raise_at_upsert(make_processor):
 
 @pytest.mark.parametrize("deadletter_schedules", [False, True])
 def test_deadletter_schedules(make_processor, embedded_worker, r, prefix, deadletter_schedules):
-    p = make_processor(retries=1, deadletter=True, deadletter_schedules=deadletter_schedules)
+    p = make_processor(retries=2, deadletter=True, deadletter_schedules=deadletter_schedules)   # two attempts
     key = prefix + ":attempts"
     p.upsert_schedule(ScheduleData("f", "acme", "default", None, YEARLY), tasks_sched.fail_always, key)
     p.trigger_schedule("f")
     run_id = p.get_schedule("f").last_task_id
-    plain_id = p.enqueue_task("default", "acme", tasks_sched.fail_always, key + ":plain", retries=1)
+    plain_id = p.enqueue_task("default", "acme", tasks_sched.fail_always, key + ":plain", retries=2)
     embedded_worker(p)
     wait_until(lambda: r.get(key) == b"2" and r.get(key + ":plain") == b"2", 10, "both tasks tried twice")
     wait_until(lambda: p.get_queue("default").in_flight == 0, 10, "failures recorded")

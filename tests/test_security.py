@@ -224,7 +224,7 @@ def test_signed_tasks_run_on_every_path(make_processor, embedded_worker, r, pref
     # a schedule (triggered, and ticking), a TaskData, and a dill lambda (another queue)
     ids = [p.enqueue_task("default", "acme", ts.note, out, "plain"),
            p.enqueue_task("default", "acme", ts.note, out, "delayed", delay_until=timedelta(seconds=0.3)),
-           p.enqueue_task("default", "acme", ts.fail_first, out, "retried", retries=1),
+           p.enqueue_task("default", "acme", ts.fail_first, out, "retried", retries=2),
            p.enqueue_task("default", "acme", TaskData("topic", b"data"))]
     r.set(flag, 1)
     dead_then_retried = p.enqueue_task("low", "acme", ts.fail_while, flag, out, "dead-retried", retries=0)
@@ -353,7 +353,8 @@ def test_key_rotation_old_key_verifies_new_key_signs(make_processor, embedded_wo
     # And, once the old key is retired, a worker holding only the new key runs new signatures
     # and refuses old ones
     late_old = old.enqueue_task("rotated", "acme", ts.note, out, "late-old")
-    late_new = make_processor(signing_key=[NEW, OLD]).enqueue_task("rotated", "acme", ts.note, out, "late-new")
+    late_new = make_processor(signing_key=[NEW, OLD], queues=["rotated"]).enqueue_task("rotated", "acme", ts.note, out,
+                                                                                      "late-new")
     embedded_worker(rotated)
     wait_until(lambda: rotated.get_queue("rotated").dead == 1 and len(values(r, out)) == 4, 10, "late tasks")
     assert_refused(r, rotated, dead_by_id(rotated, "rotated"), late_old, "does not match")
@@ -603,8 +604,8 @@ def test_redis_password_never_appears_in_logs_output_or_errors(r, prefix, tmp_pa
 
 # ------------------------------------------------------------------------ tenant isolation
 
-def test_tenant_view_reaches_nothing_of_another_tenant(processor, r, prefix):
-    p = processor
+def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix):
+    p = make_processor(queues=["default", "low"])
     out = prefix + ":out"
     a, b = p.tenant("a"), p.tenant("b")
     # Given tenant b's batch (a delayed task and a continuation), schedule, queued task and dead letter

@@ -154,7 +154,7 @@ def test_retried_and_delayed_tasks_stay_fair(make_processor, embedded_worker, r,
 
     # When a task of B fails three times (each retry going back to B's list at once); the
     # list's length once enqueue_task returned bounds the tasks that ran before it from above
-    p.enqueue_task("default", "B", tt.step_fail, key, "B", 3, retries=3)
+    p.enqueue_task("default", "B", tt.step_fail, key, "B", 3, retries=4)     # 4 attempts may fail
     mark = r.llen(key)
     wait_until(lambda: "B#4" in lines(r, key), 10, "B's fourth attempt")
     # Then every attempt ran within 3 tasks of the previous one
@@ -167,7 +167,7 @@ def test_retried_and_delayed_tasks_stay_fair(make_processor, embedded_worker, r,
     when = time.time() + 0.3
     for i in range(10):
         p.enqueue_task("default", "D", tt.step, key, f"D{i}", delay_until=when)
-    p.enqueue_task("default", "C", tt.step_fail, key, "C", 1, retries=1)
+    p.enqueue_task("default", "C", tt.step_fail, key, "C", 1, retries=2)
     wait_until(lambda: {f"D{i}" for i in range(10)} | {"C#2"} <= set(lines(r, key)), 10, "D's tasks and C's retry")
     # Then D's tasks ran interleaved with A's (alternating), and neither D nor C's retry waited
     # for A's backlog, which is still queued
@@ -193,7 +193,7 @@ def test_every_way_back_to_ready_goes_through_the_tenants_list(processor, r):
     p = processor
     # Given tenant A with 30 ready tasks and tenant B with one
     p.enqueue_batch("default", "A", lambda b: [b.enqueue(tasks.count, "x") for _ in range(30)])
-    b_id = p.enqueue_task("default", "B", tasks.count, "x")
+    b_id = p.enqueue_task("default", "B", tasks.count, "x", retries=4)   # 3 failures and a recovery below
 
     def fetch_two_expecting_b(why: str) -> dict[str, str]:
         got = fetch_as(p, "w1", 2)
@@ -301,8 +301,8 @@ def test_tenant_concurrency_caps_each_tenant_across_processes_without_blocking_o
     wait_until(lambda: trun(r, p, "acme") == 0, 5, "acme's running count back to 0")
 
 
-def test_tenant_slots_are_released_on_every_exit_path(processor, r):
-    p = processor
+def test_tenant_slots_are_released_on_every_exit_path(make_processor, r):
+    p = make_processor(queues=["default", "low"])
     k = p.gateway.keys
 
     def check(tenant: str, n: int) -> None:
@@ -446,8 +446,8 @@ def test_paused_tenant_stays_queued_in_every_queue_while_others_run(make_process
 
 # ------------------------------------------------------------------------- tenant view
 
-def test_tenant_view_cannot_see_or_change_another_tenants_work(processor, r, prefix):
-    p = processor
+def test_tenant_view_cannot_see_or_change_another_tenants_work(make_processor, r, prefix):
+    p = make_processor(queues=["default", "low"])
     out = prefix + ":out"
     acme, globex = p.tenant("acme"), p.tenant("globex")
     assert isinstance(acme, TenantView) and acme.tenant == "acme" and repr(acme) == "<TenantView 'acme'>"
@@ -626,8 +626,8 @@ def ok(res: subprocess.CompletedProcess[str]) -> str:
     return res.stdout
 
 
-def test_cli_tenants_and_tenant(processor, r, prefix):
-    p = processor
+def test_cli_tenants_and_tenant(make_processor, r, prefix):
+    p = make_processor(queues=["default", "low"])
     # Given acme with 3 queued tasks in default and 1 in low, one running, one dead, a batch,
     # paused and limited to 4; globex with one queued task; and initech with only a schedule
     for _ in range(3):

@@ -15,7 +15,7 @@ import pytest
 import redis
 import redis.commands.core
 
-from coretask import TaskProcessor
+from coretask import StoreUnavailable, TaskProcessor
 from coretask.embedded.servers import RedisServer
 from tests.conftest import FAST, ROOT
 from tests.tasks_servers import (
@@ -155,9 +155,9 @@ def test_tls_with_client_certificates_end_to_end(own_server: Callable[..., Redis
 
     # a client that does not trust the CA is refused (and does not hang)
     untrusted = processor_on(f"rediss://127.0.0.1:{server.port}/0?ssl_cert_reqs=required", new_prefix())
-    with pytest.raises(redis.ConnectionError, match="(?i)certificate verify failed"):
+    with pytest.raises(StoreUnavailable, match="(?i)certificate verify failed"):
         untrusted.get_queue("default")
     # nor does plain TCP reach it
     plain = processor_on(f"redis://127.0.0.1:{server.port}/0", new_prefix(), wait_replicas=0)
-    with pytest.raises(redis.ConnectionError):
+    with pytest.raises(StoreUnavailable):
         plain.get_queue("default")

@@ -550,6 +550,27 @@ def test_backoff_waits_the_current_delay_on_stop() -> None:
     assert waits == pytest.approx([0.1, 0.2, 0.1])
 
 
+def test_connected_logs_once_when_a_lost_connection_comes_back(caplog: pytest.LogCaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import coretask.worker.maintenance as maintenance
+    m, _ = make_maintenance()
+    clock = [100.0]
+    monkeypatch.setattr(maintenance, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    stop = SimpleNamespace(wait=lambda delay: None)
+    with caplog.at_level(logging.INFO, logger="coretask.worker.maintenance"):
+        m.connected()                            # never lost: nothing to say
+        m.backoff(stop)                          # type: ignore[arg-type]
+        clock[0] += 2.5
+        m.backoff(stop)                          # type: ignore[arg-type]
+        clock[0] += 4.0
+        m.connected()                            # back after 6.5 s: one line
+        m.connected()
+        m.connected()
+    lines = [rec.getMessage() for rec in caplog.records if "connection back" in rec.getMessage()]
+    assert lines == ["worker w1: Redis connection back after 6.5s lost"]
+    assert all(rec.levelno == logging.INFO for rec in caplog.records if "connection back" in rec.getMessage())
+
+
 def test_backoff_makes_the_unreceived_timer_due_at_once(caplog: pytest.LogCaptureFixture) -> None:
     gateway = MaintenanceGateway(
         leased={"a", "b", "c", "d", "e", "f"},

@@ -9,14 +9,15 @@ snapshot a few milliseconds old is fine for the CLI and a dashboard.
 """
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from ..options import Options
 from .keys import Keys
 from .records import (Ack, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Recovered, Release,
                       TickResult, parse_fetch_reply)
-from .transport import InFlight, Transport
+from .transport import InFlight, Transport, translated
 
 __all__ = ["Gateway"]
 
@@ -33,8 +34,23 @@ def _decoded(values: Any) -> list[str]:
     return [v.decode() for v in values]
 
 
+_C = TypeVar("_C", bound=type)
+
+
+def _connection_errors_translated(cls: _C) -> _C:
+    """Every public method raises StoreUnavailable, never redis-py's ConnectionError or
+    TimeoutError, when Redis cannot be reached (scripts are translated by the transport; this
+    covers the reads, which use the client directly, and methods added later)."""
+    for name, fn in list(vars(cls).items()):
+        if inspect.isfunction(fn) and not name.startswith("_"):
+            setattr(cls, name, translated(fn))
+    return cls
+
+
+@_connection_errors_translated
 class Gateway:
-    """The one door to Redis for one prefix. Thread-safe, as its transport is."""
+    """The one door to Redis for one prefix. Thread-safe, as its transport is. Connection
+    errors surface as StoreUnavailable naming the server's masked URL."""
 
     def __init__(self, options: Options, transport: Transport | None = None) -> None:
         self.options = options

@@ -20,7 +20,9 @@ class Leased:
     """One task a fetch leased to a worker process. ``token`` is the lease token (the attempt
     number as text) that every acknowledgement must present; ``batch_fields`` is the batch's
     hash (flat field/value list) when the reply carried it with this task's batch; ``signature``
-    and ``stored_tenant`` are checked by coretask.signing.TaskGuard before anything is decoded."""
+    and ``stored_tenant`` are checked by coretask.signing.TaskGuard before anything is decoded.
+    ``retries_left`` is the task's field r as stored: the attempts it may still fail, this one
+    included (the worker's ``ctx.retries_left`` is one less: what is left should this one fail)."""
 
     id: str
     token: str

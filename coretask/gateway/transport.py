@@ -7,14 +7,15 @@ SCRIPT FLUSH, failover to a replica that never saw them).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -23,7 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..errors import ReplicationError, ScriptError, StoreError, StoreFull
+from ..errors import ReplicationError, ScriptError, StoreError, StoreFull, StoreUnavailable
 from ..options import Options, redact_url
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,34 @@ def _load_scripts() -> dict[str, Script]:
 
 SCRIPTS = _load_scripts()
 
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError)     # redis-py's: turned into StoreUnavailable
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def unavailable(url: str, exc: BaseException) -> StoreUnavailable:
+    """redis-py's connection error as a StoreUnavailable that names the server (password masked)
+    and what to check."""
+    return StoreUnavailable(
+        f"Redis at {url} cannot be reached ({type(exc).__name__}: {redact_url(str(exc))}); check that "
+        "the server is running and reachable from this machine (host, port, firewall), and the URL's "
+        "password, database and TLS settings (Options.redis)", url=url)
+
+
+def translated(method: _F) -> _F:
+    """Decorate a method of an object with a ``url`` (the masked server URL): redis-py's
+    ConnectionError / TimeoutError leave it as StoreUnavailable, with the original as cause.
+    The one translation of connection errors: the transport's script calls and every public
+    method of the gateway (its reads) go through it."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except UNREACHABLE as exc:
+            raise unavailable(self.url, exc) from exc
+
+    return call  # type: ignore[return-value]
+
 
 def connect(options: Options, **overrides: Any) -> redis.Redis:
     """A client for the configured server or cluster. Binary replies: payloads are bytes.
@@ -99,6 +128,7 @@ class Transport:
         self._idle: list[Any] = []      # see _checkout
         self._pid = os.getpid()
 
+    @translated
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any], *, durable: bool = False) -> Any:
         """Run one script. ``durable``: with Options.wait_replicas > 0, WAIT for that many replicas
         to acknowledge the write (ReplicationError when fewer did within wait_timeout)."""
@@ -173,6 +203,7 @@ class Transport:
             pool = self.redis.connection_pool
             return pool.get_connection("EVALSHA") if _POOL_WANTS_NAME else pool.get_connection()
 
+    @translated
     def send(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> InFlight:
         """Send one script call and return without its reply, so that the caller can prepare
         the next call while Redis runs this one (batch staging). Read it with InFlight.result()
@@ -196,6 +227,7 @@ class Transport:
         flight.conn = conn
         return flight
 
+    @translated
     def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Several script calls in one round trip (a pipeline, not a transaction); each call that
         met NOSCRIPT is run again on its own after loading, never the ones that succeeded."""

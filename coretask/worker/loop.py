@@ -140,9 +140,11 @@ class Loop:
 
     def _admit(self, reply: FetchReply) -> int:
         gateway = self.gateway
+        # ctx.retries_left: the retries left should this attempt fail (what on_task_failed_delay
+        # is then asked with; 0 on the last attempt); the stored count includes this attempt
         tasks = [Task(leased.id, leased, TaskContext(
             task_id=leased.id, queue=leased.queue, tenant=leased.tenant, target=leased.target,
-            attempt=leased.attempt, retries_left=leased.retries_left, enqueued_ms=leased.enqueued_ms,
+            attempt=leased.attempt, retries_left=max(leased.retries_left - 1, 0), enqueued_ms=leased.enqueued_ms,
             batch_id=leased.batch_id, batch_fields=leased.batch_fields, gateway=gateway))
             for leased in reply.tasks]
         if tasks:

@@ -54,6 +54,7 @@ class Maintenance:
         now = time.monotonic()
         self.due = {name: now for name in self.intervals}
         self.delay = BACKOFF_START
+        self.lost_since: float | None = None    # monotonic time of the first failed call in a row
 
     def tick(self) -> float:
         """Run what is due; return seconds until the next timer."""
@@ -78,11 +79,18 @@ class Maintenance:
     # ------------------------------------------------------------------------ Redis errors
 
     def backoff(self, stop: threading.Event) -> None:
+        if self.lost_since is None:
+            self.lost_since = time.monotonic()
         self.due["unreceived"] = 0.0    # a fetch may have run without its reply reaching us
         stop.wait(self.delay)
         self.delay = min(self.delay * 2, BACKOFF_MAX)
 
     def connected(self) -> None:
+        """A call succeeded: after failures, one INFO line saying for how long Redis was lost."""
+        if self.lost_since is not None:
+            log.info("worker %s: Redis connection back after %.1fs lost", self.worker_id,
+                     time.monotonic() - self.lost_since)
+            self.lost_since = None
         self.delay = BACKOFF_START
 
     # ------------------------------------------------------------------------------ timers

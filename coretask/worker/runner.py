@@ -150,11 +150,17 @@ class Runner:
     def _failed(self, task: Task, error: BaseException, duration_ms: int) -> None:
         chain = self.chain
         ctx = task.ctx
+        # ctx.retries_left: the retries left after this failure (0: it was the last attempt)
         delay = chain.retry_delay(ctx, ctx.retries_left) if ctx.retries_left > 0 else None
+        if ctx.retries_left <= 0:
+            then = "dead-lettered" if self.options.deadletter else "discarded (deadletter=False)"
+        else:
+            then = f"retrying in {delay.total_seconds():g}s" if delay is not None else "retrying at once"
         THROTTLE.log(("failed", task.target, type(error).__name__), logging.WARNING,
                      f"tasks of {task.target} failed with {type(error).__name__}",
-                     "task %s %s failed after %d ms: %s: %s", task.id, task.target, duration_ms,
-                     type(error).__name__, error)
+                     "task %s %s failed on attempt %d after %d ms: %s: %s; %d retries left, %s", task.id,
+                     task.target, ctx.attempt, duration_ms, type(error).__name__, _message(error),
+                     ctx.retries_left, then)
         if ctx.retries_left > 0:
             if chain.on_retry:
                 chain.on_retry(ctx, error, delay)
@@ -256,6 +262,13 @@ def _failure(task: Task, error: BaseException, duration_ms: int, *, delay_ms: in
              bury: bool = False) -> Failure:
     etype, message, tb = format_error(error)
     return Failure(task.id, task.token, etype, message, tb, duration_ms, delay_ms=delay_ms, bury=bury)
+
+
+def _message(exc: BaseException) -> str:
+    try:
+        return str(exc)[:500]
+    except Exception:   # a failing __str__ must not keep the failure from being logged
+        return f"<unprintable {type(exc).__name__} object>"
 
 
 def format_error(exc: BaseException) -> tuple[str, str, str]:

@@ -39,8 +39,8 @@ def test_base_exceptions_are_failures_and_the_worker_threads_survive(processor, 
     kinds = ["SystemExit", "KeyboardInterrupt", "exit", "PlannedBaseException"]
 
     # When tasks raise SystemExit, KeyboardInterrupt, sys.exit("...") and a BaseException
-    # subclass of their own (1 retry each)
-    ids = {kind: processor.enqueue_task("default", "acme", tf.raise_base, key, kind, retries=1) for kind in kinds}
+    # subclass of their own (retries=2: two attempts each)
+    ids = {kind: processor.enqueue_task("default", "acme", tf.raise_base, key, kind, retries=2) for kind in kinds}
 
     # Then each is retried once, then dead-lettered with its exception, like any failure
     wait_until(lambda: counts(processor) == (0, 0, 0, 4), 20, "four dead letters")
@@ -90,9 +90,9 @@ def test_exceptions_whose_str_fails_are_dead_lettered_with_a_placeholder(process
     (child,) = m.wait_children(1)
 
     # When tasks raise an exception whose __str__ (and __repr__) raise, and one whose __str__
-    # returns a non-string (1 retry each)
-    a = processor.enqueue_task("default", "acme", tf.raise_unprintable, key, "raises", retries=1)
-    b = processor.enqueue_task("default", "acme", tf.raise_unprintable, key, "not-a-string", retries=1)
+    # returns a non-string (retries=2: two attempts each)
+    a = processor.enqueue_task("default", "acme", tf.raise_unprintable, key, "raises", retries=2)
+    b = processor.enqueue_task("default", "acme", tf.raise_unprintable, key, "not-a-string", retries=2)
 
     # Then both are retried, then dead-lettered with their type and a placeholder message
     wait_until(lambda: counts(processor) == (0, 0, 0, 2), 20, "two dead letters")

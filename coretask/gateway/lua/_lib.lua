@@ -218,17 +218,21 @@ local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsc
   settle_batch(P, batch, 'failed', 0, now)
 end
 
--- A task that needs another attempt: retries left decremented, then delayed or ready.
--- Returns 1 when it was requeued, 2 when it was buried instead.
+-- A failed attempt (or a lost lease) consumes one retry. Field r counts the attempts the task
+-- may still fail, the one that just ended included (Options.retries: 3 = at most 3 failed
+-- attempts in all), so the failure that brings it to 0 buries the task; r = 0 (retries=0) is
+-- read as 1: one attempt, never retried. Otherwise r - 1 is stored and the task is delayed or
+-- ready again. Returns 1 when it was requeued, 2 when it was buried instead.
 local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, etype, emsg, etb, now, dlsched)
   local tkey = P .. ':t:' .. id
-  local left = tonumber(redis.call('HGET', tkey, 'r') or '0')
+  local left = tonumber(redis.call('HGET', tkey, 'r') or '0') - 1
   if left > 0 then
-    redis.call('HSET', tkey, 'r', left - 1, 'et', etype, 'em', emsg)
+    redis.call('HSET', tkey, 'r', left, 'et', etype, 'em', emsg)
     if delay_ms > 0 then push_delayed(P, queue, id, now + delay_ms)
     else push_ready(P, queue, tenant, id, false) end
     return 1
   end
+  redis.call('HSET', tkey, 'r', 0)
   bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched)
   return 2
 end
