@@ -99,8 +99,8 @@ class Gateway:
         k = self.keys
         calls = self._outcome_calls(worker_id, outcomes)
         if isolated:
-            calls.append(("fetch_isolated", [k.paused, k.pausedt, k.leases, k.worker(worker_id), k.trun],
-                          [k.prefix, worker_id, lease_ms, min(free, 1), *queues]))
+            calls.append(("fetch_isolated", [k.paused, k.pausedt, k.leases, k.worker(worker_id), k.trun, k.tlim],
+                          [k.prefix, worker_id, lease_ms, min(free, 1), default_limit, *queues]))
         else:
             calls.append(("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker_id),
                                     k.trun, k.tlim],

@@ -1,17 +1,23 @@
 -- fetch_isolated.lua: lease one isolated task (see crashed.lua) to the manager's isolation
 -- worker, a process of one thread that runs nothing else meanwhile.
 -- KEYS[1]  P:paused   KEYS[2] P:pausedt   KEYS[3] P:leases   KEYS[4] P:w:<worker>   KEYS[5] P:trun
+-- KEYS[6]  P:tlim
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] lease ms   ARGV[4] tasks wanted (0 or 1)
--- ARGV[5..] queue names
+-- ARGV[5]  default tenant concurrency limit (0 = unlimited)   ARGV[6..] queue names
 -- Reply: as fetch.lua's ({paused, -1, now_ms, then at most one task's 12 values}).
--- A paused processor or queue leases nothing; a paused tenant's task goes to the back of the
--- list. Tenant concurrency limits do not apply: the task ran before, and runs alone.
+-- A paused processor or queue leases nothing; a task of a paused tenant, or of a tenant at its
+-- concurrency limit, goes to the back of the list and waits like a queued task.
 local P, worker, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local out = {0, -1, now}
 if redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; return out end
 if tonumber(ARGV[4]) <= 0 then return out end
-for qi = 5, #ARGV do
+local deflim = tonumber(ARGV[5])
+local function at_limit(tenant)
+  local limit = tonumber(redis.call('HGET', KEYS[6], tenant) or deflim)
+  return limit > 0 and tonumber(redis.call('HGET', KEYS[5], tenant) or '0') >= limit
+end
+for qi = 6, #ARGV do
   local queue = ARGV[qi]
   local list = P .. ':iso:' .. queue
   if redis.call('SISMEMBER', P .. ':pausedq', queue) == 0 then
@@ -22,7 +28,7 @@ for qi = 5, #ARGV do
       if f[10] ~= 'isolated' then
         -- gone (deleted, or its batch's retention ran): nothing to run
         if not f[1] then redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1) end
-      elseif redis.call('SISMEMBER', KEYS[2], f[9]) == 1 then
+      elseif redis.call('SISMEMBER', KEYS[2], f[9]) == 1 or at_limit(f[9]) then
         redis.call('RPUSH', list, id)
       else
         redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
