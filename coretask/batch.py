@@ -56,10 +56,12 @@ class BatchBuilder:
 
     def enqueue(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
                 delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
-                **kwargs: Any) -> str:
-        """Add a task to the batch; returns its id."""
+                key: str | None = None, key_ttl: timedelta | float | None = None, **kwargs: Any) -> str:
+        """Add a task to the batch; returns its id. With an idempotency ``key`` held by another
+        task (as for enqueue_task), the task is not added: the batch does not count it, and
+        that task's id is returned. A keyed task costs a round trip of its own."""
         self.tasks += 1
-        return self._add(fn, args, kwargs, queue, delay_until, retries, "")
+        return self._add(fn, args, kwargs, queue, delay_until, retries, "", key, key_ttl)
 
     def continue_with(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
                       on: str = "success", **kwargs: Any) -> str:
@@ -71,27 +73,50 @@ class BatchBuilder:
         return self._add(fn, args, kwargs, queue, None, None, on)
 
     def _add(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], queue: str | None,
-             delay_until: Any, retries: int | None, on: str) -> str:
+             delay_until: Any, retries: int | None, on: str, key: str | None = None, key_ttl: Any = None) -> str:
         pr = self._pr
         q = pr.options.check_enqueue_queue(queue) if queue is not None else self.queue
+        idem, key_ttl_ms = pr.idempotency(key, key_ttl)
         enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
         shape = (q, self.tenant, enc.serializer, enc.target, pr.retries(retries), pr.due_ms(delay_until), on)
-        number = self._shapes.get(shape)
-        if number is None:
-            number = self._shapes[shape] = len(self._shapes) + 1
-        self._chunk += [task_id, number, enc.payload, pr.sign(task_id, self.tenant, q, enc)]
-        self._chunk_bytes += len(enc.payload)
+        if not idem:
+            number = self._shapes.get(shape)
+            if number is None:
+                number = self._shapes[shape] = len(self._shapes) + 1
+            self._chunk += [task_id, number, enc.payload, pr.sign(task_id, self.tenant, q, enc)]
+            self._chunk_bytes += len(enc.payload)
         chain = pr.chain
         if chain.before_enqueue or chain.after_enqueue:
             message = EnqueueMessage(task_id, q, self.tenant, enc.target, self._batch_id, pr.due_epoch_ms(shape[5]),
                                      shape[4], on or None)
             if chain.before_enqueue:
                 chain.before_enqueue(message)
-            if chain.after_enqueue:           # kept only when someone wants them after the commit
+            if chain.after_enqueue and not idem:   # kept only when someone wants them after the commit
                 self._messages.append(message)
+        else:
+            message = None
+        if idem:
+            return self._stage_keyed(task_id, shape, enc.payload, pr.sign(task_id, self.tenant, q, enc), idem,
+                                     key_ttl_ms, message)
         if len(self._chunk) >= CHUNK * 4 or self._chunk_bytes >= CHUNK_BYTES:
             self._flush()
+        return task_id
+
+    def _stage_keyed(self, task_id: str, shape: tuple[Any, ...], payload: bytes, signature: str, key: str,
+                     key_ttl_ms: int, message: EnqueueMessage | None) -> str:
+        """Stage a keyed task alone, after the chunk so far, and wait for the reply: staged only
+        if it could claim its key (batch_stage.lua); else it is not counted, and the id of the
+        task that holds the key is returned."""
+        self._flush()
+        self._staged_so_far()
+        holder = self._gw.stage_keyed(self._batch_id, self._stage, STAGE_TTL_MS, shape,
+                                      [task_id, 1, payload, signature], key, key_ttl_ms)
+        if holder is not None:
+            self.tasks -= 1
+            return holder
+        if message is not None and self._pr.chain.after_enqueue:
+            self._messages.append(message)
         return task_id
 
     def _flush(self) -> None:

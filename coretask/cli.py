@@ -217,11 +217,66 @@ def cmd_cancel(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return NOT_FOUND
 
 
+def cmd_cancel_task(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    before = p.get_task(a.id)
+    if p.cancel_task(a.id):
+        running = before is not None and before.state == "running"
+        text = f"task {a.id} {'told to stop (it was running)' if running else 'canceled'}"
+        return _said(out, {"id": a.id, "canceled": True, "was": before.state if before else None}, text)
+    return _not_done(out, a.id, "canceled", "nothing canceled", p.get_task(a.id))
+
+
+def cmd_delete_task(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    before = p.get_task(a.id)
+    if p.delete_task(a.id):
+        return _said(out, {"id": a.id, "deleted": True, "was": before.state if before else None},
+                     f"task {a.id} deleted")
+    info = p.get_task(a.id)
+    hint = "; cancel it with cancel-task" if info is not None and info.state == "running" else ""
+    return _not_done(out, a.id, "deleted", "nothing deleted" + hint, info)
+
+
+def _not_done(out: Out, task_id: str, field: str, what: str, info: Any) -> int:
+    """A single-task command that changed nothing: say why (exit 1)."""
+    why = "not found" if info is None else f"is {info.state}"
+    if out.json:
+        out.data({"id": task_id, field: False, "reason": why})
+    else:
+        _err(f"task {task_id} {why}; {what}")
+    return NOT_FOUND
+
+
+def _dead_by_id(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    task_id = a.retry_id or a.discard_id
+    info = p.get_task(task_id)
+    if info is None or info.state != "dead" or info.queue != a.queue:
+        why = "not found" if info is None else (f"is {info.state}" if info.state != "dead" else
+                                                f"is a dead task of queue {info.queue}")
+        if out.json:
+            out.data({"queue": a.queue, "id": task_id, "retried" if a.retry_id else "discarded": False,
+                      "reason": why})
+        else:
+            _err(f"task {task_id} {why}, not a dead task of queue {a.queue}; nothing changed")
+        return NOT_FOUND
+    if a.retry_id:
+        done = p.retry_dead_task(task_id, retries=a.retries)
+        obj, text = {"queue": a.queue, "id": task_id, "retried": done}, f"dead task {task_id} moved back to work"
+    else:
+        done = p.discard_dead_task(task_id)
+        obj, text = {"queue": a.queue, "id": task_id, "discarded": done}, f"dead task {task_id} discarded"
+    if not done:      # it left the dead list meanwhile (or its batch was canceled: discarded)
+        return _not_done(out, task_id, "retried" if a.retry_id else "discarded", "nothing changed",
+                         p.get_task(task_id))
+    return _said(out, obj, text)
+
+
 def cmd_dead(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     queue = p.get_queue(a.queue)
     if a.queue not in {q.name for q in p.get_queues()} and not queue.dead:
         _err(f"queue {a.queue} not found")
         return NOT_FOUND
+    if a.retry_id or a.discard_id:
+        return _dead_by_id(p, a, out)
     if a.retry is not None:
         n = p.retry_dead_tasks(a.queue, retries=a.retries, count=a.retry or None)
         return _said(out, {"queue": a.queue, "retried": n}, f"{n} dead tasks of queue {a.queue} moved back to work")
@@ -331,11 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--watch", action="store_true", help="show a live progress bar until the batch finishes")
     sp.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes with --watch")
     cmd("cancel", cmd_cancel, "cancel a batch: queued tasks never start, running ones are aborted").add_argument("id")
+    cmd("cancel-task", cmd_cancel_task, "cancel one task: queued or delayed it never starts, running it is "
+        "aborted").add_argument("id")
+    cmd("delete-task", cmd_delete_task, "delete one queued, delayed or dead task").add_argument("id")
     sp = cmd("dead", cmd_dead, "list dead-lettered tasks of a queue, or retry / discard them")
     sp.add_argument("queue")
     act = sp.add_mutually_exclusive_group()
     act.add_argument("--retry", type=_count, metavar="N|all", help="move the N oldest back to work")
     act.add_argument("--discard", type=_count, metavar="N|all", help="delete the N oldest")
+    act.add_argument("--retry-id", metavar="ID", help="move the dead task ID back to work")
+    act.add_argument("--discard-id", metavar="ID", help="delete the dead task ID")
     sp.add_argument("--retries", type=int, help="retries granted to tasks moved back (default Options.retries)")
     sp.add_argument("--skip", type=int, default=0)
     sp.add_argument("--take", type=int, default=25)

@@ -51,17 +51,21 @@ class Client(Introspection, Schedules, TenantAdmin):
 
     def enqueue_task(self, queue: str, tenant: str, fn: Callable[..., Any] | Call | TaskData, *args: Any,
                      delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
-                     **kwargs: Any) -> str:
+                     key: str | None = None, key_ttl: timedelta | float | None = None, **kwargs: Any) -> str:
         """Enqueue ``fn(*args, **kwargs)``; returns the task id. One round trip.
 
         ``delay_until``: an aware datetime, a timedelta from now, or epoch seconds (a number
         before the year 2000 is refused: it was meant as a delay, which is a timedelta).
         ``retries``: overrides Options.retries for this task.
+        ``key``: an idempotency key (per tenant): while a task enqueued with it is queued,
+        delayed or running, and for ``key_ttl`` (a timedelta or seconds) after it ended, another
+        enqueue with the key enqueues nothing and returns that task's id.
         Use ``coretask.call(fn, ...)`` when fn has keyword arguments named like these options.
         """
         self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
         pr = self.producer
+        idem, key_ttl_ms = pr.idempotency(key, key_ttl)
         enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
         n_retries, due_ms = pr.retries(retries), pr.due_ms(delay_until)
@@ -72,8 +76,16 @@ class Client(Introspection, Schedules, TenantAdmin):
             if chain.before_enqueue:
                 chain.before_enqueue(message)
         try:
-            self.gateway.enqueue(task_id, queue, tenant, enc.payload, enc.serializer, enc.target, n_retries, due_ms,
-                                 pr.sign(task_id, tenant, queue, enc))
+            if idem:
+                holder = self.gateway.enqueue_keyed(task_id, queue, tenant, enc.payload, enc.serializer, enc.target,
+                                                    n_retries, due_ms, pr.sign(task_id, tenant, queue, enc), idem,
+                                                    key_ttl_ms)
+                if holder is not None:     # the key is held: nothing enqueued, nor after_enqueue
+                    log.debug("key %r of tenant %s is held by task %s; nothing enqueued", idem, tenant, holder)
+                    return holder
+            else:
+                self.gateway.enqueue(task_id, queue, tenant, enc.payload, enc.serializer, enc.target, n_retries,
+                                     due_ms, pr.sign(task_id, tenant, queue, enc))
         except ReplicationError as exc:   # Options.wait_replicas: enqueued, not yet replicated
             exc.task_id = task_id
             raise
@@ -120,6 +132,32 @@ class Client(Introspection, Schedules, TenantAdmin):
         aborted, continuations never run. False when unknown, finished, or (with ``tenant``)
         another tenant's."""
         return self.gateway.cancel_batch(batch_id, tenant)
+
+    # -------------------------------------------------------------------------- single tasks
+
+    def cancel_task(self, task_id: str, tenant: str | None = None) -> bool:
+        """Cancel one task: queued or delayed, it never starts; running, it is aborted as a
+        batch cancel aborts its tasks (``ctx.cancelled``, then TaskCanceled). Counted canceled in
+        its tenant's statistics and in its batch. False when unknown, finished (a task that
+        returned first is done), dead, already canceled, or (with ``tenant``) another tenant's."""
+        return self.gateway.cancel_task(task_id, tenant)
+
+    def delete_task(self, task_id: str, tenant: str | None = None) -> bool:
+        """Delete a queued, delayed or dead task (or a continuation waiting for its batch),
+        leaving no trace in the counters: it leaves its batch (total and remaining -1), a dead
+        one stays counted failed. False when unknown, running (use cancel_task), finished, or
+        (with ``tenant``) another tenant's."""
+        return self.gateway.delete_task(task_id, tenant)
+
+    def retry_dead_task(self, task_id: str, retries: int | None = None, tenant: str | None = None) -> bool:
+        """Move one dead-lettered task back to work with ``retries`` retries (default
+        Options.retries), as retry_dead_tasks does. False when it is not a dead task (of
+        ``tenant``); a dead task of a canceled batch is discarded instead (False)."""
+        return self.gateway.retry_dead_task(task_id, tenant, self.producer.retries(retries))
+
+    def discard_dead_task(self, task_id: str, tenant: str | None = None) -> bool:
+        """Delete one dead-lettered task (its batch keeps counting it failed)."""
+        return self.gateway.delete_task(task_id, tenant, dead_only=True)
 
     # ------------------------------------------------------------------------- pause/resume
 

@@ -30,7 +30,8 @@ __all__ = ["Call", "TaskData", "Serializer", "call", "Encoded", "encode", "decod
 @dataclasses.dataclass(frozen=True)
 class Call:
     """A call to run later. ``coretask.call(fn, ...)`` builds one when a keyword argument of
-    ``fn`` collides with an enqueue option such as ``retries`` or ``delay_until``."""
+    ``fn`` collides with an enqueue option: ``retries``, ``delay_until``, ``key``, ``key_ttl``
+    (and ``queue`` for batch.enqueue)."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...] = ()

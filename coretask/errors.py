@@ -25,8 +25,8 @@ the library's errors in one clause. Errors about bad input also derive from the 
     │   └── ReplicationError              Options.wait_replicas: the write is on the master but
     │                                     fewer replicas than asked acknowledged it in time
     ├── LeaseLost                         the worker no longer holds the task (ctx.extend_lock)
-    └── TaskCanceled                      control flow: raised inside a running task whose
-                                          batch was canceled or that is being handed back;
+    └── TaskCanceled                      control flow: raised inside a running task that (or
+                                          whose batch) was canceled or that is being handed back;
                                           never retried, never dead-lettered
 
 Connection problems (redis-py's ``ConnectionError`` / ``TimeoutError``) surface as

@@ -80,7 +80,7 @@ log = logging.getLogger(__name__)
 # after_task's ``outcome``
 SUCCEEDED = "succeeded"      # the body returned; ``result`` is what it returned
 FAILED = "failed"            # the body raised, or the task could not be loaded or was refused
-CANCELED = "canceled"        # aborted: its batch was canceled (never retried, never dead-lettered)
+CANCELED = "canceled"        # aborted: it or its batch was canceled (never retried, never dead-lettered)
 HANDED_BACK = "handed_back"  # aborted to run again later: pause(requeue_running=True), shutdown
 OUTCOMES = (SUCCEEDED, FAILED, CANCELED, HANDED_BACK)
 

@@ -17,6 +17,7 @@ from .signing import Signer, signer_for, unsigned_pickle_problem
 __all__ = ["Producer"]
 
 EPOCH_FLOOR = 946684800      # 2000-01-01T00:00:00Z: a smaller number was meant as seconds from now
+MAX_KEY = 1000               # characters of an idempotency key (enqueue_task(key=...))
 
 
 class Producer:
@@ -61,6 +62,28 @@ class Producer:
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ConfigurationError(f"retries must be an integer >= 0, got {retries!r}")
         return retries
+
+    @staticmethod
+    def idempotency(key: str | None, key_ttl: timedelta | float | None) -> tuple[str, int]:
+        """An idempotency key and its key_ttl as the scripts take them: (key, ms); ("", 0) for
+        no key. ``key_ttl``: a timedelta or seconds; None keeps the key only while its task lives."""
+        if key is None:
+            if key_ttl is not None:
+                raise ConfigurationError("key_ttl is given without a key")
+            return "", 0
+        if not isinstance(key, str) or not key or len(key) > MAX_KEY:
+            raise ConfigurationError(f"key must be a non-empty string of at most {MAX_KEY} characters, got {key!r}")
+        if key_ttl is None:
+            return key, 0
+        if isinstance(key_ttl, timedelta):
+            seconds = key_ttl.total_seconds()
+        elif isinstance(key_ttl, (int, float)) and not isinstance(key_ttl, bool):
+            seconds = float(key_ttl)
+        else:
+            raise ConfigurationError(f"key_ttl must be a timedelta or seconds, got {key_ttl!r}")
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise ConfigurationError(f"key_ttl must be positive, got {key_ttl!r}")
+        return key, max(math.ceil(seconds * 1000), 1)
 
     @staticmethod
     def due_ms(delay_until: datetime | timedelta | float | None) -> int:

@@ -1,6 +1,7 @@
 """Tenant-scoped access: ``processor.tenant("acme")`` returns a view of the same API with the
-tenant implied. Through a view, another tenant's batches and schedules do not exist: reading,
-appending to, canceling or triggering them returns None/False and changes nothing. Ownership
+tenant implied. Through a view, another tenant's tasks, batches and schedules do not exist:
+reading, canceling, deleting, retrying, appending to or triggering them returns None/False and
+changes nothing. Ownership
 is checked inside the scripts that change state (never by a read followed by a write), so the
 check cannot race with the change.
 """
@@ -60,9 +61,26 @@ class TenantView:
 
     def enqueue_task(self, queue: str, fn: Callable[..., Any] | Call | TaskData, *args: Any,
                      delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
-                     **kwargs: Any) -> str:
+                     key: str | None = None, key_ttl: timedelta | float | None = None, **kwargs: Any) -> str:
         return self.processor.enqueue_task(queue, self.tenant, fn, *args, delay_until=delay_until,
-                                           retries=retries, **kwargs)
+                                           retries=retries, key=key, key_ttl=key_ttl, **kwargs)
+
+    def get_task(self, task_id: str) -> TaskInfo | None:
+        """The task, or None when unknown or another tenant's."""
+        info = self.processor.get_task(task_id)
+        return info if info is not None and info.tenant == self.tenant else None
+
+    def cancel_task(self, task_id: str) -> bool:
+        return self.processor.cancel_task(task_id, tenant=self.tenant)
+
+    def delete_task(self, task_id: str) -> bool:
+        return self.processor.delete_task(task_id, tenant=self.tenant)
+
+    def retry_dead_task(self, task_id: str, retries: int | None = None) -> bool:
+        return self.processor.retry_dead_task(task_id, retries, tenant=self.tenant)
+
+    def discard_dead_task(self, task_id: str) -> bool:
+        return self.processor.discard_dead_task(task_id, tenant=self.tenant)
 
     def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
         """This tenant's ready tasks in the queue, FIFO."""

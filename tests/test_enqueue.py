@@ -152,7 +152,7 @@ def test_callable_not_importable_by_reference_is_refused(processor, r, prefix, f
     pytest.param((), {}, ["missing a required argument: 'key'"], id="missing"),
     pytest.param(("k", 1, 2), {}, ["too many positional arguments"], id="extra-positional"),
     pytest.param(("k",), {"colour": "red"}, ["unexpected keyword argument 'colour'"], id="unknown-keyword"),
-    pytest.param(("k",), {"key": "again"}, ["multiple values for argument 'key'"], id="duplicate"),
+    pytest.param(("k", 1), {"value": 2}, ["multiple values for argument 'value'"], id="duplicate"),
 ])
 def test_arguments_not_matching_the_signature_are_refused(processor, r, prefix, args, kwargs, words):
     with pytest.raises(EnqueueError) as info:

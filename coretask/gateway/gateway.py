@@ -89,6 +89,18 @@ class Gateway:
             durable=True)
         return int(code)
 
+    def enqueue_keyed(self, task_id: str, queue: str, tenant: str, payload: bytes, serializer: str, target: str,
+                      retries: int, due_ms: int, signature: str, key: str, key_ttl_ms: int) -> str | None:
+        """enqueue with an idempotency key (enqueue.lua, KEYS[3]): None when the task was stored
+        (or the id existed: a re-sent call), else the id of the task that holds the key (nothing
+        was stored). ``key_ttl_ms``: how long the key outlives its task (0: not at all)."""
+        k = self.keys
+        reply = self.transport.run(
+            "enqueue", [k.task(task_id), k.queues, k.idempotency(tenant, key)],
+            [k.prefix, task_id, queue, tenant, payload, serializer, target, retries, due_ms, signature, key_ttl_ms],
+            durable=True)
+        return reply[2].decode() if int(reply[0]) == 3 else None
+
     def exchange(self, worker_id: str, outcomes: Outcomes, free: int, lease_ms: int, default_limit: int,
                  queues: Sequence[str], *, isolated: bool = False) -> FetchReply:
         """A worker's turn in one round trip: its outcomes (complete, release, fail), then a
@@ -204,8 +216,9 @@ class Gateway:
         return int(self.transport.run("extend", [k.task(task_id), k.leases], [task_id, token, lease_ms]))
 
     def overdue(self, worker_id: str, grace_ms: int) -> list[tuple[str, str, int]]:
-        """Tasks of a worker process that ignore their abort (batch canceled, or paused with
-        requeue) for more than ``grace_ms``: (task id, "canceled" | "requeue", ms since)."""
+        """Tasks of a worker process that ignore their abort (batch canceled, task canceled, or
+        paused with requeue) for more than ``grace_ms``: (task id, "canceled" | "task" |
+        "requeue", ms since)."""
         k = self.keys
         reply = self.transport.run("overdue", [k.worker(worker_id), k.paused], [k.prefix, grace_ms])
         return [(reply[i].decode(), reply[i + 1].decode(), int(reply[i + 2])) for i in range(1, len(reply), 3)]
@@ -238,6 +251,39 @@ class Gateway:
         return bool(self.transport.run("cancel_batch", [k.batch(batch_id), k.bend],
                                        [k.prefix, batch_id, tenant or ""], durable=True))
 
+    def cancel_task(self, task_id: str, tenant: str | None) -> bool:
+        """cancel_task.lua: a task waiting to run is canceled now, a running one is marked and
+        its worker told (it is counted canceled when it ends). False: unknown, another tenant's,
+        finished, dead, already told to stop."""
+        k = self.keys
+        return bool(self.transport.run("cancel_task", [k.task(task_id)], [k.prefix, task_id, tenant or ""],
+                                       durable=True))
+
+    def delete_task(self, task_id: str, tenant: str | None, dead_only: bool = False) -> bool:
+        """delete_task.lua: a queued, delayed, waiting or (``dead_only``: only a) dead task."""
+        k = self.keys
+        return bool(self.transport.run("delete_task", [k.task(task_id)],
+                                       [k.prefix, task_id, tenant or "", _flag(dead_only)], durable=True))
+
+    def retry_dead_task(self, task_id: str, tenant: str | None, retries: int) -> bool:
+        """dead_retry_task.lua: one dead task back to work with ``retries``; False when it is not
+        a dead task (of ``tenant``) or belonged to a canceled batch (then it is discarded)."""
+        k = self.keys
+        return int(self.transport.run("dead_retry_task", [k.task(task_id)],
+                                      [k.prefix, task_id, tenant or "", retries], durable=True)) == 1
+
+    def cancel_marks(self, tasks: Sequence[tuple[str, str]]) -> set[str]:
+        """Of (task id, lease token) pairs, the ids whose task still runs under that token and
+        carries cancel_task's mark (field cx): what a worker reads before it acts on an "x:"
+        message, which carries no authority (worker/control.py)."""
+        if not tasks:
+            return set()
+        pipe = self._redis.pipeline(transaction=False)
+        for task_id, _ in tasks:
+            pipe.hmget(self.keys.task(task_id), "a", "cx")
+        return {task_id for (task_id, token), (a, cx) in zip(tasks, pipe.execute())
+                if cx is not None and a is not None and a.decode() == token}
+
     def set_tenant_limit(self, tenant: str, limit: int | None) -> None:
         k = self.keys
         self.transport.run("tenant_limit", [k.tlim], [k.prefix, tenant, limit or 0])
@@ -263,10 +309,22 @@ class Gateway:
         the next call). ``shapes``: what tasks share (queue, tenant, serializer, target, retries,
         due ms, continuation condition); ``chunk``: per task id, shape number, payload, signature."""
         k = self.keys
-        flat = [v for shape in shapes for v in shape]
+        flat = [v for shape in shapes for v in (*shape, "", 0)]       # no idempotency key
         return self.transport.send(
             "batch_stage", [k.staged(batch_id, stage), k.staged_continuations(batch_id, stage), k.queues],
             [k.prefix, ttl_ms, batch_id, len(shapes), *flat, *chunk])
+
+    def stage_keyed(self, batch_id: str, stage: str, ttl_ms: int, shape: tuple[Any, ...], entry: Sequence[Any],
+                    key: str, key_ttl_ms: int) -> str | None:
+        """Stage one task with an idempotency key, alone and synchronously (batch_stage.lua):
+        None when it was staged (it holds the key from now on), else the id of the task that
+        holds the key (nothing was staged). ``shape`` as for stage_batch (its tenant names the
+        key's tenant); ``entry``: the task's id, shape number 1, payload, signature."""
+        k = self.keys
+        _, holder = self.transport.run(
+            "batch_stage", [k.staged(batch_id, stage), k.staged_continuations(batch_id, stage), k.queues],
+            [k.prefix, ttl_ms, batch_id, 1, *shape, k.idempotency(shape[1], key), key_ttl_ms, *entry])
+        return holder.decode() or None
 
     def commit_batch(self, batch_id: str, stage: str, tenant: str, queue: str, scope: str, mode: str,
                      tasks: int, continuations: int, cancel_key: str) -> int:

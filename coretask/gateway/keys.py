@@ -63,6 +63,12 @@ class Keys:
     def tstats(self, tenant: str) -> str:
         return f"{self.prefix}:ts:{tenant}"
 
+    def idempotency(self, tenant: str, key: str) -> str:
+        """P:key:<tenant>:<key>, an idempotency key (enqueue_task(key=...)). A tenant may contain
+        ':' (a key may too): the tenant's '%' and ':' are written %25 and %3A, so that no two
+        (tenant, key) pairs share a name."""
+        return f"{self.prefix}:key:{tenant.replace('%', '%25').replace(':', '%3A')}:{key}"
+
     # ---------------------------------------------------------------------------- batches
 
     def batch(self, batch_id: str) -> str:

@@ -9,6 +9,10 @@ hash and that reached this worker with the batch's fields when it fetched the ba
 Only a client that can read the batch's hash can forge it; a cancel without the key (a batch
 committed before keys existed, a continuation fetched without fields) is verified by reading
 the batch's state. A lost message only delays an idle worker until its next poll.
+A single task's cancel ("x:<task>", cancel_task.lua) is verified by reading the task's mark
+(field cx) under the lease token this worker holds; a cancel naming a task this worker does
+not run (yet: its fetch reply may still be on the way) is remembered for the loop, which checks
+the tasks it admits against it (Ledger.cancels_heard).
 
 redis-py sets up the subscription (authentication, TLS, cluster node); the messages are then
 read straight off its socket by this thread (see _read).
@@ -120,12 +124,22 @@ class Control:
 
     def _resync(self) -> None:
         """Events published before the subscription was (re)established were missed: re-read
-        the state they would have announced, including a cancel of a running task's batch."""
+        the state they would have announced, including a cancel of a running task or its batch."""
         self.schedules.poke()
         self.ledger.wake.set()
         for batch_id in {t.batch_id for t in self.ledger.running_of(None) if t.batch_id}:
             if self._canceled(batch_id):
                 self._abort(batch_id, self.ledger.running_of(batch_id), "while unsubscribed")
+        self.abort_marked(self.ledger.running_of(None), "while unsubscribed")
+
+    def abort_marked(self, tasks: list[Task], when: str = "") -> None:
+        """Abort those of ``tasks`` that cancel_task marked (read back from Redis)."""
+        marked = self.gateway.cancel_marks([(t.id, t.token) for t in tasks if t.abort_reason is None])
+        mine = [t for t in tasks if t.id in marked]
+        if mine:
+            self.aborts.abort(mine, "canceled")
+            log.info("worker %s: task%s %s canceled%s, aborting", self.worker_id, "s" if len(mine) > 1 else "",
+                     ", ".join(t.id for t in mine), f" {when}" if when else "")
 
     def _canceled(self, batch_id: str) -> bool:
         return self.gateway.batch_state(batch_id) == "canceled"
@@ -144,6 +158,14 @@ class Control:
             keyed = bool(key) and any(hmac.compare_digest(cancel_key(t.ctx) or "", key) for t in mine)
             if keyed or self._canceled(batch_id):       # a message without the key is verified
                 self._abort(batch_id, mine, "")
+        elif message.startswith("x:"):
+            task_id = message[2:]
+            task = self.ledger.running.get(task_id)
+            if task is None:
+                self.ledger.heard_cancel(task_id)       # its fetch reply may still be on the way
+                task = self.ledger.running.get(task_id)     # ... or was admitted meanwhile
+            if task is not None:
+                self.abort_marked([task])
         elif message == "pr":
             if self.gateway.is_paused_for_requeue():    # a forged "pr" during a plain pause: nothing
                 n = self.aborts.abort_batch(None, "requeue")

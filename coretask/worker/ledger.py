@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["Ledger", "Task", "SHORT_TASK_MS"]
 
 SHORT_TASK_MS = 10.0  # tasks averaging less than this are acknowledged and fetched in groups
+CANCELS_HEARD = 256   # cancel messages remembered for tasks this process did not run (yet)
 AVERAGE_WEIGHT = 0.1  # weight of the newest duration in the moving average
 
 
@@ -64,6 +65,9 @@ class Ledger:
         self.tasks_done = 0
         self.tasks_taken = 0
         self.avg_ms = SHORT_TASK_MS            # moving average of task durations; starts as "long"
+        # ids named by "x:" cancel messages (unverified) while no such task ran here: a task
+        # fetched just before its cancel may be admitted after the message (control.py)
+        self.cancels_heard: dict[str, None] = {}
 
     # ------------------------------------------------------------------------- the loop's side
 
@@ -75,6 +79,23 @@ class Ledger:
         for task in tasks:
             self.inbox.put(task)
         self.tasks_taken += len(tasks)
+
+    def heard_cancel(self, task_id: str) -> None:
+        """Remember a cancel message for a task not running here (the newest CANCELS_HEARD)."""
+        heard = self.cancels_heard
+        heard[task_id] = None
+        while len(heard) > CANCELS_HEARD:
+            try:
+                del heard[next(iter(heard))]
+            except (StopIteration, KeyError, RuntimeError):   # the loop thread popped one meanwhile
+                break
+
+    def cancels_for(self, tasks: list[Task]) -> list[Task]:
+        """Admitted tasks a cancel message named before they were admitted (each heard once)."""
+        heard = self.cancels_heard
+        if not heard:
+            return []
+        return [t for t in tasks if heard.pop(t.id, 0) is None]
 
     def take_outcomes(self) -> Outcomes:
         with self.lock:

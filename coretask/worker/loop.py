@@ -149,7 +149,21 @@ class Loop:
             for leased in reply.tasks]
         if tasks:
             self.ledger.admit(tasks)
+            heard = self.ledger.cancels_for(tasks)
+            if heard:       # a cancel_task message named them before they were admitted (control.py)
+                self._abort_marked(heard)
         return len(tasks)
+
+    def _abort_marked(self, tasks: list[Task]) -> None:
+        try:
+            marked = self.gateway.cancel_marks([(t.id, t.token) for t in tasks])
+        except Exception as exc:   # the manager's overdue check still ends a marked task
+            log.warning("worker %s: could not read cancel marks (%s: %s)", self.worker_id, type(exc).__name__, exc)
+            return
+        mine = [t for t in tasks if t.id in marked]
+        if mine:
+            self.aborts.abort(mine, "canceled")
+            log.info("worker %s: %d tasks canceled as they were fetched, aborting", self.worker_id, len(mine))
 
     # ------------------------------------------------------------------------------ shutdown
 

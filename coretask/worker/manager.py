@@ -37,6 +37,7 @@ SIGNAL_DEBOUNCE = 2.0
 OVERDUE_POLL = 0.25        # seconds between checks for tasks that ignore their abort
 OVERDUE_MARGIN = 1.0       # seconds past cancel_grace before the manager acts: the process's own
                            # watch hands its tasks back and exits at cancel_grace when it can run
+OVERDUE_WHY = {"canceled": "batch canceled", "task": "task canceled", "requeue": "paused with requeue"}
 QUICK_DEATH = 5.0          # seconds: a child dying sooner counts towards backoff
 QUICK_DEATHS_FREE = 5     # restarts without delay before the backoff starts
 RESTART_BACKOFF = 0.25
@@ -252,9 +253,9 @@ class Manager:
         self._isolate_if_waiting()
 
     def _end_overdue(self) -> None:
-        """Deadlines no task can block: a task told to stop (its batch canceled, or a pause with
-        requeue) that still runs OVERDUE_MARGIN after cancel_grace is stuck where its own process
-        cannot reach it (C code holding the GIL, which also starves that process's own watch).
+        """Deadlines no task can block: a task told to stop (its batch or itself canceled, or a
+        pause with requeue) that still runs OVERDUE_MARGIN after cancel_grace is stuck where its
+        own process cannot reach it (C code holding the GIL, which also starves that process's own watch).
         The manager, which runs no task, ends that process and hands its other tasks back
         without consuming a retry; the stuck task counts as canceled (or goes back, for a requeue)."""
         grace_ms = int((self.options.cancel_grace.total_seconds() + OVERDUE_MARGIN) * 1000)
@@ -270,9 +271,8 @@ class Manager:
                 continue
             task_id, why, ms = overdue[0]
             log.error("manager: task %s ignored its abort (%s) for %.1fs%s; ending worker process %d and "
-                      "handing its other tasks back", task_id, "batch canceled" if why == "canceled" else
-                      "paused with requeue", ms / 1000, f" (and {len(overdue) - 1} more)" if len(overdue) > 1 else "",
-                      child.process.pid)
+                      "handing its other tasks back", task_id, OVERDUE_WHY.get(why, why), ms / 1000,
+                      f" (and {len(overdue) - 1} more)" if len(overdue) > 1 else "", child.process.pid)
             child.process.kill()
             child.process.join(5)
             child.ended_by_manager = True

@@ -9,7 +9,9 @@
 --                              w worker, ls lease start ms, on (continuations: success|complete),
 --                              et/em/etb error type/message/traceback, da dead-at ms,
 --                              sch schedule id and sk tick ms (runs enqueued by a schedule),
---                              sg signature (Options.signing_key; see coretask/signing.py)
+--                              sg signature (Options.signing_key; see coretask/signing.py),
+--                              cx ms of cancel_task's mark on a running task (told to stop),
+--                              ik / ikt its idempotency key's name and key_ttl ms (release_key)
 --   P:q:<queue>:<tenant> list  ready task ids of one tenant in one queue (FIFO)
 --   P:ring:<queue>      list   tenants of the queue that have ready work, served in turn
 --   P:ringset:<queue>   set    the same tenants, for O(1) membership tests
@@ -50,11 +52,16 @@
 --   P:marker            string a random token a worker sets when absent: if it changes under a
 --                              running worker, the dataset vanished (worker/maintenance.py)
 --   P:tenants           zset   every tenant with work or history, score 0 (name order)
+--   P:key:<tenant>:<key> string idempotency key (enqueue_task(key=...)): the id of the task that
+--                              holds it while that task is staged, queued, delayed, waiting or
+--                              running; "f:<id>" with key_ttl as expiry once it ended (a ':' or
+--                              '%' in the tenant is written %3A / %25: keys.py)
 --   P:ts:<tenant>       hash   tenant counters: done, failed (retries exhausted), canceled, dead
 --                              (now in a dead letter list), b_<state> batches by state
 --   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
 --                              "p"/"r" pause/resume, "c:<batch>" batch canceled,
---                              "s" schedules changed (workers re-read the next tick)
+--                              "s" schedules changed (workers re-read the next tick),
+--                              "x:<task>" task canceled (workers verify field cx)
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -199,11 +206,30 @@ local function batch_canceled(P, batch)
   return redis.call('HGET', P .. ':b:' .. batch, 'state') == 'canceled'
 end
 
+-- An ending task gives up its idempotency key (fields ik, ikt): deleted, or kept as "f:<id>" for
+-- key_ttl ms; a task of a canceled batch, or one that never was (forget: its staging was
+-- aborted), gives it up at once. Nothing when the key names another task by now. Called
+-- wherever a keyed task's hash is deleted or buried.
+local function release_key(P, id, forget)
+  local tkey = P .. ':t:' .. id
+  local f = redis.call('HMGET', tkey, 'ik', 'ikt', 'b')
+  if not f[1] then return end
+  redis.call('HDEL', tkey, 'ik', 'ikt')
+  if redis.call('GET', f[1]) ~= id then return end
+  local ttl = tonumber(f[2] or '0') or 0
+  if ttl > 0 and not forget and not batch_canceled(P, f[3]) then
+    redis.call('SET', f[1], 'f:' .. id, 'PX', ttl)
+  else
+    redis.call('DEL', f[1])
+  end
+end
+
 -- A task whose retries are exhausted: dead letter list with its reason, or deleted when the
 -- dead letter queue is off. Either way its batch counts it as failed. A run enqueued by a
 -- schedule (field sch) is governed by dlsched (Options.deadletter_schedules) instead: the
 -- next tick runs it again anyway.
 local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched)
+  release_key(P, id)
   local tf = redis.call('HMGET', P .. ':t:' .. id, 'sch', 'tn')
   if tf[1] then deadletter = dlsched end
   local stats = P .. ':ts:' .. tf[2]
@@ -235,4 +261,37 @@ local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, 
   redis.call('HSET', tkey, 'r', 0)
   bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched)
   return 2
+end
+
+-- The id of the task holding an idempotency key (kname, P:key:<tenant>:<key>), or nil after
+-- claiming the key for task id. A key is held by the live task it names (its hash names the key
+-- back: a task deleted without releasing it holds nothing), by an ended one while "f:<id>"
+-- lasts, never by a task of a canceled batch.
+local function claim_key(P, kname, id)
+  local cur = redis.call('GET', kname)
+  if cur then
+    if string.sub(cur, 1, 2) == 'f:' then return string.sub(cur, 3) end
+    local f = redis.call('HMGET', P .. ':t:' .. cur, 'ik', 'b')
+    if f[1] == kname and not batch_canceled(P, f[2]) then return cur end
+  end
+  redis.call('SET', kname, id)
+  return nil
+end
+
+-- True when a running task was told to stop: cancel_task marked it (field cx) or its batch was
+-- canceled. Such a task is never retried, buried or handed back, whatever it ended with.
+local function told_to_stop(P, id, batch)
+  return redis.call('HEXISTS', P .. ':t:' .. id, 'cx') == 1 or batch_canceled(P, batch)
+end
+
+-- A task that ends canceled: key released, hash deleted, counted canceled in its batch (which
+-- counts its tenant too) or, without a batch, in its tenant's statistics.
+local function end_canceled(P, id, tenant, batch, dur_ms, now)
+  release_key(P, id)
+  redis.call('DEL', P .. ':t:' .. id)
+  if batch and batch ~= '' then
+    settle_batch(P, batch, 'canceled', dur_ms, now)
+  else
+    redis.call('HINCRBY', P .. ':ts:' .. tenant, 'canceled', 1)
+  end
 end

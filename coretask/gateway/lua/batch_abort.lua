@@ -7,7 +7,10 @@ local P, max = ARGV[1], tonumber(ARGV[2])
 for k = 1, 2 do
   local ids = redis.call('LPOP', KEYS[k], max)
   if ids then
-    for _, id in ipairs(ids) do redis.call('DEL', P .. ':t:' .. id) end
+    for _, id in ipairs(ids) do
+      release_key(P, id, true)       -- a keyed staged task claimed its key (batch_stage)
+      redis.call('DEL', P .. ':t:' .. id)
+    end
   end
 end
 return redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2])

@@ -14,6 +14,7 @@ if ids then
   for _, id in ipairs(ids) do
     local tkey = P .. ':t:' .. id
     if canceled then
+      release_key(P, id)
       redis.call('DEL', tkey)
     else
       redis.call('PERSIST', tkey)

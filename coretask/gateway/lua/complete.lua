@@ -6,20 +6,27 @@
 -- ARGV[1]  P         ARGV[2] worker id
 -- ARGV[3..] groups of four: id, token (attempt), outcome ("ok" | "canceled"), duration ms
 -- Reply: array of codes, one per task: 1 = counted, 0 = stale token or unknown task (ignored).
+-- A canceled task of no batch is counted in its tenant's statistics (a batch's task: in its
+-- batch, which counts the tenant). A keyed task gives up its idempotency key (release_key).
 local P = ARGV[1]
 local now = now_ms()
 local codes, ids = {}, {}
 local per_queue, per_tenant, per_tenant_done, per_batch = {}, {}, {}, {}
+local per_tenant_canceled = {}
 for i = 3, #ARGV, 4 do
   local id, token = ARGV[i], ARGV[i+1]
   local tkey = P .. ':t:' .. id
-  local f = redis.call('HMGET', tkey, 'a', 'st', 'q', 'tn', 'b')
+  local f = redis.call('HMGET', tkey, 'a', 'st', 'q', 'tn', 'b', 'ik')
   if f[1] == token and f[2] == 'running' then
+    if f[6] then release_key(P, id) end
     redis.call('DEL', tkey)
     ids[#ids+1] = id
     per_queue[f[3]] = (per_queue[f[3]] or 0) + 1
     per_tenant[f[4]] = (per_tenant[f[4]] or 0) + 1
     if ARGV[i+2] == 'ok' then per_tenant_done[f[4]] = (per_tenant_done[f[4]] or 0) + 1 end
+    if ARGV[i+2] ~= 'ok' and (not f[5] or f[5] == '') then
+      per_tenant_canceled[f[4]] = (per_tenant_canceled[f[4]] or 0) + 1
+    end
     if f[5] and f[5] ~= '' then
       local acc = per_batch[f[5]]
       if not acc then acc = {n = 0, ok = 0, canceled = 0, dur = 0}; per_batch[f[5]] = acc end
@@ -39,6 +46,7 @@ end
 for q, n in pairs(per_queue) do redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', -n) end
 for t, n in pairs(per_tenant) do release_tenant(P, t, n) end
 for t, n in pairs(per_tenant_done) do redis.call('HINCRBY', P .. ':ts:' .. t, 'done', n) end
+for t, n in pairs(per_tenant_canceled) do redis.call('HINCRBY', P .. ':ts:' .. t, 'canceled', n) end
 for b, acc in pairs(per_batch) do
   local bkey = P .. ':b:' .. b
   if redis.call('EXISTS', bkey) == 1 then

@@ -11,7 +11,8 @@
 -- several running, none can be blamed: each goes, without consuming a retry, to its queue's
 -- isolation list P:iso:<queue> (state "isolated", counted as ready), from which the manager's
 -- isolation worker runs them one at a time, each alone in its process (fetch_isolated.lua), so
--- a second crash names its culprit. Tasks of a canceled batch are counted canceled.
+-- a second crash names its culprit. Tasks told to stop (batch canceled, cancel_task) are
+-- counted canceled.
 local P, worker, reason, max_crashes = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now = now_ms()
 local running = {}
@@ -30,9 +31,8 @@ for _, entry in ipairs(running) do
   local tkey = P .. ':t:' .. id
   drop_lease(P, id, worker, f[2], f[3], f[4])
   redis.call('HDEL', tkey, 'w', 'ls')
-  if batch_canceled(P, f[4]) then
-    redis.call('DEL', tkey)
-    settle_batch(P, f[4], 'canceled', 0, now)
+  if told_to_stop(P, id, f[4]) then
+    end_canceled(P, id, f[3], f[4], 0, now)   -- its batch canceled, or cancel_task
     res[3] = res[3] + 1
   else
     local isolate = true

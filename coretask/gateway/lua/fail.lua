@@ -1,6 +1,6 @@
 -- fail.lua: record a failed attempt: retry (at once or after a delay) or bury in the dead
--- letter list once retries are exhausted. A task of a canceled batch is counted canceled and
--- never retried or buried.
+-- letter list once retries are exhausted. A task told to stop (its batch canceled, or marked by
+-- cancel_task) is counted canceled and never retried or buried.
 -- KEYS[1]  P:t:<id>
 -- ARGV[1]  P           ARGV[2] worker id    ARGV[3] task id     ARGV[4] token (attempt)
 -- ARGV[5]  delay ms before the retry (0 = at once)
@@ -15,9 +15,8 @@ local f = redis.call('HMGET', KEYS[1], 'a', 'st', 'q', 'tn', 'b', 'w')
 if f[1] ~= token or f[2] ~= 'running' then return 0 end
 local now = now_ms()
 drop_lease(P, id, f[6], f[3], f[4], f[5])
-if batch_canceled(P, f[5]) then
-  redis.call('DEL', KEYS[1])
-  settle_batch(P, f[5], 'canceled', tonumber(ARGV[10]), now)
+if told_to_stop(P, id, f[5]) then
+  end_canceled(P, id, f[4], f[5], tonumber(ARGV[10]), now)
   return 3
 end
 if f[5] ~= '' and f[5] then redis.call('HINCRBY', P .. ':b:' .. f[5], 'dur', tonumber(ARGV[10])) end

@@ -30,7 +30,9 @@ for _, id in ipairs(due) do
   local f = redis.call('HMGET', P .. ':t:' .. id, 'q', 'tn', 'b')
   if f[1] then
     redis.call('HINCRBY', P .. ':qs:' .. f[1], 'delayed', -1)
-    if batch_canceled(P, f[3]) then redis.call('DEL', P .. ':t:' .. id)
+    if batch_canceled(P, f[3]) then
+      release_key(P, id)
+      redis.call('DEL', P .. ':t:' .. id)
     else push_ready(P, f[1], f[2], id, false) end
   end
 end
@@ -108,6 +110,7 @@ for qi = 6, #ARGV do
             local be = nil
             if f[4] and f[4] ~= '' then be = batch_entry(f[4]) end
             if be and be.state == 'canceled' then
+              release_key(P, id)
               redis.call('DEL', tkey)
               dropped = dropped + 1
             else

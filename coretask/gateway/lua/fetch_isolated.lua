@@ -33,6 +33,7 @@ for qi = 6, #ARGV do
       else
         redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
         if batch_canceled(P, f[4]) then
+          release_key(P, id)
           redis.call('DEL', tkey)           -- counted canceled when its batch was
         else
           local attempt = redis.call('HINCRBY', tkey, 'a', 1)

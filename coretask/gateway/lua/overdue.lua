@@ -3,10 +3,11 @@
 -- GIL cannot be stopped from inside it), then hands the process's other tasks back.
 -- KEYS[1]  P:w:<worker>   KEYS[2] P:paused
 -- ARGV[1]  P   ARGV[2] grace ms
--- Reply: {now_ms, then per overdue task: id, why ("canceled" | "requeue"), ms since the abort}
--- Read-only. A task is overdue when its batch was canceled (the batch's "ended" time) or the
--- processor was paused with requeue (the pause's time, stored in the flag's value) more than
--- grace ms ago and the task is still leased to this worker as running.
+-- Reply: {now_ms, then per overdue task: id, why ("canceled" | "task" | "requeue"), ms since the abort}
+-- Read-only. A task is overdue when its batch was canceled (the batch's "ended" time), the task
+-- itself was canceled (cancel_task's mark cx, why "task"), or the processor was paused with
+-- requeue (the pause's time, stored in the flag's value) more than grace ms ago and the task is
+-- still leased to this worker as running.
 local P, grace = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local out = {now}
@@ -17,7 +18,7 @@ local flag = redis.call('GET', KEYS[2])
 if flag and string.sub(flag, 1, 8) == 'requeue:' then requeued_at = tonumber(string.sub(flag, 9)) end
 local ended = {}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', P .. ':t:' .. id, 'st', 'b')
+  local f = redis.call('HMGET', P .. ':t:' .. id, 'st', 'b', 'cx')
   if f[1] == 'running' then
     local since, why = nil, nil
     if f[2] and f[2] ~= '' then
@@ -29,6 +30,7 @@ for _, id in ipairs(ids) do
       end
       if e then since, why = e, 'canceled' end
     end
+    if not since and f[3] then since, why = tonumber(f[3]), 'task' end
     if not since and requeued_at then since, why = requeued_at, 'requeue' end
     if since and now - since > grace then
       out[#out+1] = id; out[#out+1] = why; out[#out+1] = now - since

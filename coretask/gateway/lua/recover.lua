@@ -26,9 +26,8 @@ for _, id in ipairs(ids) do
   if f[1] == 'running' then
     drop_lease(P, id, f[5], f[2], f[3], f[4])
     redis.call('HDEL', tkey, 'w', 'ls')
-    if batch_canceled(P, f[4]) then
-      redis.call('DEL', tkey)
-      settle_batch(P, f[4], 'canceled', 0, now)
+    if told_to_stop(P, id, f[4]) then
+      end_canceled(P, id, f[3], f[4], 0, now)   -- its batch canceled, or cancel_task
       res[3] = res[3] + 1
     elseif ARGV[7] == '0' then
       push_ready(P, f[2], f[3], id, true)

@@ -11,9 +11,8 @@ for i = 3, #ARGV, 2 do
   local f = redis.call('HMGET', tkey, 'a', 'st', 'q', 'tn', 'b', 'w')
   if f[1] == token and f[2] == 'running' then
     drop_lease(P, id, f[6], f[3], f[4], f[5])
-    if batch_canceled(P, f[5]) then
-      redis.call('DEL', tkey)
-      settle_batch(P, f[5], 'canceled', 0, now_ms())
+    if told_to_stop(P, id, f[5]) then
+      end_canceled(P, id, f[4], f[5], 0, now_ms())   -- its batch canceled, or cancel_task
     else
       redis.call('HDEL', tkey, 'w', 'ls')
       push_ready(P, f[3], f[4], id, true)
