@@ -42,7 +42,7 @@ def test_cancel_task_and_delete_task(processor, embedded_worker, cli, r, prefix)
     assert cli("cancel-task").returncode == 2
 
 
-def test_dead_shows_ids_and_retries_or_discards_one_by_id(processor, embedded_worker, cli, prefix):  # noqa: F811
+def test_dead_shows_ids_and_retries_or_discards_one_by_id(processor, make_processor, embedded_worker, cli, prefix):  # noqa: F811
     # Given three dead tasks in queue default, and processing paused so a retried task stays queued
     ids = [processor.enqueue_task("default", "acme", tasks.always_fail, f"reason {i}", retries=0) for i in range(3)]
     embedded_worker(processor)
@@ -66,7 +66,7 @@ def test_dead_shows_ids_and_retries_or_discards_one_by_id(processor, embedded_wo
                  ("default", "--discard-id", "no-such-task")):
         res = cli("dead", *args)
         assert res.returncode == 1 and "not a dead task of queue default" in res.stderr, res.stderr
-    processor.enqueue_task("low", "acme", tasks.record, prefix + ":x", 1)
+    make_processor(queues=["low"]).enqueue_task("low", "acme", tasks.record, prefix + ":x", 1)
     wrong_queue = cli("dead", "low", "--retry-id", ids[2])
     assert wrong_queue.returncode == 1 and "is a dead task of queue default" in wrong_queue.stderr
     assert processor.get_task(ids[2]).state == "dead"

@@ -28,7 +28,8 @@ def state(p, task_id: str) -> str | None:
     return None if info is None else info.state
 
 
-def test_a_key_held_by_a_queued_delayed_or_running_task_enqueues_nothing(processor, embedded_worker, r, prefix):
+def test_a_key_held_by_a_queued_delayed_or_running_task_enqueues_nothing(make_processor, embedded_worker, r, prefix):
+    processor = make_processor(queues=["default", "low"])
     out = prefix + ":out"
     processor.pause()
     # Given a queued task and a delayed one, each enqueued with a key
