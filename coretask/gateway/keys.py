@@ -13,7 +13,8 @@ class Keys:
     """Key and channel names under one prefix; see lua/_lib.lua for what each holds."""
 
     __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt",
-                 "bend", "bended", "publishing", "workers", "events", "tenants", "sdue")
+                 "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "quarantine",
+                 "quarantine_why")
 
     def __init__(self, prefix: str) -> None:
         p = self.prefix = prefix
@@ -32,6 +33,8 @@ class Keys:
         self.events = f"{p}:ev"
         self.tenants = f"{p}:tenants"
         self.sdue = f"{p}:sdue"
+        self.quarantine = f"{p}:quarantine"           # damaged task ids with no queue to dead-letter to
+        self.quarantine_why = f"{p}:quarantine:why"   # task id -> reason
 
     # ------------------------------------------------------------------------------ tasks
 

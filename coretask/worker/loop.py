@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from ..context import TaskContext
-from ..gateway import FetchReply, Gateway
+from ..gateway import Failure, FetchReply, Gateway, Unreadable
 from ..options import Options
 from .aborts import Aborts
 from .leases import Leases
@@ -135,15 +135,38 @@ class Loop:
                 time.sleep(COALESCE)
 
     def _admit(self, reply: FetchReply) -> int:
+        """Admit the leased tasks into the ledger. A task that cannot be admitted (its reply entry
+        did not read, see records.parse_fetch_reply, or its context could not be built) is buried
+        with the reason on the next round trip, never left leased to this live process nor
+        handed back: the next fetch would return the same entry (docs/decisions.md)."""
         gateway = self.gateway
-        tasks = [Task(leased.id, leased, TaskContext(
-            task_id=leased.id, queue=leased.queue, tenant=leased.tenant, target=leased.target,
-            attempt=leased.attempt, retries_left=leased.retries_left, enqueued_ms=leased.enqueued_ms,
-            batch_id=leased.batch_id, batch_fields=leased.batch_fields, gateway=gateway))
-            for leased in reply.tasks]
+        tasks = []
+        for leased in reply.tasks:
+            try:
+                tasks.append(Task(leased.id, leased, TaskContext(
+                    task_id=leased.id, queue=leased.queue, tenant=leased.tenant, target=leased.target,
+                    attempt=leased.attempt, retries_left=leased.retries_left, enqueued_ms=leased.enqueued_ms,
+                    batch_id=leased.batch_id, batch_fields=leased.batch_fields, gateway=gateway)))
+            except Exception as exc:
+                self._unreadable(Unreadable(leased.id, leased.token, leased.queue, leased.tenant,
+                                            f"{type(exc).__name__}: {exc}"))
+        for bad in reply.unreadable:
+            self._unreadable(bad)
         if tasks:
             self.ledger.admit(tasks)
         return len(tasks)
+
+    def _unreadable(self, bad: Unreadable) -> None:
+        if bad.id is None or bad.token is None:
+            # no id to answer for: the lease is handed back by maintenance (a task leased to this
+            # process that it does not know), and fetch.lua's checks take a damaged record out
+            log.error("worker %s: a task in the fetch reply cannot be read (%s); its lease will be handed back",
+                      self.worker_id, bad.reason)
+            return
+        message = f"the fetch reply for task {bad.id} cannot be read: {bad.reason}"
+        log.error("worker %s: %s; dead-lettering it", self.worker_id, message)
+        self.ledger.unreadable(Failure(bad.id, bad.token, "CorruptTask", message, "", 0, bury=True,
+                                       queue=bad.queue, tenant=bad.tenant))
 
     # ------------------------------------------------------------------------------ shutdown
 
