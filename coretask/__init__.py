@@ -13,7 +13,7 @@ from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost,
                      ReplicationError, ScriptError, SerializationError, StoreError, StoreFull, StoreUnavailable,
                      TargetError, TaskCanceled, TaskLoadError, TaskRefused, UnknownOption)
 from .middleware import Middleware
-from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo
+from .models import BatchInfo, DeadTask, QuarantinedTask, QueueInfo, TaskInfo
 from .options import Options
 from .schedules import ScheduleData, ScheduleInfo
 
@@ -27,7 +27,7 @@ __all__ = [
     # what can be enqueued
     "call", "Call", "TaskData", "Serializer",
     # introspection views
-    "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask",
+    "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask",
     # errors
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",

@@ -94,15 +94,19 @@ def _err(message: str) -> None:
 def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     queues, paused, paused_queues = _queues(p), p.is_paused, p.get_paused_queues()
     workers = sorted(p.get_workers().items())
+    quarantined = p.get_quarantined_count()
     if out.json:
         out.data({"redis": redact_url(p.options.redis), "prefix": p.options.prefix, "paused": paused,
                   "paused_queues": paused_queues, "queues": queues, "schedules": p.get_schedules_count(),
+                  "quarantined": quarantined,
                   "workers": [{"id": w, "heartbeat_age": round(age, 3)} for w, age in workers]})
         return OK
     print(f"redis:  {redact_url(p.options.redis)}  prefix {p.options.prefix}")
     print(f"paused: {'yes (everything)' if paused else 'no'}"
           f"{'; queues paused: ' + ', '.join(paused_queues) if paused_queues else ''}")
     print(f"schedules: {p.get_schedules_count()}  tenants: {p.get_tenants_count()}")
+    if quarantined:
+        print(f"quarantined: {quarantined} damaged task records (python -m coretask quarantine)")
     print()
     _queue_table(out, queues)
     print()
@@ -298,6 +302,17 @@ def _dead_error(t: DeadTask) -> str:
     return text.replace("\n", " ")[:60]
 
 
+def cmd_quarantine(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    tasks = p.get_quarantined(a.skip, a.take)
+    count = p.get_quarantined_count()
+    if out.json:
+        out.data({"count": count, "tasks": tasks})
+        return OK
+    out.table(["TASK", "REASON"], [[t.id, t.reason.replace("\n", " ")] for t in tasks])
+    print(f"{len(tasks)} shown of {count} quarantined tasks")
+    return OK
+
+
 def cmd_schedules(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     schedules = p.get_schedules(a.tenant, a.skip, a.take)
     count = p.get_schedules_count(a.tenant)
@@ -397,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--retry-id", metavar="ID", help="move the dead task ID back to work")
     act.add_argument("--discard-id", metavar="ID", help="delete the dead task ID")
     sp.add_argument("--retries", type=int, help="retries granted to tasks moved back (default Options.retries)")
+    sp.add_argument("--skip", type=int, default=0)
+    sp.add_argument("--take", type=int, default=25)
+    sp = cmd("quarantine", cmd_quarantine, "tasks whose records were too damaged to dead-letter (no readable "
+             "queue), with the reason")
     sp.add_argument("--skip", type=int, default=0)
     sp.add_argument("--take", type=int, default=25)
     sp = cmd("schedules", cmd_schedules, "a tenant's cron schedules with next and last run")

@@ -9,7 +9,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .models import BatchInfo, DeadTask, QueueInfo, TaskInfo, ms_to_dt, to_int
+from .models import BatchInfo, DeadTask, QuarantinedTask, QueueInfo, TaskInfo, ms_to_dt, to_int
 from .options import check_queue_name, check_tenant
 
 if TYPE_CHECKING:
@@ -48,6 +48,14 @@ class Introspection:
     def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
         ids = self.gateway.dead_ids(check_queue_name(queue), skip, skip + take - 1)
         return [t for t in self._tasks(ids, DeadTask) if t is not None]
+
+    def get_quarantined(self, skip: int = 0, take: int = 25) -> list[QuarantinedTask]:
+        """Tasks taken out of circulation because their records were damaged beyond a dead
+        letter (not even the queue readable), oldest first, each with the reason."""
+        return [QuarantinedTask(id=i, reason=why) for i, why in self.gateway.quarantined(skip, take)]
+
+    def get_quarantined_count(self) -> int:
+        return self.gateway.quarantine_count()
 
     def get_task(self, task_id: str) -> TaskInfo | None:
         return self._tasks([task_id], DeadTask)[0]

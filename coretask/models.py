@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timezone
 
-__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask"]
+__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask"]
 
 
 def ms_to_dt(ms: int | str | bytes | None) -> datetime | None:
@@ -48,6 +48,17 @@ class DeadTask(TaskInfo):
     error_message: str = ""
     traceback: str = ""
     dead_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QuarantinedTask:
+    """A task whose stored record a script found damaged and could not dead-letter, because not
+    even its queue could be read (its key missing or of another Redis type, or no usable queue
+    field). It is out of circulation; ``reason`` names what was wrong and where it was met. Its
+    record, if any is left, reads with ``get_task``."""
+
+    id: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -344,6 +344,35 @@ def test_damaged_task_records_read_as_damaged_everywhere(processor, embedded_wor
         dead["damaged"]: False, dead["wrong-type"]: False, dead["healthy"]: True}
 
 
+def test_quarantine_lists_records_too_damaged_to_dead_letter(processor, cli, r, prefix):
+    # Given nothing quarantined: an empty table, exit 0
+    assert "0 shown of 0 quarantined tasks" in ok(cli("quarantine"))
+    # Given two queued tasks whose keys were replaced by other Redis types, met by a fetch
+    k = processor.gateway.keys
+    ids = [processor.enqueue_task("default", "acme", tasks.record, prefix + ":x", i) for i in range(3)]
+    r.delete(k.task(ids[0]), k.task(ids[1]))
+    r.set(k.task(ids[0]), "not a hash")
+    r.rpush(k.task(ids[1]), "not a hash")
+    reply = processor.gateway.fetch("fake-w", 10, 60_000, 0, ["default"])
+    assert [t.id for t in reply.tasks] == [ids[2]]
+    # When the quarantine is listed, as a table and as JSON, and status is shown
+    text = ok(cli("quarantine"))
+    doc = json.loads(ok(cli("quarantine", "--json")))
+    page = json.loads(ok(cli("quarantine", "--json", "--skip", "1", "--take", "1")))
+    status = ok(cli("status"))
+    status_doc = json.loads(ok(cli("status", "--json")))
+    # Then both are there, oldest first, each with the reason naming what is wrong
+    lines = text.splitlines()
+    assert lines[0].split() == ["TASK", "REASON"]
+    assert lines[1].startswith(ids[0]) and "holds a string, not a hash" in lines[1]
+    assert lines[2].startswith(ids[1]) and "holds a list, not a hash" in lines[2]
+    assert "2 shown of 2 quarantined tasks" in text
+    assert doc["count"] == 2 and [t["id"] for t in doc["tasks"]] == ids[:2]
+    assert "not a hash" in doc["tasks"][0]["reason"]
+    assert [t["id"] for t in page["tasks"]] == [ids[1]] and page["count"] == 2
+    assert "quarantined: 2 damaged task records" in status and status_doc["quarantined"] == 2
+
+
 def test_usage_errors_exit_2(cli):
     assert cli(app="").returncode == 2                                # no --app, no command
     assert cli("status", app="").returncode == 2                      # no --app

@@ -7,7 +7,9 @@ such as retries left and enqueued ms) as bytes, a missing hash field as None, ne
 tables as lists."""
 from __future__ import annotations
 
-from coretask.gateway import Ack, Failure, FetchReply, Leased, Outcomes, Release
+import pytest
+
+from coretask.gateway import Ack, Failure, FetchReply, Leased, Outcomes, Release, Unreadable
 from coretask.gateway.records import FETCH_FIELDS, parse_fetch_reply
 
 NOW = 1_700_000_000_000
@@ -100,6 +102,45 @@ def test_header_paused_next_due_and_now() -> None:
 def test_reply_without_tasks() -> None:
     reply = parse_fetch_reply([0, NOW + 10, NOW + 1])
     assert reply == FetchReply(paused=False, next_due_ms=NOW + 10, now_ms=NOW + 1, tasks=[])
+
+
+@pytest.mark.parametrize("position, value, reason", [
+    (4, b"\xfftarget", "field 'tg' (target) is not UTF-8 text"),
+    (3, None, "field 's' (serializer) is not UTF-8 text"),
+    (8, b"3.5", "field 'r' (retries left) is not a number"),
+    (8, None, "field 'r' (retries left) is not a number"),
+    (9, b"soon", "field 'e' (enqueued ms) is not a number"),
+    (2, None, "field 'p' (payload) is missing"),
+    (7, b"\xff", "field 'b' or 'cb' (batch) is not UTF-8 text"),
+    (11, [b"sig"], "field 'sg' (signature and stored tenant) is not a pair"),
+    (11, [b"\xfe", b"acme"], "field 'sg' (signature and stored tenant) is not UTF-8 text"),
+    (11, [b"", b"\xfe"], "field 'tn' (stored tenant) is not UTF-8 text"),
+    (6, b"\xffacme", "field 'tn' (tenant) is not UTF-8 text"),
+])
+def test_an_entry_that_does_not_read_is_reported_and_the_others_parse(position, value, reason) -> None:
+    # Given a reply whose second task has one value that cannot be read
+    reply = sample_reply()
+    reply[3 + FETCH_FIELDS + position] = value
+    # When it is parsed, nothing raises: the others are tasks, that one is reported with the field
+    parsed = parse_fetch_reply(reply)
+    assert [t.id for t in parsed.tasks] == ["t1", "t3", "t4"]
+    (bad,) = parsed.unreadable
+    assert bad.id == "t2" and bad.token == "1" and reason in bad.reason
+    assert bad.queue == "high" and bad.tenant == ("" if position == 6 else "acme")
+    # (a later task of batch A would still get the fields sent with the first)
+    assert parsed.tasks[0].batch_fields == BATCH_A
+
+
+def test_a_truncated_entry_is_reported_and_one_without_an_id_has_none() -> None:
+    reply = sample_reply()[:3 + FETCH_FIELDS + 5]          # the second task cut after 5 values
+    parsed = parse_fetch_reply(reply)
+    assert [t.id for t in parsed.tasks] == ["t1"]
+    assert parsed.unreadable == [Unreadable("t2", "1", "", "", "the reply holds 5 values for this task "
+                                                               "instead of 12")]
+    reply = sample_reply()
+    reply[3] = None                                         # no id: nothing to answer for
+    (bad,) = parse_fetch_reply(reply).unreadable
+    assert bad.id is None and bad.token is None and "the id is not UTF-8 text" in bad.reason
 
 
 # ------------------------------------------------------------------------------------ Outcomes

@@ -75,17 +75,17 @@ def test_succeeded_records_an_ok_ack() -> None:
     task = make_task("a", attempt=3)
     ledger.admit([task])
     ledger.succeeded(task, 12)
-    assert ledger.pending.acks == [Ack("a", "3", "ok", 12)]
+    assert ledger.pending.acks == [Ack("a", "3", "ok", 12, "default", "acme")]   # where fetch counted it
     assert not ledger.pending.failures and not ledger.pending.releases
     assert "a" not in ledger.running
     assert ledger.tasks_done == 1
 
 
 @pytest.mark.parametrize("reason, expected", [
-    ("canceled", Ack("a", "2", "canceled", 8)),
-    (None, Ack("a", "2", "canceled", 8)),      # TaskCanceled without an abort mark counts canceled
-    ("requeue", Release("a", "2")),
-    ("shutdown", Release("a", "2")),
+    ("canceled", Ack("a", "2", "canceled", 8, "default", "acme")),
+    (None, Ack("a", "2", "canceled", 8, "default", "acme")),      # TaskCanceled without an abort mark counts canceled
+    ("requeue", Release("a", "2", "default", "acme")),
+    ("shutdown", Release("a", "2", "default", "acme")),
 ])
 def test_aborted_records_cancel_or_hand_back(reason: str | None, expected: Ack | Release) -> None:
     ledger = Ledger(4)
@@ -160,7 +160,7 @@ def test_release_unstarted_hands_back_only_queued_running_tasks() -> None:
     assert ledger.inbox.get_nowait() is a    # a runner started a: it is not handed back
     del ledger.running["b"]                  # b left the running set while still queued
     ledger.release_unstarted()
-    assert ledger.pending.releases == [Release("c", "5")]
+    assert ledger.pending.releases == [Release("c", "5", "default", "acme")]
     assert ledger.running == {"a": a}
     assert ledger.inbox.empty()
 
@@ -173,8 +173,9 @@ def test_release_running_hands_back_every_running_task() -> None:
     stuck = ledger.release_running()
     assert set(map(id, stuck)) == {id(a), id(b)}
     assert ledger.running == {}
-    assert ledger.pending.acks == [Ack("c", "1", "ok", 1)]      # earlier outcomes kept
-    assert sorted(ledger.pending.releases, key=lambda r: r.task_id) == [Release("a", "1"), Release("b", "2")]
+    assert ledger.pending.acks == [Ack("c", "1", "ok", 1, "default", "acme")]      # earlier outcomes kept
+    assert sorted(ledger.pending.releases, key=lambda r: r.task_id) == [Release("a", "1", "default", "acme"),
+                                                                                  Release("b", "2", "default", "acme")]
     assert ledger.release_running() == []
 
 
@@ -273,6 +274,31 @@ def test_running_of_a_batch() -> None:
     assert {t.id for t in ledger.running_of("B")} == {"a", "b"}
     assert {t.id for t in ledger.running_of(None)} == {"a", "b", "c"}
     assert ledger.running_of("other") == []
+
+
+def test_the_loop_buries_tasks_whose_fetch_reply_entry_did_not_read(caplog) -> None:
+    # Given a reply with one readable task and two that did not read (one without an id)
+    from coretask.gateway import FetchReply, Unreadable
+    from coretask.worker.loop import Loop
+
+    ledger = Ledger(4)
+    loop = Loop("w1", ledger, SimpleNamespace(), options(), SimpleNamespace(), SimpleNamespace(), SimpleNamespace(),
+                None)
+    good = make_task("a").leased
+    reply = FetchReply(paused=False, next_due_ms=-1, now_ms=1, tasks=[good], unreadable=[
+        Unreadable("b", "3", "default", "acme", "field 'r' (retries left) is not a number: b'3.5'"),
+        Unreadable(None, None, "", "", "the id is not UTF-8 text")])
+    # When the loop admits it
+    with caplog.at_level(logging.ERROR, logger="coretask.worker.loop"):
+        assert loop._admit(reply) == 1
+    # Then the readable one runs, and the other is buried with the next round trip (never left
+    # leased to this live process, nor handed back to be fetched again as it is)
+    assert list(ledger.running) == ["a"]
+    assert ledger.pending.failures == [Failure(
+        "b", "3", "CorruptTask", "the fetch reply for task b cannot be read: field 'r' (retries left) is not a "
+        "number: b'3.5'", "", 0, bury=True, queue="default", tenant="acme")]
+    assert ledger.wake.is_set() and "b" in ledger.known_ids()
+    assert "the id is not UTF-8 text" in caplog.text
 
 
 # ============================================================================ LeaseTimings

@@ -138,30 +138,33 @@ class Gateway:
         for f in outcomes.failures:
             calls.append(("fail", [k.task(f.task_id)],
                           [k.prefix, worker_id, f.task_id, f.token, f.delay_ms, self._deadletter, f.error_type,
-                           f.message, f.traceback, f.duration_ms, _flag(f.bury), self._deadletter_schedules]))
+                           f.message, f.traceback, f.duration_ms, _flag(f.bury), self._deadletter_schedules,
+                           f.queue, f.tenant]))
         return calls
 
     def _complete_call(self, worker_id: str, acks: Sequence[Ack]) -> Call:
         k = self.keys
         args: list[Any] = [k.prefix, worker_id]
         for a in acks:
-            args += (a.task_id, a.token, a.outcome, a.duration_ms)
+            args += (a.task_id, a.token, a.outcome, a.duration_ms, a.queue, a.tenant)
         return "complete", [k.leases, k.worker(worker_id)], args
 
     def _release_call(self, worker_id: str, releases: Sequence[Release]) -> Call:
         k = self.keys
         args: list[Any] = [k.prefix, worker_id]
         for r in releases:
-            args += (r.task_id, r.token)
+            args += (r.task_id, r.token, r.queue, r.tenant)
         return "release", [k.leases], args
 
     def complete(self, worker_id: str, acks: Sequence[Ack]) -> list[int]:
-        """Acknowledge finished tasks; per task 1 counted, 0 stale token (ignored)."""
+        """Acknowledge finished tasks; per task 1 counted, 0 stale token (ignored), 2 this
+        worker's lease on a damaged record (dead-lettered or quarantined instead)."""
         name, keys, args = self._complete_call(worker_id, acks)
         return [int(c) for c in self.transport.run(name, keys, args)]
 
     def fail(self, worker_id: str, failure: Failure) -> int:
-        """1 requeued for a retry, 2 buried, 3 counted canceled, 0 stale token."""
+        """1 requeued for a retry, 2 buried (or a damaged record taken out), 3 counted canceled,
+        0 stale token."""
         (name, keys, args), = self._outcome_calls(worker_id, Outcomes(failures=[failure]))
         return int(self.transport.run(name, keys, args))
 
@@ -471,6 +474,19 @@ class Gateway:
     def dead_ids(self, queue: str, start: int, stop: int) -> list[str]:
         return _decoded(self._redis.lrange(self.keys.dead(queue), start, stop))
 
+    def quarantined(self, skip: int, take: int) -> list[tuple[str, str]]:
+        """Quarantined task ids, oldest first, with the reason each was quarantined: records a
+        script could not dead-letter because not even their queue could be read (lua/_lib.lua)."""
+        k = self.keys
+        ids = self._redis.lrange(k.quarantine, skip, skip + take - 1) if take > 0 else []
+        if not ids:
+            return []
+        reasons = self._redis.hmget(k.quarantine_why, ids)
+        return [(i.decode(errors="replace"), (why or b"").decode(errors="replace")) for i, why in zip(ids, reasons)]
+
+    def quarantine_count(self) -> int:
+        return int(self._redis.llen(self.keys.quarantine))
+
     def task_hashes(self, task_ids: Sequence[str]) -> list[dict[bytes, bytes] | str]:
         """The tasks' hashes, in order: {} for a task that no longer exists, the error's text
         for a key that is not a hash (read paths show it, never fail on it)."""
@@ -485,12 +501,14 @@ class Gateway:
         return set(_decoded(self._redis.smembers(self.keys.worker(worker_id))))
 
     def lease_holders(self, task_ids: Sequence[str]) -> list[tuple[str | None, str | None, str | None]]:
-        """Per task: (lease token, state, worker) as stored, None where absent."""
+        """Per task: (lease token, state, worker) as stored, None where absent or unreadable (a
+        key of another type, a value that is not UTF-8)."""
         pipe = self._redis.pipeline(transaction=False)
         for tid in task_ids:
             pipe.hmget(self.keys.task(tid), "a", "st", "w")
-        return [tuple(v.decode() if v is not None else None for v in row)  # type: ignore[misc]
-                for row in pipe.execute()]
+        return [(None, None, None) if isinstance(row, Exception) else
+                tuple(v.decode(errors="replace") if v is not None else None for v in row)  # type: ignore[misc]
+                for row in pipe.execute(raise_on_error=False)]
 
     def batch_hash(self, batch_id: str) -> dict[bytes, bytes]:
         return self._redis.hgetall(self.keys.batch(batch_id))  # type: ignore[no-any-return]

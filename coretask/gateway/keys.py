@@ -13,7 +13,8 @@ class Keys:
     """Key and channel names under one prefix; see lua/_lib.lua for what each holds."""
 
     __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt",
-                 "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "marker")
+                 "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "marker", "quarantine",
+                 "quarantine_why")
 
     def __init__(self, prefix: str) -> None:
         p = self.prefix = prefix
@@ -33,6 +34,8 @@ class Keys:
         self.tenants = f"{p}:tenants"
         self.sdue = f"{p}:sdue"
         self.marker = f"{p}:marker"
+        self.quarantine = f"{p}:quarantine"           # damaged task ids with no queue to dead-letter to
+        self.quarantine_why = f"{p}:quarantine:why"   # task id -> reason
 
     # ------------------------------------------------------------------------------ tasks
 

@@ -1,8 +1,10 @@
 """Typed messages between the gateway and its callers: what a script is told and what it answers.
 
-Positional replies (the fetch script's runs of 12 values, complete.lua's groups of four) are
+Positional replies (the fetch script's runs of 12 values, complete.lua's groups of six) are
 turned into these records in exactly one place, the gateway method that calls the script, so
-the worker never counts positions.
+the worker never counts positions. A reply entry that cannot be read is never allowed to stop
+the worker: parse_fetch_reply reads each task on its own and reports the ones it could not
+read as ``Unreadable``, which the worker dead-letters (coretask/worker/loop.py).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import dataclasses
 from typing import Any, Literal
 
 __all__ = ["Ack", "DueSchedule", "DueSchedules", "Failure", "FetchReply", "Leased", "Outcomes", "Recovered",
-           "Release", "TickResult", "parse_fetch_reply"]
+           "Release", "TickResult", "Unreadable", "parse_fetch_reply"]
 
 FETCH_FIELDS = 12  # values per task in fetch.lua's reply (see its header)
 
@@ -41,31 +43,125 @@ class Leased:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A task the fetch leased whose reply entry could not be read (``reason`` names the field).
+    ``queue`` and ``tenant`` are "" when they could not be read either; ``id`` and ``token``
+    are None when even they could not (the lease is then handed back by the worker's check for
+    tasks leased to it that it does not know: coretask/worker/maintenance.py)."""
+
+    id: str | None
+    token: str | None
+    queue: str
+    tenant: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class FetchReply:
     paused: bool
     next_due_ms: int        # -1: nothing delayed
     now_ms: int             # the server clock when the script ran
     tasks: list[Leased]
+    unreadable: list[Unreadable] = dataclasses.field(default_factory=list)
+
+
+# fetch.lua's values per task, with the task hash field each comes from ("" where none does)
+_ENTRY = (("id", ""), ("attempt", "a"), ("payload", "p"), ("serializer", "s"), ("target", "tg"),
+          ("queue", "q"), ("tenant", "tn"), ("batch", "b"), ("retries left", "r"), ("enqueued ms", "e"),
+          ("batch fields", ""), ("signature and stored tenant", "sg"))
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _text(value: Any, position: int) -> str:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            pass
+    raise _Bad(f"{_label(position)} is not UTF-8 text: {value!r:.60}")
+
+
+def _int(value: Any, position: int) -> int:
+    try:
+        if isinstance(value, (bytes, int)) and not isinstance(value, bool):
+            return int(value)
+    except ValueError:
+        pass
+    raise _Bad(f"{_label(position)} is not a number: {value!r:.60}")
+
+
+def _label(position: int) -> str:
+    if position == 7:
+        return "field 'b' or 'cb' (batch)"
+    what, field = _ENTRY[position]
+    return f"field '{field}' ({what})" if field else f"the {what}"
+
+
+def _leased(entry: list[Any], batch_fields: dict[str, list[bytes]]) -> Leased:
+    if len(entry) != FETCH_FIELDS:
+        raise _Bad(f"the reply holds {len(entry)} values for this task instead of {FETCH_FIELDS}")
+    (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo, seal) = entry
+    batch_id = _text(batch, 7) or None
+    if not isinstance(payload, bytes):
+        raise _Bad(f"{_label(2)} is missing")
+    if not isinstance(seal, list) or len(seal) != 2:
+        raise _Bad(f"{_label(11)} is not a pair: {seal!r:.60}")
+    if binfo and not isinstance(binfo, list):
+        raise _Bad(f"{_label(10)} is not a list: {binfo!r:.60}")
+    signature = _text(seal[0], 11)
+    try:
+        stored_tenant = seal[1].decode()
+    except (AttributeError, UnicodeDecodeError):
+        raise _Bad(f"field 'tn' (stored tenant) is not UTF-8 text: {seal[1]!r:.60}") from None
+    number = _int(attempt, 1)
+    leased = Leased(
+        id=_text(tid, 0), token=str(number), attempt=number, payload=payload, serializer=_text(ser, 3),
+        target=_text(target, 4), queue=_text(q, 5), tenant=_text(tenant, 6), batch_id=batch_id,
+        retries_left=_int(retries, 8), enqueued_ms=_int(enqueued, 9) if enqueued else 0,
+        batch_fields=(binfo or batch_fields.get(batch_id)) if batch_id else None, signature=signature,
+        stored_tenant=stored_tenant)
+    if binfo and batch_id:
+        batch_fields[batch_id] = binfo     # for the batch's later tasks in this reply
+    return leased
+
+
+def _unreadable(entry: list[Any], reason: str) -> Unreadable:
+    def text(position: int) -> str | None:
+        try:
+            return _text(entry[position], position)
+        except (_Bad, IndexError):
+            return None
+
+    tid = text(0)
+    try:
+        token: str | None = str(_int(entry[1], 1))
+    except (_Bad, IndexError):
+        token = None
+    return Unreadable(id=tid, token=token if tid is not None else None, queue=text(5) or "", tenant=text(6) or "",
+                      reason=reason)
 
 
 def parse_fetch_reply(reply: list[Any]) -> FetchReply:
     """fetch.lua's reply as records; the batch fields, sent once per batch per reply, are
-    handed to every task of that batch."""
+    handed to every task of that batch. Each task is read on its own: one that cannot be read
+    (fetch.lua checks the record, so only a reply of another version or a field that is not
+    UTF-8 text gets here) is reported in ``unreadable`` with the reason, naming the field, and
+    the others are unaffected. Only a reply whose first three values do not read raises."""
     tasks = []
+    unreadable = []
     batch_fields: dict[str, list[bytes]] = {}
     for i in range(3, len(reply), FETCH_FIELDS):
-        (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo, seal) = \
-            reply[i:i + FETCH_FIELDS]
-        batch_id = batch.decode() or None
-        if binfo:
-            batch_fields[batch_id] = binfo
-        tasks.append(Leased(
-            id=tid.decode(), token=str(attempt), attempt=int(attempt), payload=payload, serializer=ser.decode(),
-            target=target.decode(), queue=q.decode(), tenant=tenant.decode(), batch_id=batch_id,
-            retries_left=int(retries), enqueued_ms=int(enqueued or 0),
-            batch_fields=batch_fields.get(batch_id) if batch_id else None,
-            signature=seal[0].decode(), stored_tenant=seal[1].decode()))
-    return FetchReply(paused=bool(reply[0]), next_due_ms=int(reply[1]), now_ms=int(reply[2]), tasks=tasks)
+        entry = reply[i:i + FETCH_FIELDS]
+        try:
+            tasks.append(_leased(entry, batch_fields))
+        except Exception as exc:        # never let one entry stop the others (or the worker)
+            unreadable.append(_unreadable(entry, str(exc) if isinstance(exc, _Bad)
+                                          else f"{type(exc).__name__}: {exc}"))
+    return FetchReply(paused=bool(reply[0]), next_due_ms=int(reply[1]), now_ms=int(reply[2]), tasks=tasks,
+                      unreadable=unreadable)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -76,6 +172,8 @@ class Ack:
     token: str
     outcome: Literal["ok", "canceled"]
     duration_ms: int
+    queue: str = ""         # where the fetch counted the task (Leased.queue / .tenant); "" = unknown
+    tenant: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,6 +189,8 @@ class Failure:
     duration_ms: int
     delay_ms: int = 0
     bury: bool = False
+    queue: str = ""         # as in Ack
+    tenant: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -99,6 +199,8 @@ class Release:
 
     task_id: str
     token: str
+    queue: str = ""         # as in Ack
+    tenant: str = ""
 
 
 @dataclasses.dataclass(slots=True)

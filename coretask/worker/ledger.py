@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..context import TaskContext
 from ..gateway import Ack, Failure, Leased, Outcomes, Release
@@ -49,6 +49,14 @@ class Task:
     @property
     def batch_id(self) -> str | None:
         return self.leased.batch_id
+
+    def ack(self, outcome: Literal["ok", "canceled"], duration_ms: int) -> Ack:
+        """Outcomes name the queue and tenant the fetch counted the task under, so the scripts
+        undo exactly those counters even if the record was damaged while the task ran."""
+        return Ack(self.id, self.token, outcome, duration_ms, self.leased.queue, self.leased.tenant)
+
+    def release(self) -> Release:
+        return Release(self.id, self.token, self.leased.queue, self.leased.tenant)
 
 
 class Ledger:
@@ -146,36 +154,43 @@ class Ledger:
                 except queue.Empty:
                     return
                 if task is not None and self.running.pop(task.id, None) is not None:
-                    self.pending.releases.append(Release(task.id, task.token))
+                    self.pending.releases.append(task.release())
 
     def release_running(self) -> list[Task]:
         """Hand back every task still running (blocked where an abort cannot reach)."""
         with self.lock:
             stuck = list(self.running.values())
             self.running.clear()
-            self.pending.releases += [Release(t.id, t.token) for t in stuck]
+            self.pending.releases += [t.release() for t in stuck]
         return stuck
 
     # ----------------------------------------------------------------------- the runners' side
 
     def succeeded(self, task: Task, duration_ms: int) -> None:
         with self.lock:
-            self.pending.acks.append(Ack(task.id, task.token, "ok", duration_ms))
+            self.pending.acks.append(task.ack("ok", duration_ms))
             self._finished(task, duration_ms)
 
     def aborted(self, task: Task, duration_ms: int) -> None:
         """A requeue or shutdown abort hands the task back; a cancel counts it canceled."""
         with self.lock:
             if task.abort_reason in ("requeue", "shutdown"):
-                self.pending.releases.append(Release(task.id, task.token))
+                self.pending.releases.append(task.release())
             else:
-                self.pending.acks.append(Ack(task.id, task.token, "canceled", duration_ms))
+                self.pending.acks.append(task.ack("canceled", duration_ms))
             self._finished(task, duration_ms)
 
     def failed(self, task: Task, failure: Failure) -> None:
         with self.lock:
             self.pending.failures.append(failure)
             self._finished(task, failure.duration_ms)
+
+    def unreadable(self, failure: Failure) -> None:
+        """A leased task the loop could not admit (its fetch reply entry did not read): its
+        burial goes out with the next round trip."""
+        with self.lock:
+            self.pending.failures.append(failure)
+        self.wake.set()
 
     def _finished(self, task: Task, duration_ms: int) -> None:
         self.running.pop(task.id, None)

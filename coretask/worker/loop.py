@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from ..context import TaskContext
-from ..gateway import FetchReply, Gateway
+from ..gateway import Failure, FetchReply, Gateway, Unreadable
 from ..options import Options
 from .aborts import Aborts
 from .leases import Leases
@@ -139,14 +139,26 @@ class Loop:
                 time.sleep(COALESCE)
 
     def _admit(self, reply: FetchReply) -> int:
+        """Admit the leased tasks into the ledger. A task that cannot be admitted (its reply entry
+        did not read, see records.parse_fetch_reply, or its context could not be built) is buried
+        with the reason on the next round trip, never left leased to this live process nor
+        handed back: the next fetch would return the same entry (docs/decisions.md)."""
         gateway = self.gateway
         # ctx.retries_left: the retries left should this attempt fail (what on_task_failed_delay
         # is then asked with; 0 on the last attempt); the stored count includes this attempt
-        tasks = [Task(leased.id, leased, TaskContext(
-            task_id=leased.id, queue=leased.queue, tenant=leased.tenant, target=leased.target,
-            attempt=leased.attempt, retries_left=max(leased.retries_left - 1, 0), enqueued_ms=leased.enqueued_ms,
-            batch_id=leased.batch_id, batch_fields=leased.batch_fields, gateway=gateway))
-            for leased in reply.tasks]
+        tasks = []
+        for leased in reply.tasks:
+            try:
+                tasks.append(Task(leased.id, leased, TaskContext(
+                    task_id=leased.id, queue=leased.queue, tenant=leased.tenant, target=leased.target,
+                    attempt=leased.attempt, retries_left=max(leased.retries_left - 1, 0),
+                    enqueued_ms=leased.enqueued_ms, batch_id=leased.batch_id, batch_fields=leased.batch_fields,
+                    gateway=gateway)))
+            except Exception as exc:
+                self._unreadable(Unreadable(leased.id, leased.token, leased.queue, leased.tenant,
+                                            f"{type(exc).__name__}: {exc}"))
+        for bad in reply.unreadable:
+            self._unreadable(bad)
         if tasks:
             self.ledger.admit(tasks)
             heard = self.ledger.cancels_for(tasks)
@@ -164,6 +176,18 @@ class Loop:
         if mine:
             self.aborts.abort(mine, "canceled")
             log.info("worker %s: %d tasks canceled as they were fetched, aborting", self.worker_id, len(mine))
+
+    def _unreadable(self, bad: Unreadable) -> None:
+        if bad.id is None or bad.token is None:
+            # no id to answer for: the lease is handed back by maintenance (a task leased to this
+            # process that it does not know), and fetch.lua's checks take a damaged record out
+            log.error("worker %s: a task in the fetch reply cannot be read (%s); its lease will be handed back",
+                      self.worker_id, bad.reason)
+            return
+        message = f"the fetch reply for task {bad.id} cannot be read: {bad.reason}"
+        log.error("worker %s: %s; dead-lettering it", self.worker_id, message)
+        self.ledger.unreadable(Failure(bad.id, bad.token, "CorruptTask", message, "", 0, bury=True,
+                                       queue=bad.queue, tenant=bad.tenant))
 
     # ------------------------------------------------------------------------------ shutdown
 

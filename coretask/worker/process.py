@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..encoding import serializer_for
-from ..gateway import Gateway, Release
+from ..gateway import Gateway
 from ..middleware import Chain, WorkerInfo
 from ..options import Options
 from ..signing import TaskGuard
@@ -122,7 +122,7 @@ class WorkerProcess:
         log.error("worker %s: %s; handing back in-flight tasks and exiting", self.id, why)
         ledger = self.ledger
         with ledger.lock:
-            releases = [Release(t.id, t.token) for t in ledger.running.values()]
+            releases = [t.release() for t in ledger.running.values()]
         outcomes = ledger.take_outcomes()
         outcomes.releases += releases
         try:

@@ -261,7 +261,8 @@ def _sched_batch() -> None:
 def _failure(task: Task, error: BaseException, duration_ms: int, *, delay_ms: int = 0,
              bury: bool = False) -> Failure:
     etype, message, tb = format_error(error)
-    return Failure(task.id, task.token, etype, message, tb, duration_ms, delay_ms=delay_ms, bury=bury)
+    return Failure(task.id, task.token, etype, message, tb, duration_ms, delay_ms=delay_ms, bury=bury,
+                   queue=task.leased.queue, tenant=task.leased.tenant)
 
 
 def _message(exc: BaseException) -> str:

@@ -11,7 +11,12 @@
 --                              sch schedule id and sk tick ms (runs enqueued by a schedule),
 --                              sg signature (Options.signing_key; see coretask/signing.py),
 --                              cx ms of cancel_task's mark on a running task (told to stop),
---                              ik / ikt its idempotency key's name and key_ttl ms (release_key)
+--                              ik / ikt its idempotency key's name and key_ttl ms (release_key),
+--                              cr crashes it was the culprit of (crashed.lua),
+--                              cb (continuations) the batch it continues
+--                              Integers: r a e d ls da sk. Always written: q tn p s tg r a e st.
+--                              Every script checks the fields it reads with read_task before
+--                              its first write for the task (see "Damaged task records" below).
 --   P:q:<queue>:<tenant> list  ready task ids of one tenant in one queue (FIFO)
 --   P:ring:<queue>      list   tenants of the queue that have ready work, served in turn
 --   P:ringset:<queue>   set    the same tenants, for O(1) membership tests
@@ -21,6 +26,7 @@
 --   P:delayed           zset   delayed and retrying task ids, score = due ms
 --   P:leases            zset   running task ids, score = lease deadline ms (server clock)
 --   P:w:<worker>        set    task ids leased to one worker process
+--   P:workers           hash   worker process id -> last heartbeat ms (renew.lua)
 --   P:trun              hash   tenant -> tasks running now
 --   P:tlim              hash   tenant -> concurrency limit override
 --   P:capped:<tenant>   set    queues whose ring dropped the tenant because it was at its limit
@@ -28,6 +34,9 @@
 --   P:iso:<queue>       list   isolated task ids (state isolated, counted ready): tasks of a
 --                              crashed process, run one at a time alone (crashed.lua); field cr
 --                              of a task counts the crashes it was the culprit of
+--   P:quarantine        list   ids of damaged tasks with no readable queue to dead-letter them to
+--                              (key missing or not a hash, or no usable q), oldest first
+--   P:quarantine:why    hash   task id -> why it was quarantined (names the field)
 --   P:paused            string "1" while everything is paused
 --   P:pausedq / P:pausedt set  paused queues / paused tenants
 --   P:b:<id>            hash   batch: tn, sc scope, q, total, done, failed, canceled, remaining,
@@ -66,6 +75,126 @@
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- ----------------------------------------------------------------------- damaged task records
+-- A script error does not roll back the writes made before it, so every script checks the
+-- fields of a task hash it reads (read_task) before its first write for that task, and hands a
+-- record that fails to take_out (or set_aside), which moves it out of circulation and undoes
+-- what the call site says it was counted in; the script then goes on with its other tasks.
+
+local TASK_FIELDS = {q = 'queue', tn = 'tenant', b = 'batch', p = 'payload', s = 'serializer', tg = 'target',
+                     r = 'retries', a = 'attempt', e = 'enqueued', d = 'due', st = 'state', w = 'worker',
+                     ls = 'lease start', on = 'continuation', cb = 'continued batch', da = 'dead at',
+                     sch = 'schedule', sk = 'tick', sg = 'signature', et = 'error type', em = 'error message',
+                     etb = 'traceback'}
+local TASK_INTS = {r = true, a = true, e = true, d = true, ls = true, da = true, sk = true}
+local QUEUES = {}   -- read_task rule: the field names a queue registered in P:queues
+
+local function field_label(name)
+  return "field '" .. name .. "' (" .. (TASK_FIELDS[name] or name) .. ")"
+end
+
+local function quoted(v)
+  if #v > 40 then v = string.sub(v, 1, 40) .. '...' end
+  return "'" .. v .. "'"
+end
+
+-- What is wrong with value v (false: absent) of task field `name` under `rule`, or nil. An
+-- integer field that is present must hold an integer (at most 18 digits: HINCRBY and Python's
+-- int() both take it); with a rule, the field must be present, q must be a queue name and tn a
+-- tenant name (as coretask/options.py allows), and: rule a string = v must equal it, rule
+-- QUEUES = v must be registered in P:queues, rule a table = v must be one of its keys.
+local function field_problem(P, name, v, rule)
+  if not v then
+    if rule then return field_label(name) .. ' is missing' end
+    return nil
+  end
+  if TASK_INTS[name] and (#v > 18 or not string.find(v, '^%-?%d+$')) then
+    return field_label(name) .. ' is not a number: ' .. quoted(v)
+  end
+  if not rule then return nil end
+  if name == 'q' and (#v > 100 or not string.find(v, '^[%w_%.%-]+$')) then
+    return field_label(name) .. ' is not a queue name: ' .. quoted(v)
+  end
+  if name == 'tn' and (v == '' or #v > 200 or string.find(v, '%s')) then
+    return field_label(name) .. ' is not a tenant name: ' .. quoted(v)
+  end
+  if rule == QUEUES then
+    if redis.call('SISMEMBER', P .. ':queues', v) == 0 then
+      return field_label(name) .. ' names no known queue: ' .. quoted(v)
+    end
+  elseif type(rule) == 'table' then
+    if not rule[v] then return field_label(name) .. ' holds an unknown value: ' .. quoted(v) end
+  elseif rule ~= true and v ~= rule then
+    return field_label(name) .. ' is ' .. quoted(v) .. ', expected ' .. quoted(rule)
+  end
+  return nil
+end
+
+-- read_task(P, id, names, need): HMGET of the fields `names` (a table) of task id's hash, checked.
+-- need: field -> rule (see field_problem: true = required, a value it must equal, QUEUES, a set);
+-- fields without a rule may be absent, but an integer field must hold an integer when present.
+-- Returns f, reason, kind: f is what HMGET returned (false for an absent field; nil when the
+-- key holds another type), reason is nil when every field passed, else the first problem, naming
+-- the field (or saying the key is missing / not a hash); kind is 'hash', 'none' (no key) or the
+-- key's other type, and is 'none' only when a reason is given (a missing key reads as a hash
+-- with no fields otherwise). Never raises.
+local function read_task(P, id, names, need)
+  local tkey = P .. ':t:' .. id
+  local f = redis.pcall('HMGET', tkey, unpack(names))
+  if f.err then
+    local kind = redis.call('TYPE', tkey).ok
+    return nil, "the task's key " .. tkey .. ' holds a ' .. kind .. ', not a hash', kind
+  end
+  for i, name in ipairs(names) do
+    local why = field_problem(P, name, f[i], need[name])
+    if why then
+      if redis.call('EXISTS', tkey) == 0 then return f, "the task's record " .. tkey .. ' is missing', 'none' end
+      return f, why, 'hash'
+    end
+  end
+  return f, nil, 'hash'
+end
+
+-- set_aside(P, id, reason, queue, tenant, now, etb): the dead letter of a damaged record.
+-- A hash goes to P:dead:<queue> (queue: what the call site knows, else the record's q when it
+-- is a registered queue), with st = dead, q = that queue, et = CorruptTask, em = reason, and
+-- counted like any dead letter (P:ts:<tenant> failed and dead, for the record's tn, or for
+-- `tenant` written into it when its own is unusable), so dead_retry and dead_discard undo it.
+-- A key that is missing or not a hash, or a hash with no usable queue, goes to P:quarantine
+-- with its reason in P:quarantine:why (a hash is marked st = quarantined, et/em/da). Counters
+-- and batches are the caller's (take_out). Returns 'dead' or 'quarantined'.
+local function set_aside(P, id, reason, queue, tenant, now, etb)
+  local tkey = P .. ':t:' .. id
+  local kind = redis.call('TYPE', tkey).ok
+  if kind == 'hash' then
+    redis.call('PERSIST', tkey)    -- a staged record keeps its expiry otherwise
+    local f = redis.call('HMGET', tkey, 'q', 'tn')
+    if not queue and not field_problem(P, 'q', f[1], QUEUES) then queue = f[1] end
+    if queue then
+      redis.call('HSET', tkey, 'st', 'dead', 'q', queue, 'et', 'CorruptTask', 'em', reason, 'etb', etb or '',
+                 'da', now)
+      local tn = f[2]
+      if field_problem(P, 'tn', tn, true) then
+        tn = tenant
+        if tn then redis.call('HSET', tkey, 'tn', tn) end
+      end
+      if tn then
+        redis.call('HINCRBY', P .. ':ts:' .. tn, 'failed', 1)
+        redis.call('HINCRBY', P .. ':ts:' .. tn, 'dead', 1)
+      end
+      redis.call('RPUSH', P .. ':dead:' .. queue, id)
+      return 'dead'
+    end
+    redis.call('HSET', tkey, 'st', 'quarantined', 'et', 'CorruptTask', 'em', reason, 'da', now)
+  end
+  if redis.call('HSETNX', P .. ':quarantine:why', id, reason) == 1 then
+    redis.call('RPUSH', P .. ':quarantine', id)
+  else
+    redis.call('HSET', P .. ':quarantine:why', id, reason)
+  end
+  return 'quarantined'
 end
 
 -- Count n more ready tasks of a tenant in a queue and make sure the tenant is in the queue's
@@ -154,7 +283,14 @@ local function release_continuations(P, batch, failed)
   local contkey = P .. ':b:' .. batch .. ':cont'
   local ids = redis.call('LRANGE', contkey, 0, -1)
   for _, cid in ipairs(ids) do
-    local f = redis.call('HMGET', P .. ':t:' .. cid, 'on', 'q', 'tn')
+    local f, bad = read_task(P, cid, {'on', 'q', 'tn'}, {on = {success = true, complete = true}, q = QUEUES,
+                                                          tn = true})
+    if bad then
+      -- a damaged continuation leaves the batch (it is counted in nothing) for the dead letters
+      redis.call('LREM', contkey, 1, cid)
+      set_aside(P, cid, bad, nil, nil, now_ms())
+      f = {}
+    end
     if f[1] == 'complete' or (f[1] == 'success' and failed == 0) then
       redis.call('LREM', contkey, 1, cid)
       redis.call('HDEL', P .. ':t:' .. cid, 'on')
@@ -294,4 +430,70 @@ local function end_canceled(P, id, tenant, batch, dur_ms, now)
   else
     redis.call('HINCRBY', P .. ':ts:' .. tenant, 'canceled', 1)
   end
+end
+
+-- take_out(P, id, reason, at, now): take a task whose record failed read_task out of circulation,
+-- undoing what the call site says it was counted in, then set_aside (dead letter or quarantine).
+-- at (every entry optional) is what the call site knows:
+--   at.queue, at.tenant  where the task is counted (fetch: the list it was popped from; complete,
+--                        fail, release: what the worker's fetch reply said). Otherwise the
+--                        record's q / tn are used when usable; when neither is known, the
+--                        counters of that queue / tenant cannot be fixed (the reason says so).
+--   at.worker            the task is leased: counted in P:leases, P:w:<worker>, qs:<queue>
+--                        inflight, P:trun[tenant] and its batch's run; all undone here
+--                        ('' = leased, owner unknown: removed from every P:w:<w> of P:workers).
+--   at.delayed           counted in qs:<queue> delayed (the caller took it off P:delayed).
+--   at.batch             its batch, when the call site knows it (batch_publish); else the record's b
+--   at.counted           counted in its batch's remaining (every task of a batch from commit to
+--                        settlement: fetch, complete, fail, release, recover, batch_publish; not
+--                        a continuation, nor a dead letter): settled as failed, like a burial.
+--   at.etb               text for the dead letter's traceback field.
+-- What each call site undoes itself: fetch's ready pop (qs ready) is in its aggregate; the
+-- caller has already removed the id from the list or zset it took it from. A task of a canceled
+-- batch is deleted instead, as wherever one is found (counted canceled here if it was running).
+-- Returns 'dead', 'quarantined' or 'canceled'.
+local function take_out(P, id, reason, at, now)
+  local tkey = P .. ':t:' .. id
+  local queue, tenant, batch = at.queue, at.tenant, at.batch
+  local f = redis.pcall('HMGET', tkey, 'q', 'tn', 'b')
+  if not f.err then
+    if not queue and not field_problem(P, 'q', f[1], QUEUES) then queue = f[1] end
+    if not tenant and not field_problem(P, 'tn', f[2], true) then tenant = f[2] end
+    if not batch and f[3] and f[3] ~= '' then batch = f[3] end
+  end
+  if at.worker then
+    redis.call('ZREM', P .. ':leases', id)
+    if at.worker ~= '' then redis.call('SREM', P .. ':w:' .. at.worker, id)
+    else   -- the record names no owner: every worker process with a heartbeat (renew.lua)
+      for _, w in ipairs(redis.call('HKEYS', P .. ':workers')) do redis.call('SREM', P .. ':w:' .. w, id) end
+    end
+    if queue then redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', -1) end
+    if tenant then release_tenant(P, tenant, 1) end
+    if batch and redis.call('EXISTS', P .. ':b:' .. batch) == 1 then
+      redis.call('HINCRBY', P .. ':b:' .. batch, 'run', -1)
+    end
+  end
+  if at.delayed and queue then redis.call('HINCRBY', P .. ':qs:' .. queue, 'delayed', -1) end
+  local lost = {}   -- counters that stay one too high: said in the reason, for whoever reads it
+  if at.worker and not queue then lost[#lost+1] = "its queue's in-flight count" end
+  if at.worker and not tenant then lost[#lost+1] = "its tenant's running count" end
+  if at.delayed and not queue then lost[#lost+1] = "its queue's delayed count" end
+  if #lost > 0 then reason = reason .. ' (not undone, as unknown: ' .. table.concat(lost, ', ') .. ')' end
+  if batch and batch_canceled(P, batch) then
+    redis.call('DEL', tkey)
+    if at.worker then settle_batch(P, batch, 'canceled', 0, now) end
+    return 'canceled'
+  end
+  local where = set_aside(P, id, reason, queue, tenant, now, at.etb)
+  if at.counted and batch then settle_batch(P, batch, 'failed', 0, now) end
+  return where
+end
+
+-- For complete, fail and release: is this answer for a damaged record this worker's to settle?
+-- Yes when it presents the current token of a running task, or when the id is in the worker's
+-- lease set (only fetch adds it, and every script that ends the lease removes it in the same
+-- call): then take_out. Otherwise the answer is stale and changes nothing, as for a sound record.
+local function owns_lease(P, worker, id, token, f)
+  if f and f[1] == token and f[2] == 'running' then return true end
+  return redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1
 end

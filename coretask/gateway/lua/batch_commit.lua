@@ -40,10 +40,16 @@ end
 redis.call('HINCRBY', KEYS[1], 'total', ntasks)
 redis.call('HINCRBY', KEYS[1], 'remaining', ntasks)
 for _, cid in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do
-  redis.call('PERSIST', P .. ':t:' .. cid)
-  redis.call('HSET', P .. ':t:' .. cid, 'st', 'waiting')
-  redis.call('SADD', P .. ':queues', redis.call('HGET', P .. ':t:' .. cid, 'q'))
-  redis.call('RPUSH', KEYS[7], cid)
+  local f, bad = read_task(P, cid, {'q', 'tn'}, {q = true, tn = true})
+  if bad then
+    -- a damaged continuation (_lib.lua) never joins the batch: dead letter or quarantine
+    set_aside(P, cid, bad, nil, nil, now)
+  else
+    redis.call('PERSIST', P .. ':t:' .. cid)
+    redis.call('HSET', P .. ':t:' .. cid, 'st', 'waiting')
+    redis.call('SADD', P .. ':queues', f[1])
+    redis.call('RPUSH', KEYS[7], cid)
+  end
 end
 redis.call('DEL', KEYS[3])
 if ntasks > 0 then

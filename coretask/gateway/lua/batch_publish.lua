@@ -5,6 +5,8 @@
 -- KEYS[1]  P:b:<batch>:p:<stage>   KEYS[2] P:publishing
 -- ARGV[1]  P   ARGV[2] batch id   ARGV[3] stage id   ARGV[4] max tasks this call
 -- Reply: number of tasks still waiting in the publication list.
+-- A task whose record is damaged (_lib.lua read_task: q, tn, d) is dead-lettered or quarantined
+-- and counted failed in the batch; the others are published.
 local P, batch, max = ARGV[1], ARGV[2], tonumber(ARGV[4])
 local ids = redis.call('LPOP', KEYS[1], max)
 if ids then
@@ -18,10 +20,16 @@ if ids then
       redis.call('DEL', tkey)
     else
       redis.call('PERSIST', tkey)
-      local f = redis.call('HMGET', tkey, 'q', 'tn', 'd')
-      if not f[1] then
+      local f, bad, kind = read_task(P, id, {'q', 'tn', 'd'}, {q = true, tn = true})
+      if kind == 'none' then
         -- its staged hash expired before publication (over an hour): lost, counted failed
         settle_batch(P, batch, 'failed', 0, now)
+      elseif bad then
+        -- a damaged record (_lib.lua): dead letter or quarantine, counted failed in the batch
+        -- (its queue, when a queue name, is registered as publishing would, to show its dead letters)
+        local queue = f and not field_problem(P, 'q', f[1], true) and f[1] or nil
+        if queue then redis.call('SADD', P .. ':queues', queue) end
+        take_out(P, id, bad, {queue = queue, batch = batch, counted = true}, now)
       else
         local due = tonumber(f[3] or '0')
         if due > now then

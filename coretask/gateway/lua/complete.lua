@@ -4,28 +4,49 @@
 -- are aggregated per queue, tenant and batch, so the per-task cost is two commands.
 -- KEYS[1]  P:leases   KEYS[2] P:w:<worker>
 -- ARGV[1]  P         ARGV[2] worker id
--- ARGV[3..] groups of four: id, token (attempt), outcome ("ok" | "canceled"), duration ms
--- Reply: array of codes, one per task: 1 = counted, 0 = stale token or unknown task (ignored).
+-- ARGV[3..] groups of six: id, token (attempt), outcome ("ok" | "canceled"), duration ms,
+--           queue and tenant the fetch reply named (where fetch counted the task; "" = unknown:
+--           the record's q and tn are used)
+-- Reply: array of codes, one per task: 1 = counted, 0 = stale token or unknown task (ignored),
+--        2 = this worker's lease on a damaged record: taken out (_lib.lua take_out) instead.
 -- A canceled task of no batch is counted in its tenant's statistics (a batch's task: in its
 -- batch, which counts the tenant). A keyed task gives up its idempotency key (release_key).
-local P = ARGV[1]
+local P, worker = ARGV[1], ARGV[2]
 local now = now_ms()
 local codes, ids = {}, {}
 local per_queue, per_tenant, per_tenant_done, per_batch = {}, {}, {}, {}
 local per_tenant_canceled = {}
-for i = 3, #ARGV, 4 do
+for i = 3, #ARGV, 6 do
   local id, token = ARGV[i], ARGV[i+1]
+  local queue, tenant = ARGV[i+4], ARGV[i+5]
+  if queue == '' then queue = nil end
+  if tenant == '' then tenant = nil end
   local tkey = P .. ':t:' .. id
-  local f = redis.call('HMGET', tkey, 'a', 'st', 'q', 'tn', 'b', 'ik')
-  if f[1] == token and f[2] == 'running' then
+  local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'ik'},
+                           {a = true, st = true, q = not queue and QUEUES or nil, tn = not tenant or nil})
+  if not bad and f[2] ~= 'running' and redis.call('SISMEMBER', KEYS[2], id) == 1 then
+    bad = "field 'st' (state) is " .. quoted(f[2]) .. ', but the task is leased to worker ' .. worker
+  end
+  if bad then
+    if owns_lease(P, worker, id, token, f) then
+      local how = ARGV[i+2] == 'ok' and 'succeeded' or 'was canceled'
+      take_out(P, id, bad, {worker = worker, queue = queue, tenant = tenant, counted = true,
+                            etb = 'the task ran and ' .. how .. ' after ' .. ARGV[i+3] .. ' ms; its record was '
+                                  .. 'damaged when it was acknowledged'}, now)
+      codes[#codes+1] = 2
+    else
+      codes[#codes+1] = 0
+    end
+  elseif f[1] == token and f[2] == 'running' then
+    queue, tenant = queue or f[3], tenant or f[4]
     if f[6] then release_key(P, id) end
     redis.call('DEL', tkey)
     ids[#ids+1] = id
-    per_queue[f[3]] = (per_queue[f[3]] or 0) + 1
-    per_tenant[f[4]] = (per_tenant[f[4]] or 0) + 1
-    if ARGV[i+2] == 'ok' then per_tenant_done[f[4]] = (per_tenant_done[f[4]] or 0) + 1 end
+    per_queue[queue] = (per_queue[queue] or 0) + 1
+    per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
+    if ARGV[i+2] == 'ok' then per_tenant_done[tenant] = (per_tenant_done[tenant] or 0) + 1 end
     if ARGV[i+2] ~= 'ok' and (not f[5] or f[5] == '') then
-      per_tenant_canceled[f[4]] = (per_tenant_canceled[f[4]] or 0) + 1
+      per_tenant_canceled[tenant] = (per_tenant_canceled[tenant] or 0) + 1
     end
     if f[5] and f[5] ~= '' then
       local acc = per_batch[f[5]]

@@ -9,8 +9,10 @@ local n = 0
 while max == 0 or n < max do
   local id = redis.call('LPOP', KEYS[1])
   if not id then break end
-  local tenant = redis.call('HGET', P .. ':t:' .. id, 'tn')
-  if tenant then redis.call('HINCRBY', P .. ':ts:' .. tenant, 'dead', -1) end
+  local tenant = redis.pcall('HGET', P .. ':t:' .. id, 'tn')   -- a key of another type: deleted all the same
+  if type(tenant) == 'string' and not field_problem(P, 'tn', tenant, true) then
+    redis.call('HINCRBY', P .. ':ts:' .. tenant, 'dead', -1)
+  end
   redis.call('DEL', P .. ':t:' .. id)
   n = n + 1
 end

@@ -1,18 +1,34 @@
 -- dead_retry.lua: move dead-lettered tasks of one queue back to work, oldest first, with a
 -- fresh retry budget. A task of a batch re-opens the batch (failed -1, remaining +1), so a
 -- success continuation that has not run yet runs once the batch then succeeds. Tasks of a
--- canceled batch are discarded instead.
+-- canceled batch are discarded instead. A task whose batch was deleted meanwhile (retention)
+-- goes back to work as a task of no batch.
+-- A damaged dead letter (_lib.lua read_task: its q is not this queue, no usable tn) cannot go
+-- back to work: it stays in the list, at the head, with et = CorruptTask and the reason in em;
+-- a key that is missing or not a hash leaves the list for P:quarantine.
 -- KEYS[1]  P:dead:<queue>
 -- ARGV[1]  P   ARGV[2] retries to grant   ARGV[3] max tasks to move (0 = all)
 -- Reply: number of tasks moved back to work.
 local P = ARGV[1]
 local max = tonumber(ARGV[3])
+local queue = string.sub(KEYS[1], #P + 7)     -- KEYS[1] is P .. ':dead:' .. queue
+local now = now_ms()
 local n = 0
+local kept = {}
 while max == 0 or n < max do
   local id = redis.call('LPOP', KEYS[1])
   if not id then break end
   local tkey = P .. ':t:' .. id
-  local f = redis.call('HMGET', tkey, 'q', 'tn', 'b')
+  local f, bad, kind = read_task(P, id, {'q', 'tn', 'b'}, {q = queue, tn = true})
+  if bad then
+    if kind == 'hash' then
+      kept[#kept+1] = id
+      redis.call('HSET', tkey, 'et', 'CorruptTask', 'em', bad)
+    else
+      set_aside(P, id, bad, nil, nil, now)
+    end
+    f = {}
+  end
   if f[1] then
     redis.call('HINCRBY', P .. ':ts:' .. f[2], 'dead', -1)
     if batch_canceled(P, f[3]) then
@@ -30,6 +46,8 @@ while max == 0 or n < max do
             redis.call('HDEL', bkey, 'ended')
             redis.call('ZREM', P .. ':bend', f[3])
           end
+        else
+          redis.call('HDEL', tkey, 'b')    -- fetch refuses a task naming a batch that does not exist
         end
       end
       redis.call('HINCRBY', P .. ':ts:' .. f[2], 'failed', -1)
@@ -40,4 +58,5 @@ while max == 0 or n < max do
     end
   end
 end
+for j = #kept, 1, -1 do redis.call('LPUSH', KEYS[1], kept[j]) end
 return n

@@ -8,15 +8,32 @@
 -- ARGV[7]  exception type   ARGV[8] message   ARGV[9] traceback   ARGV[10] duration ms
 -- ARGV[11] "1" = no retry, bury now (the failure can never succeed, e.g. unloadable payload)
 -- ARGV[12] deadletter_schedules ("1" keeps exhausted runs of a schedule, "0"/absent deletes them)
--- Reply: 1 = requeued for retry, 2 = buried (dead letter or deleted), 3 = counted canceled,
+-- ARGV[13] queue, ARGV[14] tenant: what the fetch reply named, where fetch counted the task
+--          ("" or absent = unknown: the record's q and tn are used)
+-- Reply: 1 = requeued for retry, 2 = buried (dead letter or deleted; or, for this worker's lease
+--        on a damaged record, taken out: _lib.lua take_out), 3 = counted canceled,
 --        0 = stale token (ignored).
 local P, worker, id, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local f = redis.call('HMGET', KEYS[1], 'a', 'st', 'q', 'tn', 'b', 'w')
-if f[1] ~= token or f[2] ~= 'running' then return 0 end
+local queue, tenant = ARGV[13], ARGV[14]
+if queue == '' then queue = nil end
+if tenant == '' then tenant = nil end
 local now = now_ms()
-drop_lease(P, id, f[6], f[3], f[4], f[5])
+-- the retry goes to the record's q and tn, so those are checked whatever the worker says
+local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'w', 'r', 'sch'},
+                         {a = true, st = true, q = QUEUES, tn = true, r = true})
+if not bad and f[2] ~= 'running' and redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1 then
+  bad = "field 'st' (state) is " .. quoted(f[2]) .. ', but the task is leased to worker ' .. worker
+end
+if bad then
+  if not owns_lease(P, worker, id, token, f) then return 0 end
+  take_out(P, id, bad, {worker = worker, queue = queue, tenant = tenant, counted = true,
+                        etb = 'the attempt failed with ' .. ARGV[7] .. ': ' .. ARGV[8] .. '\n' .. ARGV[9]}, now)
+  return 2
+end
+if f[1] ~= token or f[2] ~= 'running' then return 0 end
+drop_lease(P, id, worker, queue or f[3], tenant or f[4], f[5])
 if told_to_stop(P, id, f[5]) then
-  end_canceled(P, id, f[4], f[5], tonumber(ARGV[10]), now)
+  end_canceled(P, id, tenant or f[4], f[5], tonumber(ARGV[10]), now)
   return 3
 end
 if f[5] ~= '' and f[5] then redis.call('HINCRBY', P .. ':b:' .. f[5], 'dur', tonumber(ARGV[10])) end

@@ -27,7 +27,11 @@ local MAX_DROPPED = 500
 local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 200)
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[4], id)
-  local f = redis.call('HMGET', P .. ':t:' .. id, 'q', 'tn', 'b')
+  local f, bad = read_task(P, id, {'q', 'tn', 'b'}, {q = QUEUES, tn = true})
+  if bad then   -- damaged record (_lib.lua): dead letter or quarantine, its delayed count undone
+    take_out(P, id, bad, {delayed = true, counted = true}, now)
+    f = {}
+  end
   if f[1] then
     redis.call('HINCRBY', P .. ':qs:' .. f[1], 'delayed', -1)
     if batch_canceled(P, f[3]) then
@@ -105,7 +109,15 @@ for qi = 6, #ARGV do
         for _, id in ipairs(ids or {}) do
           per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
           local tkey = P .. ':t:' .. id
-          local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn')
+          local f, bad = read_task(P, id, {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q'},
+                                   {p = true, s = true, tg = true, r = true, tn = true, q = queue})
+          if not bad and f[4] and f[4] ~= '' and not batch_entry(f[4]).state then
+            bad = "field 'b' (batch) names no batch: " .. quoted(f[4])
+          end
+          if bad then   -- damaged record (_lib.lua): dead letter or quarantine; ready is counted above
+            take_out(P, id, bad, {queue = queue, tenant = tenant, counted = true}, now)
+            f = {}
+          end
           if f[1] then
             local be = nil
             if f[4] and f[4] ~= '' then be = batch_entry(f[4]) end

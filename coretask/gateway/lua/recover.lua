@@ -22,7 +22,15 @@ end
 local res = {0, 0, 0}
 for _, id in ipairs(ids) do
   local tkey = P .. ':t:' .. id
-  local f = redis.call('HMGET', tkey, 'st', 'q', 'tn', 'b', 'w')
+  local f, bad = read_task(P, id, {'st', 'q', 'tn', 'b', 'w', 'r'},
+                           {st = 'running', q = QUEUES, tn = true, r = true})
+  if bad then   -- damaged record (_lib.lua): its lease undone, dead letter or quarantine
+    local owner = worker
+    if mode ~= 'worker' then owner = f and f[5] or '' end
+    take_out(P, id, bad, {worker = owner, counted = true}, now)
+    res[2] = res[2] + 1
+    f = {}
+  end
   if f[1] == 'running' then
     drop_lease(P, id, f[5], f[2], f[3], f[4])
     redis.call('HDEL', tkey, 'w', 'ls')

@@ -59,7 +59,7 @@ if expire > 0 and now - tick > expire then
   return {3, now, nxt}
 end
 if f[2] == '1' and f[3] then
-  local st = redis.call('HGET', P .. ':t:' .. f[3], 'st')
+  local st = redis.pcall('HGET', P .. ':t:' .. f[3], 'st')   -- a damaged last run does not block the tick
   if st == 'queued' or st == 'delayed' or st == 'running' then
     redis.call('HINCRBY', KEYS[2], 'nu', 1)
     return {2, now, nxt}
