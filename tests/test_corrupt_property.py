@@ -176,7 +176,7 @@ class Lifecycle:
 
 @pytest.fixture
 def lifecycle(make_processor, embedded_worker, r, prefix) -> Lifecycle:
-    p = make_processor(retries=1, max_workers=4)
+    p = make_processor(retries=2, max_workers=4)
     stop = embedded_worker(p)
     probe = prefix + ":probe"
     p.enqueue_task("default", "probe", tasks.record, probe, 1)
@@ -219,7 +219,7 @@ def test_a_worker_process_survives_damaged_records(processor, start_manager, r, 
     # Given one worker process, paused, and healthy tasks among records damaged in every way a
     # script or the worker meets first (fetch.lua, the reply's text, complete.lua, fail.lua)
     p, k = processor, processor.gateway.keys
-    m = start_manager(processes=1, threads=4, retries=1)
+    m = start_manager(processes=1, threads=4, retries=2)
     (child,) = m.wait_children(1)
     wait_until(lambda: p.get_workers(), 10, "the worker's heartbeat")
     runs = prefix + ":runs"
@@ -252,7 +252,7 @@ def test_a_process_that_dies_after_its_task_record_was_damaged_is_recovered(proc
     # Given one single-threaded worker process whose task damages its retries field, then ends
     # the process (so recover.lua meets the damage), with healthy tasks waiting behind it
     p, k = processor, processor.gateway.keys
-    m = start_manager(processes=1, threads=1, retries=1)
+    m = start_manager(processes=1, threads=1, retries=2)
     (child,) = m.wait_children(1)
     runs = prefix + ":runs"
     p.pause()
