@@ -420,6 +420,29 @@ local function told_to_stop(P, id, batch)
   return redis.call('HEXISTS', P .. ':t:' .. id, 'cx') == 1 or batch_canceled(P, batch)
 end
 
+-- Take a task that waits (queued, isolated, delayed, or a continuation waiting for its batch)
+-- out of where it waits and out of the counter it is counted in; false when it is not there
+-- (any other state: running, dead, staged), and then nothing changed.
+local function unqueue(P, id, st, queue, tenant, cont_batch)
+  if st == 'queued' then
+    -- the tenant may stay in the queue's ring with an empty list: fetch.lua drops it from the ring
+    if redis.call('LREM', P .. ':q:' .. queue .. ':' .. tenant, 1, id) == 0 then return false end
+    redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
+  elseif st == 'isolated' then
+    if redis.call('LREM', P .. ':iso:' .. queue, 1, id) == 0 then return false end
+    redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
+  elseif st == 'delayed' then
+    if redis.call('ZREM', P .. ':delayed', id) == 0 then return false end
+    redis.call('HINCRBY', P .. ':qs:' .. queue, 'delayed', -1)
+  elseif st == 'waiting' then
+    if not cont_batch or redis.call('LREM', P .. ':b:' .. cont_batch .. ':cont', 1, id) == 0 then return false end
+  else
+    return false
+  end
+  return true
+end
+
+
 -- A task that ends canceled: key released, hash deleted, counted canceled in its batch (which
 -- counts its tenant too) or, without a batch, in its tenant's statistics.
 local function end_canceled(P, id, tenant, batch, dur_ms, now)

@@ -25,20 +25,6 @@ if st == 'running' then
   redis.call('PUBLISH', P .. ':ev', 'x:' .. id)
   return 1
 end
-if st == 'queued' then
-  -- the tenant may stay in the queue's ring with an empty list: fetch.lua drops it from the ring
-  if redis.call('LREM', P .. ':q:' .. queue .. ':' .. tenant, 1, id) == 0 then return 0 end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
-elseif st == 'isolated' then
-  if redis.call('LREM', P .. ':iso:' .. queue, 1, id) == 0 then return 0 end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
-elseif st == 'delayed' then
-  if redis.call('ZREM', P .. ':delayed', id) == 0 then return 0 end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'delayed', -1)
-elseif st == 'waiting' then
-  if not f[5] or redis.call('LREM', P .. ':b:' .. f[5] .. ':cont', 1, id) == 0 then return 0 end
-else
-  return 0       -- dead (see delete_task / dead_retry_task) or staged
-end
+if not unqueue(P, id, st, queue, tenant, f[5]) then return 0 end   -- dead, running or staged: no
 end_canceled(P, id, tenant, batch, 0, now)
 return 1

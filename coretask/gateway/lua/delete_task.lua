@@ -23,20 +23,7 @@ if st == 'dead' then
   return 1
 end
 if batch_canceled(P, batch) then return 0 end
-if st == 'queued' then
-  if redis.call('LREM', P .. ':q:' .. queue .. ':' .. tenant, 1, id) == 0 then return 0 end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
-elseif st == 'isolated' then
-  if redis.call('LREM', P .. ':iso:' .. queue, 1, id) == 0 then return 0 end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
-elseif st == 'delayed' then
-  if redis.call('ZREM', P .. ':delayed', id) == 0 then return 0 end
-  redis.call('HINCRBY', P .. ':qs:' .. queue, 'delayed', -1)
-elseif st == 'waiting' then
-  if not f[5] or redis.call('LREM', P .. ':b:' .. f[5] .. ':cont', 1, id) == 0 then return 0 end
-else
-  return 0       -- running or staged
-end
+if not unqueue(P, id, st, queue, tenant, f[5]) then return 0 end   -- dead, running or staged: no
 release_key(P, id)
 redis.call('DEL', KEYS[1])
 if batch and batch ~= '' then
