@@ -512,6 +512,21 @@ local function take_out(P, id, reason, at, now)
   return where
 end
 
+-- An ARGV value that may be "" (unknown), as nil.
+local function named(value)
+  if value == '' then return nil end
+  return value
+end
+
+-- read_task's answer for an answering worker, plus one more problem: a record that says it is
+-- not running while it is in this worker's lease set (its state field was damaged meanwhile).
+local function check_leased(P, worker, id, f, bad)
+  if not bad and f[2] ~= 'running' and redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1 then
+    return "field 'st' (state) is " .. quoted(f[2]) .. ', but the task is leased to worker ' .. worker
+  end
+  return bad
+end
+
 -- For complete, fail and release: is this answer for a damaged record this worker's to settle?
 -- Yes when it presents the current token of a running task, or when the id is in the worker's
 -- lease set (only fetch adds it, and every script that ends the lease removes it in the same

@@ -18,15 +18,11 @@ local per_queue, per_tenant, per_tenant_done, per_batch = {}, {}, {}, {}
 local per_tenant_canceled = {}
 for i = 3, #ARGV, 6 do
   local id, token = ARGV[i], ARGV[i+1]
-  local queue, tenant = ARGV[i+4], ARGV[i+5]
-  if queue == '' then queue = nil end
-  if tenant == '' then tenant = nil end
+  local queue, tenant = named(ARGV[i+4]), named(ARGV[i+5])
   local tkey = P .. ':t:' .. id
   local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'ik'},
                            {a = true, st = true, q = not queue and QUEUES or nil, tn = not tenant or nil})
-  if not bad and f[2] ~= 'running' and redis.call('SISMEMBER', KEYS[2], id) == 1 then
-    bad = "field 'st' (state) is " .. quoted(f[2]) .. ', but the task is leased to worker ' .. worker
-  end
+  bad = check_leased(P, worker, id, f, bad)
   if bad then
     if owns_lease(P, worker, id, token, f) then
       local how = ARGV[i+2] == 'ok' and 'succeeded' or 'was canceled'

@@ -14,16 +14,12 @@
 --        on a damaged record, taken out: _lib.lua take_out), 3 = counted canceled,
 --        0 = stale token (ignored).
 local P, worker, id, token = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local queue, tenant = ARGV[13], ARGV[14]
-if queue == '' then queue = nil end
-if tenant == '' then tenant = nil end
+local queue, tenant = named(ARGV[13]), named(ARGV[14])
 local now = now_ms()
 -- the retry goes to the record's q and tn, so those are checked whatever the worker says
 local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'w', 'r', 'sch'},
                          {a = true, st = true, q = QUEUES, tn = true, r = true})
-if not bad and f[2] ~= 'running' and redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1 then
-  bad = "field 'st' (state) is " .. quoted(f[2]) .. ', but the task is leased to worker ' .. worker
-end
+bad = check_leased(P, worker, id, f, bad)
 if bad then
   if not owns_lease(P, worker, id, token, f) then return 0 end
   take_out(P, id, bad, {worker = worker, queue = queue, tenant = tenant, counted = true,

@@ -10,15 +10,11 @@ local P, worker = ARGV[1], ARGV[2]
 local n = 0
 for i = 3, #ARGV, 4 do
   local id, token = ARGV[i], ARGV[i+1]
-  local queue, tenant = ARGV[i+2], ARGV[i+3]
-  if queue == '' then queue = nil end
-  if tenant == '' then tenant = nil end
+  local queue, tenant = named(ARGV[i+2]), named(ARGV[i+3])
   local tkey = P .. ':t:' .. id
   -- the task goes back to the record's q and tn, so those are checked whatever the worker says
   local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'w'}, {a = true, st = true, q = QUEUES, tn = true})
-  if not bad and f[2] ~= 'running' and redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1 then
-    bad = "field 'st' (state) is " .. quoted(f[2]) .. ', but the task is leased to worker ' .. worker
-  end
+  bad = check_leased(P, worker, id, f, bad)
   if bad then
     if owns_lease(P, worker, id, token, f) then
       take_out(P, id, bad, {worker = worker, queue = queue, tenant = tenant, counted = true}, now_ms())
