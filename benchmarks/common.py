@@ -13,6 +13,7 @@ LOG_DIR_ENV = "BENCH_LOG_DIR"
 # Set by benchmarks.compare: every process that builds the coretask app prints the coretask it
 # imported (to its log), so a before/after run can check each side ran its own tree.
 SHOW_CORETASK_ENV = "BENCH_SHOW_CORETASK"
+OPTIONS_ENV = "BENCH_CORETASK_OPTIONS"     # extra coretask Options as JSON (benchmarks.compare)
 SHOW_CORETASK_TAG = "[bench] coretask imported from "
 
 # Used only if a module is imported without the harness (e.g. to read its

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from . import BENCH_DIR, REQUIREMENTS, RESULTS_DIR, ROOT
 from .cli import MEASUREMENTS, parse_measure
-from .common import SHOW_CORETASK_ENV, SHOW_CORETASK_TAG
+from .common import OPTIONS_ENV, SHOW_CORETASK_ENV, SHOW_CORETASK_TAG
 
 COMPARE_DIR = BENCH_DIR / ".compare"
 TREES_DIR = COMPARE_DIR / "trees"
@@ -111,6 +111,7 @@ class Side:
         self.kind = kind            # "ref" or "path"
         self.changes = changes or []  # uncommitted changes under coretask/ (path trees)
         self.python = None
+        self.options = None         # extra Options as JSON (--before-options / --after-options)
         self.coretask_file = None
         self.worker_paths = {}
 
@@ -234,8 +235,13 @@ def stage_harness():
     return root
 
 
-def harness_env(harness_root):
+def harness_env(harness_root, options=None):
+    """``options``: extra coretask Options for this side, as JSON (BENCH_CORETASK_OPTIONS, read
+    by the coretask adapter), e.g. to measure what a feature costs when it is on."""
     env = dict(os.environ)
+    env.pop(OPTIONS_ENV, None)
+    if options:
+        env[OPTIONS_ENV] = options
     env["PYTHONPATH"] = str(harness_root)  # nothing inherited: coretask must come from the venv
     env["BENCH_IN_VENV"] = "1"
     env[SHOW_CORETASK_ENV] = "1"
@@ -284,7 +290,7 @@ def run_harness(side, harness_root, out_dir, args, tag):
     load_before = _load1()
     t0 = time.monotonic()
     with open(out_dir / "output.txt", "w") as log:
-        _child = subprocess.Popen(cmd, cwd=str(harness_root), env=harness_env(harness_root),
+        _child = subprocess.Popen(cmd, cwd=str(harness_root), env=harness_env(harness_root, side.options),
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   text=True, bufsize=1)
         try:
@@ -444,6 +450,9 @@ def build_parser():
                    help="git ref of this repository (checked out with git worktree add) or a coretask source tree")
     p.add_argument("--after", required=True, metavar="REF_OR_PATH", help="same, for the other side")
     p.add_argument("--rounds", type=int, default=3, help="rounds of (before, after) runs; default 3")
+    p.add_argument("--before-options", metavar="JSON", help="extra coretask Options for the before side, e.g. "
+                   "'{\"result_ttl\": 60}' (the same tree on both sides measures what an option costs)")
+    p.add_argument("--after-options", metavar="JSON", help="same, for the after side")
     p.add_argument("--measure", type=parse_measure, default=list(DEFAULT_MEASURE), metavar="KEY,...",
                    help="measurements (default %s; any of %s)" % (",".join(DEFAULT_MEASURE), ",".join(MEASUREMENTS)))
     p.add_argument("--short", action="store_true", help="the harness's small counts (smoke test, not a comparison)")
@@ -471,6 +480,10 @@ def main(argv=None):
     t_start = time.monotonic()
 
     sides = [prepare_tree("before", args.before), prepare_tree("after", args.after)]
+    for side, options in zip(sides, (args.before_options, args.after_options)):
+        if options:
+            json.loads(options)         # refuse a typo before any run
+            side.options = options
     for s in sides:
         ensure_venv(s, args.reinstall)
     harness_root = stage_harness()

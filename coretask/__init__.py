@@ -11,9 +11,10 @@ from .context import TaskContext
 from .encoding import Call, Serializer, TaskData, call
 from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,
                      ReplicationError, ScriptError, SerializationError, StoreError, StoreFull, StoreUnavailable,
-                     TargetError, TaskCanceled, TaskLoadError, TaskRefused, UnknownOption)
+                     ResultPending, ResultUnavailable, TargetError, TaskCanceled, TaskFailed, TaskLoadError,
+                     TaskRefused, TaskTimeout, UnknownOption)
 from .middleware import Middleware
-from .models import BatchInfo, DeadTask, QuarantinedTask, QueueInfo, TaskInfo
+from .models import BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo
 from .options import Options
 from .schedules import ScheduleData, ScheduleInfo
 
@@ -27,9 +28,10 @@ __all__ = [
     # what can be enqueued
     "call", "Call", "TaskData", "Serializer",
     # introspection views
-    "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask",
+    "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress",
     # errors
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
-    "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption",
+    "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption", "TaskTimeout", "TaskFailed",
+    "ResultUnavailable", "ResultPending",
 ]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .encoding import Call, TaskData
 from .errors import ConfigurationError, ReplicationError, StoreError
+from .gateway import NO_CONTROLS, Controls
 from .middleware import EnqueueMessage
 
 log = logging.getLogger(__name__)
@@ -56,12 +57,17 @@ class BatchBuilder:
 
     def enqueue(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
                 delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
-                key: str | None = None, key_ttl: timedelta | float | None = None, **kwargs: Any) -> str:
+                key: str | None = None, key_ttl: timedelta | float | None = None,
+                timeout: timedelta | float | None = None, keep_result: timedelta | float | None = None,
+                **kwargs: Any) -> str:
         """Add a task to the batch; returns its id. With an idempotency ``key`` held by another
         task (as for enqueue_task), the task is not added: the batch does not count it, and
-        that task's id is returned. A keyed task costs a round trip of its own."""
+        that task's id is returned. A keyed task costs a round trip of its own. ``timeout`` and
+        ``keep_result`` as for enqueue_task (a continuation can read the kept results:
+        get_batch_results)."""
         self.tasks += 1
-        return self._add(fn, args, kwargs, queue, delay_until, retries, "", key, key_ttl)
+        return self._add(fn, args, kwargs, queue, delay_until, retries, "", key, key_ttl,
+                         self._pr.controls(timeout, keep_result))
 
     def continue_with(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
                       on: str = "success", **kwargs: Any) -> str:
@@ -70,16 +76,18 @@ class BatchBuilder:
         if on not in CONTINUE_ON:
             raise ConfigurationError(f"continue_with(on=...) must be one of {', '.join(CONTINUE_ON)}, got {on!r}")
         self.continuations += 1
-        return self._add(fn, args, kwargs, queue, None, None, on)
+        return self._add(fn, args, kwargs, queue, None, None, on, controls=self._pr.controls())
 
     def _add(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], queue: str | None,
-             delay_until: Any, retries: int | None, on: str, key: str | None = None, key_ttl: Any = None) -> str:
+             delay_until: Any, retries: int | None, on: str, key: str | None = None, key_ttl: Any = None,
+             controls: Controls = NO_CONTROLS) -> str:
         pr = self._pr
         q = pr.options.check_enqueue_queue(queue) if queue is not None else self.queue
         idem, key_ttl_ms = pr.idempotency(key, key_ttl)
         enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
-        shape = (q, self.tenant, enc.serializer, enc.target, pr.retries(retries), pr.due_ms(delay_until), on)
+        shape = (q, self.tenant, enc.serializer, enc.target, pr.retries(retries), pr.due_ms(delay_until), on,
+                 controls)
         if not idem:
             number = self._shapes.get(shape)
             if number is None:

@@ -26,7 +26,7 @@ from typing import Any
 from .appload import load_processor
 from .processor import TaskProcessor
 from .errors import ConfigurationError, CoreTaskError, StoreUnavailable
-from .models import BatchInfo, DeadTask
+from .models import BatchInfo, DeadTask, Progress
 from .options import redact_url
 
 OK, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
@@ -221,6 +221,56 @@ def cmd_cancel(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return NOT_FOUND
 
 
+TASK_FIELDS = ("id", "state", "queue", "tenant", "target", "batch_id", "attempt", "retries_left", "worker",
+               "enqueued_at", "started_at", "finished_at", "duration")
+
+
+def cmd_task(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    """One task: state, progress, then its result or error when it has finished."""
+    info = p.get_task(a.id)
+    if info is None:
+        _err(f"task {a.id} not found (unknown, or finished and not kept: Options.task_retention keeps "
+             "finished tasks' records)")
+        return NOT_FOUND
+    outcome: dict[str, Any] = {}
+    if info.finished:
+        try:
+            outcome["result"] = p.get_result(a.id)
+        except CoreTaskError as exc:
+            outcome["outcome"] = f"{type(exc).__name__}: {exc}"
+    if out.json:
+        out.data({**dataclasses.asdict(info), **outcome})
+        return OK
+    for name in TASK_FIELDS:
+        value = getattr(info, name)
+        if name == "duration" and value is not None:
+            value = f"{value:.3f}s"
+        print(f"{name + ':':<14}{_cell(value)}")
+    print(f"{'args:':<14}{info.args_preview}")
+    if info.progress is not None:
+        print(f"{'progress:':<14}{task_progress(info.progress)}")
+    if info.error_type:
+        print(f"{'error:':<14}{info.error_type}: {info.error_message}")
+    if "result" in outcome:
+        print(f"{'result:':<14}{json.dumps(outcome['result'], default=repr, ensure_ascii=False)}")
+    elif info.finished and outcome.get("outcome", "").startswith("ResultUnavailable"):
+        print(f"{'result:':<14}(not kept: enqueue with keep_result=... to keep it)")
+    if info.problem:
+        print(f"{'problem:':<14}{info.problem}")
+    return OK
+
+
+def task_progress(pr: Progress, width: int = 30) -> str:
+    """A bar when the total is known, else the count; then the message."""
+    if pr.fraction is not None:
+        fraction = min(max(pr.fraction, 0.0), 1.0)
+        filled = int(width * fraction)
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {100 * fraction:3.0f}% {pr.done:g}/{pr.total:g}"
+    else:
+        text = f"{pr.done:g} done"
+    return text + (f"  {pr.message}" if pr.message else "")
+
+
 def cmd_cancel_task(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     before = p.get_task(a.id)
     if p.cancel_task(a.id):
@@ -401,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--watch", action="store_true", help="show a live progress bar until the batch finishes")
     sp.add_argument("--interval", type=float, default=0.5, help="seconds between refreshes with --watch")
     cmd("cancel", cmd_cancel, "cancel a batch: queued tasks never start, running ones are aborted").add_argument("id")
+    cmd("task", cmd_task, "one task: state, attempt, worker, progress, and its result or error once "
+        "finished").add_argument("id")
     cmd("cancel-task", cmd_cancel_task, "cancel one task: queued or delayed it never starts, running it is "
         "aborted").add_argument("id")
     cmd("delete-task", cmd_delete_task, "delete one queued, delayed or dead task").add_argument("id")

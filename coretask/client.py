@@ -51,7 +51,9 @@ class Client(Introspection, Schedules, TenantAdmin):
 
     def enqueue_task(self, queue: str, tenant: str, fn: Callable[..., Any] | Call | TaskData, *args: Any,
                      delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
-                     key: str | None = None, key_ttl: timedelta | float | None = None, **kwargs: Any) -> str:
+                     key: str | None = None, key_ttl: timedelta | float | None = None,
+                     timeout: timedelta | float | None = None, keep_result: timedelta | float | None = None,
+                     **kwargs: Any) -> str:
         """Enqueue ``fn(*args, **kwargs)``; returns the task id. One round trip.
 
         ``delay_until``: an aware datetime, a timedelta from now, or epoch seconds (a number
@@ -60,12 +62,16 @@ class Client(Introspection, Schedules, TenantAdmin):
         ``key``: an idempotency key (per tenant): while a task enqueued with it is queued,
         delayed or running, and for ``key_ttl`` (a timedelta or seconds) after it ended, another
         enqueue with the key enqueues nothing and returns that task's id.
+        ``timeout``: this task's time limit (a timedelta or seconds; default Options.timeout).
+        ``keep_result``: keep the return value this long for get_result (default
+        Options.result_ttl; None there: not kept).
         Use ``coretask.call(fn, ...)`` when fn has keyword arguments named like these options.
         """
         self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
         pr = self.producer
         idem, key_ttl_ms = pr.idempotency(key, key_ttl)
+        controls = pr.controls(timeout, keep_result)
         enc = pr.encode_call(fn, args, kwargs)
         task_id = os.urandom(16).hex()
         n_retries, due_ms = pr.retries(retries), pr.due_ms(delay_until)
@@ -79,13 +85,13 @@ class Client(Introspection, Schedules, TenantAdmin):
             if idem:
                 holder = self.gateway.enqueue_keyed(task_id, queue, tenant, enc.payload, enc.serializer, enc.target,
                                                     n_retries, due_ms, pr.sign(task_id, tenant, queue, enc), idem,
-                                                    key_ttl_ms)
+                                                    key_ttl_ms, controls)
                 if holder is not None:     # the key is held: nothing enqueued, nor after_enqueue
                     log.debug("key %r of tenant %s is held by task %s; nothing enqueued", idem, tenant, holder)
                     return holder
             else:
                 self.gateway.enqueue(task_id, queue, tenant, enc.payload, enc.serializer, enc.target, n_retries,
-                                     due_ms, pr.sign(task_id, tenant, queue, enc))
+                                     due_ms, pr.sign(task_id, tenant, queue, enc), controls)
         except ReplicationError as exc:   # Options.wait_replicas: enqueued, not yet replicated
             exc.task_id = task_id
             raise

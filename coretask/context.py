@@ -13,11 +13,17 @@ if TYPE_CHECKING:
 __all__ = ["TaskContext"]
 
 
+PROGRESS_INTERVAL = 0.25   # seconds: set_progress writes at most this often per task
+
+
 class LeaseExtender(Protocol):
-    """What extend_lock needs (the gateway has it): push one task's lease to now + lease_ms;
-    returns the new deadline, 0 when the token is stale."""
+    """What a context writes through (the gateway has it). ``extend``: push one task's lease
+    to now + lease_ms; returns the new deadline, 0 when the token is stale. ``progress``: store
+    a running task's progress (nothing when the token is stale)."""
 
     def extend(self, task_id: str, token: str, lease_ms: int) -> int: ...
+
+    def progress(self, task_id: str, token: str, done: float, total: float | None, message: str | None) -> None: ...
 
 
 class TaskContext:
@@ -34,7 +40,7 @@ class TaskContext:
 
     __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "batch_id", "topic",
                  "data", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted", "_gateway", "_token",
-                 "__weakref__")
+                 "_progress", "__weakref__")
 
     def __init__(self, *, task_id: str, queue: str, tenant: str, target: str, attempt: int,
                  retries_left: int, batch_id: str | None, gateway: LeaseExtender, enqueued_ms: int | bytes | None = None,
@@ -56,6 +62,7 @@ class TaskContext:
         self._aborted = False
         self._gateway = gateway
         self._token = str(attempt)
+        self._progress: _Progress | None = None
 
     # built on first use: most tasks never look, and the fetch loop's time is the throughput
 
@@ -110,6 +117,21 @@ class TaskContext:
         if not deadline:
             raise LeaseLost(f"task {self.task_id}: the lease is no longer held by this worker")
 
+    def set_progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
+        """Report how far the task got: shown by ``get_task(id).progress`` and the CLI's
+        ``task ID`` while it runs (and after, when its record is kept). Cheap to call in a tight
+        loop: at most one write per PROGRESS_INTERVAL per task; the latest value of a burst is
+        written at the end of the interval."""
+        for name, value in (("done", done), ("total", total)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise TypeError(f"set_progress: {name} must be a number, got {value!r}")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"set_progress: message must be a string or None, got {message!r}")
+        p = self._progress
+        if p is None:
+            p = self._progress = _Progress(self)
+        p.set(done, total, message[:500] if message else message)
+
     def raise_if_cancelled(self) -> None:
         if self._aborted:
             raise TaskCanceled(f"task {self.task_id} was canceled")
@@ -131,3 +153,45 @@ class CancelledEvent(threading.Event):
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._ctx._aborted or super().wait(timeout)
+
+
+class _Progress:
+    """set_progress's throttle: the first value is written at once, later ones at most once per
+    interval; a value held back is written by a timer at the end of the interval, so the last
+    report of a burst is never lost."""
+
+    __slots__ = ("ctx", "lock", "value", "written_at", "timer")
+
+    def __init__(self, ctx: TaskContext) -> None:
+        self.ctx = ctx
+        self.lock = threading.Lock()
+        self.value: tuple[float, float | None, str | None] | None = None
+        self.written_at = 0.0
+        self.timer: threading.Timer | None = None
+
+    def set(self, done: float, total: float | None, message: str | None) -> None:
+        import time
+        with self.lock:
+            self.value = (done, total, message)
+            wait = self.written_at + PROGRESS_INTERVAL - time.monotonic()
+            if wait > 0:
+                if self.timer is None:
+                    self.timer = threading.Timer(wait, self.flush)
+                    self.timer.daemon = True
+                    self.timer.start()
+                return
+        self.flush()
+
+    def flush(self) -> None:
+        import time
+        with self.lock:
+            value, self.value, self.timer = self.value, None, None
+            if value is None:
+                return
+            self.written_at = time.monotonic()
+        ctx = self.ctx
+        try:
+            ctx._gateway.progress(ctx.task_id, ctx._token, *value)
+        except Exception as exc:     # progress is informative: never fail the task for it
+            import logging
+            logging.getLogger(__name__).warning("task %s: progress not stored: %s", ctx.task_id, exc)

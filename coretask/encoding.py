@@ -30,7 +30,8 @@ __all__ = ["Call", "TaskData", "Serializer", "call", "Encoded", "encode", "decod
 @dataclasses.dataclass(frozen=True)
 class Call:
     """A call to run later. ``coretask.call(fn, ...)`` builds one when a keyword argument of
-    ``fn`` collides with an enqueue option: ``retries``, ``delay_until``, ``key``, ``key_ttl``
+    ``fn`` collides with an enqueue option: ``retries``, ``delay_until``, ``key``, ``key_ttl``,
+    ``timeout``, ``keep_result``
     (and ``queue`` for batch.enqueue)."""
 
     fn: Callable[..., Any]
@@ -83,6 +84,12 @@ def _to_json(value: Any) -> Any:
 # One encoder for every call: json.dumps with any option builds a new JSONEncoder per call,
 # which costs more than encoding a small call does.
 _dumps = json.JSONEncoder(default=_to_json, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def dumps_value(value: Any) -> str:
+    """One value as JSON, with the same extensions as arguments (dates, UUID, Decimal, Enum,
+    dataclasses); TypeError / ValueError for what JSON cannot carry (coretask/results.py)."""
+    return _dumps(value)
 
 
 def revive(value: Any, tp: Any) -> Any:

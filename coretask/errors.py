@@ -25,9 +25,15 @@ the library's errors in one clause. Errors about bad input also derive from the 
     │   └── ReplicationError              Options.wait_replicas: the write is on the master but
     │                                     fewer replicas than asked acknowledged it in time
     ├── LeaseLost                         the worker no longer holds the task (ctx.extend_lock)
-    └── TaskCanceled                      control flow: raised inside a running task that (or
-                                          whose batch) was canceled or that is being handed back;
-                                          never retried, never dead-lettered
+    ├── TaskCanceled                      control flow: raised inside a running task that (or
+    │   │                                 whose batch) was canceled or that is being handed back;
+    │   │                                 never retried, never dead-lettered
+    │   └── TaskTimeout                   raised inside a task past its time limit (timeout=);
+    │                                     unlike a cancel, the attempt counts as failed
+    ├── TaskFailed                        get_result: the task failed for good (type, message
+    │                                     and traceback of its last error)
+    └── ResultUnavailable (LookupError)   get_result: no result to give (unknown task, not kept,
+        └── ResultPending                 or expired); ResultPending: not finished yet
 
 Connection problems (redis-py's ``ConnectionError`` / ``TimeoutError``) surface as
 :class:`StoreUnavailable`, with redis-py's exception as its ``__cause__``: they are transient,
@@ -38,7 +44,8 @@ from __future__ import annotations
 __all__ = [
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
-    "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption",
+    "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption", "TaskTimeout", "TaskFailed",
+    "ResultUnavailable", "ResultPending",
 ]
 
 
@@ -125,3 +132,32 @@ class LeaseLost(CoreTaskError):
 
 class TaskCanceled(CoreTaskError):
     """Raised inside a running task to abort it (batch canceled, or the task is handed back)."""
+
+
+class TaskTimeout(TaskCanceled):
+    """Raised inside a task that ran past its time limit (``timeout=``), as a cancel aborts it;
+    also raised by ``get_result`` for a task whose last attempt timed out. A TaskCanceled, so a
+    task's clean-up for an abort runs for it too; unlike a cancel, the attempt counts as failed
+    and is retried or dead-lettered as any failure is."""
+
+
+class TaskFailed(CoreTaskError):
+    """``get_result``: the task failed for good (retries exhausted, or never retried). Carries
+    the last attempt's error as stored: ``error_type``, ``error_message``, ``traceback``."""
+
+    def __init__(self, message: str, *, task_id: str, error_type: str, error_message: str,
+                 traceback: str) -> None:
+        super().__init__(message)
+        self.task_id = task_id
+        self.error_type = error_type
+        self.error_message = error_message
+        self.traceback = traceback
+
+
+class ResultUnavailable(CoreTaskError, LookupError):
+    """``get_result`` has nothing to return: the task is unknown, its record expired, or it was
+    not asked to keep its result (``keep_result=`` / ``Options.result_ttl``)."""
+
+
+class ResultPending(ResultUnavailable):
+    """``get_result``: the task has not finished yet (or the wait ended first)."""

@@ -9,8 +9,11 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from .models import BatchInfo, DeadTask, QuarantinedTask, QueueInfo, TaskInfo, ms_to_dt, to_int
-from .options import check_queue_name, check_tenant
+from .errors import ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
+from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, ms_to_dt,
+                     to_int)
+from .options import Options, check_queue_name, check_tenant
+from .results import decode_result
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -18,10 +21,12 @@ if TYPE_CHECKING:
 __all__ = ["Introspection"]
 
 PREVIEW = 120
+WAIT_SLICE = 5.0     # seconds per blocking wait of get_result (well under the socket timeout)
 
 
 class Introspection:
     gateway: Gateway
+    options: Options
 
     def get_queues(self) -> list[QueueInfo]:
         return [self.get_queue(n) for n in self.gateway.queue_names()]
@@ -58,21 +63,80 @@ class Introspection:
         return self.gateway.quarantine_count()
 
     def get_task(self, task_id: str) -> TaskInfo | None:
-        return self._tasks([task_id], DeadTask)[0]
+        """The task's state: queued, delayed, running (worker, started, attempt, progress),
+        dead, or finished when its record is kept (Options.task_retention, keep_result); None
+        when unknown or no longer kept. A dead task reads as a DeadTask."""
+        return self._tasks([task_id], None)[0]
 
-    def _tasks(self, ids: list[str], cls: type) -> list[Any]:
+    def get_result(self, task_id: str, wait: float | None = None, tenant: str | None = None) -> Any:
+        """The return value of a task that keeps its result (``keep_result=`` or
+        ``Options.result_ttl``). Raises TaskFailed (its last error), TaskCanceled or TaskTimeout
+        for those outcomes; ResultPending while it has not finished (with ``wait`` seconds:
+        after blocking that long, woken the moment it finishes); ResultUnavailable when the task
+        is unknown (or another ``tenant``'s), its result was not kept, or has expired."""
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            (h,) = self.gateway.task_hashes([task_id])
+            if isinstance(h, str) or not h or (tenant is not None and h.get(b"tn", b"").decode() != tenant):
+                raise ResultUnavailable(f"task {task_id} is unknown, or its record has expired")
+            state = h.get(b"st", b"").decode()
+            if state in ("succeeded", "failed", "canceled", "dead"):
+                return self._outcome(task_id, state, h)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is None or remaining <= 0:
+                raise ResultPending(f"task {task_id} has not finished (it is {state or 'unknown'})")
+            if not to_int(h.get(b"kr")):
+                raise ResultUnavailable(f"task {task_id} does not keep its result: enqueue it with keep_result=... "
+                                        "(or set Options.result_ttl) to read it with get_result")
+            self.gateway.wait_finished(task_id, min(remaining, WAIT_SLICE))
+
+    def get_batch_results(self, batch_id: str, skip: int = 0, take: int = 100) -> list[TaskOutcome]:
+        """The finished tasks of a batch whose tasks keep their results, in the order they
+        finished (a continuation reads them page by page); values of expired records are gone."""
+        ids = self.gateway.batch_result_ids(batch_id, skip, skip + take - 1)
+        out = []
+        for task_id, h in zip(ids, self.gateway.task_hashes(ids)):
+            if isinstance(h, str) or not h:
+                continue
+            state = h.get(b"st", b"").decode()
+            try:
+                out.append(TaskOutcome(task_id, state, self._outcome(task_id, state, h)))
+            except (TaskFailed, TaskCanceled) as exc:
+                error_type = exc.error_type if isinstance(exc, TaskFailed) else type(exc).__name__
+                message = exc.error_message if isinstance(exc, TaskFailed) else str(exc)
+                out.append(TaskOutcome(task_id, state, None, error_type, message))
+            except ResultUnavailable as exc:
+                out.append(TaskOutcome(task_id, state, None, "ResultUnavailable", str(exc)))
+        return out
+
+    def _outcome(self, task_id: str, state: str, h: dict[bytes, bytes]) -> Any:
+        """A finished record's value, or the exception its outcome stands for."""
+        if state == "succeeded":
+            if b"rv" not in h:
+                raise ResultUnavailable(f"task {task_id} succeeded; its result was not kept (keep_result=...)")
+            return decode_result(task_id, h[b"rv"], self.options)
+        if state == "canceled":
+            raise TaskCanceled(f"task {task_id} was canceled")
+        etype, message = h.get(b"et", b"").decode(errors="replace"), h.get(b"em", b"").decode(errors="replace")
+        if etype == "TaskTimeout":
+            raise TaskTimeout(message or f"task {task_id} timed out")
+        raise TaskFailed(f"task {task_id} failed: {etype}: {message}", task_id=task_id, error_type=etype,
+                         error_message=message, traceback=h.get(b"etb", b"").decode(errors="replace"))
+
+    def _tasks(self, ids: list[str], cls: type | None) -> list[Any]:
         """Task views, None for a task that no longer exists. Any stored value reads: a field
-        that is damaged (or a key of the wrong type) is named in ``problem``, never raised."""
+        that is damaged (or a key of the wrong type) is named in ``problem``, never raised.
+        ``cls`` None: DeadTask for a dead task, TaskInfo for any other."""
         out = []
         for i, h in zip(ids, self.gateway.task_hashes(ids)):
             if isinstance(h, str):          # the key holds another Redis type
-                out.append(cls(id=i, queue="", tenant="", target="", args_preview="", retries_left=0,
+                out.append((cls or TaskInfo)(id=i, queue="", tenant="", target="", args_preview="", retries_left=0,
                                enqueued_at=None, state="unreadable", problem=h))
                 continue
             if not h:
                 out.append(None)
                 continue
-            out.append(_task_view(i, h, cls))
+            out.append(_task_view(i, h, cls or (DeadTask if h.get(b"st") == b"dead" else TaskInfo)))
         return out
 
     # ------------------------------------------------------------------------------ batches
@@ -97,7 +161,8 @@ class Introspection:
         return {w: (now - hb) / 1000 for w, hb in self.gateway.worker_heartbeats().items()}
 
 
-NUMERIC = {"r": "retries", "e": "enqueued", "da": "dead at"}
+NUMERIC = {"r": "retries", "e": "enqueued", "da": "dead at", "a": "attempt", "ls": "lease start",
+           "fa": "finished at", "du": "duration", "to": "time limit"}
 
 
 def _task_view(task_id: str, h: dict[bytes, bytes], cls: type) -> Any:
@@ -113,11 +178,23 @@ def _task_view(task_id: str, h: dict[bytes, bytes], cls: type) -> Any:
     fields: dict[str, Any] = dict(
         id=task_id, queue=s.get("q", ""), tenant=s.get("tn", ""), target=s.get("tg", ""), args_preview=preview,
         retries_left=to_int(s.get("r")), enqueued_at=ms_to_dt(s.get("e")), state=s.get("st", ""),
-        batch_id=s.get("b") or None, problem="; ".join(problems) or None)
+        batch_id=s.get("b") or None, problem="; ".join(problems) or None, attempt=to_int(s.get("a")),
+        worker=s.get("w") or None, started_at=ms_to_dt(s.get("ls")), progress=_progress(s),
+        finished_at=ms_to_dt(s.get("fa")), duration=to_int(s.get("du")) / 1000 if "du" in s else None,
+        error_type=s.get("et", ""), error_message=s.get("em", ""), traceback=s.get("etb", ""),
+        timeout=to_int(s.get("to")) / 1000 if s.get("to") else None)
     if cls is DeadTask:
-        fields.update(error_type=s.get("et", ""), error_message=s.get("em", ""),
-                      traceback=s.get("etb", ""), dead_at=ms_to_dt(s.get("da")))
+        fields.update(dead_at=ms_to_dt(s.get("da")))
     return cls(**fields)
+
+
+def _progress(s: dict[str, Any]) -> Progress | None:
+    if "pg" not in s:
+        return None
+    try:
+        return Progress(float(s["pg"]), float(s["pt"]) if s.get("pt") else None, s.get("pm") or None)
+    except ValueError:
+        return None
 
 
 def _is_int(text: str) -> bool:

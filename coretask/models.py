@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timezone
 
-__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask"]
+__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "TaskOutcome"]
+
+FINISHED = ("succeeded", "failed", "canceled", "dead")   # final states a kept record can show
 
 
 def ms_to_dt(ms: int | str | bytes | None) -> datetime | None:
@@ -29,7 +31,28 @@ def to_int(value: object, default: int = 0) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class Progress:
+    """What a task reported with ``ctx.set_progress``."""
+
+    done: float
+    total: float | None = None
+    message: str | None = None
+
+    @property
+    def fraction(self) -> float | None:
+        """done / total, when the total is known and positive."""
+        return self.done / self.total if self.total else None
+
+
+@dataclasses.dataclass(frozen=True)
 class TaskInfo:
+    """A task as stored. ``state``: queued, delayed, running, waiting (a continuation), isolated,
+    staged, dead, or, for a finished task whose record is kept (``Options.task_retention`` or
+    ``keep_result``), succeeded, failed or canceled. ``attempt`` counts the runs so far;
+    ``worker``, ``started_at`` and ``progress`` describe the current (or last) run;
+    ``finished_at`` and ``duration`` (seconds) the end; ``error_*`` the last failure (for a task
+    waiting for a retry too). ``timed_out``: that failure was its time limit."""
+
     id: str
     queue: str
     tenant: str
@@ -40,14 +63,41 @@ class TaskInfo:
     state: str
     batch_id: str | None = None
     problem: str | None = None      # what is unreadable in the stored record (None: all of it reads)
+    attempt: int = 0
+    worker: str | None = None
+    started_at: datetime | None = None
+    progress: Progress | None = None
+    finished_at: datetime | None = None
+    duration: float | None = None
+    error_type: str = ""
+    error_message: str = ""
+    traceback: str = ""
+    timeout: float | None = None    # the attempt's time limit in seconds (None: no limit)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    @property
+    def timed_out(self) -> bool:
+        return self.error_type == "TaskTimeout"
 
 
 @dataclasses.dataclass(frozen=True)
 class DeadTask(TaskInfo):
+    dead_at: datetime | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOutcome:
+    """One finished task of a batch that kept its results (get_batch_results): ``value`` is the
+    return value of a succeeded task; ``error_type`` / ``error_message`` name a failure."""
+
+    task_id: str
+    state: str
+    value: object = None
     error_type: str = ""
     error_message: str = ""
-    traceback: str = ""
-    dead_at: datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True)

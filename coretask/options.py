@@ -44,6 +44,7 @@ SERIALIZER_NAMES = ("json", "dill")
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _DURATIONS = ("invisibility", "base_frequency", "pushback_frequency", "cleanup_frequency",
               "retention", "shutdown_timeout", "cancel_grace", "wait_timeout")
+_OPTIONAL_DURATIONS = ("timeout", "result_ttl", "task_retention")     # None = off
 _CALLBACKS = ("on_task_failed_delay", "on_task_error", "on_task_start", "on_task_end",
               "on_batch_end", "resolver", "execute")
 
@@ -111,6 +112,15 @@ class Options:
       tasks back without consuming a retry; they then run one at a time, each alone in a process,
       so the task that crashes alone is known. It is dead-lettered as WorkerLost, with its own exit
       code, after max_crashes such crashes (crashes never consume retries).
+    timeout: the default time limit of a task's attempt (a task's own ``timeout=`` wins). Past
+      it the task is aborted as a cancel aborts it (``ctx.cancelled``, then TaskTimeout raised in
+      its thread); the attempt counts as failed. A task that ignores it is ended with its process
+      after cancel_grace (its other tasks go back uncharged). None = no limit.
+    result_ttl: keep every task's return value this long (a task's own ``keep_result=`` wins);
+      ``get_result`` reads it. None = not kept (no cost).
+    task_retention: keep the record of every finished task this long, so ``get_task`` shows how
+      it ended (state, duration, error). None = off: at 10,000 tasks/s an hour of records is
+      several gigabytes (README, Results and task state).
     """
 
     redis: str = dataclasses.field(default_factory=lambda: os.environ.get("CORETASK_REDIS_URL", DEFAULT_REDIS))
@@ -151,6 +161,9 @@ class Options:
     signing_key: bytes | str | Sequence[bytes | str] | None = None
     allowed_modules: Sequence[str] | None = None
     allow_unsigned_pickle: bool = False
+    timeout: timedelta | None = None
+    result_ttl: timedelta | None = None
+    task_retention: timedelta | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.redis, str) or not re.match(r"^(redis|rediss|unix)://", self.redis):
@@ -178,6 +191,9 @@ class Options:
                 _check_int(name, getattr(self, name), 1)
         for name in _DURATIONS:
             setattr(self, name, _duration(name, getattr(self, name)))
+        for name in _OPTIONAL_DURATIONS:
+            if getattr(self, name) is not None:
+                setattr(self, name, _duration(name, getattr(self, name)))
         for name in _CALLBACKS:
             value = getattr(self, name)
             if (value is not None or name == "resolver") and not callable(value):

@@ -10,6 +10,7 @@ from typing import Any
 
 from .encoding import Call, Encoded, TaskData, encode, serializer_for
 from .errors import ConfigurationError
+from .gateway import NO_CONTROLS, Controls
 from .middleware import Chain
 from .options import Options
 from .signing import Signer, signer_for, unsigned_pickle_problem
@@ -63,6 +64,17 @@ class Producer:
             raise ConfigurationError(f"retries must be an integer >= 0, got {retries!r}")
         return retries
 
+    def controls(self, timeout: timedelta | float | None = None,
+                 keep_result: timedelta | float | None = None) -> Controls:
+        """A task's time limit, result keeping and record retention in ms (records.py Controls):
+        its own ``timeout`` / ``keep_result`` (a timedelta or seconds) or the Options' defaults
+        (timeout, result_ttl, task_retention)."""
+        o = self.options
+        to = _ms("timeout", timeout if timeout is not None else o.timeout)
+        kr = _ms("keep_result", keep_result if keep_result is not None else o.result_ttl)
+        kt = _ms("task_retention", o.task_retention)
+        return Controls(to, kr, kt) if to or kr or kt else NO_CONTROLS
+
     @staticmethod
     def idempotency(key: str | None, key_ttl: timedelta | float | None) -> tuple[str, int]:
         """An idempotency key and its key_ttl as the scripts take them: (key, ms); ("", 0) for
@@ -115,3 +127,18 @@ class Producer:
         """A due_ms value as epoch ms on this machine's clock (for middleware messages): a
         relative delay is shown from now; the stored due time is the server's."""
         return math.ceil(time.time() * 1000) - due_ms if due_ms < 0 else due_ms
+
+
+def _ms(name: str, value: timedelta | float | None) -> int:
+    """A positive duration (timedelta or seconds) in ms, rounded up; 0 for None."""
+    if value is None:
+        return 0
+    if isinstance(value, timedelta):
+        seconds = value.total_seconds()
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        raise ConfigurationError(f"{name} must be a timedelta or seconds, got {value!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ConfigurationError(f"{name} must be positive, got {value!r}")
+    return max(math.ceil(seconds * 1000), 1)

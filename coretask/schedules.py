@@ -47,7 +47,9 @@ class ScheduleData:
     """What ``upsert_schedule`` stores. ``cron`` is parsed by :mod:`coretask.cron` in
     ``timezone`` (any IANA zone); with ``Options.use_cron_seconds`` it takes six fields.
     ``unique``: skip a tick while the previous run is still queued, delayed or running.
-    ``expire``: skip a tick that could not be enqueued within this time after it was due."""
+    ``expire``: skip a tick that could not be enqueued within this time after it was due.
+    ``timeout`` / ``keep_result``: every run's time limit and result keeping, as the keywords
+    of enqueue_task (default: the Options')."""
 
     id: str
     tenant: str
@@ -57,6 +59,8 @@ class ScheduleData:
     timezone: str = "Etc/UTC"
     unique: bool = False
     expire: timedelta | float | None = None
+    timeout: timedelta | float | None = None
+    keep_result: timedelta | float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +132,14 @@ class Schedules:
             raise type(exc)(f"schedule {sid!r}: {msg}") from None
         expire_ms = _expire_ms(data.expire)
         pr = self.producer
+        controls = pr.controls(data.timeout, data.keep_result)
         enc = pr.encode_call(fn, args, kwargs)
         gw = self.gateway
         now = gw.server_time_ms()
         code = gw.upsert_schedule(sid, data.tenant, data.queue, data.scope or "", sched.expression, data.timezone,
                                   seconds, data.unique, expire_ms, enc.payload, enc.serializer, enc.target,
                                   pr.retries(None), sched.next_after_ms(now),
-                                  pr.sign_schedule(sid, data.tenant, data.queue, enc))
+                                  pr.sign_schedule(sid, data.tenant, data.queue, enc), controls)
         if code == -1:
             raise ConfigurationError(f"schedule id {sid!r} belongs to another tenant; pick another id")
         log.debug("schedule %s %s: %s (%s) -> %s", sid, "created" if code == 1 else "replaced",

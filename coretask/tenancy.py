@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway
     from .options import Options
     from .encoding import Call, TaskData
-    from .models import BatchInfo, DeadTask, TaskInfo
+    from .models import BatchInfo, DeadTask, TaskInfo, TaskOutcome
     from .schedules import ScheduleData, ScheduleInfo
 
 __all__ = ["TenantView", "TenantStats"]
@@ -61,14 +61,26 @@ class TenantView:
 
     def enqueue_task(self, queue: str, fn: Callable[..., Any] | Call | TaskData, *args: Any,
                      delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
-                     key: str | None = None, key_ttl: timedelta | float | None = None, **kwargs: Any) -> str:
+                     key: str | None = None, key_ttl: timedelta | float | None = None,
+                     timeout: timedelta | float | None = None, keep_result: timedelta | float | None = None,
+                     **kwargs: Any) -> str:
         return self.processor.enqueue_task(queue, self.tenant, fn, *args, delay_until=delay_until,
-                                           retries=retries, key=key, key_ttl=key_ttl, **kwargs)
+                                           retries=retries, key=key, key_ttl=key_ttl, timeout=timeout,
+                                           keep_result=keep_result, **kwargs)
 
     def get_task(self, task_id: str) -> TaskInfo | None:
         """The task, or None when unknown or another tenant's."""
         info = self.processor.get_task(task_id)
         return info if info is not None and info.tenant == self.tenant else None
+
+    def get_result(self, task_id: str, wait: float | None = None) -> Any:
+        """As TaskProcessor.get_result; another tenant's task reads as unknown."""
+        return self.processor.get_result(task_id, wait, tenant=self.tenant)
+
+    def get_batch_results(self, batch_id: str, skip: int = 0, take: int = 100) -> list[TaskOutcome]:
+        if self.get_batch(batch_id) is None:
+            return []
+        return self.processor.get_batch_results(batch_id, skip, take)
 
     def cancel_task(self, task_id: str) -> bool:
         return self.processor.cancel_task(task_id, tenant=self.tenant)

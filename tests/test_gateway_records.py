@@ -19,8 +19,9 @@ BATCH_B = [b"state", b"open", b"total", b"1", b"tn", b"beta"]
 
 def run(tid: bytes, attempt: int, payload: bytes, ser: bytes, target: bytes, queue: bytes, tenant: bytes,
         batch: bytes, retries: int | bytes, enqueued: bytes | None, binfo: list[bytes],
-        seal: list[bytes]) -> list[object]:
-    values = [tid, attempt, payload, ser, target, queue, tenant, batch, retries, enqueued, binfo, seal]
+        seal: list[bytes], controls: list[bytes] | None = None) -> list[object]:
+    values = [tid, attempt, payload, ser, target, queue, tenant, batch, retries, enqueued, binfo, seal,
+              controls if controls is not None else [b"", b""]]
     assert len(values) == FETCH_FIELDS
     return values
 
@@ -29,7 +30,7 @@ def sample_reply() -> list[object]:
     return [0, NOW + 2500, NOW,
             # first task of batch A: the batch's fields come with it
             *run(b"t1", 3, b'{"a":1}', b"json", b"tests.tasks:add", b"default", b"acme", b"A", b"2",
-                 b"1699999999000", BATCH_A, [b"sig-1", b"acme"]),
+                 b"1699999999000", BATCH_A, [b"sig-1", b"acme"], [b"30000", b"60000"]),
             # second task of batch A: no fields in the reply (sent once per batch)
             *run(b"t2", 1, b"\x80\x04payload", b"dill", b"tests.tasks:mul", b"high", b"acme", b"A", 0,
                  b"1699999999500", [], [b"sig-2", b"acme"]),
@@ -49,7 +50,7 @@ def test_every_leased_field_is_parsed() -> None:
     assert reply.tasks[0] == Leased(
         id="t1", token="3", attempt=3, payload=b'{"a":1}', serializer="json", target="tests.tasks:add",
         queue="default", tenant="acme", batch_id="A", retries_left=2, enqueued_ms=1699999999000,
-        batch_fields=BATCH_A, signature="sig-1", stored_tenant="acme")
+        batch_fields=BATCH_A, signature="sig-1", stored_tenant="acme", timeout_ms=30000, keep_result_ms=60000)
     t1 = reply.tasks[0]
     assert isinstance(t1.token, str) and isinstance(t1.attempt, int)
     assert isinstance(t1.retries_left, int) and isinstance(t1.enqueued_ms, int)
@@ -76,6 +77,7 @@ def test_task_without_batch_has_no_batch_and_defaults() -> None:
     assert t3.signature == "" and t3.stored_tenant == ""
     assert t3.serializer == "raw" and t3.target == "topic:orders" and t3.tenant == "other"
     assert t3.retries_left == 5
+    assert (t3.timeout_ms, t3.keep_result_ms) == (0, 0)      # "" in the reply: no limit, nothing kept
 
 
 def test_batch_task_whose_fields_were_not_sent_gets_none() -> None:
@@ -136,7 +138,7 @@ def test_a_truncated_entry_is_reported_and_one_without_an_id_has_none() -> None:
     parsed = parse_fetch_reply(reply)
     assert [t.id for t in parsed.tasks] == ["t1"]
     assert parsed.unreadable == [Unreadable("t2", "1", "", "", "the reply holds 5 values for this task "
-                                                               "instead of 12")]
+                                                               "instead of 13")]
     reply = sample_reply()
     reply[3] = None                                         # no id: nothing to answer for
     (bad,) = parse_fetch_reply(reply).unreadable

@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from coretask import (ConfigurationError, Options, ScheduleData, TargetError, TaskData, TaskProcessor,
-                      TaskRefused)
+from coretask import (ConfigurationError, Options, ResultUnavailable, ScheduleData, TargetError, TaskData,
+                      TaskProcessor, TaskRefused)
 from coretask import targets as targets_module
 from coretask.embedded.servers import RedisServer, find_server_binary, free_port
 from coretask.signing import Signer, check_signing_keys
@@ -625,6 +625,11 @@ def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix
             fn()
         return True
 
+    def raises_unavailable(fn: Any) -> bool:
+        with pytest.raises(ResultUnavailable, match="unknown"):
+            fn()
+        return True
+
     # When every public call of a's view is pointed at b's things
     probes: dict[str, Any] = {
         "get_batch": lambda: a.get_batch(bb) is None,
@@ -645,6 +650,9 @@ def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix
         "get_schedules_count": lambda: a.get_schedules_count() == 0,
         "get_tasks_in_queue": lambda: a.get_tasks_in_queue("default") == [] == a.get_tasks_in_queue("low"),
         "get_task": lambda: a.get_task(b_task) is None and a.get_task(leased["id"]) is None,
+        "get_result": lambda: (raises_unavailable(lambda: a.get_result(b_task))
+                               and raises_unavailable(lambda: a.get_result(leased["id"], wait=0.1))),
+        "get_batch_results": lambda: a.get_batch_results(bb) == [],
         "cancel_task": lambda: a.cancel_task(b_task) is False,
         "delete_task": lambda: a.delete_task(b_task) is False and a.delete_task(leased["id"]) is False,
         "retry_dead_task": lambda: a.retry_dead_task(leased["id"]) is False,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from coretask import Options
+from coretask import Options, TaskCanceled, TaskTimeout
 from coretask.middleware import Chain
 from coretask.context import TaskContext
 from coretask.gateway import Ack, DueSchedule, DueSchedules, Failure, Leased, Release, TickResult
@@ -42,10 +42,11 @@ class Extender:
         raise AssertionError("extend_lock is not exercised here")
 
 
-def make_task(tid: str, *, attempt: int = 1, batch: str | None = None, target: str = "tests.tasks:add") -> Task:
+def make_task(tid: str, *, attempt: int = 1, batch: str | None = None, target: str = "tests.tasks:add",
+              timeout_ms: int = 0) -> Task:
     leased = Leased(id=tid, token=str(attempt), attempt=attempt, payload=b"{}", serializer="json",
                     target=target, queue="default", tenant="acme", batch_id=batch, retries_left=2,
-                    enqueued_ms=1, batch_fields=None, signature="", stored_tenant="acme")
+                    enqueued_ms=1, batch_fields=None, signature="", stored_tenant="acme", timeout_ms=timeout_ms)
     ctx = TaskContext(task_id=tid, queue="default", tenant="acme", target=target, attempt=attempt,
                       retries_left=2, batch_id=batch, gateway=Extender())
     return Task(tid, leased, ctx)
@@ -389,10 +390,35 @@ def test_recycling_reads_memory_after_tasks_end_and_goes_quiet_over_the_limit() 
 class FakeRunner:
     def __init__(self) -> None:
         self.aborted: list[str] = []
+        self.raised: list[type] = []
 
-    def abort(self, task_id: str) -> bool:
+    def abort(self, task_id: str, exc: type = TaskCanceled) -> bool:
         self.aborted.append(task_id)
+        self.raised.append(exc)
         return True
+
+
+def test_a_time_limit_aborts_its_task_with_task_timeout_once_it_is_due() -> None:
+    ledger = Ledger(4)
+    aborts = Aborts(ledger, GRACE, "w1", on_stuck=None)
+    limited, other = make_task("a", timeout_ms=200), make_task("b")
+    runner = FakeRunner()
+    limited.runner = runner
+    ledger.admit([limited, other])
+    ledger.wake.clear()
+    aborts.limit(limited, 0.2)
+    assert ledger.wake.is_set()              # the loop's wait is recomputed for the new deadline
+    now = time.monotonic()
+    assert 0.1 < aborts.check(now) - now <= 0.2     # not due yet: its deadline is the next one
+    assert runner.aborted == [] and limited.abort_reason is None
+    aborts.check(now + 0.25)
+    assert (limited.abort_reason, runner.raised, other.abort_reason) == ("timeout", [TaskTimeout], None)
+    assert limited.ctx.cancelled.is_set()
+    # a limit whose task already ended does nothing
+    done = make_task("c", timeout_ms=10)
+    aborts.limit(done, 0.01)
+    assert aborts.check(now + 1) is not None      # only the grace watch of "a" is left
+    assert done.abort_reason is None
 
 
 GRACE = 3.0

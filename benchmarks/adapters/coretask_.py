@@ -17,6 +17,7 @@ cancel latency (``cancel_batch``) and pause latency (``pause``/``resume``).
 If the API they need is not there yet they report "pending".
 """
 
+import json
 import os
 import random
 import sys
@@ -24,7 +25,7 @@ import threading
 import time
 
 from .. import tasks
-from ..common import (SHOW_CORETASK_ENV, SHOW_CORETASK_TAG, SPIN_END_KEY, SPIN_START_KEY, START_KEY,
+from ..common import (OPTIONS_ENV, SHOW_CORETASK_ENV, SHOW_CORETASK_TAG, SPIN_END_KEY, SPIN_START_KEY, START_KEY,
                       Deadline, Pending, percentile, redis_url, wait_until)
 from . import _base
 
@@ -46,8 +47,9 @@ def make_processor(processes=2, max_workers=8):
         import coretask
 
         print("%s%s (pid %d)" % (SHOW_CORETASK_TAG, coretask.__file__, os.getpid()), file=sys.stderr, flush=True)
+    extra = json.loads(os.environ.get(OPTIONS_ENV) or "{}")   # benchmarks.compare --after-options
     return TaskProcessor(Options(redis=redis_url(), prefix=PREFIX, queues=[QUEUE],
-                                 processes=processes, max_workers=max_workers))
+                                 processes=processes, max_workers=max_workers, **extra))
 
 
 def __getattr__(name):

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 from ..options import Options
 from .keys import Keys
-from .records import (Ack, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Recovered, Release,
-                      TickResult, parse_fetch_reply)
+from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Recovered,
+                      Release, TickResult, parse_fetch_reply)
 from .transport import InFlight, Transport, translated
 
 __all__ = ["Gateway"]
@@ -79,25 +79,28 @@ class Gateway:
     # ====================================================================== task lifecycle
 
     def enqueue(self, task_id: str, queue: str, tenant: str, payload: bytes, serializer: str, target: str,
-                retries: int, due_ms: int, signature: str) -> int:
+                retries: int, due_ms: int, signature: str, controls: Controls = NO_CONTROLS) -> int:
         """Store a task and make it ready (or delayed). 1 ready, 2 delayed, -1 the id existed
         (a re-sent call whose first attempt had landed)."""
         k = self.keys
         code, _ = self.transport.run(
             "enqueue", [k.task(task_id), k.queues],
-            [k.prefix, task_id, queue, tenant, payload, serializer, target, retries, due_ms, signature],
+            [k.prefix, task_id, queue, tenant, payload, serializer, target, retries, due_ms, signature, 0,
+             *controls.argv()],
             durable=True)
         return int(code)
 
     def enqueue_keyed(self, task_id: str, queue: str, tenant: str, payload: bytes, serializer: str, target: str,
-                      retries: int, due_ms: int, signature: str, key: str, key_ttl_ms: int) -> str | None:
+                      retries: int, due_ms: int, signature: str, key: str, key_ttl_ms: int,
+                      controls: Controls = NO_CONTROLS) -> str | None:
         """enqueue with an idempotency key (enqueue.lua, KEYS[3]): None when the task was stored
         (or the id existed: a re-sent call), else the id of the task that holds the key (nothing
         was stored). ``key_ttl_ms``: how long the key outlives its task (0: not at all)."""
         k = self.keys
         reply = self.transport.run(
             "enqueue", [k.task(task_id), k.queues, k.idempotency(tenant, key)],
-            [k.prefix, task_id, queue, tenant, payload, serializer, target, retries, due_ms, signature, key_ttl_ms],
+            [k.prefix, task_id, queue, tenant, payload, serializer, target, retries, due_ms, signature, key_ttl_ms,
+             *controls.argv()],
             durable=True)
         return reply[2].decode() if int(reply[0]) == 3 else None
 
@@ -146,7 +149,7 @@ class Gateway:
         k = self.keys
         args: list[Any] = [k.prefix, worker_id]
         for a in acks:
-            args += (a.task_id, a.token, a.outcome, a.duration_ms, a.queue, a.tenant)
+            args += (a.task_id, a.token, a.outcome, a.duration_ms, a.queue, a.tenant, a.result)
         return "complete", [k.leases, k.worker(worker_id)], args
 
     def _release_call(self, worker_id: str, releases: Sequence[Release]) -> Call:
@@ -218,13 +221,27 @@ class Gateway:
         k = self.keys
         return int(self.transport.run("extend", [k.task(task_id), k.leases], [task_id, token, lease_ms]))
 
-    def overdue(self, worker_id: str, grace_ms: int) -> list[tuple[str, str, int]]:
-        """Tasks of a worker process that ignore their abort (batch canceled, task canceled, or
-        paused with requeue) for more than ``grace_ms``: (task id, "canceled" | "task" |
-        "requeue", ms since)."""
+    def progress(self, task_id: str, token: str, done: float, total: float | None, message: str | None) -> None:
+        """progress.lua: a running task's progress (ignored once the lease token is stale)."""
+        self.transport.run("progress", [self.keys.task(task_id)],
+                           [token, repr(done), "" if total is None else repr(total), message or ""])
+
+    def wait_finished(self, task_id: str, seconds: float) -> bool:
+        """Block until a task that keeps its result reaches its final state (finish in _lib.lua
+        pushes to P:t:<id>:done), at most ``seconds``; True when woken. BLMOVE from the list to
+        itself wakes this caller without taking the element away (nor the key's expiry), so every
+        other waiter wakes too."""
+        key = self.keys.done(task_id)
+        return self._redis.blmove(key, key, max(seconds, 0.01), "LEFT", "RIGHT") is not None
+
+    def overdue(self, worker_id: str, grace_ms: int) -> list[tuple[str, str, int, str]]:
+        """Tasks of a worker process that ignore their abort (batch canceled, task canceled,
+        paused with requeue, or past their time limit) for more than ``grace_ms``: (task id,
+        "canceled" | "task" | "requeue" | "timeout", ms since, lease token)."""
         k = self.keys
         reply = self.transport.run("overdue", [k.worker(worker_id), k.paused], [k.prefix, grace_ms])
-        return [(reply[i].decode(), reply[i + 1].decode(), int(reply[i + 2])) for i in range(1, len(reply), 3)]
+        return [(reply[i].decode(), reply[i + 1].decode(), int(reply[i + 2]), reply[i + 3].decode())
+                for i in range(1, len(reply), 4)]
 
     def dataset_marker(self, token: str) -> tuple[str, bool]:
         """The deployment's dataset marker (P:marker), set to ``token`` when absent: (its value,
@@ -310,9 +327,10 @@ class Gateway:
                     chunk: Sequence[Any]) -> InFlight:
         """Send one chunk of staged tasks without waiting (read the reply with .result() before
         the next call). ``shapes``: what tasks share (queue, tenant, serializer, target, retries,
-        due ms, continuation condition); ``chunk``: per task id, shape number, payload, signature."""
+        due ms, continuation condition, Controls); ``chunk``: per task id, shape number, payload,
+        signature."""
         k = self.keys
-        flat = [v for shape in shapes for v in (*shape, "", 0)]       # no idempotency key
+        flat = [v for shape in shapes for v in _shape_argv(shape, "", 0)]       # no idempotency key
         return self.transport.send(
             "batch_stage", [k.staged(batch_id, stage), k.staged_continuations(batch_id, stage), k.queues],
             [k.prefix, ttl_ms, batch_id, len(shapes), *flat, *chunk])
@@ -326,7 +344,7 @@ class Gateway:
         k = self.keys
         _, holder = self.transport.run(
             "batch_stage", [k.staged(batch_id, stage), k.staged_continuations(batch_id, stage), k.queues],
-            [k.prefix, ttl_ms, batch_id, 1, *shape, k.idempotency(shape[1], key), key_ttl_ms, *entry])
+            [k.prefix, ttl_ms, batch_id, 1, *_shape_argv(shape, k.idempotency(shape[1], key), key_ttl_ms), *entry])
         return holder.decode() or None
 
     def commit_batch(self, batch_id: str, stage: str, tenant: str, queue: str, scope: str, mode: str,
@@ -396,13 +414,13 @@ class Gateway:
 
     def upsert_schedule(self, schedule_id: str, tenant: str, queue: str, scope: str, cron: str, timezone: str,
                         seconds: bool, unique: bool, expire_ms: int, payload: bytes, serializer: str, target: str,
-                        retries: int, next_ms: int, signature: str) -> int:
+                        retries: int, next_ms: int, signature: str, controls: Controls = NO_CONTROLS) -> int:
         """1 created, 2 replaced, -1 the id belongs to another tenant."""
         k = self.keys
         code, _ = self.transport.run(
             "schedule_upsert", [k.schedule(schedule_id), k.sdue, k.tenant_schedules(tenant)],
             [k.prefix, schedule_id, tenant, queue, scope, cron, timezone, _flag(seconds), _flag(unique), expire_ms,
-             payload, serializer, target, retries, next_ms, signature])
+             payload, serializer, target, retries, next_ms, signature, *controls.argv()])
         return int(code)
 
     def cancel_schedule(self, schedule_id: str, tenant: str) -> bool:
@@ -496,6 +514,10 @@ class Gateway:
         return [f"the task's key is not a hash: {res}" if isinstance(res, Exception) else res
                 for res in pipe.execute(raise_on_error=False)]
 
+    def batch_result_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
+        """Ids of a batch's finished tasks that keep their results (P:b:<id>:r), in order."""
+        return _decoded(self._redis.lrange(self.keys.batch_results(batch_id), start, stop))
+
     def leased_to(self, worker_id: str) -> set[str]:
         """Ids of the tasks leased to one worker process (its lease set)."""
         return set(_decoded(self._redis.smembers(self.keys.worker(worker_id))))
@@ -573,3 +595,10 @@ class Gateway:
         return ({q: int(n) for q, n in zip(queues, lengths)}, int(running or 0),
                 {key.decode(): int(v) for key, v in counters.items()}, bool(paused),
                 int(limit) if limit else None)
+
+
+def _shape_argv(shape: tuple[Any, ...], key: str, key_ttl_ms: int) -> list[Any]:
+    """A batch shape as batch_stage.lua takes it: its first seven values, the idempotency key
+    and its key_ttl, then the Controls' three values."""
+    *head, controls = shape
+    return [*head, key, key_ttl_ms, *controls.argv()]

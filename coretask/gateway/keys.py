@@ -42,6 +42,10 @@ class Keys:
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:t:{task_id}"
 
+    def done(self, task_id: str) -> str:
+        """P:t:<id>:done: pushed when a task that keeps its result finished (get_result's wait)."""
+        return f"{self.prefix}:t:{task_id}:done"
+
     def ready(self, queue: str, tenant: str) -> str:
         return f"{self.prefix}:q:{queue}:{tenant}"
 
@@ -88,6 +92,9 @@ class Keys:
 
     def publication(self, batch_id: str, stage: str) -> str:
         return f"{self.prefix}:b:{batch_id}:p:{stage}"
+
+    def batch_results(self, batch_id: str) -> str:
+        return f"{self.prefix}:b:{batch_id}:r"
 
     def continuations(self, batch_id: str) -> str:
         return f"{self.prefix}:b:{batch_id}:cont"

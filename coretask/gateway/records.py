@@ -11,10 +11,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-__all__ = ["Ack", "DueSchedule", "DueSchedules", "Failure", "FetchReply", "Leased", "Outcomes", "Recovered",
+__all__ = ["Ack", "Controls", "DueSchedule", "DueSchedules", "Failure", "FetchReply", "Leased", "Outcomes", "Recovered",
            "Release", "TickResult", "Unreadable", "parse_fetch_reply"]
 
-FETCH_FIELDS = 12  # values per task in fetch.lua's reply (see its header)
+FETCH_FIELDS = 13  # values per task in fetch.lua's reply (see its header)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Controls:
+    """What a task asks of its run besides the call, as stored in its hash (fields to, kr, kt;
+    0 = off): its time limit, how long its return value and how long its finished record are
+    kept. Scripts that store a task take them as three ARGV values (``argv``)."""
+
+    timeout_ms: int = 0
+    keep_result_ms: int = 0
+    retain_ms: int = 0
+
+    def argv(self) -> list[int]:
+        return [self.timeout_ms, self.keep_result_ms, self.retain_ms]
+
+
+NO_CONTROLS = Controls()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -40,6 +57,8 @@ class Leased:
     batch_fields: list[bytes] | None
     signature: str
     stored_tenant: str
+    timeout_ms: int = 0         # field to: the attempt's time limit (0 = none)
+    keep_result_ms: int = 0     # field kr: keep the return value this long (0 = not kept)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -68,7 +87,7 @@ class FetchReply:
 # fetch.lua's values per task, with the task hash field each comes from ("" where none does)
 _ENTRY = (("id", ""), ("attempt", "a"), ("payload", "p"), ("serializer", "s"), ("target", "tg"),
           ("queue", "q"), ("tenant", "tn"), ("batch", "b"), ("retries left", "r"), ("enqueued ms", "e"),
-          ("batch fields", ""), ("signature and stored tenant", "sg"))
+          ("batch fields", ""), ("signature and stored tenant", "sg"), ("time limit and result keeping", "to"))
 
 
 class _Bad(ValueError):
@@ -103,7 +122,7 @@ def _label(position: int) -> str:
 def _leased(entry: list[Any], batch_fields: dict[str, list[bytes]]) -> Leased:
     if len(entry) != FETCH_FIELDS:
         raise _Bad(f"the reply holds {len(entry)} values for this task instead of {FETCH_FIELDS}")
-    (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo, seal) = entry
+    (tid, attempt, payload, ser, target, q, tenant, batch, retries, enqueued, binfo, seal, controls) = entry
     batch_id = _text(batch, 7) or None
     if not isinstance(payload, bytes):
         raise _Bad(f"{_label(2)} is missing")
@@ -116,13 +135,16 @@ def _leased(entry: list[Any], batch_fields: dict[str, list[bytes]]) -> Leased:
         stored_tenant = seal[1].decode()
     except (AttributeError, UnicodeDecodeError):
         raise _Bad(f"field 'tn' (stored tenant) is not UTF-8 text: {seal[1]!r:.60}") from None
+    if not isinstance(controls, list) or len(controls) != 2:
+        raise _Bad(f"{_label(12)} is not a pair: {controls!r:.60}")
+    timeout_ms, keep_ms = (_int(v, 12) if v else 0 for v in controls)
     number = _int(attempt, 1)
     leased = Leased(
         id=_text(tid, 0), token=str(number), attempt=number, payload=payload, serializer=_text(ser, 3),
         target=_text(target, 4), queue=_text(q, 5), tenant=_text(tenant, 6), batch_id=batch_id,
         retries_left=_int(retries, 8), enqueued_ms=_int(enqueued, 9) if enqueued else 0,
         batch_fields=(binfo or batch_fields.get(batch_id)) if batch_id else None, signature=signature,
-        stored_tenant=stored_tenant)
+        stored_tenant=stored_tenant, timeout_ms=timeout_ms, keep_result_ms=keep_ms)
     if binfo and batch_id:
         batch_fields[batch_id] = binfo     # for the batch's later tasks in this reply
     return leased
@@ -174,6 +196,7 @@ class Ack:
     duration_ms: int
     queue: str = ""         # where the fetch counted the task (Leased.queue / .tenant); "" = unknown
     tenant: str = ""
+    result: bytes = b""     # the encoded return value, when the task keeps it (coretask/results.py)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -35,7 +35,7 @@ class Task:
     leased: Leased
     ctx: TaskContext
     runner: Runner | None = None     # set by the runner before the body starts
-    abort_reason: str | None = None  # "canceled" | "requeue" | "shutdown" once aborted
+    abort_reason: str | None = None  # "canceled" | "requeue" | "shutdown" | "timeout" once aborted
     result: Any = None               # what the body returned (for after_task middleware)
 
     @property
@@ -50,10 +50,10 @@ class Task:
     def batch_id(self) -> str | None:
         return self.leased.batch_id
 
-    def ack(self, outcome: Literal["ok", "canceled"], duration_ms: int) -> Ack:
+    def ack(self, outcome: Literal["ok", "canceled"], duration_ms: int, result: bytes = b"") -> Ack:
         """Outcomes name the queue and tenant the fetch counted the task under, so the scripts
         undo exactly those counters even if the record was damaged while the task ran."""
-        return Ack(self.id, self.token, outcome, duration_ms, self.leased.queue, self.leased.tenant)
+        return Ack(self.id, self.token, outcome, duration_ms, self.leased.queue, self.leased.tenant, result)
 
     def release(self) -> Release:
         return Release(self.id, self.token, self.leased.queue, self.leased.tenant)
@@ -166,9 +166,9 @@ class Ledger:
 
     # ----------------------------------------------------------------------- the runners' side
 
-    def succeeded(self, task: Task, duration_ms: int) -> None:
+    def succeeded(self, task: Task, duration_ms: int, result: bytes = b"") -> None:
         with self.lock:
-            self.pending.acks.append(task.ack("ok", duration_ms))
+            self.pending.acks.append(task.ack("ok", duration_ms, result))
             self._finished(task, duration_ms)
 
     def aborted(self, task: Task, duration_ms: int) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..gateway import Failure, Outcomes
 from ..signing import TaskGuard
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
@@ -37,7 +38,8 @@ SIGNAL_DEBOUNCE = 2.0
 OVERDUE_POLL = 0.25        # seconds between checks for tasks that ignore their abort
 OVERDUE_MARGIN = 1.0       # seconds past cancel_grace before the manager acts: the process's own
                            # watch hands its tasks back and exits at cancel_grace when it can run
-OVERDUE_WHY = {"canceled": "batch canceled", "task": "task canceled", "requeue": "paused with requeue"}
+OVERDUE_WHY = {"canceled": "batch canceled", "task": "task canceled", "requeue": "paused with requeue",
+               "timeout": "past its time limit"}
 QUICK_DEATH = 5.0          # seconds: a child dying sooner counts towards backoff
 QUICK_DEATHS_FREE = 5     # restarts without delay before the backoff starts
 RESTART_BACKOFF = 0.25
@@ -269,15 +271,31 @@ class Manager:
                 continue
             if not overdue:
                 continue
-            task_id, why, ms = overdue[0]
+            task_id, why, ms, _ = overdue[0]
             log.error("manager: task %s ignored its abort (%s) for %.1fs%s; ending worker process %d and "
                       "handing its other tasks back", task_id, OVERDUE_WHY.get(why, why), ms / 1000,
                       f" (and {len(overdue) - 1} more)" if len(overdue) > 1 else "", child.process.pid)
             child.process.kill()
             child.process.join(5)
             child.ended_by_manager = True
+            self._fail_timed_out(child, [(t, token) for t, why, _, token in overdue if why == "timeout"])
             self._recover(child)
             child.recovered = True
+
+    def _fail_timed_out(self, child: Child, tasks: list[tuple[str, str]]) -> None:
+        """Tasks past their time limit whose process had to be ended: each attempt counts as
+        failed with TaskTimeout (retried at once, or dead-lettered), before the process's other
+        tasks go back uncharged."""
+        if not tasks:
+            return
+        message = (f"the task ran past its time limit and ignored the abort for cancel_grace; worker process "
+                   f"{child.process.pid} was ended by the manager")
+        failures = [Failure(task_id, token, "TaskTimeout", message, "", 0) for task_id, token in tasks]
+        try:
+            self.leases.gateway.send_outcomes(child.worker_id, Outcomes(failures=failures))
+        except Exception as exc:
+            log.error("manager: could not record the time-outs of %s (%s); the tasks go back uncharged",
+                      child.worker_id, exc)
 
     def _renew(self) -> None:
         for c in self._all():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..encoding import serializer_for
-from ..gateway import Gateway
+from ..gateway import Failure, Gateway
 from ..middleware import Chain, WorkerInfo
 from ..options import Options
 from ..signing import TaskGuard
@@ -78,7 +78,8 @@ class WorkerProcess:
         self.maintenance = Maintenance(self.id, ledger, gateway, self.leases, options, self.aborts, schedules,
                                        chain, renew_own_leases=renew_own_leases)
         serializer = serializer_for(options.serializer)
-        self.runners = [Runner(ledger, options, guard, serializer, chain, on_crash) for _ in range(ledger.threads)]
+        self.runners = [Runner(ledger, options, guard, serializer, chain, on_crash, self.aborts)
+                        for _ in range(ledger.threads)]
         self.recycling = Recycling(options, ledger, self.id) if recycle else None
         self.loop = Loop(self.id, ledger, gateway, options, self.leases, self.maintenance, self.aborts,
                          self.recycling, isolation=isolation)
@@ -122,9 +123,17 @@ class WorkerProcess:
         log.error("worker %s: %s; handing back in-flight tasks and exiting", self.id, why)
         ledger = self.ledger
         with ledger.lock:
-            releases = [t.release() for t in ledger.running.values()]
+            running = list(ledger.running.values())
         outcomes = ledger.take_outcomes()
-        outcomes.releases += releases
+        for t in running:
+            if t.abort_reason == "timeout":     # its attempt failed: charged, never handed back
+                limit = t.leased.timeout_ms / 1000
+                outcomes.failures.append(Failure(
+                    t.id, t.token, "TaskTimeout", f"task {t.id} {t.target} ran past its time limit of {limit:g}s and "
+                    f"ignored the abort for cancel_grace; its worker process ended", "", 0, queue=t.leased.queue,
+                    tenant=t.leased.tenant))
+            else:
+                outcomes.releases.append(t.release())
         try:
             self.gateway.send_outcomes(self.id, outcomes)
         except Exception:

@@ -30,13 +30,15 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..encoding import Serializer, decode
-from ..errors import TaskCanceled, TaskLoadError
+from ..errors import PayloadTooLarge, SerializationError, TaskCanceled, TaskLoadError, TaskTimeout
+from ..results import encode_result
 from ..gateway import Failure
 from ..middleware import CANCELED, FAILED, HANDED_BACK, SUCCEEDED, Chain
 from .throttle import LogThrottle
 
 if TYPE_CHECKING:
     from ..options import Options
+    from .aborts import Aborts
     from ..signing import TaskGuard
     from .ledger import Ledger, Task
 
@@ -57,8 +59,9 @@ class Runner:
 
     def __init__(self, ledger: Ledger, options: Options, guard: TaskGuard | None = None,
                  serializer: Serializer | None = None, chain: Chain | None = None,
-                 on_crash: Callable[[], None] | None = None) -> None:
+                 on_crash: Callable[[], None] | None = None, aborts: Aborts | None = None) -> None:
         self.on_crash = on_crash
+        self.aborts = aborts        # arms time limits (None: limits are not enforced in-process)
         self.ledger = ledger
         self.options = options
         self.chain = chain if chain is not None else Chain()
@@ -71,14 +74,15 @@ class Runner:
 
     # ------------------------------------------------------------------------ called by aborters
 
-    def abort(self, task_id: str) -> bool:
-        """Raise TaskCanceled in this thread if it is inside ``task_id``'s body."""
+    def abort(self, task_id: str, exc: type[TaskCanceled] = TaskCanceled) -> bool:
+        """Raise ``exc`` (TaskCanceled, or its subclass TaskTimeout) in this thread if it is
+        inside ``task_id``'s body."""
         with self.abort_lock:
             self.raising = True
             try:
                 if self.current != task_id:
                     return False
-                _set_async_exc(self.thread_id, TaskCanceled)
+                _set_async_exc(self.thread_id, exc)
                 return True
             finally:
                 self.raising = False
@@ -129,9 +133,24 @@ class Runner:
             self.ledger.failed(task, _failure(task, load_error, duration_ms, bury=True))
         elif error is None:
             log.debug("task %s %s done in %d ms", task.id, task.target, duration_ms)
+            result = b""
+            if task.leased.keep_result_ms:
+                try:
+                    result = encode_result(task.id, task.target, task.result, self.options)
+                except (SerializationError, PayloadTooLarge) as exc:   # same value on every run: no retry
+                    log.error("task %s %s succeeded but its result cannot be kept: %s", task.id, task.target, exc)
+                    if chain.after_task:
+                        chain.after_task(ctx, FAILED, None, exc)
+                    self.ledger.failed(task, _failure(task, exc, duration_ms, bury=True))
+                    return
             if chain.after_task:
                 chain.after_task(ctx, SUCCEEDED, task.result, None)
-            self.ledger.succeeded(task, duration_ms)
+            self.ledger.succeeded(task, duration_ms, result)
+        elif task.abort_reason == "timeout":
+            limit = task.leased.timeout_ms / 1000
+            timeout = TaskTimeout(f"task {task.id} {task.target} ran past its time limit of {limit:g}s")
+            timeout.__cause__ = error
+            self._failed(task, timeout, duration_ms)
         elif isinstance(error, TaskCanceled) or task.abort_reason is not None:
             log.info("task %s %s aborted (%s) after %d ms", task.id, task.target,
                      task.abort_reason or "canceled", duration_ms)
@@ -205,6 +224,8 @@ class Runner:
             return exc
         coroutine = inv is not None and inv.target.is_coroutine
         task.runner = self
+        if self.aborts is not None and task.leased.timeout_ms:
+            self.aborts.limit(task, task.leased.timeout_ms / 1000)
         try:
             error = self._invoke(task, fn, args, kwargs, coroutine)
         except TaskCanceled as exc:     # landed in _invoke's own frame: see the module docstring

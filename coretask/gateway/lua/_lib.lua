@@ -13,8 +13,12 @@
 --                              cx ms of cancel_task's mark on a running task (told to stop),
 --                              ik / ikt its idempotency key's name and key_ttl ms (release_key),
 --                              cr crashes it was the culprit of (crashed.lua),
---                              cb (continuations) the batch it continues
---                              Integers: r a e d ls da sk. Always written: q tn p s tg r a e st.
+--                              cb (continuations) the batch it continues,
+--                              to time limit ms, kr keep-result ms, kt retention ms (set_controls),
+--                              pg/pt/pm progress done/total/message (progress.lua),
+--                              once finished and kept (finish): fa finished ms, du duration ms,
+--                              rv the encoded return value (kr), st succeeded|failed|canceled
+--                              Integers: r a e d ls da sk to kr kt fa du. Always written: q tn p s tg r a e st.
 --                              Every script checks the fields it reads with read_task before
 --                              its first write for the task (see "Damaged task records" below).
 --   P:q:<queue>:<tenant> list  ready task ids of one tenant in one queue (FIFO)
@@ -43,6 +47,7 @@
 --                              run (in flight), dur (summed task ms), created, started, ended, state,
 --                              ck (cancel key: published by cancel_batch, see worker/control.py)
 --   P:b:<id>:cont       list   continuation task ids not yet released
+--   P:b:<id>:r          list   ids of its finished tasks that keep their results, in order
 --   P:b:<id>:s:<stage>  list   task ids staged by one enqueue_batch/append_batch (expires)
 --   P:b:<id>:c:<stage>  list   continuation ids staged likewise (expires)
 --   P:b:<id>:p:<stage>  list   committed task ids still to be published to their queues
@@ -67,6 +72,8 @@
 --                              '%' in the tenant is written %3A / %25: keys.py)
 --   P:ts:<tenant>       hash   tenant counters: done, failed (retries exhausted), canceled, dead
 --                              (now in a dead letter list), b_<state> batches by state
+--   P:t:<id>:done       list   one element pushed when a task that keeps its result finished
+--                              (finish): get_result(wait=) blocks on it; expires with the record
 --   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
 --                              "p"/"r" pause/resume, "c:<batch>" batch canceled,
 --                              "s" schedules changed (workers re-read the next tick),
@@ -75,6 +82,14 @@
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- A new task's controls (ARGV values of records.py Controls, in ms): each written only when set,
+-- so a task without them costs nothing more.
+local function set_controls(tkey, to, kr, kt)
+  if to and to ~= '' and to ~= '0' then redis.call('HSET', tkey, 'to', to) end
+  if kr and kr ~= '' and kr ~= '0' then redis.call('HSET', tkey, 'kr', kr) end
+  if kt and kt ~= '' and kt ~= '0' then redis.call('HSET', tkey, 'kt', kt) end
 end
 
 -- ----------------------------------------------------------------------- damaged task records
@@ -87,8 +102,9 @@ local TASK_FIELDS = {q = 'queue', tn = 'tenant', b = 'batch', p = 'payload', s =
                      r = 'retries', a = 'attempt', e = 'enqueued', d = 'due', st = 'state', w = 'worker',
                      ls = 'lease start', on = 'continuation', cb = 'continued batch', da = 'dead at',
                      sch = 'schedule', sk = 'tick', sg = 'signature', et = 'error type', em = 'error message',
-                     etb = 'traceback'}
-local TASK_INTS = {r = true, a = true, e = true, d = true, ls = true, da = true, sk = true}
+                     etb = 'traceback', to = 'time limit', kr = 'keep result', kt = 'retention'}
+local TASK_INTS = {r = true, a = true, e = true, d = true, ls = true, da = true, sk = true, to = true, kr = true,
+                   kt = true}
 local QUEUES = {}   -- read_task rule: the field names a queue registered in P:queues
 
 local function field_label(name)
@@ -360,22 +376,61 @@ local function release_key(P, id, forget)
   end
 end
 
--- A task whose retries are exhausted: dead letter list with its reason, or deleted when the
--- dead letter queue is off. Either way its batch counts it as failed. A run enqueued by a
--- schedule (field sch) is governed by dlsched (Options.deadletter_schedules) instead: the
--- next tick runs it again anyway.
-local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched)
+-- Wake the get_result(wait=) callers of a task that keeps its result (kr ms > 0) and just
+-- reached its final state: one element on P:t:<id>:done, which lives as long as the result.
+-- A task of a batch is also listed in P:b:<batch>:r (get_batch_results; deleted with the batch).
+local function notify_done(P, id, kr)
+  kr = tonumber(kr or '0') or 0
+  if kr <= 0 then return end
+  local done = P .. ':t:' .. id .. ':done'
+  redis.call('RPUSH', done, '1')
+  redis.call('PEXPIRE', done, kr)
+  local batch = redis.call('HGET', P .. ':t:' .. id, 'b')
+  if batch and batch ~= '' then redis.call('RPUSH', P .. ':b:' .. batch .. ':r', id) end
+end
+
+-- finish(P, id, state, now, dur_ms, kr, kt, extra): a task reached its final state (succeeded,
+-- failed or canceled) and leaves circulation. Its record is deleted, or, when it keeps its result
+-- (field kr) or its record (field kt, Options.task_retention), kept for the longer of the two:
+-- st = state, fa finished ms, du duration ms and the fields of `extra` (a flat list: the return
+-- value rv, the error et/em/etb), then it expires; get_result's waiters are woken. kr and kt as
+-- the caller read them (nil: read here). The idempotency key is the caller's (release_key).
+local function finish(P, id, state, now, dur_ms, kr, kt, extra)
+  local tkey = P .. ':t:' .. id
+  if kr == nil then
+    local f = redis.call('HMGET', tkey, 'kr', 'kt')
+    kr, kt = f[1], f[2]
+  end
+  local keep = math.max(tonumber(kr or '0') or 0, tonumber(kt or '0') or 0)
+  if keep <= 0 then
+    redis.call('DEL', tkey)
+    return
+  end
+  redis.call('HSET', tkey, 'st', state, 'fa', now, 'du', dur_ms or 0)
+  if extra and #extra > 0 then redis.call('HSET', tkey, unpack(extra)) end
+  redis.call('PEXPIRE', tkey, keep)
+  notify_done(P, id, kr)
+end
+
+-- A task whose retries are exhausted: dead letter list with its reason, or finished as failed
+-- (deleted, unless it keeps its record) when the dead letter queue is off. Either way its batch
+-- counts it as failed. A run enqueued by a schedule (field sch) is governed by dlsched
+-- (Options.deadletter_schedules) instead: the next tick runs it again anyway.
+local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched, dur_ms)
   release_key(P, id)
-  local tf = redis.call('HMGET', P .. ':t:' .. id, 'sch', 'tn')
+  local tkey = P .. ':t:' .. id
+  local tf = redis.call('HMGET', tkey, 'sch', 'tn', 'kr', 'kt')
   if tf[1] then deadletter = dlsched end
   local stats = P .. ':ts:' .. tf[2]
   redis.call('HINCRBY', stats, 'failed', 1)
   if deadletter == '1' then
     redis.call('HINCRBY', stats, 'dead', 1)
-    redis.call('HSET', P .. ':t:' .. id, 'st', 'dead', 'et', etype, 'em', emsg, 'etb', etb, 'da', now)
+    redis.call('HSET', tkey, 'st', 'dead', 'et', etype, 'em', emsg, 'etb', etb, 'da', now, 'fa', now,
+               'du', dur_ms or 0)
     redis.call('RPUSH', P .. ':dead:' .. queue, id)
+    notify_done(P, id, tf[3])
   else
-    redis.call('DEL', P .. ':t:' .. id)
+    finish(P, id, 'failed', now, dur_ms, tf[3], tf[4], {'et', etype, 'em', emsg, 'etb', etb})
   end
   settle_batch(P, batch, 'failed', 0, now)
 end
@@ -385,7 +440,8 @@ end
 -- attempts in all), so the failure that brings it to 0 buries the task; r = 0 (retries=0) is
 -- read as 1: one attempt, never retried. Otherwise r - 1 is stored and the task is delayed or
 -- ready again. Returns 1 when it was requeued, 2 when it was buried instead.
-local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, etype, emsg, etb, now, dlsched)
+local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, etype, emsg, etb, now, dlsched,
+                             dur_ms)
   local tkey = P .. ':t:' .. id
   local left = tonumber(redis.call('HGET', tkey, 'r') or '0') - 1
   if left > 0 then
@@ -395,7 +451,7 @@ local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, 
     return 1
   end
   redis.call('HSET', tkey, 'r', 0)
-  bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched)
+  bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched, dur_ms)
   return 2
 end
 
@@ -443,11 +499,11 @@ local function unqueue(P, id, st, queue, tenant, cont_batch)
 end
 
 
--- A task that ends canceled: key released, hash deleted, counted canceled in its batch (which
--- counts its tenant too) or, without a batch, in its tenant's statistics.
+-- A task that ends canceled: key released, finished (deleted unless kept), counted canceled in
+-- its batch (which counts its tenant too) or, without a batch, in its tenant's statistics.
 local function end_canceled(P, id, tenant, batch, dur_ms, now)
   release_key(P, id)
-  redis.call('DEL', P .. ':t:' .. id)
+  finish(P, id, 'canceled', now, dur_ms)
   if batch and batch ~= '' then
     settle_batch(P, batch, 'canceled', dur_ms, now)
   else

@@ -6,11 +6,12 @@
 --          continuation ids        KEYS[3] P:queues (not written here: a staged batch that is
 --          aborted must leave nothing behind; publish and commit register the queues)
 -- ARGV[1]  P   ARGV[2] ttl ms of the staged data   ARGV[3] batch id   ARGV[4] S, shapes
--- ARGV[5..] S shapes of 9 (what tasks of a chunk mostly share): queue, tenant, serializer,
+-- ARGV[5..] S shapes of 12 (what tasks of a chunk mostly share): queue, tenant, serializer,
 --           target, retries, due ms (0 = ready at once; negative = a delay of that many ms from
 --           now on the server's clock, fixed here), continuation condition ("" for a
 --           task of the batch, else "success" | "complete"), idempotency key name
---           (P:key:<tenant>:<key>, "" = none) and its key_ttl ms
+--           (P:key:<tenant>:<key>, "" = none) and its key_ttl ms, then the controls: time
+--           limit, keep-result and retention ms (fields to, kr, kt; 0 = off)
 -- then groups of 4, one per task: id, shape number (1-based), payload, signature (field sg,
 --           "" = unsigned)
 -- A task whose shape names a key (batch.enqueue(key=...)) is sent alone in its chunk: it is
@@ -20,7 +21,7 @@
 -- whose first task exists already was staged by an earlier send of this same call (its reply
 -- was lost and redis-py sent it again): nothing is written twice.
 local P, ttl, batch = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-local W = 9
+local W = 12
 local first = 5 + W * tonumber(ARGV[4])
 if first <= #ARGV and redis.call('EXISTS', P .. ':t:' .. ARGV[first]) == 1 then
   return {(#ARGV - first + 1) / 4, ''}
@@ -49,6 +50,7 @@ for i = first, #ARGV, 4 do
   if ARGV[i+3] ~= '' then h[#h+1] = 'sg'; h[#h+1] = ARGV[i+3] end
   if ARGV[s+7] ~= '' then h[#h+1] = 'ik'; h[#h+1] = ARGV[s+7]; h[#h+1] = 'ikt'; h[#h+1] = ARGV[s+8] end
   redis.call('HSET', tkey, unpack(h))
+  set_controls(tkey, ARGV[s+9], ARGV[s+10], ARGV[s+11])
   redis.call('PEXPIRE', tkey, ttl)
 end
 if #tasks > 0 then redis.call('RPUSH', KEYS[1], unpack(tasks)) end

@@ -4,23 +4,24 @@
 -- are aggregated per queue, tenant and batch, so the per-task cost is two commands.
 -- KEYS[1]  P:leases   KEYS[2] P:w:<worker>
 -- ARGV[1]  P         ARGV[2] worker id
--- ARGV[3..] groups of six: id, token (attempt), outcome ("ok" | "canceled"), duration ms,
+-- ARGV[3..] groups of seven: id, token (attempt), outcome ("ok" | "canceled"), duration ms,
 --           queue and tenant the fetch reply named (where fetch counted the task; "" = unknown:
---           the record's q and tn are used)
+--           the record's q and tn are used), the encoded return value ("" = none, or not kept)
 -- Reply: array of codes, one per task: 1 = counted, 0 = stale token or unknown task (ignored),
 --        2 = this worker's lease on a damaged record: taken out (_lib.lua take_out) instead.
 -- A canceled task of no batch is counted in its tenant's statistics (a batch's task: in its
--- batch, which counts the tenant). A keyed task gives up its idempotency key (release_key).
+-- batch, which counts the tenant). A keyed task gives up its idempotency key (release_key). A
+-- task that keeps its result or record (fields kr, kt) stays as a finished record (finish).
 local P, worker = ARGV[1], ARGV[2]
 local now = now_ms()
 local codes, ids = {}, {}
 local per_queue, per_tenant, per_tenant_done, per_batch = {}, {}, {}, {}
 local per_tenant_canceled = {}
-for i = 3, #ARGV, 6 do
+for i = 3, #ARGV, 7 do
   local id, token = ARGV[i], ARGV[i+1]
   local queue, tenant = named(ARGV[i+4]), named(ARGV[i+5])
   local tkey = P .. ':t:' .. id
-  local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'ik'},
+  local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'ik', 'kr', 'kt'},
                            {a = true, st = true, q = not queue and QUEUES or nil, tn = not tenant or nil})
   bad = check_leased(P, worker, id, f, bad)
   if bad then
@@ -36,7 +37,13 @@ for i = 3, #ARGV, 6 do
   elseif f[1] == token and f[2] == 'running' then
     queue, tenant = queue or f[3], tenant or f[4]
     if f[6] then release_key(P, id) end
-    redis.call('DEL', tkey)
+    if f[7] or f[8] then
+      local result = {}
+      if ARGV[i+6] ~= '' then result = {'rv', ARGV[i+6]} end
+      finish(P, id, ARGV[i+2] == 'ok' and 'succeeded' or 'canceled', now, tonumber(ARGV[i+3]), f[7], f[8], result)
+    else
+      redis.call('DEL', tkey)
+    end
     ids[#ids+1] = id
     per_queue[queue] = (per_queue[queue] or 0) + 1
     per_tenant[tenant] = (per_tenant[tenant] or 0) + 1

@@ -9,11 +9,13 @@
 -- ARGV[5]  payload     encoded call (bytes)
 -- ARGV[6]  serializer  name of the serializer that wrote the payload
 -- ARGV[7]  target      "module:qualname" or a description, for introspection and allow-lists
--- ARGV[8]  retries     retries allowed after the first attempt
+-- ARGV[8]  retries     failed attempts allowed in all (field r; 0 is read as 1)
 -- ARGV[9]  delay_until epoch ms, 0 = ready now; negative = a delay of -ARGV[9] ms from now on
 --          the server's clock (a relative delay_until: the producer's clock does not matter)
 -- ARGV[10] signature   field sg ("" or absent = unsigned; see coretask/signing.py)
 -- ARGV[11] key_ttl ms  with KEYS[3]: how long the key outlives the task (0 = not at all)
+-- ARGV[12..14] controls (records.py Controls): time limit, keep-result and retention ms
+--          (fields to, kr, kt; 0 or absent = off, and the field is not written)
 -- Reply: {code, due_ms}; code 1 = ready, 2 = delayed, -1 = the id already exists,
 --        3 = the idempotency key is held: {3, 0, id of the task holding it}, nothing written.
 local P, id, queue, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -27,6 +29,7 @@ local now = now_ms()
 redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6], 'tg', ARGV[7],
            'r', ARGV[8], 'a', 0, 'e', now, 'st', 'queued')
 if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'sg', ARGV[10]) end
+set_controls(KEYS[1], ARGV[12], ARGV[13], ARGV[14])
 local due = tonumber(ARGV[9])
 if due < 0 then due = now - due end
 if due > now then

@@ -34,8 +34,8 @@ if told_to_stop(P, id, f[5]) then
 end
 if f[5] ~= '' and f[5] then redis.call('HINCRBY', P .. ':b:' .. f[5], 'dur', tonumber(ARGV[10])) end
 if ARGV[11] == '1' then
-  bury(P, id, f[3], f[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, ARGV[12])
+  bury(P, id, f[3], f[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, ARGV[12], tonumber(ARGV[10]))
   return 2
 end
 return retry_or_bury(P, id, f[3], f[4], f[5], tonumber(ARGV[5]), ARGV[6], ARGV[7], ARGV[8], ARGV[9], now,
-                     ARGV[12])
+                     ARGV[12], tonumber(ARGV[10]))

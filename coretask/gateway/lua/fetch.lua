@@ -6,12 +6,14 @@
 -- ARGV[6..] queue names in priority order
 -- Reply: {paused (0|1), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
 --   500 tasks of canceled batches, so the caller calls again at once), now_ms, task...} where each task is a flat
---   run of 12 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
+--   run of 13 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
 --   batch (for a continuation: the batch it continues), retries left, enqueued ms, and the
 --   batch's fields (HGETALL, flat) as a nested array, sent with the first task of each batch
 --   in the reply only (empty for the others, and for tasks without a batch); then, 12th, a
 --   nested array {signature (field sg), tenant field tn of the task hash} ("" when absent),
---   which the worker checks before it reads the task (coretask/signing.py).
+--   which the worker checks before it reads the task (coretask/signing.py); 13th, a nested
+--   array {time limit ms (field to), keep-result ms (field kr)} ("" when absent).
+-- A leased task's hash gets st = running, w = worker, ls = lease start ms (get_task's started).
 --
 -- Queues are tried in the order given (first non-empty wins); inside a queue, tenants are
 -- served in turn from the queue's ring (O(1) per task). Counters are updated once per call,
@@ -36,7 +38,7 @@ for _, id in ipairs(due) do
     redis.call('HINCRBY', P .. ':qs:' .. f[1], 'delayed', -1)
     if batch_canceled(P, f[3]) then
       release_key(P, id)
-      redis.call('DEL', P .. ':t:' .. id)
+      finish(P, id, 'canceled', now, 0)
     else push_ready(P, f[1], f[2], id, false) end
   end
 end
@@ -109,7 +111,7 @@ for qi = 6, #ARGV do
         for _, id in ipairs(ids or {}) do
           per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
           local tkey = P .. ':t:' .. id
-          local f, bad = read_task(P, id, {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q'},
+          local f, bad = read_task(P, id, {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr'},
                                    {p = true, s = true, tg = true, r = true, tn = true, q = queue})
           if not bad and f[4] and f[4] ~= '' and not batch_entry(f[4]).state then
             bad = "field 'b' (batch) names no batch: " .. quoted(f[4])
@@ -123,11 +125,11 @@ for qi = 6, #ARGV do
             if f[4] and f[4] ~= '' then be = batch_entry(f[4]) end
             if be and be.state == 'canceled' then
               release_key(P, id)
-              redis.call('DEL', tkey)
+              finish(P, id, 'canceled', now, 0)
               dropped = dropped + 1
             else
               local attempt = redis.call('HINCRBY', tkey, 'a', 1)
-              redis.call('HSET', tkey, 'st', 'running', 'w', worker)
+              redis.call('HSET', tkey, 'st', 'running', 'w', worker, 'ls', now)
               leased[#leased+1] = id
               zargs[#zargs+1] = now + lease_ms; zargs[#zargs+1] = id
               per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
@@ -145,6 +147,7 @@ for qi = 6, #ARGV do
               out[n+1] = id; out[n+2] = attempt; out[n+3] = f[1]; out[n+4] = f[2]; out[n+5] = f[3]
               out[n+6] = queue; out[n+7] = tenant; out[n+8] = shown or ''; out[n+9] = f[5]
               out[n+10] = f[6]; out[n+11] = binfo; out[n+12] = {f[8] or '', f[9] or ''}
+              out[n+13] = {f[12] or '', f[13] or ''}
               got = got + 1
             end
           end

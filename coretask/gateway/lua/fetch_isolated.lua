@@ -4,7 +4,7 @@
 -- KEYS[6]  P:tlim
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] lease ms   ARGV[4] tasks wanted (0 or 1)
 -- ARGV[5]  default tenant concurrency limit (0 = unlimited)   ARGV[6..] queue names
--- Reply: as fetch.lua's ({paused, -1, now_ms, then at most one task's 12 values}).
+-- Reply: as fetch.lua's ({paused, -1, now_ms, then at most one task's 13 values}).
 -- A paused processor or queue leases nothing; a task of a paused tenant, or of a tenant at its
 -- concurrency limit, goes to the back of the list and waits like a queued task.
 local P, worker, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -24,7 +24,7 @@ for qi = 6, #ARGV do
     for _ = 1, redis.call('LLEN', list) do
       local id = redis.call('LPOP', list)
       local tkey = P .. ':t:' .. id
-      local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'st')
+      local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'st', 'to', 'kr')
       if f[10] ~= 'isolated' then
         -- gone (deleted, or its batch's retention ran): nothing to run
         if not f[1] then redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1) end
@@ -34,10 +34,10 @@ for qi = 6, #ARGV do
         redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
         if batch_canceled(P, f[4]) then
           release_key(P, id)
-          redis.call('DEL', tkey)           -- counted canceled when its batch was
+          finish(P, id, 'canceled', now, 0)   -- counted canceled when its batch was
         else
           local attempt = redis.call('HINCRBY', tkey, 'a', 1)
-          redis.call('HSET', tkey, 'st', 'running', 'w', worker)
+          redis.call('HSET', tkey, 'st', 'running', 'w', worker, 'ls', now)
           redis.call('ZADD', KEYS[3], now + lease_ms, id)
           redis.call('SADD', KEYS[4], id)
           redis.call('HINCRBY', KEYS[5], f[9], 1)
@@ -51,7 +51,7 @@ for qi = 6, #ARGV do
           if shown and shown ~= '' then binfo = redis.call('HGETALL', P .. ':b:' .. shown) end
           out[4] = id; out[5] = attempt; out[6] = f[1]; out[7] = f[2]; out[8] = f[3]; out[9] = queue
           out[10] = f[9]; out[11] = shown or ''; out[12] = f[5]; out[13] = f[6]; out[14] = binfo
-          out[15] = {f[8] or '', f[9] or ''}
+          out[15] = {f[8] or '', f[9] or ''}; out[16] = {f[11] or '', f[12] or ''}
           return out
         end
       end

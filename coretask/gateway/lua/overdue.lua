@@ -3,11 +3,13 @@
 -- GIL cannot be stopped from inside it), then hands the process's other tasks back.
 -- KEYS[1]  P:w:<worker>   KEYS[2] P:paused
 -- ARGV[1]  P   ARGV[2] grace ms
--- Reply: {now_ms, then per overdue task: id, why ("canceled" | "task" | "requeue"), ms since the abort}
+-- Reply: {now_ms, then per overdue task: id, why ("canceled" | "task" | "requeue" | "timeout"),
+--        ms since the abort, lease token (field a)}
 -- Read-only. A task is overdue when its batch was canceled (the batch's "ended" time), the task
--- itself was canceled (cancel_task's mark cx, why "task"), or the processor was paused with
--- requeue (the pause's time, stored in the flag's value) more than grace ms ago and the task is
--- still leased to this worker as running.
+-- itself was canceled (cancel_task's mark cx, why "task"), the processor was paused with
+-- requeue (the pause's time, stored in the flag's value), or its time limit ran out (lease
+-- start ls + time limit to, why "timeout") more than grace ms ago and the task is still leased
+-- to this worker as running.
 local P, grace = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local out = {now}
@@ -18,7 +20,7 @@ local flag = redis.call('GET', KEYS[2])
 if flag and string.sub(flag, 1, 8) == 'requeue:' then requeued_at = tonumber(string.sub(flag, 9)) end
 local ended = {}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', P .. ':t:' .. id, 'st', 'b', 'cx')
+  local f = redis.call('HMGET', P .. ':t:' .. id, 'st', 'b', 'cx', 'ls', 'to', 'a')
   if f[1] == 'running' then
     local since, why = nil, nil
     if f[2] and f[2] ~= '' then
@@ -32,8 +34,10 @@ for _, id in ipairs(ids) do
     end
     if not since and f[3] then since, why = tonumber(f[3]), 'task' end
     if not since and requeued_at then since, why = requeued_at, 'requeue' end
+    local ls, to = tonumber(f[4] or ''), tonumber(f[5] or '')
+    if not since and ls and to and to > 0 and now > ls + to then since, why = ls + to, 'timeout' end
     if since and now - since > grace then
-      out[#out+1] = id; out[#out+1] = why; out[#out+1] = now - since
+      out[#out+1] = id; out[#out+1] = why; out[#out+1] = now - since; out[#out+1] = f[6] or ''
     end
   end
 end

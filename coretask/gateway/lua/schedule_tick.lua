@@ -31,10 +31,11 @@ end
 -- schedule's signature (sg, "s1:...", naming the schedule) goes with it: workers verify the run
 -- against the schedule it names (coretask/signing.py).
 local function enqueue(tick)
-  local s = redis.call('HMGET', KEYS[2], 'q', 'tn', 'p', 's', 'tg', 'r', 'sg')
+  local s = redis.call('HMGET', KEYS[2], 'q', 'tn', 'p', 's', 'tg', 'r', 'sg', 'to', 'kr', 'kt')
   redis.call('HSET', KEYS[4], 'q', s[1], 'tn', s[2], 'p', s[3], 's', s[4], 'tg', s[5], 'r', s[6],
              'a', 0, 'e', now, 'sch', id, 'sk', tick)
   if s[7] then redis.call('HSET', KEYS[4], 'sg', s[7]) end
+  set_controls(KEYS[4], s[8], s[9], s[10])
   redis.call('SADD', KEYS[5], s[1])
   push_ready(P, s[1], s[2], tid, false)
   redis.call('HSET', KEYS[2], 'lt', tid, 'lr', now)

@@ -11,6 +11,7 @@
 -- ARGV[11] payload   ARGV[12] serializer   ARGV[13] target   ARGV[14] retries
 -- ARGV[15] next due ms
 -- ARGV[16] signature of the schedule (field sg, copied to every run; "" or absent = unsigned)
+-- ARGV[17..19] controls of every run: time limit, keep-result, retention ms (fields to, kr, kt)
 -- Reply: {code, now_ms}; code 1 = created, 2 = replaced, -1 = the id belongs to another tenant
 --   (nothing written).
 local P, id, tenant = ARGV[1], ARGV[2], ARGV[3]
@@ -26,6 +27,8 @@ redis.call('HSET', KEYS[1], 'tn', tenant, 'q', ARGV[4], 'sc', ARGV[5], 'cr', ARG
 if code == 1 then redis.call('HSET', KEYS[1], 'cd', now) end
 if ARGV[16] and ARGV[16] ~= '' then redis.call('HSET', KEYS[1], 'sg', ARGV[16])
 else redis.call('HDEL', KEYS[1], 'sg') end
+redis.call('HDEL', KEYS[1], 'to', 'kr', 'kt')
+set_controls(KEYS[1], ARGV[17], ARGV[18], ARGV[19])
 redis.call('ZADD', KEYS[2], tonumber(ARGV[15]), id)
 redis.call('ZADD', KEYS[3], 0, id)
 redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)   -- listed by get_tenants like any tenant with work
