@@ -436,6 +436,25 @@ def test_expired_recovery_takes_an_unreadable_record_out_of_every_live_workers_s
     assert r.scard(k.worker(W)) == 0 and r.zcard(k.leases) == 0 and p.get_queue("default").queued == 5
 
 
+@pytest.mark.parametrize("field, how, expected", [("st", "delete", "dead"), ("q", "value:nosuch", "quarantined"),
+                                                  (None, "string", "quarantined")])
+def test_a_crash_isolates_the_healthy_tasks_and_takes_a_damaged_record_out(make_processor, r, prefix, field, how,
+                                                                           expected):
+    # Before: crashed.lua read records unchecked: a key of another type stopped it half-way
+    p = make_processor()
+    healthy, victim = six(p, prefix + ":runs")
+    assert len(lease_all(p)) == 6
+    hurt(r, p, victim, field, how)
+    res, culprit = p.gateway.crashed(W, "worker process 1 died (exit code -11)", 2)
+    # Then the five healthy tasks go, uncharged, to the isolation list; the damaged one is out
+    assert (res.requeued, res.buried, res.canceled, culprit) == (5, 1, 0, None)
+    assert where(p, r, victim)[0] == expected
+    k = p.gateway.keys
+    assert r.zcard(k.leases) == 0 and r.scard(k.worker(W)) == 0
+    assert sorted(x.decode() for x in r.lrange(k.isolated("default"), 0, -1)) == sorted(healthy)
+    assert p.get_queue("default").in_flight == (1 if expected == "quarantined" else 0)
+
+
 # ----------------------------------------------------------------------------- dead letters
 
 def bury_all(p: TaskProcessor, runs: str) -> tuple[list[str], str]:

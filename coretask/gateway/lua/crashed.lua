@@ -4,7 +4,8 @@
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] reason (names the process and its exit code)
 -- ARGV[4]  crashes that bury a task (Options.max_crashes)   ARGV[5] deadletter ("1" | "0")
 -- ARGV[6]  deadletter_schedules ("1" | "0")
--- Reply: {isolated, buried, canceled, culprit id ("" when none could be named)}
+-- Reply: {isolated, buried (a damaged record taken out counts here), canceled, culprit id ("" when
+--        none could be named)}
 --
 -- With one task running, that task is the culprit: its crash count (field cr) goes up, and at
 -- max crashes it is buried as WorkerLost with the reason, else it is isolated again. With
@@ -15,17 +16,22 @@
 -- counted canceled.
 local P, worker, reason, max_crashes = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local now = now_ms()
+local res = {0, 0, 0, ''}
 local running = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local f = redis.call('HMGET', P .. ':t:' .. id, 'st', 'q', 'tn', 'b', 'w')
-  if f[1] == 'running' and f[5] == worker then
+  -- a damaged record in the worker's lease set (only fetch adds to it) is taken out as leased
+  -- to this worker, before anything is written for it (_lib.lua read_task / take_out)
+  local f, bad, kind = read_task(P, id, {'st', 'q', 'tn', 'b', 'w'}, {st = true, q = QUEUES, tn = true})
+  if bad and kind ~= 'none' then
+    take_out(P, id, bad, {worker = worker, counted = true, etb = reason}, now)
+    res[2] = res[2] + 1
+  elseif not bad and f[1] == 'running' and f[5] == worker then
     running[#running+1] = {id, f}
   else
     redis.call('ZREM', KEYS[1], id)       -- a stale entry: the task moved on
   end
 end
 redis.call('DEL', KEYS[2])
-local res = {0, 0, 0, ''}
 for _, entry in ipairs(running) do
   local id, f = entry[1], entry[2]
   local tkey = P .. ':t:' .. id

@@ -24,8 +24,16 @@ for qi = 6, #ARGV do
     for _ = 1, redis.call('LLEN', list) do
       local id = redis.call('LPOP', list)
       local tkey = P .. ':t:' .. id
-      local f = redis.call('HMGET', tkey, 'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'st', 'to', 'kr')
-      if f[10] ~= 'isolated' then
+      local names = {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'st', 'to', 'kr'}
+      local f, bad = read_task(P, id, names, {})
+      if not bad and f[10] == 'isolated' then   -- it is to run: what running needs must be there
+        f, bad = read_task(P, id, names, {p = true, s = true, tg = true, tn = true, r = true})
+      end
+      if bad and redis.call('EXISTS', tkey) == 1 then
+        -- damaged while it waited: dead letter (or quarantine), its ready count undone here
+        redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
+        take_out(P, id, bad, {queue = queue, counted = true}, now)
+      elseif f[10] ~= 'isolated' then
         -- gone (deleted, or its batch's retention ran): nothing to run
         if not f[1] then redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1) end
       elseif redis.call('SISMEMBER', KEYS[2], f[9]) == 1 or at_limit(f[9]) then

@@ -20,8 +20,10 @@ local flag = redis.call('GET', KEYS[2])
 if flag and string.sub(flag, 1, 8) == 'requeue:' then requeued_at = tonumber(string.sub(flag, 9)) end
 local ended = {}
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', P .. ':t:' .. id, 'st', 'b', 'cx', 'ls', 'to', 'a')
-  if f[1] == 'running' then
+  -- pcall: a key of another type is not this read-only check's to judge (the task's next
+  -- answer, or recovery, takes it out); every other task is still checked
+  local f = redis.pcall('HMGET', P .. ':t:' .. id, 'st', 'b', 'cx', 'ls', 'to', 'a')
+  if not f.err and f[1] == 'running' then
     local since, why = nil, nil
     if f[2] and f[2] ~= '' then
       local e = ended[f[2]]
@@ -34,7 +36,7 @@ for _, id in ipairs(ids) do
     end
     if not since and f[3] then since, why = tonumber(f[3]), 'task' end
     if not since and requeued_at then since, why = requeued_at, 'requeue' end
-    local ls, to = tonumber(f[4] or ''), tonumber(f[5] or '')
+    local ls, to = tonumber(f[4] or ''), tonumber(f[5] or '')   -- nil when absent or not a number
     if not since and ls and to and to > 0 and now > ls + to then since, why = ls + to, 'timeout' end
     if since and now - since > grace then
       out[#out+1] = id; out[#out+1] = why; out[#out+1] = now - since; out[#out+1] = f[6] or ''
