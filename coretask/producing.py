@@ -85,17 +85,7 @@ class Producer:
             return "", 0
         if not isinstance(key, str) or not key or len(key) > MAX_KEY:
             raise ConfigurationError(f"key must be a non-empty string of at most {MAX_KEY} characters, got {key!r}")
-        if key_ttl is None:
-            return key, 0
-        if isinstance(key_ttl, timedelta):
-            seconds = key_ttl.total_seconds()
-        elif isinstance(key_ttl, (int, float)) and not isinstance(key_ttl, bool):
-            seconds = float(key_ttl)
-        else:
-            raise ConfigurationError(f"key_ttl must be a timedelta or seconds, got {key_ttl!r}")
-        if not math.isfinite(seconds) or seconds <= 0:
-            raise ConfigurationError(f"key_ttl must be positive, got {key_ttl!r}")
-        return key, max(math.ceil(seconds * 1000), 1)
+        return key, _ms("key_ttl", key_ttl)
 
     @staticmethod
     def due_ms(delay_until: datetime | timedelta | float | None) -> int:

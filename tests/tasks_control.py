@@ -7,21 +7,14 @@ import os
 import time
 
 from coretask import TaskContext
-from tests.tasks import R, busy
+from tests.tasks import R
+from tests.tasks_batch import spin_ctx
 
 
 def spin(key: str, seconds: float, ctx: TaskContext) -> str:
-    """Pure Python for ``seconds``; records each start and, on the way out, what ended it and
-    whether ctx.cancelled was set."""
-    R().rpush(key + ":started", json.dumps([ctx.attempt, os.getpid()]))
-    outcome = "returned"
-    try:
-        busy(seconds)
-    except BaseException as exc:
-        outcome = type(exc).__name__
-        raise
-    finally:
-        R().rpush(key + ":left", json.dumps({"cancelled": ctx.cancelled.is_set(), "outcome": outcome}))
+    """tasks_batch.spin_ctx (pure Python; records what ended it and whether ctx.cancelled was
+    set), returning a value to keep."""
+    spin_ctx(key, seconds, ctx)
     return "spun"
 
 
