@@ -429,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MODULE:ATTRIBUTE of your TaskProcessor (default: $CORETASK_APP)")
     ap.add_argument("--json", action="store_true", default=False, help="print JSON")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    ap.commands = sub.choices  # type: ignore[attr-defined]   # for command_help()
 
     def cmd(name: str, fn: Callable[..., int], text: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, parents=[common], help=text, description=text)
@@ -483,9 +484,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def command_help() -> dict[str, str]:
+    """Each command's name and one-line help (the Flask integration mirrors them; not demo,
+    which starts its own server)."""
+    commands: dict[str, argparse.ArgumentParser] = build_parser().commands  # type: ignore[attr-defined]
+    return {name: sp.description or "" for name, sp in commands.items() if name != "demo"}
+
+
+def main(argv: list[str] | None = None, processor: TaskProcessor | None = None) -> int:
+    """Run one command; ``processor`` (the Flask integration's) replaces ``--app``, and is left
+    open for its owner."""
     try:
-        code = _main(argv)
+        code = _main(argv, processor)
         sys.stdout.flush()              # what is still buffered meets a closed pipe here, not at exit
         return code
     except BrokenPipeError:
@@ -497,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         return BROKEN_PIPE
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(argv: list[str] | None, given: TaskProcessor | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:                 # its own processor and server: before --app is required
         from .embedded.demo import main as demo
@@ -505,13 +515,16 @@ def _main(argv: list[str] | None) -> int:
         return demo(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
-    if not args.app:
-        ap.error("--app MODULE:ATTRIBUTE (or $CORETASK_APP) is required")
-    try:
-        processor = load_processor(args.app)
-    except ConfigurationError as exc:
-        _err(str(exc))
-        return USAGE
+    if given is not None:
+        processor = given
+    else:
+        if not args.app:
+            ap.error("--app MODULE:ATTRIBUTE (or $CORETASK_APP) is required")
+        try:
+            processor = load_processor(args.app)
+        except ConfigurationError as exc:
+            _err(str(exc))
+            return USAGE
     import redis
 
     try:
@@ -529,4 +542,5 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
-        processor.close()
+        if given is None:
+            processor.close()

@@ -1,7 +1,9 @@
 """Each example runs, against the suite's server."""
 from __future__ import annotations
 
+import importlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -39,35 +41,49 @@ def test_cpu_batch_example_spreads_work_over_processes(standalone):
     assert "17984 primes below 200000: 40 tasks" in out.stdout
 
 
-def test_flask_example_enqueues_from_a_route(standalone, prefix, monkeypatch):
-    # Given the Flask app configured for the suite's server and a fresh prefix
-    monkeypatch.setenv("CORETASK_REDIS_URL", standalone.url)
-    monkeypatch.setenv("EXAMPLE_PREFIX", prefix)
+def _fresh_example():
+    """examples.flask_app imported anew, so that it reads this test's environment (``from
+    examples import flask_app`` would return the package attribute left by an earlier import)."""
     sys.modules.pop("examples.flask_app", None)
-    from examples import flask_app
-    client = flask_app.app.test_client()
+    return importlib.import_module("examples.flask_app")
 
-    # When a route enqueues a task and a batch
-    resp = client.post("/signup", json={"email": "ada@example.com"}, headers={"X-Tenant": "acme"})
-    assert resp.status_code == 202 and resp.get_json()["task_id"]
-    resp = client.post("/newsletter", json={"emails": ["a@x.org", "b@x.org"]}, headers={"X-Tenant": "acme"})
-    batch_id = resp.get_json()["batch_id"]
-    assert client.get(f"/batches/{batch_id}", headers={"X-Tenant": "other"}).status_code == 404
 
-    # Then a worker runs them and the status route reports the finished batch
-    import threading
-    stop = threading.Event()
-    t = threading.Thread(target=flask_app.processor.run, args=(stop,))
-    t.start()
+def test_flask_example_with_a_real_worker_from_flask_coretask_worker(standalone, prefix, tmp_path, monkeypatch):
+    # Given the example app and its worker started as `flask --app examples.flask_app coretask worker`
+    env = dict(os.environ, CORETASK_REDIS_URL=standalone.url, EXAMPLE_PREFIX=prefix, PYTHONPATH=str(ROOT))
+    flask_bin = os.path.join(os.path.dirname(sys.executable), "flask")
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([flask_bin, "--app", "examples.flask_app", "coretask", "worker",
+                                 "--processes", "2", "--threads", "4"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        r = flask_app.processor.gateway.transport.redis
-        wait_until(lambda: r.llen(f"{prefix}:sent") == 3, 20, "3 mails sent")
+        monkeypatch.setenv("CORETASK_REDIS_URL", standalone.url)
+        monkeypatch.setenv("EXAMPLE_PREFIX", prefix)
+        flask_app = _fresh_example()
+        client = flask_app.app.test_client()
+
+        # When routes enqueue a task and a batch
+        assert client.post("/signup", json={"email": "ada@example.com"}).status_code == 202
+        batch_id = client.post("/newsletter", json={"emails": ["a@x.org", "b@x.org"]},
+                               headers={"X-Tenant": "acme"}).get_json()["batch_id"]
+
+        # Then the worker's processes run them inside the app context and the route reports the batch
+        r = standalone.client()
+        wait_until(lambda: r.llen(f"{prefix}:sent") == 3, 30, lambda: f"3 mails sent; log:\n{log.read_text()}")
+        assert sorted(r.lrange(f"{prefix}:sent", 0, -1)) == [b"a@x.org", b"ada@example.com", b"b@x.org"]
         wait_until(lambda: client.get(f"/batches/{batch_id}", headers={"X-Tenant": "acme"}).get_json()["state"]
-                   == "succeeded", 10, "batch succeeded")
+                   == "succeeded", 15, "batch succeeded")
+        # And a worker registered with the app's processes, seen through the extension's processor
+        processor = flask_app.coretask.processor_for(flask_app.app)
+        wait_until(lambda: len(processor.get_workers()) == 2, 15, "2 worker processes registered")
     finally:
-        stop.set()
-        t.join(15)
-    assert sorted(r.lrange(f"{prefix}:sent", 0, -1)) == [b"a@x.org", b"ada@example.com", b"b@x.org"]
+        # And SIGTERM stops it cleanly
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert code == 0, log.read_text()
 
 
 def test_schedule_example_runs_once_per_tick(standalone):

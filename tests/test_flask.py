@@ -1,0 +1,89 @@
+"""The Flask extension: config from app.config, tasks inside the app context, and the
+``flask coretask`` commands, with a real Flask app, a real server and real workers."""
+from __future__ import annotations
+
+import pytest
+import redis
+from flask import Flask, current_app
+
+from coretask import TaskProcessor
+from coretask.errors import ConfigurationError
+from coretask.flask import CoreTask, options_from_config
+from tests.conftest import FAST, wait_until
+
+
+def record_app_name(key: str) -> None:
+    """A task that only works inside an app context: it reads the app's name and config."""
+    config = current_app.config
+    redis.Redis.from_url(config["CORETASK_REDIS_URL"]).rpush(key, f"{current_app.name}:{config['GREETING']}")
+
+
+def test_config_keys_map_to_options_and_a_typo_names_the_key_meant():
+    # Given config keys, one with an alias (THREADS), one comma-separated list, one duration
+    options = options_from_config({"CORETASK_REDIS_URL": "redis://h:1/0", "CORETASK_THREADS": 7,
+                                   "CORETASK_QUEUES": "high, low", "CORETASK_TIMEOUT": 30,
+                                   "CORETASK_DASHBOARD_PASSWORD": "s3cret", "SECRET_KEY": "x"})
+    # Then they set the matching Options fields; the dashboard's and Flask's own keys are ignored
+    assert (options.redis, options.max_workers, options.queues) == ("redis://h:1/0", 7, ["high", "low"])
+    assert options.timeout.total_seconds() == 30
+    # And a misspelt key is refused at start-up, naming the key it probably meant
+    with pytest.raises(ConfigurationError, match=r"CORETASK_RETRYS \(did you mean CORETASK_RETRIES\?\)"):
+        options_from_config({"CORETASK_RETRYS": 3})
+    # And a bad value fails as Options would, naming the option
+    with pytest.raises(ConfigurationError, match="Options.processes"):
+        options_from_config({"CORETASK_PROCESSES": 0})
+
+
+def _app(url: str, prefix: str, cluster: bool, **config) -> Flask:
+    app = Flask("shop")
+    app.config.update(CORETASK_REDIS_URL=url, CORETASK_PREFIX=prefix, CORETASK_CLUSTER=cluster,
+                      GREETING="hello", **{f"CORETASK_{k.upper()}": v for k, v in FAST.items()}, **config)
+    return app
+
+
+def test_tasks_run_inside_the_app_context_and_the_extension_acts_as_the_processor(server, prefix, embedded_worker):
+    # Given an app with the extension, configured from app.config only
+    app = _app(server.url, prefix, server.cluster)
+    ext = CoreTask(app)
+    processor = ext.processor_for(app)
+    assert isinstance(processor, TaskProcessor) and processor.options.prefix == prefix
+    key = f"{prefix}:out"
+
+    # When a view enqueues through the extension and a worker runs the tasks
+    @app.post("/go")
+    def go():  # type: ignore[no-untyped-def]
+        return {"task": ext.enqueue_task("default", "acme", record_app_name, key)}
+
+    client = app.test_client()
+    task_ids = [client.post("/go").get_json()["task"] for _ in range(3)]
+    embedded_worker(processor)
+
+    # Then each task saw the app through current_app (no "working outside of application context")
+    r = server.client()
+    wait_until(lambda: r.llen(key) == 3, 20, "3 tasks ran")
+    assert r.lrange(key, 0, -1) == [b"shop:hello"] * 3
+    assert all(ext.get_task(t) is None or ext.get_task(t).state != "dead" for t in task_ids)
+
+
+def test_flask_cli_mirrors_the_coretask_commands(server, prefix):
+    # Given an app with the extension
+    app = _app(server.url, prefix, server.cluster)
+    ext = CoreTask(app)
+    runner = app.test_cli_runner()
+
+    # When pause / status / resume run as flask commands
+    result = runner.invoke(args=["coretask", "pause"])
+    # Then they act on the app's processor, as python -m coretask would
+    assert result.exit_code == 0, result.output
+    assert ext.processor_for(app).is_paused
+    status = runner.invoke(args=["coretask", "status", "--json"])
+    assert status.exit_code == 0 and '"paused": true' in status.output, status.output
+    assert runner.invoke(args=["coretask", "resume"]).exit_code == 0
+    assert not ext.processor_for(app).is_paused
+    # And the command list is the CLI's (one parser owns the arguments)
+    listing = runner.invoke(args=["coretask", "--help"]).output
+    for name in ("worker", "status", "batch", "cancel", "dead", "task", "tenants", "trigger"):
+        assert f"  {name}" in listing, listing
+    # And a bad argument is reported by that parser with its usage, not a traceback
+    bad = runner.invoke(args=["coretask", "batches"])
+    assert bad.exit_code == 2 and "tenant" in bad.output
