@@ -75,7 +75,8 @@ def commands_coretask_uses() -> set[str]:
 def test_acl_line_covers_every_command_coretask_uses() -> None:
     rules = acl_rules("{p}", "pw")
     documented = "ACL SETUSER coretask " + " ".join(acl_rules(DOC_PREFIX, DOC_PASSWORD))
-    assert documented in (ROOT / "README.md").read_text(), "README's ACL line differs from docs/operations.md"
+    assert documented in (ROOT / "docs" / "security.md").read_text(), \
+        "docs/security.md's ACL line differs from docs/operations.md"
     assert rules[:6] == ["on", ">pw", "resetkeys", "~{p}*", "resetchannels", "&{p}*"]
     assert "-@all" in rules and not [r for r in rules if r.startswith("+@")]   # no categories
     allowed = allowed_commands(rules)
