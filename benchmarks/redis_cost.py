@@ -1,6 +1,6 @@
 """Redis work per task: server CPU and commands for each enqueued and each processed no-op task.
 
-    python -m benchmarks.redis_cost [--tasks 20000] [--runs 3] [--processes 1] [--threads 8]
+    python -m benchmarks.redis_cost [--tasks 20000] [--runs 3] [--processes 1] [--threads 8] [--options JSON]
 
 What one Redis master can sustain is its CPU divided by the CPU a task costs it, so this is the
 figure that bounds a deployment on one master (issue 16). Measured at the server, so the load
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ from coretask.embedded.servers import RedisServer, find_server_binary
 QUEUE = "default"
 PREFIX = "{cost}"
 URL_ENV = "BENCH_COST_REDIS_URL"
+OPTIONS_ENV = "BENCH_COST_OPTIONS"     # extra Options as JSON (--options), for producer and worker
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -47,7 +49,8 @@ def noop() -> None:
 
 def processor() -> TaskProcessor:
     """The worker's app (``--app benchmarks.redis_cost:processor``)."""
-    return TaskProcessor(Options(redis=os.environ[URL_ENV], prefix=PREFIX, queues=[QUEUE]))
+    extra = json.loads(os.environ.get(OPTIONS_ENV) or "{}")
+    return TaskProcessor(Options(redis=os.environ[URL_ENV], prefix=PREFIX, queues=[QUEUE], **extra))
 
 
 class Snapshot:
@@ -128,14 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--processes", type=int, default=1)
     ap.add_argument("--threads", type=int, default=8)
+    ap.add_argument("--options", metavar="JSON", default="",
+                    help='extra Options for producer and worker, e.g. \'{"result_ttl": 60}\'')
     a = ap.parse_args(argv)
+    os.environ[OPTIONS_ENV] = a.options
     server = RedisServer(binary=find_server_binary("redis7")).start()
     try:
         runs = [run_once(server.url, a.tasks, a.processes, a.threads) for _ in range(a.runs)]
     finally:
         server.stop()
     print(f"Redis work per task, median of {a.runs} runs of {a.tasks:,} no-op tasks "
-          f"(worker: {a.processes} process(es) x {a.threads} threads; load1 {os.getloadavg()[0]:.2f})")
+          f"(worker: {a.processes} process(es) x {a.threads} threads; options {a.options or 'default'}; "
+          f"load1 {os.getloadavg()[0]:.2f})")
     print(f"{'phase':<18}{'CPU us':>9}{'commands':>10}   by command (median run)")
     for phase in runs[0]:
         cpu = statistics.median(r[phase]["cpu_us"] for r in runs)  # type: ignore[misc]

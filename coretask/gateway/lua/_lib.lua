@@ -87,9 +87,11 @@ end
 -- A new task's controls (ARGV values of records.py Controls, in ms): each written only when set,
 -- so a task without them costs nothing more.
 local function set_controls(tkey, to, kr, kt)
-  if to and to ~= '' and to ~= '0' then redis.call('HSET', tkey, 'to', to) end
-  if kr and kr ~= '' and kr ~= '0' then redis.call('HSET', tkey, 'kr', kr) end
-  if kt and kt ~= '' and kt ~= '0' then redis.call('HSET', tkey, 'kt', kt) end
+  local f = {}
+  if to and to ~= '' and to ~= '0' then f[#f + 1] = 'to'; f[#f + 1] = to end
+  if kr and kr ~= '' and kr ~= '0' then f[#f + 1] = 'kr'; f[#f + 1] = kr end
+  if kt and kt ~= '' and kt ~= '0' then f[#f + 1] = 'kt'; f[#f + 1] = kt end
+  if #f > 0 then redis.call('HSET', tkey, unpack(f)) end   -- one write whatever is set
 end
 
 -- ----------------------------------------------------------------------- damaged task records
@@ -406,8 +408,9 @@ local function finish(P, id, state, now, dur_ms, kr, kt, extra)
     redis.call('DEL', tkey)
     return
   end
-  redis.call('HSET', tkey, 'st', state, 'fa', now, 'du', dur_ms or 0)
-  if extra and #extra > 0 then redis.call('HSET', tkey, unpack(extra)) end
+  local f = {'st', state, 'fa', now, 'du', dur_ms or 0}
+  for _, v in ipairs(extra or {}) do f[#f + 1] = v end
+  redis.call('HSET', tkey, unpack(f))
   redis.call('PEXPIRE', tkey, keep)
   notify_done(P, id, kr)
 end
