@@ -72,7 +72,7 @@ class Snapshot:
 
 def per_task(cpu: float, calls: Counter[str], n: int) -> dict[str, object]:
     return {"cpu_us": cpu * 1e6 / n, "commands": sum(calls.values()) / n,
-            "by_command": {c: k / n for c, k in calls.most_common(8)}}
+            "by_command": {c: k / n for c, k in calls.most_common(16)}}
 
 
 def run_once(url: str, tasks: int, processes: int, threads: int) -> dict[str, dict[str, object]]:
@@ -109,7 +109,7 @@ def run_once(url: str, tasks: int, processes: int, threads: int) -> dict[str, di
         p.close()
     return {
         "idle per second": {"cpu_us": idle_cpu * 1e6 / idle_s, "commands": sum(idle_calls.values()) / idle_s,
-                            "by_command": {c: k / idle_s for c, k in idle_calls.most_common(8)}},
+                            "by_command": {c: k / idle_s for c, k in idle_calls.most_common(16)}},
         "enqueue_task": per_task(single[0], single[1], tasks // 2),
         "enqueue_batch": per_task(batched[0], batched[1], tasks - tasks // 2),
         "process": {**per_task(process[0], process[1], tasks), "tasks_per_s": tasks / process[2]},
