@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..gateway import Failure, Outcomes
+from ..logs import configure as configure_logs
 from ..signing import TaskGuard
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
@@ -58,11 +59,13 @@ class Child:
     ended_by_manager: bool = False   # killed for a task that ignored its abort (not a crash)
 
 
-def child_main(load: Callable[[], Configured], worker_id: str, log_level: int, isolation: bool = False) -> None:
+def child_main(load: Callable[[], Configured], worker_id: str, log_level: int, isolation: bool = False,
+               log_format: str = "text") -> None:
     """Entry point of a worker process (spawned, so it imports the app afresh: ``load`` is a
     picklable callable that builds the processor, coretask.appload.app_loader). ``isolation``:
-    the isolation worker, which runs the tasks of crashed processes one at a time, then exits."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    the isolation worker, which runs the tasks of crashed processes one at a time, then exits.
+    ``log_format``: "text" or "json" (coretask/logs.py), as the manager was started with."""
+    configure_logs(log_level, log_format)
     _die_with_parent()
     # Pool threads mostly wait on I/O; a short switch interval keeps a thread whose reply has
     # arrived from waiting up to 5 ms for the GIL behind a busy one (the "convoy" effect).
@@ -121,7 +124,8 @@ class Manager:
     """``load``: a picklable callable that builds the processor (in the manager and again in
     every spawned child), e.g. ``coretask.appload.app_loader("myapp.tasks:processor")``."""
 
-    def __init__(self, load: Callable[[], Configured], *, log_level: int = logging.INFO) -> None:
+    def __init__(self, load: Callable[[], Configured], *, log_level: int = logging.INFO,
+                 log_format: str = "text") -> None:
         self.load = load
         processor = load()
         self.options = processor.options
@@ -129,6 +133,7 @@ class Manager:
         self.url = processor.gateway.url
         self.leases = Leases(processor.gateway, self.options)
         self.log_level = log_level
+        self.log_format = log_format
         self.children: list[Child] = []
         self.isolation: Child | None = None     # the isolation worker, while crashed tasks wait
         self.stopping = False   # set by the signal handler: a plain flag, never a lock
@@ -137,7 +142,7 @@ class Manager:
 
     def _spawn(self, isolation: bool = False) -> Child:
         wid = new_worker_id().rsplit(":", 1)[0] + ":" + os.urandom(3).hex()
-        p = self._ctx.Process(target=child_main, args=(self.load, wid, self.log_level, isolation),
+        p = self._ctx.Process(target=child_main, args=(self.load, wid, self.log_level, isolation, self.log_format),
                               name=f"coretask-{'isolation' if isolation else 'worker'}-{wid}", daemon=False)
         p.start()
         log.info("manager: started %s process %d (%s)", "isolation" if isolation else "worker", p.pid, wid)
