@@ -125,7 +125,7 @@ class Manager:
     every spawned child), e.g. ``coretask.appload.app_loader("myapp.tasks:processor")``."""
 
     def __init__(self, load: Callable[[], Configured], *, log_level: int = logging.INFO,
-                 log_format: str = "text") -> None:
+                 log_format: str = "text", on_child_exit: Callable[[int], None] | None = None) -> None:
         self.load = load
         processor = load()
         self.options = processor.options
@@ -134,6 +134,8 @@ class Manager:
         self.leases = Leases(processor.gateway, self.options)
         self.log_level = log_level
         self.log_format = log_format
+        self.on_child_exit = on_child_exit    # told each ended worker process's pid (metrics)
+        self._reaped: set[int] = set()
         self.children: list[Child] = []
         self.isolation: Child | None = None     # the isolation worker, while crashed tasks wait
         self.stopping = False   # set by the signal handler: a plain flag, never a lock
@@ -147,6 +149,17 @@ class Manager:
         p.start()
         log.info("manager: started %s process %d (%s)", "isolation" if isolation else "worker", p.pid, wid)
         return Child(wid, p, time.monotonic())
+
+    def _reap(self, child: Child) -> None:
+        """Tell ``on_child_exit`` (once per process) that a worker process has ended."""
+        pid = child.process.pid
+        if self.on_child_exit is None or pid is None or pid in self._reaped or child.process.is_alive():
+            return
+        self._reaped.add(pid)
+        try:
+            self.on_child_exit(pid)
+        except Exception:
+            log.exception("manager: on_child_exit(%d) failed", pid)
 
     def _all(self) -> list[Child]:
         return self.children + ([self.isolation] if self.isolation is not None else [])
@@ -167,6 +180,7 @@ class Manager:
                 next_overdue = time.monotonic() + OVERDUE_POLL
             for i, child in enumerate(self.children):
                 if not child.process.is_alive() and not self.stopping:
+                    self._reap(child)
                     if not child.recovered:
                         # a recycled child left nothing leased; should it have (ghost leases, or
                         # a task that called os._exit(4)), its tasks count as after a crash
@@ -252,6 +266,7 @@ class Manager:
         if iso is None or iso.process.is_alive() or self.stopping:
             return
         self.isolation = None
+        self._reap(iso)
         if not iso.recovered:
             iso.recovered = True
             if iso.process.exitcode != 0:     # it crashed, running one task alone: the culprit
@@ -283,6 +298,7 @@ class Manager:
             child.process.kill()
             child.process.join(5)
             child.ended_by_manager = True
+            self._reap(child)
             self._fail_timed_out(child, [(t, token) for t, why, _, token in overdue if why == "timeout"])
             self._recover(child)
             child.recovered = True
@@ -332,5 +348,6 @@ class Manager:
                 c.process.kill()
                 c.process.join(5)
             self._recover(c)
+            self._reap(c)
         log.info("manager: stopped")
         return 0

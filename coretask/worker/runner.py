@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..encoding import Serializer, decode
+from ..encoding import HEADERS_START, Serializer, decode, read_headers
 from ..errors import PayloadTooLarge, SerializationError, TaskCanceled, TaskLoadError, TaskTimeout
 from ..results import encode_result
 from ..gateway import Failure
@@ -117,14 +117,19 @@ class Runner:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("task %s %s started (attempt %d)", task.id, task.target, ctx.attempt,
                       extra=task_fields(task, "task_started"))
-        if chain.before_task:
-            chain.before_task(ctx)
         try:
-            inv = self._load(task)
+            self._check(task)      # before before_task: ctx.headers are read only from a checked task
         except TaskLoadError as exc:
             load_error = exc
-        else:
-            error = self._body(task, inv)
+        if chain.before_task:
+            chain.before_task(ctx)
+        if load_error is None:
+            try:
+                inv = self._load(task)
+            except TaskLoadError as exc:
+                load_error = exc
+            else:
+                error = self._body(task, inv)
         duration_ms = int((time.monotonic() - started) * 1000)
         if load_error is not None:
             THROTTLE.log(("unloadable", task.target), logging.ERROR, f"tasks of {task.target} could not be loaded",
@@ -203,14 +208,22 @@ class Runner:
             chain.after_task(ctx, FAILED, None, error)
         self.ledger.failed(task, _failure(task, error, duration_ms, delay_ms=_delay_ms(delay)))
 
-    def _load(self, task: Task) -> Any:
+    def _check(self, task: Task) -> None:
+        """Signature, tenant, target policy and size: before anything is decoded or imported.
+        Then the headers its producer's middleware wrote (trace context) are shown on ctx."""
         leased = task.leased
-        assert self.guard is not None and self.serializer is not None
-        self.guard.check(leased)   # signature, tenant, target policy: before anything is decoded or imported
+        assert self.guard is not None
+        self.guard.check(leased)
         limit = self.options.max_payload_bytes
         if len(leased.payload) > limit:     # written past enqueue's check: never decoded
             raise TaskLoadError(f"task {task.id} has a {len(leased.payload)}-byte payload, over "
                                 f"max_payload_bytes={limit}; refused before decoding")
+        if leased.payload.startswith(HEADERS_START) and leased.serializer == "json":
+            task.ctx.headers = read_headers(leased.payload)
+
+    def _load(self, task: Task) -> Any:
+        leased = task.leased
+        assert self.serializer is not None
         if leased.serializer == "raw":
             if self.options.execute is None:
                 raise TaskLoadError(f"task {task.id} is a TaskData (topic {leased.target[6:]!r}) but "
