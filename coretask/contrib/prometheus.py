@@ -118,6 +118,9 @@ class PrometheusMiddleware(Middleware):
         self._enqueued, self._finished = m["enqueued"], m["finished"]
         self._duration, self._wait = m["duration"], m["wait"]
         self._running, self._workers = m["running"], m["workers"]
+        # labelled children by label values: labels() takes a lock and builds a key per call
+        self._per_queue: dict[str, tuple[Any, Any, Any]] = {}
+        self._counted: dict[tuple[Any, ...], Any] = {}
 
     def tenant(self, tenant: str) -> str:
         """The label value of ``tenant`` (module docstring: bounded cardinality)."""
@@ -134,10 +137,26 @@ class PrometheusMiddleware(Middleware):
     def _labels(self, queue: str, tenant: str) -> tuple[str, ...]:
         return (queue, self.tenant(tenant)) if self.with_tenant else (queue,)
 
+    def _queue(self, queue: str) -> tuple[Any, Any, Any]:
+        """(running, duration, wait) of ``queue``, made once per queue."""
+        found = self._per_queue.get(queue)
+        if found is None:
+            found = self._per_queue[queue] = (self._running.labels(queue), self._duration.labels(queue),
+                                              self._wait.labels(queue))
+        return found
+
+    def _counter(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """The child of ``metric`` for ``labels``, made once (bounded: queues x tenant labels x outcomes)."""
+        key = (id(metric), *labels)
+        found = self._counted.get(key)
+        if found is None:
+            found = self._counted[key] = metric.labels(*labels)
+        return found
+
     # ------------------------------------------------------------------------------ producer
 
     def after_enqueue(self, message: EnqueueMessage) -> None:
-        self._enqueued.labels(*self._labels(message.queue, message.tenant)).inc()
+        self._counter(self._enqueued, self._labels(message.queue, message.tenant)).inc()
 
     # -------------------------------------------------------------------------------- worker
 
@@ -145,9 +164,10 @@ class PrometheusMiddleware(Middleware):
         local = self._local
         local.start = time.perf_counter()
         local.fate = None
-        self._running.labels(ctx.queue).inc()
+        running, _, wait = self._queue(ctx.queue)
+        running.inc()
         if ctx.due_ms:
-            self._wait.labels(ctx.queue).observe(max(time.time() * 1000 - ctx.due_ms, 0) / 1000)
+            wait.observe(max(time.time() * 1000 - ctx.due_ms, 0) / 1000)
 
     def on_retry(self, ctx: Any, error: BaseException, delay: Any) -> None:
         self._local.fate = "retried"
@@ -158,9 +178,10 @@ class PrometheusMiddleware(Middleware):
     def after_task(self, ctx: Any, outcome: str, result: Any, error: BaseException | None) -> None:
         local = self._local
         start = getattr(local, "start", None)
-        self._running.labels(ctx.queue).dec()
+        running, duration, _ = self._queue(ctx.queue)
+        running.dec()
         if start is not None:
-            self._duration.labels(ctx.queue).observe(time.perf_counter() - start)
+            duration.observe(time.perf_counter() - start)
             local.start = None
         if outcome == HANDED_BACK:          # not ended: it runs again, uncharged
             return
@@ -173,7 +194,7 @@ class PrometheusMiddleware(Middleware):
         else:
             label = getattr(local, "fate", None) or "failed"
         local.fate = None
-        self._finished.labels(*self._labels(ctx.queue, ctx.tenant), label).inc()
+        self._counter(self._finished, (*self._labels(ctx.queue, ctx.tenant), label)).inc()
 
     def on_worker_start(self, worker: WorkerInfo) -> None:
         self._workers.inc()
