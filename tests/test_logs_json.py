@@ -98,6 +98,14 @@ def test_worker_json_logs_carry_every_task_event(server: Target, prefix: str, pr
         late = processor.enqueue_task("default", "acme", tasks.spin, f"{prefix}:late", 30, timeout=0.3, retries=1)
         wait_until(lambda: (spinning, "task_canceled") in events() and (late, "task_timeout") in events(), 30,
                    lambda: f"cancel and time-out events in the log:\n{m.log()[-3000:]}")
+        # and one is handed back by a pause with requeue
+        paused = processor.enqueue_task("default", "acme", tasks.spin, f"{prefix}:paused", 30)
+        wait_until(lambda: tasks.R().llen(f"{prefix}:paused:started"), 20, "the task to pause to start")
+        processor.pause(requeue_running=True)
+        wait_until(lambda: (paused, "task_handed_back") in events(), 30,
+                   lambda: f"the handed-back event in the log:\n{m.log()[-3000:]}")
+        processor.resume()
+        processor.cancel_task(paused)
         found = events()
     finally:
         m.terminate()
@@ -115,6 +123,8 @@ def test_worker_json_logs_carry_every_task_event(server: Target, prefix: str, pr
     assert set(TASK_FIELDS) <= set(dead)
     canceled = found[(spinning, "task_canceled")]
     assert canceled["level"] == "INFO" and canceled["duration_ms"] >= 0 and canceled["tenant"] == "acme"
+    back = found[(paused, "task_handed_back")]
+    assert back["attempt"] == 1 and back["level"] == "INFO" and back["queue"] == "default"
     timed_out = found[(late, "task_timeout")]
     assert timed_out["error_type"] == "TaskTimeout" and timed_out["retries_left"] == 0
     assert any(r["logger"] == "coretask.worker.manager" for r in records(m))   # the manager's lines too
