@@ -114,7 +114,8 @@ class Runner:
         started = time.monotonic()
         error: BaseException | None = None
         load_error: TaskLoadError | None = None
-        if log.isEnabledFor(logging.DEBUG):
+        debug = log.isEnabledFor(logging.DEBUG)     # once per task: the fields are built only for DEBUG
+        if debug:
             log.debug("task %s %s started (attempt %d)", task.id, task.target, ctx.attempt,
                       extra=task_fields(task, "task_started"))
         try:
@@ -142,7 +143,7 @@ class Runner:
                 chain.after_task(ctx, FAILED, None, load_error)
             self.ledger.failed(task, _failure(task, load_error, duration_ms, bury=True))
         elif error is None:
-            if log.isEnabledFor(logging.DEBUG):
+            if debug:
                 log.debug("task %s %s done in %d ms", task.id, task.target, duration_ms,
                           extra=task_fields(task, "task_succeeded", duration_ms))
             result = b""
