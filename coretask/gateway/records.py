@@ -138,7 +138,8 @@ def _leased(entry: list[Any], batch_fields: dict[str, list[bytes]]) -> Leased:
         raise _Bad(f"field 'tn' (stored tenant) is not UTF-8 text: {seal[1]!r:.60}") from None
     if not isinstance(controls, list) or len(controls) not in (2, 3):
         raise _Bad(f"{_label(12)} is not a pair or a triple: {controls!r:.60}")
-    timeout_ms, keep_ms, due_ms = (_int(v, 12) if v else 0 for v in (controls + [b""])[:3])
+    timeout_ms, keep_ms = (_int(v, 12) if v else 0 for v in controls[:2])
+    due_ms = _due(controls[2] if len(controls) == 3 else b"")
     number = _int(attempt, 1)
     leased = Leased(
         id=_text(tid, 0), token=str(number), attempt=number, payload=payload, serializer=_text(ser, 3),
@@ -149,6 +150,14 @@ def _leased(entry: list[Any], batch_fields: dict[str, list[bytes]]) -> Leased:
     if binfo and batch_id:
         batch_fields[batch_id] = binfo     # for the batch's later tasks in this reply
     return leased
+
+
+def _due(value: Any) -> int:
+    """Field d as fetch sends it, unchecked: a damaged due time only loses a wait measurement."""
+    try:
+        return int(value) if value else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _unreadable(entry: list[Any], reason: str) -> Unreadable:

@@ -13,7 +13,7 @@
 --   nested array {signature (field sg), tenant field tn of the task hash} ("" when absent),
 --   which the worker checks before it reads the task (coretask/signing.py); 13th, a nested
 --   array {time limit ms (field to), keep-result ms (field kr), due ms (field d, set when the
---   task was delayed)} ("" when absent).
+--   task was delayed; sent as stored, unchecked: only metrics read it)} ("" when absent).
 -- A leased task's hash gets st = running, w = worker, ls = lease start ms (get_task's started).
 --
 -- Queues are tried in the order given (first non-empty wins); inside a queue, tenants are
@@ -113,7 +113,7 @@ for qi = 6, #ARGV do
           per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
           local tkey = P .. ':t:' .. id
           local f, bad = read_task(P, id, {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd'},
-                                   {p = true, s = true, tg = true, r = true, tn = true, q = queue})
+                                   {p = true, s = true, tg = true, r = true, tn = true, q = queue, d = UNCHECKED})
           if not bad and f[4] and f[4] ~= '' and not batch_entry(f[4]).state then
             bad = "field 'b' (batch) names no batch: " .. quoted(f[4])
           end
