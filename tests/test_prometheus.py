@@ -66,7 +66,10 @@ def test_middleware_counts_every_outcome(make_processor: Callable[..., TaskProce
     p = make_processor(middleware=[PrometheusMiddleware(registry=reg)], max_workers=4)
     embedded_worker(p)
     # When tasks succeed, fail until dead, get canceled and time out
-    ok = [p.enqueue_task("default", "acme", tasks.record, f"{prefix}:ok", i) for i in range(3)]
+    ok = [p.enqueue_task("default", "acme", tasks.record, f"{prefix}:ok", i) for i in range(2)]
+    with p.batch("default", "acme") as b:              # a batch's task counts once committed
+        ok.append(b.enqueue(tasks.record, f"{prefix}:ok", 2))
+        assert value(reg, "coretask_tasks_enqueued_total", queue="default", tenant="acme") == 2
     bad = p.enqueue_task("default", "acme", tasks.always_fail, retries=2)
     spinning = p.enqueue_task("default", "other-co", tasks.spin, f"{prefix}:spin", 30)
     wait_until(lambda: tasks.R().llen(f"{prefix}:spin:started"), 20, "spin to start")
