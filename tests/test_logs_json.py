@@ -129,3 +129,16 @@ def test_worker_json_logs_carry_every_task_event(server: Target, prefix: str, pr
     assert timed_out["error_type"] == "TaskTimeout" and timed_out["retries_left"] == 0
     assert any(r["logger"] == "coretask.worker.manager" for r in records(m))   # the manager's lines too
     assert len({r["pid"] for r in records(m)}) >= 2                          # and the worker process's
+
+
+def test_flask_worker_takes_the_same_options(server: Target, prefix: str) -> None:
+    from coretask.flask import CoreTask
+    from tests.test_flask import _app
+
+    app = _app(server.url, prefix, server.cluster)
+    CoreTask(app)
+    listing = app.test_cli_runner().invoke(args=["coretask", "worker", "--help"]).output
+    for option in ("--log-format", "--metrics-port", "--metrics-addr", "--metrics-dir"):
+        assert option in listing, listing
+    bad = app.test_cli_runner().invoke(args=["coretask", "worker", "--log-format", "yaml"])
+    assert bad.exit_code == 2 and "json" in bad.output
