@@ -45,8 +45,8 @@ class TaskContext:
     """
 
     __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "batch_id", "topic",
-                 "data", "due_ms", "headers", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted", "_gateway", "_token",
-                 "_progress", "__weakref__")
+                 "data", "due_ms", "headers", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted",
+                 "_gateway", "_token", "_progress", "__weakref__")
 
     def __init__(self, *, task_id: str, queue: str, tenant: str, target: str, attempt: int,
                  retries_left: int, batch_id: str | None, gateway: LeaseExtender, enqueued_ms: int | bytes | None = None,

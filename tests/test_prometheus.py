@@ -42,6 +42,10 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+def samples(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(s.labels, s.value) for m in registry.collect() for s in m.samples if s.name == name]
+
+
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
@@ -81,7 +85,7 @@ def test_middleware_counts_every_outcome(make_processor: Callable[..., TaskProce
                and value(reg, finished, queue="default", tenant="acme", outcome="dead") == 1
                and value(reg, finished, queue="default", tenant="other-co", outcome="canceled") == 1
                and value(reg, finished, queue="default", tenant="acme", outcome="succeeded") == 3, 30,
-               lambda: f"outcomes counted: {[(s.labels, s.value) for m in reg.collect() for s in m.samples if s.name == finished]}")
+               lambda: f"outcomes counted: {samples(reg, finished)}")
     # Then every attempt is counted once, by outcome, and timed
     assert value(reg, finished, queue="default", tenant="acme", outcome="retried") == 1   # bad's first attempt
     assert value(reg, finished, queue="default", tenant="acme", outcome="failed") == 0
@@ -149,7 +153,8 @@ def test_manager_serves_worker_counts_across_recycling(server: Target, prefix: s
         wait_until(lambda: (directory / "counter_archive.db").exists(), 20, "the archive of ended processes")
         wait_until(lambda: scrape(port).get(("coretask_worker_processes", ())) == 1, 20,
                    "one live worker process counted")
-        live_counter_files = [f for f in os.listdir(directory) if f.startswith("counter_") and f != "counter_archive.db"]
+        live_counter_files = [f for f in os.listdir(directory)
+                              if f.startswith("counter_") and f != "counter_archive.db"]
         assert len(live_counter_files) <= 2, live_counter_files      # the live process (and one being replaced)
         assert scrape(port).get(ok) == 10                              # still 10 after the folding
     finally:

@@ -81,7 +81,8 @@ def observability_middleware(text):
                 _otel_sdk()
             out.append(TracingMiddleware())
         else:
-            raise ValueError("unknown middleware %r in %s; use any of %s" % (name, OPTIONS_ENV, ", ".join(OBSERVABILITY)))
+            raise ValueError("unknown middleware %r in %s; use any of %s"
+                             % (name, OPTIONS_ENV, ", ".join(OBSERVABILITY)))
     return out
 
 
