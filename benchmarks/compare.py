@@ -48,8 +48,9 @@ COMPARE_DIR = BENCH_DIR / ".compare"
 TREES_DIR = COMPARE_DIR / "trees"
 VENVS_DIR = COMPARE_DIR / "venvs"
 RUNS_DIR = RESULTS_DIR / "compare"
-# The pins of requirements.txt that the coretask side of the harness needs.
-PINNED = ("redis", "hiredis", "psutil")
+# The pins of requirements.txt that the coretask side of the harness needs (the observability
+# extras for --after-options '{"middleware": "prometheus,otel-sdk"}', adapters/coretask_.py).
+PINNED = ("redis", "hiredis", "psutil", "prometheus-client", "opentelemetry-api", "opentelemetry-sdk")
 PROJECT_FILES = ("pyproject.toml", "setup.py", "setup.cfg")
 DEFAULT_MEASURE = ("noop_1p", "noop_2p", "latency", "cancel_latency")
 
@@ -451,7 +452,8 @@ def build_parser():
     p.add_argument("--after", required=True, metavar="REF_OR_PATH", help="same, for the other side")
     p.add_argument("--rounds", type=int, default=3, help="rounds of (before, after) runs; default 3")
     p.add_argument("--before-options", metavar="JSON", help="extra coretask Options for the before side, e.g. "
-                   "'{\"result_ttl\": 60}' (the same tree on both sides measures what an option costs)")
+                   "'{\"result_ttl\": 60}' (the same tree on both sides measures what an option costs); "
+                   "'{\"middleware\": \"prometheus,otel-sdk\"}' turns on the observability middleware")
     p.add_argument("--after-options", metavar="JSON", help="same, for the after side")
     p.add_argument("--measure", type=parse_measure, default=list(DEFAULT_MEASURE), metavar="KEY,...",
                    help="measurements (default %s; any of %s)" % (",".join(DEFAULT_MEASURE), ",".join(MEASUREMENTS)))

@@ -88,22 +88,24 @@ class BatchBuilder:
         task_id = os.urandom(16).hex()
         shape = (q, self.tenant, enc.serializer, enc.target, pr.retries(retries), pr.due_ms(delay_until), on,
                  controls)
-        if not idem:
-            number = self._shapes.get(shape)
-            if number is None:
-                number = self._shapes[shape] = len(self._shapes) + 1
-            self._chunk += [task_id, number, enc.payload, pr.sign(task_id, self.tenant, q, enc)]
-            self._chunk_bytes += len(enc.payload)
         chain = pr.chain
         if chain.before_enqueue or chain.after_enqueue:
             message = EnqueueMessage(task_id, q, self.tenant, enc.target, self._batch_id, pr.due_epoch_ms(shape[5]),
                                      shape[4], on or None)
             if chain.before_enqueue:
                 chain.before_enqueue(message)
+                if message.headers:
+                    enc = pr.with_headers(enc, message.headers)
             if chain.after_enqueue and not idem:   # kept only when someone wants them after the commit
                 self._messages.append(message)
         else:
             message = None
+        if not idem:
+            number = self._shapes.get(shape)
+            if number is None:
+                number = self._shapes[shape] = len(self._shapes) + 1
+            self._chunk += [task_id, number, enc.payload, pr.sign(task_id, self.tenant, q, enc)]
+            self._chunk_bytes += len(enc.payload)
         if idem:
             return self._stage_keyed(task_id, shape, enc.payload, pr.sign(task_id, self.tenant, q, enc), idem,
                                      key_ttl_ms, message)

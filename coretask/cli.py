@@ -410,6 +410,26 @@ def cmd_tenant(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return OK
 
 
+def cmd_metrics(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    """Serve the Redis-side gauges (coretask/contrib/prometheus.py RedisCollector) until stopped."""
+    from .contrib.prometheus import serve_redis_metrics
+
+    try:
+        server, _ = serve_redis_metrics(p, a.port, a.addr)
+    except OSError as exc:
+        _err(f"cannot serve metrics on {a.addr}:{a.port}: {exc}")
+        return USAGE
+    port = server.server_port
+    _said(out, {"metrics": f"http://{a.addr}:{port}/metrics"}, f"serving coretask metrics on http://{a.addr}:{port}"
+          "/metrics (Ctrl-C stops)")
+    sys.stdout.flush()
+    try:
+        while True:
+            time.sleep(3600)
+    finally:
+        server.shutdown()
+
+
 # ------------------------------------------------------------------------------------ parser
 
 def _count(text: str) -> int:
@@ -481,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--take", type=int, default=25)
     cmd("tenant", cmd_tenant, "one tenant's statistics: queued per queue, running, done, failed, canceled, "
         "dead, batches by state").add_argument("id")
+    sp = cmd("metrics", cmd_metrics, "serve Prometheus gauges read from Redis (queue depth by state, workers, "
+             "paused queues) on --port; needs coretask[prometheus]")
+    sp.add_argument("--port", type=int, required=True, help="port of http://ADDR:PORT/metrics (0: any free port)")
+    sp.add_argument("--addr", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     return ap
 
 
@@ -540,7 +564,7 @@ def _main(argv: list[str] | None, given: TaskProcessor | None = None) -> int:
              f"{redact_url(str(exc))}")
         return UNAVAILABLE
     except KeyboardInterrupt:
-        return 130
+        return 0 if args.command == "metrics" else 130
     finally:
         if given is None:
             processor.close()

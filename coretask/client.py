@@ -81,6 +81,8 @@ class Client(Introspection, Schedules, TenantAdmin):
             message = EnqueueMessage(task_id, queue, tenant, enc.target, None, pr.due_epoch_ms(due_ms), n_retries)
             if chain.before_enqueue:
                 chain.before_enqueue(message)
+                if message.headers:
+                    enc = pr.with_headers(enc, message.headers)
         try:
             if idem:
                 holder = self.gateway.enqueue_keyed(task_id, queue, tenant, enc.payload, enc.serializer, enc.target,

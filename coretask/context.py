@@ -14,6 +14,7 @@ __all__ = ["TaskContext"]
 
 
 PROGRESS_INTERVAL = 0.25   # seconds: set_progress writes at most this often per task
+_NO_HEADERS: dict[str, str] = {}   # shared by every task without headers: never written to
 
 
 class LeaseExtender(Protocol):
@@ -36,16 +37,21 @@ class TaskContext:
     first run). ``retries_left`` is what remains should this attempt fail: the value
     ``on_task_failed_delay`` is then asked with, 0 on the last attempt (with ``retries=3``: 2, 1,
     then 0 on the third attempt, whose failure dead-letters the task).
+    ``due_ms``: when the task became due, epoch ms (server clock): its enqueue time, or its
+    ``delay_until``; 0 when unknown (a retry, or a task run again after a crash): metrics of
+    queue wait read it. ``headers``: the string headers its producer's middleware carried in the
+    envelope (W3C ``traceparent`` / ``tracestate`` from the OpenTelemetry middleware), read only
+    once the task's signature checked; empty for most tasks. Do not modify either.
     """
 
     __slots__ = ("task_id", "queue", "tenant", "target", "attempt", "retries_left", "batch_id", "topic",
-                 "data", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted", "_gateway", "_token",
-                 "_progress", "__weakref__")
+                 "data", "due_ms", "headers", "_enqueued_ms", "_batch_fields", "_batch", "_cancelled", "_aborted",
+                 "_gateway", "_token", "_progress", "__weakref__")
 
     def __init__(self, *, task_id: str, queue: str, tenant: str, target: str, attempt: int,
                  retries_left: int, batch_id: str | None, gateway: LeaseExtender, enqueued_ms: int | bytes | None = None,
                  batch_fields: list[bytes] | None = None, topic: str | None = None, data: bytes | None = None,
-                 enqueued_at: datetime | None = None, batch: BatchInfo | None = None) -> None:
+                 enqueued_at: datetime | None = None, batch: BatchInfo | None = None, due_ms: int = 0) -> None:
         self.task_id = task_id
         self.queue = queue
         self.tenant = tenant
@@ -55,6 +61,8 @@ class TaskContext:
         self.batch_id = batch_id
         self.topic = topic
         self.data = data
+        self.due_ms = due_ms
+        self.headers: dict[str, str] = _NO_HEADERS
         self._enqueued_ms = int(enqueued_at.timestamp() * 1000) if enqueued_at is not None else enqueued_ms
         self._batch_fields = batch_fields
         self._batch: BatchInfo | None = batch

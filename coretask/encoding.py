@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from .errors import PayloadTooLarge, SerializationError, TargetError, TaskLoadError, TaskRefused
 from .targets import Target, describe, object_refusal, reference_of, refusal, resolve
 
-__all__ = ["Call", "TaskData", "Serializer", "call", "Encoded", "encode", "decode"]
+__all__ = ["Call", "TaskData", "Serializer", "call", "Encoded", "encode", "decode", "with_headers", "read_headers"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +275,35 @@ class Invocation:
 
 
 FORMAT_VERSION = 1                   # of the JSON envelope; version 1 is written without "v"
-ENVELOPE_FIELDS = frozenset({"t", "a", "k", "v"})
+ENVELOPE_FIELDS = frozenset({"t", "a", "k", "v", "h"})
+HEADERS_START = b'{"h":'             # an envelope with headers starts with them (with_headers)
+
+
+def with_headers(enc: Encoded, headers: dict[str, str]) -> Encoded:
+    """``enc`` with string ``headers`` (trace context) as field "h" of its JSON envelope, written
+    first so that a worker reads them without decoding the arguments (:func:`read_headers`).
+    They are part of the payload, so the signature covers them. Other serializers carry no
+    headers: ``enc`` is returned as it is."""
+    if enc.serializer != "json" or not headers or not enc.payload.startswith(b"{"):
+        return enc
+    return Encoded(HEADERS_START + _dumps(headers).encode() + b"," + enc.payload[1:], enc.serializer, enc.target)
+
+
+_raw_decode = json.JSONDecoder().raw_decode
+
+
+def read_headers(payload: bytes) -> dict[str, str]:
+    """The headers of a JSON envelope written by :func:`with_headers`, {} for any other payload
+    or for headers that are not an object of strings (they never stop a task from running)."""
+    if not payload.startswith(HEADERS_START):
+        return {}
+    try:
+        headers, _ = _raw_decode(payload[len(HEADERS_START):].decode())
+    except ValueError:
+        return {}
+    if not isinstance(headers, dict):
+        return {}
+    return {k: v for k, v in headers.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def _check_format(doc: object) -> None:

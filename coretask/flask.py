@@ -167,20 +167,25 @@ def _cli_group(ext: CoreTask) -> click.Group:
     @click.option("--processes", type=int, help="worker processes")
     @click.option("--threads", type=int, help="threads per process")
     @click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+    @click.option("--log-format", default="text", type=click.Choice(["text", "json"]),
+                  help="json: one JSON object per line (coretask/logs.py)")
+    @click.option("--metrics-port", type=int, help="serve the worker processes' Prometheus metrics on this port")
+    @click.option("--metrics-addr", default="0.0.0.0", help="address of the metrics endpoint")
+    @click.option("--metrics-dir", help="multiprocess directory (emptied at start)")
     @click.pass_context
     def worker(ctx: click.Context, queues: str | None, processes: int | None, threads: int | None,
-               log_level: str) -> None:
+               log_level: str, log_format: str, metrics_port: int | None, metrics_addr: str,
+               metrics_dir: str | None) -> None:
         import logging
 
-        from .worker.manager import Manager
+        from .worker.__main__ import run
 
-        level = getattr(logging, log_level)
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
         info = ctx.ensure_object(ScriptInfo)
         load = functools.partial(_load_with_overrides, info.app_import_path,
                                  {"max_workers": threads, "processes": processes,
                                   "queues": queues.split(",") if queues else None})
-        ctx.exit(Manager(load, log_level=level).run())
+        ctx.exit(run(load, log_level=getattr(logging, log_level), log_format=log_format, metrics_port=metrics_port,
+                     metrics_addr=metrics_addr, metrics_dir=metrics_dir))
 
     for name, text in cli.command_help().items():
         group.add_command(_passthrough(ext, name, text))

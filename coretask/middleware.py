@@ -107,6 +107,9 @@ class EnqueueMessage:
     TaskData); batch_id: None for a single task; due_ms: the due time in milliseconds since the
     epoch, 0 to run at once; retries: how many attempts may fail in all (Options.retries); continue_on: for a batch
     continuation, ``"success"`` or ``"complete"``, else None.
+    headers: string headers a ``before_enqueue`` may add (W3C trace context): they travel in the
+    task's JSON envelope, covered by its signature, and a worker shows them as ``ctx.headers``
+    (other serializers carry none). Written to only in before_enqueue.
     """
 
     task_id: str
@@ -117,6 +120,7 @@ class EnqueueMessage:
     due_ms: int = 0
     retries: int = 0
     continue_on: str | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def due(self) -> datetime | None:

@@ -8,7 +8,7 @@ import time
 from datetime import datetime, timedelta
 from typing import Any
 
-from .encoding import Call, Encoded, TaskData, encode, serializer_for
+from .encoding import Call, Encoded, TaskData, encode, serializer_for, with_headers
 from .errors import ConfigurationError
 from .gateway import NO_CONTROLS, Controls
 from .middleware import Chain
@@ -46,6 +46,15 @@ class Producer:
             raise ConfigurationError(f"enqueue refused: {self._unsigned_pickle}")
         return encode(call, self.serializer, self.options.max_payload_bytes,
                       self.options.allowed_modules)  # type: ignore[arg-type]
+
+    def with_headers(self, enc: Encoded, headers: dict[str, str]) -> Encoded:
+        """``enc`` carrying the headers middleware added (trace context), size limit checked again."""
+        enc = with_headers(enc, headers)
+        if len(enc.payload) > self.options.max_payload_bytes:
+            from .errors import PayloadTooLarge
+            raise PayloadTooLarge(f"the encoded call to {enc.target} with its headers is {len(enc.payload)} bytes, "
+                                  f"over max_payload_bytes={self.options.max_payload_bytes}")
+        return enc
 
     def encode_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Encoded:
         return self.encode(self.as_call(fn, args, kwargs))

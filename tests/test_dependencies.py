@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "coretask"
 
 # Import names that are not the distribution name with '-'/'.' turned into '_'.
-IMPORT_NAMES = {"pyyaml": "yaml", "python-dateutil": "dateutil"}
+IMPORT_NAMES = {"pyyaml": "yaml", "python-dateutil": "dateutil", "opentelemetry-api": "opentelemetry",
+                "opentelemetry-sdk": "opentelemetry"}
 IMPORT_ERRORS = {"ImportError", "ModuleNotFoundError", "Exception", "BaseException"}
 
 
@@ -142,3 +143,15 @@ def test_import_scan_tells_optional_imports_apart() -> None:
     )
     got = {module: optional for module, _, optional in _imports(ast.parse(source).body)}
     assert got == {"a": False, "c": False, "e": True, "f": False, "g": False, "i": True, "j": True}
+
+
+def test_core_imports_no_extra() -> None:
+    """The extras cost nothing unless used: importing coretask, its worker and CLI loads neither
+    prometheus_client nor flask, nor coretask's tracing module (redis-py itself imports
+    opentelemetry when it is installed, so that one name says nothing about coretask)."""
+    import subprocess
+    code = ("import sys, coretask, coretask.cli, coretask.worker.manager, coretask.worker.__main__, "
+            "coretask.contrib; print(sorted(m for m in ('prometheus_client', 'flask', 'coretask.contrib.otel', "
+            "'coretask.contrib.prometheus') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -48,8 +48,56 @@ def make_processor(processes=2, max_workers=8):
 
         print("%s%s (pid %d)" % (SHOW_CORETASK_TAG, coretask.__file__, os.getpid()), file=sys.stderr, flush=True)
     extra = json.loads(os.environ.get(OPTIONS_ENV) or "{}")   # benchmarks.compare --after-options
+    names = extra.pop("middleware", None)
+    if isinstance(names, str):
+        extra["middleware"] = observability_middleware(names)
     return TaskProcessor(Options(redis=redis_url(), prefix=PREFIX, queues=[QUEUE],
                                  processes=processes, max_workers=max_workers, **extra))
+
+
+OBSERVABILITY = ("prometheus", "otel", "otel-sdk")
+
+
+def _middleware_names():
+    """The names of ``{"middleware": "prometheus,otel-sdk"}`` in the extra Options, or ()."""
+    names = json.loads(os.environ.get(OPTIONS_ENV) or "{}").get("middleware")
+    return tuple(n.strip() for n in names.split(",") if n.strip()) if isinstance(names, str) else ()
+
+
+def observability_middleware(text):
+    """The middleware a comma-separated list names (coretask[prometheus] / coretask[otel]):
+    "prometheus" counts into prometheus_client (the workers then run in multiprocess mode, served
+    by the manager: worker_command adds --metrics-port 0); "otel" traces through the OpenTelemetry
+    API with no SDK (the no-op tracer); "otel-sdk" configures the SDK in each process with a
+    batch span processor whose exporter drops the spans, so what is measured is making them."""
+    out = []
+    for name in (n.strip() for n in text.split(",") if n.strip()):
+        if name == "prometheus":
+            from coretask.contrib.prometheus import PrometheusMiddleware
+            out.append(PrometheusMiddleware())
+        elif name in ("otel", "otel-sdk"):
+            from coretask.contrib.otel import TracingMiddleware
+            if name == "otel-sdk":
+                _otel_sdk()
+            out.append(TracingMiddleware())
+        else:
+            raise ValueError("unknown middleware %r in %s; use any of %s"
+                             % (name, OPTIONS_ENV, ", ".join(OBSERVABILITY)))
+    return out
+
+
+def _otel_sdk():
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    class Drop(SpanExporter):
+        def export(self, spans):
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    trace.set_tracer_provider(provider)
 
 
 def __getattr__(name):
@@ -99,8 +147,11 @@ def bulk_enqueue(n, task="noop", chunk=1000):
 
 
 def worker_command(processes, threads):
-    return [sys.executable, "-m", "coretask.worker", "--app", "benchmarks.adapters.coretask_:processor",
-            "--processes", str(processes), "--threads", str(threads), "--log-level", "WARNING"]
+    cmd = [sys.executable, "-m", "coretask.worker", "--app", "benchmarks.adapters.coretask_:processor",
+           "--processes", str(processes), "--threads", str(threads), "--log-level", "WARNING"]
+    if "prometheus" in _middleware_names():
+        cmd += ["--metrics-port", "0", "--metrics-addr", "127.0.0.1"]   # multiprocess mode, as deployed
+    return cmd
 
 
 def start_workers(processes, threads):

@@ -59,6 +59,7 @@ class Leased:
     stored_tenant: str
     timeout_ms: int = 0         # field to: the attempt's time limit (0 = none)
     keep_result_ms: int = 0     # field kr: keep the return value this long (0 = not kept)
+    due_ms: int = 0             # field d: the due time of a delayed task (0 = none: due at enqueue)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,19 +136,28 @@ def _leased(entry: list[Any], batch_fields: dict[str, list[bytes]]) -> Leased:
         stored_tenant = seal[1].decode()
     except (AttributeError, UnicodeDecodeError):
         raise _Bad(f"field 'tn' (stored tenant) is not UTF-8 text: {seal[1]!r:.60}") from None
-    if not isinstance(controls, list) or len(controls) != 2:
-        raise _Bad(f"{_label(12)} is not a pair: {controls!r:.60}")
-    timeout_ms, keep_ms = (_int(v, 12) if v else 0 for v in controls)
+    if not isinstance(controls, list) or len(controls) not in (2, 3):
+        raise _Bad(f"{_label(12)} is not a pair or a triple: {controls!r:.60}")
+    timeout_ms, keep_ms = (_int(v, 12) if v else 0 for v in controls[:2])
+    due_ms = _due(controls[2] if len(controls) == 3 else b"")
     number = _int(attempt, 1)
     leased = Leased(
         id=_text(tid, 0), token=str(number), attempt=number, payload=payload, serializer=_text(ser, 3),
         target=_text(target, 4), queue=_text(q, 5), tenant=_text(tenant, 6), batch_id=batch_id,
         retries_left=_int(retries, 8), enqueued_ms=_int(enqueued, 9) if enqueued else 0,
         batch_fields=(binfo or batch_fields.get(batch_id)) if batch_id else None, signature=signature,
-        stored_tenant=stored_tenant, timeout_ms=timeout_ms, keep_result_ms=keep_ms)
+        stored_tenant=stored_tenant, timeout_ms=timeout_ms, keep_result_ms=keep_ms, due_ms=due_ms)
     if binfo and batch_id:
         batch_fields[batch_id] = binfo     # for the batch's later tasks in this reply
     return leased
+
+
+def _due(value: Any) -> int:
+    """Field d as fetch sends it, unchecked: a damaged due time only loses a wait measurement."""
+    try:
+        return int(value) if value else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _unreadable(entry: list[Any], reason: str) -> Unreadable:

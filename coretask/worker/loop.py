@@ -153,7 +153,7 @@ class Loop:
                     task_id=leased.id, queue=leased.queue, tenant=leased.tenant, target=leased.target,
                     attempt=leased.attempt, retries_left=max(leased.retries_left - 1, 0),
                     enqueued_ms=leased.enqueued_ms, batch_id=leased.batch_id, batch_fields=leased.batch_fields,
-                    gateway=gateway)))
+                    gateway=gateway, due_ms=max(leased.enqueued_ms, leased.due_ms) if leased.attempt == 1 else 0)))
             except Exception as exc:
                 self._unreadable(Unreadable(leased.id, leased.token, leased.queue, leased.tenant,
                                             f"{type(exc).__name__}: {exc}"))

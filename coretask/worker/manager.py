@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..gateway import Failure, Outcomes
+from ..logs import configure as configure_logs
 from ..signing import TaskGuard
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
@@ -58,11 +59,13 @@ class Child:
     ended_by_manager: bool = False   # killed for a task that ignored its abort (not a crash)
 
 
-def child_main(load: Callable[[], Configured], worker_id: str, log_level: int, isolation: bool = False) -> None:
+def child_main(load: Callable[[], Configured], worker_id: str, log_level: int, isolation: bool = False,
+               log_format: str = "text") -> None:
     """Entry point of a worker process (spawned, so it imports the app afresh: ``load`` is a
     picklable callable that builds the processor, coretask.appload.app_loader). ``isolation``:
-    the isolation worker, which runs the tasks of crashed processes one at a time, then exits."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s")
+    the isolation worker, which runs the tasks of crashed processes one at a time, then exits.
+    ``log_format``: "text" or "json" (coretask/logs.py), as the manager was started with."""
+    configure_logs(log_level, log_format)
     _die_with_parent()
     # Pool threads mostly wait on I/O; a short switch interval keeps a thread whose reply has
     # arrived from waiting up to 5 ms for the GIL behind a busy one (the "convoy" effect).
@@ -121,7 +124,8 @@ class Manager:
     """``load``: a picklable callable that builds the processor (in the manager and again in
     every spawned child), e.g. ``coretask.appload.app_loader("myapp.tasks:processor")``."""
 
-    def __init__(self, load: Callable[[], Configured], *, log_level: int = logging.INFO) -> None:
+    def __init__(self, load: Callable[[], Configured], *, log_level: int = logging.INFO,
+                 log_format: str = "text", on_child_exit: Callable[[int], None] | None = None) -> None:
         self.load = load
         processor = load()
         self.options = processor.options
@@ -129,6 +133,9 @@ class Manager:
         self.url = processor.gateway.url
         self.leases = Leases(processor.gateway, self.options)
         self.log_level = log_level
+        self.log_format = log_format
+        self.on_child_exit = on_child_exit    # told each ended worker process's pid (metrics)
+        self._reaped: set[int] = set()
         self.children: list[Child] = []
         self.isolation: Child | None = None     # the isolation worker, while crashed tasks wait
         self.stopping = False   # set by the signal handler: a plain flag, never a lock
@@ -137,11 +144,22 @@ class Manager:
 
     def _spawn(self, isolation: bool = False) -> Child:
         wid = new_worker_id().rsplit(":", 1)[0] + ":" + os.urandom(3).hex()
-        p = self._ctx.Process(target=child_main, args=(self.load, wid, self.log_level, isolation),
+        p = self._ctx.Process(target=child_main, args=(self.load, wid, self.log_level, isolation, self.log_format),
                               name=f"coretask-{'isolation' if isolation else 'worker'}-{wid}", daemon=False)
         p.start()
         log.info("manager: started %s process %d (%s)", "isolation" if isolation else "worker", p.pid, wid)
         return Child(wid, p, time.monotonic())
+
+    def _reap(self, child: Child) -> None:
+        """Tell ``on_child_exit`` (once per process) that a worker process has ended."""
+        pid = child.process.pid
+        if self.on_child_exit is None or pid is None or pid in self._reaped or child.process.is_alive():
+            return
+        self._reaped.add(pid)
+        try:
+            self.on_child_exit(pid)
+        except Exception:
+            log.exception("manager: on_child_exit(%d) failed", pid)
 
     def _all(self) -> list[Child]:
         return self.children + ([self.isolation] if self.isolation is not None else [])
@@ -162,6 +180,7 @@ class Manager:
                 next_overdue = time.monotonic() + OVERDUE_POLL
             for i, child in enumerate(self.children):
                 if not child.process.is_alive() and not self.stopping:
+                    self._reap(child)
                     if not child.recovered:
                         # a recycled child left nothing leased; should it have (ghost leases, or
                         # a task that called os._exit(4)), its tasks count as after a crash
@@ -247,6 +266,7 @@ class Manager:
         if iso is None or iso.process.is_alive() or self.stopping:
             return
         self.isolation = None
+        self._reap(iso)
         if not iso.recovered:
             iso.recovered = True
             if iso.process.exitcode != 0:     # it crashed, running one task alone: the culprit
@@ -278,6 +298,7 @@ class Manager:
             child.process.kill()
             child.process.join(5)
             child.ended_by_manager = True
+            self._reap(child)
             self._fail_timed_out(child, [(t, token) for t, why, _, token in overdue if why == "timeout"])
             self._recover(child)
             child.recovered = True
@@ -327,5 +348,6 @@ class Manager:
                 c.process.kill()
                 c.process.join(5)
             self._recover(c)
+            self._reap(c)
         log.info("manager: stopped")
         return 0

@@ -29,7 +29,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..encoding import Serializer, decode
+from ..encoding import HEADERS_START, Serializer, decode, read_headers
 from ..errors import PayloadTooLarge, SerializationError, TaskCanceled, TaskLoadError, TaskTimeout
 from ..results import encode_result
 from ..gateway import Failure
@@ -114,25 +114,38 @@ class Runner:
         started = time.monotonic()
         error: BaseException | None = None
         load_error: TaskLoadError | None = None
-        if chain.before_task:
-            chain.before_task(ctx)
+        debug = log.isEnabledFor(logging.DEBUG)     # once per task: the fields are built only for DEBUG
+        if debug:
+            log.debug("task %s %s started (attempt %d)", task.id, task.target, ctx.attempt,
+                      extra=task_fields(task, "task_started"))
         try:
-            inv = self._load(task)
+            self._check(task)      # before before_task: ctx.headers are read only from a checked task
         except TaskLoadError as exc:
             load_error = exc
-        else:
-            error = self._body(task, inv)
+        if chain.before_task:
+            chain.before_task(ctx)
+        if load_error is None:
+            try:
+                inv = self._load(task)
+            except TaskLoadError as exc:
+                load_error = exc
+            else:
+                error = self._body(task, inv)
         duration_ms = int((time.monotonic() - started) * 1000)
         if load_error is not None:
             THROTTLE.log(("unloadable", task.target), logging.ERROR, f"tasks of {task.target} could not be loaded",
-                         "task %s %s cannot be loaded: %s", task.id, task.target, load_error)
+                         "task %s %s cannot be loaded: %s", task.id, task.target, load_error,
+                         extra=lambda: task_fields(task, "task_dead", duration_ms, retries_left=0,
+                                                   error_type=type(load_error).__name__))
             if chain.on_dead:
                 chain.on_dead(ctx, load_error)
             if chain.after_task:
                 chain.after_task(ctx, FAILED, None, load_error)
             self.ledger.failed(task, _failure(task, load_error, duration_ms, bury=True))
         elif error is None:
-            log.debug("task %s %s done in %d ms", task.id, task.target, duration_ms)
+            if debug:
+                log.debug("task %s %s done in %d ms", task.id, task.target, duration_ms,
+                          extra=task_fields(task, "task_succeeded", duration_ms))
             result = b""
             if task.leased.keep_result_ms:
                 try:
@@ -152,10 +165,12 @@ class Runner:
             timeout.__cause__ = error
             self._failed(task, timeout, duration_ms)
         elif isinstance(error, TaskCanceled) or task.abort_reason is not None:
-            log.info("task %s %s aborted (%s) after %d ms", task.id, task.target,
-                     task.abort_reason or "canceled", duration_ms)
+            handed_back = task.abort_reason in ("requeue", "shutdown")
+            if log.isEnabledFor(logging.INFO):
+                log.info("task %s %s aborted (%s) after %d ms", task.id, task.target, task.abort_reason or "canceled",
+                         duration_ms, extra=task_fields(task, "task_handed_back" if handed_back else "task_canceled",
+                                                        duration_ms))
             if chain.after_task:
-                handed_back = task.abort_reason in ("requeue", "shutdown")
                 chain.after_task(ctx, HANDED_BACK if handed_back else CANCELED, None, error)
             self.ledger.aborted(task, duration_ms)
         elif isinstance(error, MemoryError) and self.on_crash is not None:
@@ -175,11 +190,16 @@ class Runner:
             then = "dead-lettered" if self.options.deadletter else "discarded (deadletter=False)"
         else:
             then = f"retrying in {delay.total_seconds():g}s" if delay is not None else "retrying at once"
+        event = ("task_timeout" if isinstance(error, TaskTimeout) else
+                 "task_failed" if ctx.retries_left > 0 else "task_dead")
         THROTTLE.log(("failed", task.target, type(error).__name__), logging.WARNING,
                      f"tasks of {task.target} failed with {type(error).__name__}",
                      "task %s %s failed on attempt %d after %d ms: %s: %s; %d retries left, %s", task.id,
                      task.target, ctx.attempt, duration_ms, type(error).__name__, _message(error),
-                     ctx.retries_left, then)
+                     ctx.retries_left, then,
+                     extra=lambda: task_fields(task, event, duration_ms, retries_left=ctx.retries_left,
+                                               next_delay_ms=_delay_ms(delay) if ctx.retries_left > 0 else None,
+                                               error_type=type(error).__name__))
         if ctx.retries_left > 0:
             if chain.on_retry:
                 chain.on_retry(ctx, error, delay)
@@ -187,17 +207,24 @@ class Runner:
             chain.on_dead(ctx, error)
         if chain.after_task:
             chain.after_task(ctx, FAILED, None, error)
-        delay_ms = int(delay.total_seconds() * 1000) if delay is not None else 0
-        self.ledger.failed(task, _failure(task, error, duration_ms, delay_ms=delay_ms))
+        self.ledger.failed(task, _failure(task, error, duration_ms, delay_ms=_delay_ms(delay)))
 
-    def _load(self, task: Task) -> Any:
+    def _check(self, task: Task) -> None:
+        """Signature, tenant, target policy and size: before anything is decoded or imported.
+        Then the headers its producer's middleware wrote (trace context) are shown on ctx."""
         leased = task.leased
-        assert self.guard is not None and self.serializer is not None
-        self.guard.check(leased)   # signature, tenant, target policy: before anything is decoded or imported
+        assert self.guard is not None
+        self.guard.check(leased)
         limit = self.options.max_payload_bytes
         if len(leased.payload) > limit:     # written past enqueue's check: never decoded
             raise TaskLoadError(f"task {task.id} has a {len(leased.payload)}-byte payload, over "
                                 f"max_payload_bytes={limit}; refused before decoding")
+        if leased.payload.startswith(HEADERS_START) and leased.serializer == "json":
+            task.ctx.headers = read_headers(leased.payload)
+
+    def _load(self, task: Task) -> Any:
+        leased = task.leased
+        assert self.serializer is not None
         if leased.serializer == "raw":
             if self.options.execute is None:
                 raise TaskLoadError(f"task {task.id} is a TaskData (topic {leased.target[6:]!r}) but "
@@ -266,6 +293,21 @@ class Runner:
         while self.raising:
             pass
         _checkpoint()
+
+
+def task_fields(task: Task, event: str, duration_ms: int | None = None, **more: Any) -> dict[str, Any]:
+    """The structured fields of a task event (coretask/logs.py): build them only for a record
+    that is logged (``log.isEnabledFor`` first: this runs per task)."""
+    ctx = task.ctx
+    fields = {"event": event, "task_id": task.id, "target": task.target, "queue": ctx.queue, "tenant": ctx.tenant,
+              "batch_id": ctx.batch_id, "attempt": ctx.attempt, "duration_ms": duration_ms}
+    fields.update(more)
+    return fields
+
+
+def _delay_ms(delay: Any) -> int:
+    """A retry delay (timedelta, None for at once) in ms."""
+    return int(delay.total_seconds() * 1000) if delay is not None else 0
 
 
 def _sched_batch() -> None:

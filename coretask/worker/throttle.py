@@ -29,9 +29,11 @@ class LogThrottle:
         self._lock = threading.Lock()     # runner threads and the loop thread log at once
         self._kinds: dict[Hashable, list[Any]] = {}   # key -> [window start, seen, level, what]
 
-    def log(self, key: Hashable, level: int, what: str, msg: str, *args: Any) -> None:
+    def log(self, key: Hashable, level: int, what: str, msg: str, *args: Any,
+            extra: Callable[[], dict[str, Any]] | None = None) -> None:
         """Log ``msg % args`` unless ``burst`` records of ``key`` were logged in this window;
-        ``what`` names the kind in the summary line ("tasks of myapp.tasks:send failed")."""
+        ``what`` names the kind in the summary line ("tasks of myapp.tasks:send failed").
+        ``extra``: builds the record's structured fields, called only for a record logged."""
         now = self.clock()
         with self._lock:
             entry = self._kinds.get(key)
@@ -43,7 +45,7 @@ class LogThrottle:
             entry[1] += 1
             shown = entry[1] <= self.burst
         if shown:
-            self.logger.log(level, msg, *args)
+            self.logger.log(level, msg, *args, extra=extra() if extra is not None else None)
 
     def flush(self) -> None:
         """Summarise every window that has ended."""

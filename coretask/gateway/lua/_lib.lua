@@ -108,6 +108,7 @@ local TASK_FIELDS = {q = 'queue', tn = 'tenant', b = 'batch', p = 'payload', s =
 local TASK_INTS = {r = true, a = true, e = true, d = true, ls = true, da = true, sk = true, to = true, kr = true,
                    kt = true}
 local QUEUES = {}   -- read_task rule: the field names a queue registered in P:queues
+local UNCHECKED = {}   -- read_task rule: read as it is, never a problem (a value only reported, as fetch's d)
 
 local function field_label(name)
   return "field '" .. name .. "' (" .. (TASK_FIELDS[name] or name) .. ")"
@@ -122,8 +123,10 @@ end
 -- integer field that is present must hold an integer (at most 18 digits: HINCRBY and Python's
 -- int() both take it); with a rule, the field must be present, q must be a queue name and tn a
 -- tenant name (as coretask/options.py allows), and: rule a string = v must equal it, rule
--- QUEUES = v must be registered in P:queues, rule a table = v must be one of its keys.
+-- QUEUES = v must be registered in P:queues, rule a table = v must be one of its keys; rule
+-- UNCHECKED = anything goes.
 local function field_problem(P, name, v, rule)
+  if rule == UNCHECKED then return nil end
   if not v then
     if rule then return field_label(name) .. ' is missing' end
     return nil

@@ -12,7 +12,8 @@
 --   in the reply only (empty for the others, and for tasks without a batch); then, 12th, a
 --   nested array {signature (field sg), tenant field tn of the task hash} ("" when absent),
 --   which the worker checks before it reads the task (coretask/signing.py); 13th, a nested
---   array {time limit ms (field to), keep-result ms (field kr)} ("" when absent).
+--   array {time limit ms (field to), keep-result ms (field kr), due ms (field d, set when the
+--   task was delayed; sent as stored, unchecked: only metrics read it)} ("" when absent).
 -- A leased task's hash gets st = running, w = worker, ls = lease start ms (get_task's started).
 --
 -- Queues are tried in the order given (first non-empty wins); inside a queue, tenants are
@@ -111,8 +112,8 @@ for qi = 6, #ARGV do
         for _, id in ipairs(ids or {}) do
           per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
           local tkey = P .. ':t:' .. id
-          local f, bad = read_task(P, id, {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr'},
-                                   {p = true, s = true, tg = true, r = true, tn = true, q = queue})
+          local f, bad = read_task(P, id, {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd'},
+                                   {p = true, s = true, tg = true, r = true, tn = true, q = queue, d = UNCHECKED})
           if not bad and f[4] and f[4] ~= '' and not batch_entry(f[4]).state then
             bad = "field 'b' (batch) names no batch: " .. quoted(f[4])
           end
@@ -147,7 +148,7 @@ for qi = 6, #ARGV do
               out[n+1] = id; out[n+2] = attempt; out[n+3] = f[1]; out[n+4] = f[2]; out[n+5] = f[3]
               out[n+6] = queue; out[n+7] = tenant; out[n+8] = shown or ''; out[n+9] = f[5]
               out[n+10] = f[6]; out[n+11] = binfo; out[n+12] = {f[8] or '', f[9] or ''}
-              out[n+13] = {f[12] or '', f[13] or ''}
+              out[n+13] = {f[12] or '', f[13] or '', f[14] or ''}
               got = got + 1
             end
           end
