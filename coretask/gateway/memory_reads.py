@@ -31,10 +31,12 @@ class MemoryReads(MemoryState):
         return False
 
     def paused_queues(self) -> list[str]:
-        return sorted(n for s, n in self._paused if s == "queue")
+        with self._lock:
+            return sorted(n for s, n in self._paused if s == "queue")
 
     def paused_tenants(self) -> list[str]:
-        return sorted(n for s, n in self._paused if s == "tenant")
+        with self._lock:
+            return sorted(n for s, n in self._paused if s == "tenant")
 
     def is_tenant_paused(self, tenant: str) -> bool:
         return ("tenant", tenant) in self._paused
@@ -49,7 +51,8 @@ class MemoryReads(MemoryState):
     # ============================================================================ reads
 
     def queue_names(self) -> list[str]:
-        return sorted({t["q"] for t in self._tasks.values()} | set(self._ready) | set(self._dead))
+        with self._lock:        # every read that walks a dict holds the lock: other threads write
+            return sorted({t["q"] for t in self._tasks.values()} | set(self._ready) | set(self._dead))
 
     def queue_counts(self, queue: str) -> tuple[int, int, int, int, bool]:
         with self._lock:
@@ -61,7 +64,8 @@ class MemoryReads(MemoryState):
         return 0           # nothing waits for its due time in eager mode
 
     def queue_tenants(self, queue: str) -> list[str]:
-        return sorted(self._ready.get(queue, {}))
+        with self._lock:
+            return sorted(self._ready.get(queue, {}))
 
     def ready_count(self, queue: str, tenant: str) -> int:
         return len(self._ready.get(queue, {}).get(tenant, ()))
@@ -103,13 +107,15 @@ class MemoryReads(MemoryState):
             return [(i, as_hash(self._batches[i])) for _, i in mine[skip:skip + take]]
 
     def batch_count(self, tenant: str) -> int:
-        return sum(1 for b in list(self._batches.values()) if b["tn"] == tenant)
+        with self._lock:
+            return sum(1 for b in self._batches.values() if b["tn"] == tenant)
 
     def worker_heartbeats(self) -> dict[str, int]:
         return {}
 
     def tenant_page(self, skip: int, take: int) -> list[str]:
-        return sorted(self._stats)[skip:skip + take]
+        with self._lock:
+            return sorted(self._stats)[skip:skip + take]
 
     def tenant_count(self) -> int:
         return len(self._stats)
@@ -182,6 +188,7 @@ class MemoryReads(MemoryState):
         return [(i, *self.schedule(i)) for i in ids]
 
     def schedule_count(self, tenant: str | None) -> int:
-        return sum(1 for s in list(self._schedules.values()) if tenant is None or s["tn"] == tenant)
+        with self._lock:
+            return sum(1 for s in self._schedules.values() if tenant is None or s["tn"] == tenant)
 
 
