@@ -110,3 +110,9 @@ def enqueue_then_cancel(n: int) -> str | None:
 def interrupted() -> None:
     SEEN["interrupted"].append("ran")
     raise KeyboardInterrupt
+
+
+def eager_app() -> Any:
+    """An --app that builds an eager processor: the worker and the CLI refuse it."""
+    from coretask import Options, TaskProcessor
+    return TaskProcessor(Options(eager=True))

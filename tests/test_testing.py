@@ -390,3 +390,13 @@ def test_a_keyboard_interrupt_in_a_task_stops_the_run_instead_of_being_retried()
     with pytest.raises(KeyboardInterrupt):
         p.enqueue_task("default", "acme", T.interrupted)
     assert SEEN["interrupted"] == ["ran"]
+
+
+def test_a_worker_and_the_cli_refuse_an_eager_app(capsys: pytest.CaptureFixture[str]) -> None:
+    from coretask.cli import main as cli
+    from coretask.worker.__main__ import main as worker
+
+    assert worker(["--app", "tests.tasks_eager:eager_app"]) == 2
+    assert "runs in eager mode" in capsys.readouterr().err
+    assert cli(["--app", "tests.tasks_eager:eager_app", "status"]) == 2
+    assert "point --app at a processor without eager=True" in capsys.readouterr().err
