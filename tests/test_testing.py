@@ -400,3 +400,28 @@ def test_a_worker_and_the_cli_refuse_an_eager_app(capsys: pytest.CaptureFixture[
     assert "runs in eager mode" in capsys.readouterr().err
     assert cli(["--app", "tests.tasks_eager:eager_app", "status"]) == 2
     assert "point --app at a processor without eager=True" in capsys.readouterr().err
+
+
+def test_the_memory_gateway_answers_every_gateway_call_the_api_makes() -> None:
+    """A Gateway method the API calls (client, batch, schedules, tenancy, introspection, the
+    task context) that MemoryGateway does not define would fall through to Redis-side code and
+    raise in eager mode: a method added to the API must get its memory counterpart."""
+    import ast
+    from pathlib import Path
+
+    import coretask
+    from coretask.gateway.memory import MemoryGateway
+
+    package = Path(coretask.__file__).parent
+    called: dict[str, str] = {}
+    for name in ("client", "batch", "schedules", "tenancy", "introspection", "context", "producing"):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and node.value.attr in ("gateway", "_gw", "_gateway")) or (
+                    isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "gw"):
+                called.setdefault(node.attr, f"coretask/{name}.py:{node.lineno}")
+    assert len(called) > 30, called          # the scan found the calls
+    own = {n for cls in MemoryGateway.__mro__ if cls is not Gateway and cls is not object for n in vars(cls)}
+    missing = {n: where for n, where in called.items() if n not in own}
+    assert not missing, f"MemoryGateway (coretask/gateway/memory*.py) lacks: {missing}"
