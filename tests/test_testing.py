@@ -425,3 +425,13 @@ def test_the_memory_gateway_answers_every_gateway_call_the_api_makes() -> None:
     own = {n for cls in MemoryGateway.__mro__ if cls is not Gateway and cls is not object for n in vars(cls)}
     missing = {n: where for n, where in called.items() if n not in own}
     assert not missing, f"MemoryGateway (coretask/gateway/memory*.py) lacks: {missing}"
+
+
+def test_the_dashboard_reads_answer_from_memory_too() -> None:
+    # a continuation on="success" of a batch that failed waits for ever: it is listed
+    p = eager(retries=1, eager_propagate=False)
+    bid = p.enqueue_batch("default", "acme", lambda b: (b.enqueue(T.boom, "x"), b.continue_with(T.summary)))
+    (waiting,) = p.gateway.continuation_ids(bid, 0, -1)
+    assert p.get_task(waiting).state == "waiting" and SEEN["summary"] == []
+    assert p.gateway.leased_page(0, -1) == ([], 0) and p.gateway.delayed_page(0, -1) == ([], 0)
+    assert p.gateway.history([1, 2]) == [{}, {}] and p.gateway.worker_details(["w"]) == [(0, {})]

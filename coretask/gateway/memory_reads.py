@@ -113,6 +113,26 @@ class MemoryReads(MemoryState):
     def worker_heartbeats(self) -> dict[str, int]:
         return {}
 
+    def worker_details(self, worker_ids: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+        return [(0, {}) for _ in worker_ids]     # no worker process in eager mode
+
+    def leased_page(self, start: int, stop: int) -> tuple[list[str], int]:
+        """Running tasks (in eager mode, the ones the calling threads run now), oldest first."""
+        with self._lock:
+            running = sorted((t["ls"], i) for i, t in self._tasks.items() if t["st"] == "running")
+            ids = [i for _, i in running]
+            return page(ids, start, stop), len(ids)
+
+    def delayed_page(self, start: int, stop: int) -> tuple[list[tuple[str, int]], int]:
+        return [], 0       # nothing waits for its due time in eager mode
+
+    def continuation_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
+        with self._lock:
+            return page(self._conts.get(batch_id, []), start, stop)
+
+    def history(self, minutes: Sequence[int]) -> list[dict[str, int]]:
+        return [{} for _ in minutes]          # no per-minute counters are kept in memory
+
     def tenant_page(self, skip: int, take: int) -> list[str]:
         with self._lock:
             return sorted(self._stats)[skip:skip + take]
