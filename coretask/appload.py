@@ -43,6 +43,10 @@ def load_processor(app: str) -> TaskProcessor:
                                      f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, TaskProcessor):
         raise ConfigurationError(f"--app {app} is a {type(obj).__name__}, not a TaskProcessor")
+    if obj.eager is not None:
+        raise ConfigurationError(f"--app {app} runs in eager mode (Options(eager=True)): its tasks run and stay in "
+                                 "the process that enqueues them, so a worker or the admin CLI has nothing to work "
+                                 "on; point --app at a processor without eager=True")
     return obj
 
 

@@ -39,11 +39,20 @@ class Client(Introspection, Schedules, TenantAdmin):
     then redelivered); it never runs zero times once enqueue_task returned.
     """
 
+    # Eager mode (Options.eager, coretask/eager.py): runs the tasks a call made ready, in the
+    # calling thread. None otherwise: then the calls below pay one attribute test for it.
+    _run_ready: Callable[[], None] | None = None
+
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
             raise ConfigurationError("pass either an Options object or keyword options, not both")
         self.options = options if options is not None else Options(**kwargs)
-        self.gateway = Gateway(self.options)
+        self.gateway: Gateway
+        if self.options.eager:      # the scripts' state in memory, no connection (gateway/memory.py)
+            from .gateway.memory import MemoryGateway
+            self.gateway = MemoryGateway(self.options)
+        else:
+            self.gateway = Gateway(self.options)
         self.chain = Chain.from_options(self.options)
         self.producer = Producer(self.options, self.chain)
 
@@ -101,6 +110,8 @@ class Client(Introspection, Schedules, TenantAdmin):
         log.debug("enqueued %s %s queue=%s tenant=%s", task_id, enc.target, queue, tenant)
         if message is not None and chain.after_enqueue:
             chain.after_enqueue(message)
+        if self._run_ready is not None:
+            self._run_ready()
         return task_id
 
     def enqueue_batch(self, queue: str, tenant: str, build: Callable[[BatchBuilder], Any],
@@ -120,6 +131,8 @@ class Client(Introspection, Schedules, TenantAdmin):
         check_tenant(tenant)
         builder = BatchBuilder(self.gateway, self.producer, queue, tenant, uuid.uuid4().hex, scope, "create")
         yield from _staged(builder)
+        if self._run_ready is not None:
+            self._run_ready()
 
     def append_batch(self, queue: str, tenant: str, batch_id: str, build: Callable[[BatchBuilder], Any]) -> bool:
         """Add tasks (and continuations) to an existing batch of this tenant. Returns False for
@@ -130,10 +143,13 @@ class Client(Introspection, Schedules, TenantAdmin):
         builder = BatchBuilder(self.gateway, self.producer, queue, tenant, batch_id, None, "append")
         try:
             build(builder)
-            return builder._commit()
+            committed = builder._commit()
         except BaseException:
             builder._abort()
             raise
+        if self._run_ready is not None:
+            self._run_ready()
+        return committed
 
     def cancel_batch(self, batch_id: str, tenant: str | None = None) -> bool:
         """Cancel a running batch at once: queued and delayed tasks never start, running ones are
@@ -161,7 +177,10 @@ class Client(Introspection, Schedules, TenantAdmin):
         """Move one dead-lettered task back to work with ``retries`` retries (default
         Options.retries), as retry_dead_tasks does. False when it is not a dead task (of
         ``tenant``); a dead task of a canceled batch is discarded instead (False)."""
-        return self.gateway.retry_dead_task(task_id, tenant, self.producer.retries(retries))
+        moved = self.gateway.retry_dead_task(task_id, tenant, self.producer.retries(retries))
+        if self._run_ready is not None:
+            self._run_ready()
+        return moved
 
     def discard_dead_task(self, task_id: str, tenant: str | None = None) -> bool:
         """Delete one dead-lettered task (its batch keeps counting it failed)."""
@@ -204,7 +223,10 @@ class Client(Introspection, Schedules, TenantAdmin):
 
     def retry_dead_tasks(self, queue: str, retries: int | None = None, count: int | None = None) -> int:
         """Move dead-lettered tasks back to work (oldest first) with ``retries`` retries."""
-        return self.gateway.retry_dead(check_queue_name(queue), self.producer.retries(retries), count or 0)
+        moved = self.gateway.retry_dead(check_queue_name(queue), self.producer.retries(retries), count or 0)
+        if self._run_ready is not None:
+            self._run_ready()
+        return moved
 
     def discard_dead_tasks(self, queue: str, count: int | None = None) -> int:
         return self.gateway.discard_dead(check_queue_name(queue), count or 0)

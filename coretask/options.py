@@ -121,6 +121,16 @@ class Options:
     task_retention: keep the record of every finished task this long, so ``get_task`` shows how
       it ended (state, duration, error). None = off: at 10,000 tasks/s an hour of records is
       several gigabytes (README, Results and task state).
+    eager: run every task in the calling thread as it is enqueued, with no Redis at all (for
+      tests and scripts; coretask/eager.py, docs/testing.md). Enqueueing encodes, checks, signs
+      and calls middleware as always; the task then runs through a worker's runner (hooks,
+      retries in place without waiting their delay, time limits, results, continuations) and
+      its state lives in this process's memory, where get_task, get_result and get_batch read
+      it. Schedules are stored, never ticked. Leases, fairness, pause and cancels from other
+      processes are not emulated.
+    eager_propagate: in eager mode, a task that fails for good (retries exhausted, or refused)
+      raises its exception from the enqueue call that ran it; False records it as a dead task
+      (get_dead_tasks, get_result raises TaskFailed) and raises nothing.
     """
 
     redis: str = dataclasses.field(default_factory=lambda: os.environ.get("CORETASK_REDIS_URL", DEFAULT_REDIS))
@@ -164,6 +174,8 @@ class Options:
     timeout: timedelta | None = None
     result_ttl: timedelta | None = None
     task_retention: timedelta | None = None
+    eager: bool = False
+    eager_propagate: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.redis, str) or not re.match(r"^(redis|rediss|unix)://", self.redis):
@@ -216,6 +228,9 @@ class Options:
             raise ConfigurationError(f"Options.sched_batch must be True or False, got {self.sched_batch!r}")
         if not isinstance(self.allow_unsigned_pickle, bool):
             raise ConfigurationError(f"Options.allow_unsigned_pickle must be True or False, got {self.allow_unsigned_pickle!r}")
+        for name in ("eager", "eager_propagate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"Options.{name} must be True or False, got {getattr(self, name)!r}")
 
     def __repr__(self) -> str:  # the dataclass repr would show the password of the redis URL
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -111,6 +111,7 @@ class Schedules:
     gateway: Gateway
     options: Options
     producer: Producer
+    _run_ready: Callable[[], None] | None
 
     def upsert_schedule(self, data: ScheduleData, fn: Callable[..., Any] | Call | TaskData,
                         *args: Any, **kwargs: Any) -> bool:
@@ -156,7 +157,10 @@ class Schedules:
         with ``tenant``, another tenant's: checked inside the script). A
         manual run is never skipped by ``unique`` or a pause (a paused processor just holds
         it queued), but it counts as the previous run for the next ``unique`` tick."""
-        return self.gateway.trigger_schedule(schedule_id, uuid.uuid4().hex, tenant).code == 1
+        enqueued = self.gateway.trigger_schedule(schedule_id, uuid.uuid4().hex, tenant).code == 1
+        if self._run_ready is not None:      # eager mode runs it now (coretask/eager.py)
+            self._run_ready()
+        return enqueued
 
     def get_schedule(self, schedule_id: str) -> ScheduleInfo | None:
         h, score = self.gateway.schedule(schedule_id)

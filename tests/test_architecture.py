@@ -34,7 +34,7 @@ BASE, GATEWAY, API, WORKER, ENTRY = "base", "gateway", "api", "worker", "entry"
 # that those files land in the right layer the day they are added.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (ENTRY, ("coretask/__init__.py", "coretask/__main__.py", "coretask/cli.py", "coretask/appload.py",
-             "coretask/processor.py", "coretask/worker/__main__.py", "coretask/embedded/**",
+             "coretask/processor.py", "coretask/eager.py", "coretask/worker/__main__.py", "coretask/embedded/**",
              "coretask/dashboard/**", "coretask/flask.py", "coretask/testing.py", "coretask/contrib/**")),
     (BASE, ("coretask/errors.py", "coretask/options.py", "coretask/models.py", "coretask/encoding.py",
             "coretask/targets.py", "coretask/signing.py", "coretask/cron.py", "coretask/context.py",
@@ -342,6 +342,7 @@ def test_unlisted_module_and_unknown_import_are_reported() -> None:
     ("coretask/worker/__main__.py", ENTRY), ("coretask/embedded/servers.py", ENTRY),
     ("coretask/dashboard/__init__.py", ENTRY), ("coretask/dashboard/views/app.py", ENTRY),
     ("coretask/flask.py", ENTRY), ("coretask/testing.py", ENTRY), ("coretask/contrib/sentry.py", ENTRY),
+    ("coretask/eager.py", ENTRY), ("coretask/gateway/memory.py", GATEWAY),
     ("coretask/gatewayish.py", None), ("coretask/workers/x.py", None),
 ])
 def test_layer_table(path: str, layer: str | None) -> None:

@@ -93,3 +93,34 @@ def test_schedule_example_runs_once_per_tick(standalone):
     # 4 s of a per-second schedule, minus worker start-up: a few runs, never more than one per tick
     assert 1 <= len(runs) <= 5, out.stdout
     assert len(set(runs)) == len(runs)
+
+
+# ------------------------------------------- the examples' tasks under coretask's test support
+# The two forms docs/testing.md offers for a user's own tests: eager mode (no server) and the
+# pytest plugin's fixtures with drain() (a server the plugin starts, tasks run in this process).
+
+def test_script_example_tasks_in_eager_mode():
+    from coretask import Options, TaskProcessor
+    from examples.script import word_count
+
+    p = TaskProcessor(Options(eager=True, result_ttl=60))
+    batch_id = p.enqueue_batch("default", "me", lambda b: [b.enqueue(word_count, line) for line in ["a b", "c d e"]])
+    info = p.get_batch(batch_id)
+    assert (info.state, info.done) == ("succeeded", 2)
+    assert [r.value for r in p.get_batch_results(batch_id)] == [2, 3]
+
+
+def test_cpu_batch_example_tasks_drained_by_the_pytest_plugin(coretask_server, coretask_processor, monkeypatch):
+    import redis
+
+    from coretask.testing import drain
+    from examples import cpu_batch
+
+    monkeypatch.setenv("CORETASK_REDIS_URL", coretask_server.url)     # where the example's tasks write
+    batch_id = coretask_processor.enqueue_batch("default", "me", lambda b: (
+        [b.enqueue(cpu_batch.count_primes, lo, lo + 250) for lo in range(0, 1000, 250)],
+        b.continue_with(cpu_batch.add_up)))
+    drain(coretask_processor, timeout=60)
+    total = redis.Redis.from_url(coretask_server.url).get(f"{cpu_batch.PREFIX}:total:{batch_id}")
+    assert int(total) == 168                                           # primes below 1000
+    assert coretask_processor.get_batch(batch_id).state == "succeeded"

@@ -21,6 +21,9 @@ def test_wheel_installs_and_runs_a_task_outside_the_checkout(tmp_path: Path, ser
     lua = {Path(n).name for n in names if n.startswith("coretask/gateway/lua/") and n.endswith(".lua")}
     assert {"_lib.lua", "enqueue.lua", "fetch.lua", "complete.lua"} <= lua
     assert "coretask/py.typed" in names
+    # the pytest plugin is registered through its entry point (docs/testing.md)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "[pytest11]\ncoretask = coretask.testing" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
     # When it is installed into a fresh venv and used from a directory outside the checkout
     venv = tmp_path / "venv"

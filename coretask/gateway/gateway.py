@@ -479,6 +479,11 @@ class Gateway:
         (ready, inflight, delayed), dead, paused = pipe.execute()
         return int(ready or 0), int(inflight or 0), int(delayed or 0), int(dead), bool(paused)
 
+    def due_count(self) -> int:
+        """Delayed or retrying tasks whose due time has passed on the server's clock but that no
+        fetch has moved to their queue yet (coretask.testing.drain waits for them too)."""
+        return int(self._redis.zcount(self.keys.delayed, "-inf", self.server_time_ms()))
+
     def queue_tenants(self, queue: str) -> list[str]:
         """Tenants that ever had ready work in the queue, in name order."""
         return sorted(_decoded(self._redis.smembers(self.keys.queue_tenants(queue))))

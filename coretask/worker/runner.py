@@ -152,6 +152,8 @@ class Runner:
                     result = encode_result(task.id, task.target, task.result, self.options)
                 except (SerializationError, PayloadTooLarge) as exc:   # same value on every run: no retry
                     log.error("task %s %s succeeded but its result cannot be kept: %s", task.id, task.target, exc)
+                    if chain.on_dead:       # buried below: a failed attempt gets on_retry or on_dead
+                        chain.on_dead(ctx, exc)
                     if chain.after_task:
                         chain.after_task(ctx, FAILED, None, exc)
                     self.ledger.failed(task, _failure(task, exc, duration_ms, bury=True))
