@@ -10,8 +10,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .errors import ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
-from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, ms_to_dt,
-                     to_int)
+from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
+                     ms_to_dt, to_int)
 from .options import Options, check_queue_name, check_tenant
 from .results import decode_result
 
@@ -22,6 +22,7 @@ __all__ = ["Introspection"]
 
 PREVIEW = 120
 WAIT_SLICE = 5.0     # seconds per blocking wait of get_result (well under the socket timeout)
+FILTER_SCAN = 1000   # running/delayed entries examined per call when filtering by queue or tenant
 
 
 class Introspection:
@@ -53,6 +54,34 @@ class Introspection:
     def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
         ids = self.gateway.dead_ids(check_queue_name(queue), skip, skip + take - 1)
         return [t for t in self._tasks(ids, DeadTask) if t is not None]
+
+    def get_running_tasks(self, skip: int = 0, take: int = 25, queue: str | None = None,
+                          tenant: str | None = None) -> list[TaskInfo]:
+        """Running tasks, soonest lease deadline first. Filtered by ``queue`` / ``tenant``, the
+        filter looks at the first FILTER_SCAN running tasks past ``skip`` (running tasks are
+        bounded by the workers' threads, so that is all of them in any usual deployment)."""
+        if queue is None and tenant is None:
+            ids, _ = self.gateway.leased_page(skip, skip + take - 1)
+            return [t for t in self._tasks(ids, TaskInfo) if t is not None]
+        ids, _ = self.gateway.leased_page(0, skip + FILTER_SCAN - 1)
+        mine = [t for t in self._tasks(ids, TaskInfo) if t is not None and _matches(t, queue, tenant)]
+        return mine[skip:skip + take]
+
+    def get_running_count(self) -> int:
+        return self.gateway.leased_page(0, 0)[1]
+
+    def get_delayed_tasks(self, skip: int = 0, take: int = 25, queue: str | None = None,
+                          tenant: str | None = None) -> list[TaskInfo]:
+        """Delayed and retrying tasks, soonest due first (filtered as get_running_tasks does)."""
+        if queue is None and tenant is None:
+            rows, _ = self.gateway.delayed_page(skip, skip + take - 1)
+            return [t for t in self._tasks([i for i, _ in rows], TaskInfo) if t is not None]
+        rows, _ = self.gateway.delayed_page(0, skip + FILTER_SCAN - 1)
+        mine = [t for t in self._tasks([i for i, _ in rows], TaskInfo) if t is not None and _matches(t, queue, tenant)]
+        return mine[skip:skip + take]
+
+    def get_delayed_count(self) -> int:
+        return self.gateway.delayed_page(0, 0)[1]
 
     def get_quarantined(self, skip: int = 0, take: int = 25) -> list[QuarantinedTask]:
         """Tasks taken out of circulation because their records were damaged beyond a dead
@@ -148,6 +177,14 @@ class Introspection:
             return None
         return BatchInfo.from_hash(batch_id, h)
 
+    def get_batch_continuations(self, batch_id: str, tenant: str | None = None, take: int = 100) -> list[TaskInfo]:
+        """The batch's continuations that have not been released yet (they run once it
+        finishes); [] when unknown or (with ``tenant``) another tenant's."""
+        if self.get_batch(batch_id, tenant) is None:
+            return []
+        ids = self.gateway.continuation_ids(batch_id, 0, take - 1)
+        return [t for t in self._tasks(ids, TaskInfo) if t is not None]
+
     def get_batches(self, tenant: str, skip: int = 0, take: int = 25) -> list[BatchInfo]:
         """A tenant's batches, newest first."""
         return [BatchInfo.from_hash(b, h) for b, h in self.gateway.batch_page(check_tenant(tenant), skip, take)]
@@ -155,10 +192,28 @@ class Introspection:
     def get_batches_count(self, tenant: str) -> int:
         return self.gateway.batch_count(check_tenant(tenant))
 
+    def get_worker_states(self) -> list[WorkerState]:
+        """Every worker process with a heartbeat: host, pid, tasks it holds, heartbeat age;
+        ordered by id (so a host's processes sit together)."""
+        beats = sorted(self.gateway.worker_heartbeats().items())
+        counts = self.gateway.worker_lease_counts([w for w, _ in beats])
+        now = time.time() * 1000
+        out = []
+        for (wid, hb), running in zip(beats, counts):
+            host, _, rest = wid.partition(":")
+            pid = rest.partition(":")[0]
+            out.append(WorkerState(id=wid, host=host, pid=int(pid) if pid.isdigit() else None, running=running,
+                                   heartbeat_age=max(now - hb, 0) / 1000, last_heartbeat=ms_to_dt(hb)))
+        return out
+
     def get_workers(self) -> dict[str, float]:
         """Worker ids with the age in seconds of their last heartbeat."""
         now = time.time() * 1000
         return {w: (now - hb) / 1000 for w, hb in self.gateway.worker_heartbeats().items()}
+
+
+def _matches(t: TaskInfo, queue: str | None, tenant: str | None) -> bool:
+    return (queue is None or t.queue == queue) and (tenant is None or t.tenant == tenant)
 
 
 NUMERIC = {"r": "retries", "e": "enqueued", "da": "dead at", "a": "attempt", "ls": "lease start",

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timezone
 
-__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "TaskOutcome"]
+__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "TaskOutcome",
+           "WorkerState"]
 
 FINISHED = ("succeeded", "failed", "canceled", "dead")   # final states a kept record can show
 
@@ -159,3 +160,18 @@ class BatchInfo:
                    remaining=n("remaining"), running=max(n("run"), 0), duration=n("dur") / 1000,
                    created=ms_to_dt(h.get(b"created")), started=ms_to_dt(h.get(b"started")),
                    ended=ms_to_dt(h.get(b"ended")))
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerState:
+    """A worker process as its heartbeat shows it: ``host`` and ``pid`` come from its id
+    (``host:pid:suffix``; a manager's children share the manager's pid in their ids),
+    ``running`` is how many tasks it holds now, ``heartbeat_age`` the seconds since its last
+    heartbeat (renewed every lease renewal; a worker past ``Options.invisibility`` is gone)."""
+
+    id: str
+    host: str
+    pid: int | None
+    running: int
+    heartbeat_age: float
+    last_heartbeat: datetime | None

@@ -21,6 +21,9 @@ def test_wheel_installs_and_runs_a_task_outside_the_checkout(tmp_path: Path, ser
     lua = {Path(n).name for n in names if n.startswith("coretask/gateway/lua/") and n.endswith(".lua")}
     assert {"_lib.lua", "enqueue.lua", "fetch.lua", "complete.lua"} <= lua
     assert "coretask/py.typed" in names
+    dashboard = {n for n in names if n.startswith("coretask/dashboard/")}
+    assert {"coretask/dashboard/templates/coretask_dashboard/base.html", "coretask/dashboard/static/dashboard.css",
+            "coretask/dashboard/static/dashboard.js"} <= dashboard, sorted(dashboard)
 
     # When it is installed into a fresh venv and used from a directory outside the checkout
     venv = tmp_path / "venv"

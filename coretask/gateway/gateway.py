@@ -559,6 +559,33 @@ class Gateway:
         batch_id = b.decode()
         return batch_id, self.batch_hash(batch_id)
 
+    def leased_page(self, start: int, stop: int) -> tuple[list[str], int]:
+        """Running task ids by lease deadline (P:leases), and how many run in all."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.leases, start, stop)
+        pipe.zcard(self.keys.leases)
+        ids, n = pipe.execute()
+        return _decoded(ids), int(n)
+
+    def delayed_page(self, start: int, stop: int) -> tuple[list[tuple[str, int]], int]:
+        """Delayed and retrying task ids with their due ms, soonest first, and the total."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.delayed, start, stop, withscores=True)
+        pipe.zcard(self.keys.delayed)
+        rows, n = pipe.execute()
+        return [(i.decode(errors="replace"), int(score)) for i, score in rows], int(n)
+
+    def continuation_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
+        """A batch's continuations not yet released (P:b:<id>:cont)."""
+        return _decoded(self._redis.lrange(self.keys.continuations(batch_id), start, stop))
+
+    def worker_lease_counts(self, worker_ids: Sequence[str]) -> list[int]:
+        """Per worker process: how many tasks it holds now (SCARD of its lease set)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for w in worker_ids:
+            pipe.scard(self.keys.worker(w))
+        return [int(n) for n in pipe.execute()]
+
     def worker_heartbeats(self) -> dict[str, int]:
         """Worker id -> last heartbeat (ms, server clock)."""
         return {w.decode(): int(hb) for w, hb in self._redis.hgetall(self.keys.workers).items()}
