@@ -14,7 +14,7 @@ from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost,
                      ResultPending, ResultUnavailable, TargetError, TaskCanceled, TaskFailed, TaskLoadError,
                      TaskRefused, TaskTimeout, UnknownOption)
 from .middleware import Middleware
-from .models import BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, WorkerState
+from .models import BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, WorkerState, HistoryPoint
 from .options import Options
 from .schedules import ScheduleData, ScheduleInfo
 
@@ -28,7 +28,7 @@ __all__ = [
     # what can be enqueued
     "call", "Call", "TaskData", "Serializer",
     # introspection views
-    "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "WorkerState",
+    "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "WorkerState", "HistoryPoint",
     # errors
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",

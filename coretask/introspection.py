@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .errors import ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
+from .errors import ConfigurationError, ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
 from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
-                     ms_to_dt, to_int)
+                     HistoryPoint, ms_to_dt, to_int)
 from .options import Options, check_queue_name, check_tenant
 from .results import decode_result
 
@@ -22,6 +23,7 @@ __all__ = ["Introspection"]
 
 PREVIEW = 120
 WAIT_SLICE = 5.0     # seconds per blocking wait of get_result (well under the socket timeout)
+HISTORY_MINUTES = 24 * 60   # how far back the per-minute history goes (its keys expire after 25 h)
 FILTER_SCAN = 1000   # running/delayed entries examined per call when filtering by queue or tenant
 
 
@@ -193,18 +195,45 @@ class Introspection:
         return self.gateway.batch_count(check_tenant(tenant))
 
     def get_worker_states(self) -> list[WorkerState]:
-        """Every worker process with a heartbeat: host, pid, tasks it holds, heartbeat age;
-        ordered by id (so a host's processes sit together)."""
+        """Every worker process with a heartbeat: host, pid, tasks it holds, heartbeat age, and
+        what it reports about itself (threads, queues, start, memory); ordered by id (so a
+        host's processes sit together)."""
         beats = sorted(self.gateway.worker_heartbeats().items())
-        counts = self.gateway.worker_lease_counts([w for w, _ in beats])
+        details = self.gateway.worker_details([w for w, _ in beats])
         now = time.time() * 1000
         out = []
-        for (wid, hb), running in zip(beats, counts):
+        for (wid, hb), (running, info) in zip(beats, details):
             host, _, rest = wid.partition(":")
-            pid = rest.partition(":")[0]
-            out.append(WorkerState(id=wid, host=host, pid=int(pid) if pid.isdigit() else None, running=running,
-                                   heartbeat_age=max(now - hb, 0) / 1000, last_heartbeat=ms_to_dt(hb)))
+            pid = info.get("pid") or rest.partition(":")[0]
+            out.append(WorkerState(
+                id=wid, host=info.get("host") or host, pid=int(pid) if pid.isdigit() else None, running=running,
+                heartbeat_age=max(now - hb, 0) / 1000, last_heartbeat=ms_to_dt(hb),
+                threads=to_int(info["threads"]) if "threads" in info else None,
+                queues=tuple(q for q in info.get("queues", "").split(",") if q),
+                started=ms_to_dt(info.get("started")), memory=to_int(info["rss"]) if "rss" in info else None))
         return out
+
+    def get_history(self, minutes: int = 60, step: int = 1, queue: str | None = None) -> list[HistoryPoint]:
+        """Attempts ended and failed per ``step`` minutes over the last ``minutes`` minutes
+        (at most 24 hours), oldest first, the current minute last; all queues, or one. Read
+        from per-minute counters the scripts keep (never scanned)."""
+        if not 1 <= minutes <= HISTORY_MINUTES or step < 1 or minutes % step:
+            raise ConfigurationError(f"get_history: minutes must be 1..{HISTORY_MINUTES} and a multiple of step "
+                                     f"(got minutes={minutes}, step={step})")
+        now_minute = self.gateway.server_time_ms() // 60000
+        first = now_minute - minutes + 1
+        rows = self.gateway.history(range(first, now_minute + 1))
+        points = []
+        for i in range(0, minutes, step):
+            processed = failed = 0
+            for h in rows[i:i + step]:
+                for field, n in h.items():
+                    kind, _, q = field.partition(":")
+                    if queue is None or q == queue:
+                        processed += n if kind == "p" else 0
+                        failed += n if kind == "f" else 0
+            points.append(HistoryPoint(datetime.fromtimestamp((first + i) * 60, tz=timezone.utc), step, processed, failed))
+        return points
 
     def get_workers(self) -> dict[str, float]:
         """Worker ids with the age in seconds of their last heartbeat."""

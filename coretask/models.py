@@ -5,7 +5,7 @@ import dataclasses
 from datetime import datetime, timezone
 
 __all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "TaskOutcome",
-           "WorkerState"]
+           "WorkerState", "HistoryPoint"]
 
 FINISHED = ("succeeded", "failed", "canceled", "dead")   # final states a kept record can show
 
@@ -167,7 +167,9 @@ class WorkerState:
     """A worker process as its heartbeat shows it: ``host`` and ``pid`` come from its id
     (``host:pid:suffix``; a manager's children share the manager's pid in their ids),
     ``running`` is how many tasks it holds now, ``heartbeat_age`` the seconds since its last
-    heartbeat (renewed every lease renewal; a worker past ``Options.invisibility`` is gone)."""
+    heartbeat (renewed every lease renewal; a worker past ``Options.invisibility`` is gone).
+    ``threads``, ``queues``, ``started`` and ``memory`` (resident bytes) are what the process
+    last reported about itself every few seconds; None (empty) until its first report."""
 
     id: str
     host: str
@@ -175,3 +177,18 @@ class WorkerState:
     running: int
     heartbeat_age: float
     last_heartbeat: datetime | None
+    threads: int | None = None
+    queues: tuple[str, ...] = ()
+    started: datetime | None = None
+    memory: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryPoint:
+    """Attempts that ended (``processed``: succeeded, failed or canceled) and failed in the
+    ``minutes`` minutes starting at ``start`` (UTC)."""
+
+    start: datetime
+    minutes: int
+    processed: int
+    failed: int

@@ -233,7 +233,12 @@ def test_the_reads_added_for_the_dashboard(processor: TaskProcessor, embedded_wo
     assert [t.id for t in processor.tenant("globex").get_running_tasks()] == [other]
     # and the worker's state counts the tasks it holds
     states = wait_until(lambda: [w for w in processor.get_worker_states() if w.running == 2], 20, "a heartbeat")
-    assert states[0].host and states[0].heartbeat_age < 30
+    w = states[0]
+    assert w.host and w.heartbeat_age < 30 and w.threads == processor.options.max_workers
+    assert w.queues == ("default",) and w.memory and w.memory > 10_000_000 and w.started is not None
+    client = app_for(processor).test_client()
+    page = client.get("/dash/workers").get_data(as_text=True)
+    assert w.id in page and " MB" in page
     for t in running:
         processor.cancel_task(t.id)
     wait_until(lambda: processor.get_running_count() == 0, 20, "the tasks aborted")
@@ -265,3 +270,40 @@ def test_the_standalone_command_serves_the_dashboard(server: Any, prefix: str, p
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_history_counts_attempts_per_minute_and_the_overview_draws_it(processor: TaskProcessor, r: Any,
+                                                                      prefix: str,
+                                                                      embedded_worker: Callable[..., Any]) -> None:
+    # Given 5 tasks that succeed and 2 that fail for good
+    embedded_worker(processor)
+    ok = [processor.enqueue_task("default", "acme", td.noop, i) for i in range(5)]
+    bad = [processor.enqueue_task("default", "acme", td.fail, "boom", retries=0) for _ in range(2)]
+    wait_until(lambda: all(processor.get_task(t) is None for t in ok)
+               and all((x := processor.get_task(t)) is not None and x.state == "dead" for t in bad), 20, "all ended")
+    # Then the last hour's history counts 7 attempts ended and 2 failed, by queue
+    hour = processor.get_history(60)
+    from datetime import datetime, timezone
+    assert len(hour) == 60 and 0 <= (datetime.now(timezone.utc) - hour[-1].start).total_seconds() < 120
+    assert (sum(p.processed for p in hour), sum(p.failed for p in hour)) == (7, 2)
+    assert sum(p.processed for p in processor.get_history(60, queue="default")) == 7
+    assert sum(p.processed for p in processor.get_history(60, queue="other")) == 0
+    day = processor.get_history(24 * 60, 15)
+    assert len(day) == 96 and sum(p.failed for p in day) == 2
+    # and its keys expire on their own (bounded memory, never scanned)
+    minute = int(hour[-1].start.timestamp()) // 60
+    keys = [f"{prefix}:h:{m}" for m in (minute - 1, minute) if r.exists(f"{prefix}:h:{m}")]
+    assert keys and all(24 * 3600_000 < r.pttl(k) <= 25 * 3600_000 for k in keys)
+    with pytest.raises(ConfigurationError):
+        processor.get_history(24 * 60 + 1)
+
+    # And the overview draws it as inline SVG, and its live twin carries the rows
+    client = app_for(processor).test_client()
+    html = client.get("/dash/").get_data(as_text=True)
+    assert 'data-chart="hour"' in html and 'data-chart="day"' in html
+    rows = client.get("/dash/live/overview").get_json()["charts"]["hour"]
+    assert len(rows) == 60 and sum(p for p, _ in rows) == 7 and sum(f for _, f in rows) == 2
+    assert 'data-chart="queue-hour"' in client.get("/dash/queues/default").get_data(as_text=True)
+    # not on a tenant's dashboard: the counters are per queue, shared by tenants
+    scoped = app_for(processor.tenant("acme")).test_client()
+    assert "data-chart" not in scoped.get("/dash/").get_data(as_text=True)

@@ -108,6 +108,9 @@ def test_every_page_loads_without_console_errors(dash: Dash, processor: TaskProc
     page = dash.go("/")
     expect(page.locator("#pause-state")).to_have_text("running")
     expect(page.locator("td[data-text='q:default:dead']")).to_have_text("1")
+    bars = page.locator("svg[data-chart='hour'] rect.p")
+    expect(bars).to_have_count(60)
+    assert max(bars.evaluate_all("rs => rs.map(r => +r.getAttribute('height'))")) > 0   # this minute's work
     dash.shot("overview")
     dash.go("/queues/default")
     expect(page.locator(".error-message").first).to_have_text("<script>alert(1)</script>")
@@ -125,6 +128,8 @@ def test_every_page_loads_without_console_errors(dash: Dash, processor: TaskProc
     dash.shot("tenants")
     dash.go("/workers")
     expect(page.locator("tbody tr").first).to_contain_text(processor.get_worker_states()[0].host)
+    expect(page.locator("tbody tr").first).to_contain_text(" MB")
+    dash.shot("workers")
     dash.go(f"/tasks/{dead}")
     expect(page.locator("#task-state")).to_have_text("dead")
     expect(page.locator(".traceback")).to_contain_text("ValueError")

@@ -5,6 +5,8 @@ Each page has a ``live`` twin that returns the numbers that move (counts, states
 elements that show them with ``data-text`` / ``data-bar`` / ``data-if`` / ``data-unless`` and
 static/dashboard.js polls the twin (see docs/decisions.md: why polling, not server-sent events).
 Lists are paginated (PAGE rows) and read by index ranges and counters, never by scanning.
+The graphs (processed and failed per minute; not on a tenant's dashboard: the history counters
+are per queue) are read from the per-minute counters the scripts keep (get_history).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("coretask.dashboard needs Flask: pip install 'coretask[dashboard]'") from exc
 
 from ..errors import CoreTaskError
-from ..models import BatchInfo, TaskInfo
+from ..models import BatchInfo, HistoryPoint, TaskInfo
 from .scope import Scope
 
 __all__ = ["add_pages"]
@@ -83,7 +85,11 @@ def runtime(t: TaskInfo) -> str:
 
 
 def empty_live() -> dict[str, Any]:
-    return {"text": {}, "bars": {}, "flags": {}}
+    return {"text": {}, "bars": {}, "flags": {}, "charts": {}}
+
+
+def chart_rows(points: list[HistoryPoint]) -> list[list[int]]:
+    return [[p.processed, p.failed] for p in points]
 
 
 def add_pages(bp: Blueprint, scope: Scope) -> None:
@@ -101,13 +107,17 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
             workers = scope.processor.get_worker_states()
             out["text"]["workers"] = str(len(workers))
             out["text"]["running"] = str(sum(w.running for w in workers))
+            out["charts"]["hour"] = chart_rows(scope.processor.get_history(60))
         return out
 
     @bp.get("/")
     def overview() -> ResponseReturnValue:
         workers = [] if scope.scoped else scope.processor.get_worker_states()
+        charts = [] if scope.scoped else [
+            ("hour", "Last hour, per minute", scope.processor.get_history(60)),
+            ("day", "Last 24 hours, per 15 minutes", scope.processor.get_history(24 * 60, 15))]
         return render_template(T + "overview.html", queues=scope.queues(), paused=scope.paused, workers=workers,
-                               live=url_for(".live_overview"))
+                               charts=charts, live=url_for(".live_overview"))
 
     @bp.get("/live/overview")
     def live_overview() -> ResponseReturnValue:
@@ -129,7 +139,8 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
                         else 1, 1)
         tasks = scope.tasks_in_queue(name, (page - 1) * PAGE, PAGE)
         dead = scope.dead(name, (dead_page - 1) * PAGE, PAGE)
-        return render_template(T + "queue.html", q=q, tasks=tasks, page=page, more=len(tasks) == PAGE,
+        hour = None if scope.scoped else scope.processor.get_history(60, queue=name)
+        return render_template(T + "queue.html", q=q, tasks=tasks, page=page, more=len(tasks) == PAGE, hour=hour,
                                running=scope.running(name), delayed=scope.delayed(name), dead=dead,
                                dead_page=dead_page, dead_more=len(dead) == PAGE,
                                live=url_for(".live_queue", name=name))
@@ -144,6 +155,8 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
         for t in scope.running(name):
             task_live(t, out)
             out["text"][f"t:{t.id}:runtime"] = runtime(t)
+        if not scope.scoped:
+            out["charts"]["queue-hour"] = chart_rows(scope.processor.get_history(60, queue=name))
         return jsonify(out)
 
     # ----------------------------------------------------------------------- batches

@@ -256,6 +256,15 @@ class Gateway:
 
     def forget_worker(self, worker_id: str) -> None:
         self._redis.hdel(self.keys.workers, worker_id)
+        self._redis.delete(self.keys.worker_info(worker_id))
+
+    def report_worker(self, worker_id: str, fields: dict[str, str | int], ttl_ms: int) -> None:
+        """What a worker process says about itself (host, pid, threads, queues, started, rss),
+        kept ``ttl_ms`` unless reported again: a process that vanishes leaves nothing behind."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(self.keys.worker_info(worker_id), mapping=fields)
+        pipe.pexpire(self.keys.worker_info(worker_id), ttl_ms)
+        pipe.execute()
 
     # ============================================================================ control
 
@@ -579,12 +588,24 @@ class Gateway:
         """A batch's continuations not yet released (P:b:<id>:cont)."""
         return _decoded(self._redis.lrange(self.keys.continuations(batch_id), start, stop))
 
-    def worker_lease_counts(self, worker_ids: Sequence[str]) -> list[int]:
-        """Per worker process: how many tasks it holds now (SCARD of its lease set)."""
+    def history(self, minutes: Sequence[int]) -> list[dict[str, int]]:
+        """Per minute (ms // 60000): {"p:<queue>": attempts ended, "f:<queue>": failed}, {} for
+        a minute with none (or expired); one pipelined HGETALL per minute, keys read by name."""
+        pipe = self._redis.pipeline(transaction=False)
+        for m in minutes:
+            pipe.hgetall(self.keys.history(m))
+        return [{k.decode(errors="replace"): int(v) for k, v in h.items()} for h in pipe.execute()]
+
+    def worker_details(self, worker_ids: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+        """Per worker process: how many tasks it holds now (SCARD of its lease set) and what it
+        last reported about itself ({} when nothing, or expired)."""
         pipe = self._redis.pipeline(transaction=False)
         for w in worker_ids:
             pipe.scard(self.keys.worker(w))
-        return [int(n) for n in pipe.execute()]
+            pipe.hgetall(self.keys.worker_info(w))
+        res = pipe.execute()
+        return [(int(n), {k.decode(errors="replace"): v.decode(errors="replace") for k, v in h.items()})
+                for n, h in zip(res[::2], res[1::2])]
 
     def worker_heartbeats(self) -> dict[str, int]:
         """Worker id -> last heartbeat (ms, server clock)."""
