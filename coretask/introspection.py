@@ -42,10 +42,10 @@ class Introspection:
         """Ready tasks of a queue, tenant by tenant (tenants in name order, FIFO within one)."""
         gw = self.gateway
         ids: list[str] = []
-        for tenant in gw.queue_tenants(check_queue_name(queue)):
+        tenants = gw.queue_tenants(check_queue_name(queue))
+        for tenant, n in zip(tenants, gw.ready_counts(queue, tenants)):     # one round trip for all counts
             if len(ids) >= take:
                 break
-            n = gw.ready_count(queue, tenant)
             if skip >= n:
                 skip -= n
                 continue
@@ -66,8 +66,7 @@ class Introspection:
             ids, _ = self.gateway.leased_page(skip, skip + take - 1)
             return [t for t in self._tasks(ids, TaskInfo) if t is not None]
         ids, _ = self.gateway.leased_page(0, skip + FILTER_SCAN - 1)
-        mine = [t for t in self._tasks(ids, TaskInfo) if t is not None and _matches(t, queue, tenant)]
-        return mine[skip:skip + take]
+        return self._filtered(ids, skip, take, queue, tenant)
 
     def get_running_count(self) -> int:
         return self.gateway.leased_page(0, 0)[1]
@@ -79,8 +78,14 @@ class Introspection:
             rows, _ = self.gateway.delayed_page(skip, skip + take - 1)
             return [t for t in self._tasks([i for i, _ in rows], TaskInfo) if t is not None]
         rows, _ = self.gateway.delayed_page(0, skip + FILTER_SCAN - 1)
-        mine = [t for t in self._tasks([i for i, _ in rows], TaskInfo) if t is not None and _matches(t, queue, tenant)]
-        return mine[skip:skip + take]
+        return self._filtered([i for i, _ in rows], skip, take, queue, tenant)
+
+    def _filtered(self, ids: list[str], skip: int, take: int, queue: str | None, tenant: str | None) -> list[TaskInfo]:
+        """The page ``skip:skip+take`` of the tasks among ``ids`` in ``queue`` / of ``tenant``:
+        two fields read per candidate, whole records for the page only."""
+        mine = [i for i, (q, tn) in zip(ids, self.gateway.task_places(ids))
+                if (queue is None or q == queue) and (tenant is None or tn == tenant)]
+        return [t for t in self._tasks(mine[skip:skip + take], TaskInfo) if t is not None]
 
     def get_delayed_count(self) -> int:
         return self.gateway.delayed_page(0, 0)[1]
@@ -239,10 +244,6 @@ class Introspection:
         """Worker ids with the age in seconds of their last heartbeat."""
         now = time.time() * 1000
         return {w: (now - hb) / 1000 for w, hb in self.gateway.worker_heartbeats().items()}
-
-
-def _matches(t: TaskInfo, queue: str | None, tenant: str | None) -> bool:
-    return (queue is None or t.queue == queue) and (tenant is None or t.tenant == tenant)
 
 
 NUMERIC = {"r": "retries", "e": "enqueued", "da": "dead at", "a": "attempt", "ls": "lease start",

@@ -11,6 +11,7 @@ are per queue) are read from the per-minute counters the scripts keep (get_histo
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime, timezone
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -28,6 +29,7 @@ from .scope import Scope
 __all__ = ["add_pages"]
 
 PAGE = 25
+DAY_CACHE_S = 30.0         # the 24-hour graph (1,440 minute hashes, 15-minute bars) is re-read at most this often
 RESULT_CHARS = 10_000      # a result longer than this is cut on the task page
 T = "coretask_dashboard/"  # template folder: named so that it never shadows the host app's own
 
@@ -94,6 +96,13 @@ def chart_rows(points: list[HistoryPoint]) -> list[list[int]]:
 
 def add_pages(bp: Blueprint, scope: Scope) -> None:
     """Register the pages and their live twins on ``bp``."""
+    day_cache: list[Any] = [0.0, None]      # (monotonic time read, points): shared by every viewer
+
+    def day_history() -> list[HistoryPoint]:
+        now = time.monotonic()
+        if day_cache[1] is None or now - day_cache[0] > DAY_CACHE_S:
+            day_cache[:] = [now, scope.processor.get_history(24 * 60, 15)]
+        return day_cache[1]  # type: ignore[no-any-return]
 
     def overview_live() -> dict[str, Any]:
         out = empty_live()
@@ -115,7 +124,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
         workers = [] if scope.scoped else scope.processor.get_worker_states()
         charts = [] if scope.scoped else [
             ("hour", "Last hour, per minute", scope.processor.get_history(60)),
-            ("day", "Last 24 hours, per 15 minutes", scope.processor.get_history(24 * 60, 15))]
+            ("day", "Last 24 hours, per 15 minutes", day_history())]
         return render_template(T + "overview.html", queues=scope.queues(), paused=scope.paused, workers=workers,
                                charts=charts, live=url_for(".live_overview"))
 

@@ -495,6 +495,13 @@ class Gateway:
     def ready_count(self, queue: str, tenant: str) -> int:
         return int(self._redis.llen(self.keys.ready(queue, tenant)))
 
+    def ready_counts(self, queue: str, tenants: Sequence[str]) -> list[int]:
+        """Ready tasks of each tenant in the queue, in one pipelined round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for t in tenants:
+            pipe.llen(self.keys.ready(queue, t))
+        return [int(n) for n in pipe.execute()]
+
     def ready_ids(self, queue: str, tenant: str, start: int, stop: int) -> list[str]:
         return _decoded(self._redis.lrange(self.keys.ready(queue, tenant), start, stop))
 
@@ -539,6 +546,16 @@ class Gateway:
             pipe.hmget(self.keys.task(tid), "a", "st", "w")
         return [(None, None, None) if isinstance(row, Exception) else
                 tuple(v.decode(errors="replace") if v is not None else None for v in row)  # type: ignore[misc]
+                for row in pipe.execute(raise_on_error=False)]
+
+    def task_places(self, task_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """Per task: (queue, tenant) as stored, "" where absent or unreadable; two fields per
+        task, for filtering a page before reading whole records."""
+        pipe = self._redis.pipeline(transaction=False)
+        for tid in task_ids:
+            pipe.hmget(self.keys.task(tid), "q", "tn")
+        return [("", "") if isinstance(row, Exception) else
+                tuple((v or b"").decode(errors="replace") for v in row)  # type: ignore[misc]
                 for row in pipe.execute(raise_on_error=False)]
 
     def batch_hash(self, batch_id: str) -> dict[bytes, bytes]:
