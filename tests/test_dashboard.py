@@ -307,3 +307,17 @@ def test_history_counts_attempts_per_minute_and_the_overview_draws_it(processor:
     # not on a tenant's dashboard: the counters are per queue, shared by tenants
     scoped = app_for(processor.tenant("acme")).test_client()
     assert "data-chart" not in scoped.get("/dash/").get_data(as_text=True)
+
+
+def test_a_bad_tenant_limit_is_refused_with_a_message(processor: TaskProcessor) -> None:
+    processor.enqueue_task("default", "acme", td.noop)
+    client = app_for(processor).test_client()
+    csrf = token(client, "/dash/tenants")
+    for bad in ("0", "-2", "many"):
+        answer = client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": bad}, follow_redirects=True)
+        assert "refused" in answer.get_data(as_text=True), bad
+    assert processor.get_tenant_stats("acme").limit == processor.options.tenant_concurrency
+    client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": "2"})
+    assert processor.get_tenant_stats("acme").limit == 2
+    client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": ""})
+    assert processor.get_tenant_stats("acme").limit == processor.options.tenant_concurrency

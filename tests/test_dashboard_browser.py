@@ -225,3 +225,23 @@ def test_trigger_a_schedule(dash: Dash, processor: TaskProcessor) -> None:
     assert info.last_run is not None and info.last_task_id is not None
     expect(page.locator(f"a[href$='/tasks/{info.last_task_id}']")).to_be_visible()
     assert processor.get_task(info.last_task_id).state == "queued"
+    # When it is canceled, Then it is gone (its run stays queued)
+    page.get_by_role("button", name="Cancel").click()
+    expect(page.locator(".flash")).to_contain_text("Schedule hourly-sync canceled")
+    assert processor.get_schedule("hourly-sync") is None
+    assert processor.get_task(info.last_task_id).state == "queued"
+
+
+def test_tenant_limit_and_pause(dash: Dash, processor: TaskProcessor) -> None:
+    processor.enqueue_task("default", "acme", td.noop)
+    page = dash.go("/tenants")
+    page.get_by_label("concurrency limit of acme").fill("3")
+    page.get_by_role("button", name="Set").click()
+    expect(page.locator(".flash")).to_contain_text("Tenant acme: at most 3 tasks at once")
+    assert processor.get_tenant_stats("acme").limit == 3
+    page.get_by_role("button", name="Pause").click()
+    expect(page.locator(".flash")).to_contain_text("Tenant acme paused")
+    assert processor.is_tenant_paused("acme") and not processor.is_paused
+    # a resume made elsewhere shows on the open page without a reload
+    processor.resume_tenant("acme")
+    expect(page.get_by_role("button", name="Pause")).to_be_visible(timeout=2000)
