@@ -321,3 +321,15 @@ def test_a_bad_tenant_limit_is_refused_with_a_message(processor: TaskProcessor) 
     assert processor.get_tenant_stats("acme").limit == 2
     client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": ""})
     assert processor.get_tenant_stats("acme").limit == processor.options.tenant_concurrency
+
+
+def test_redis_down_answers_503_with_the_url_masked(processor_on: Callable[..., TaskProcessor]) -> None:
+    from coretask.embedded.servers import free_port
+
+    p = processor_on(f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0")
+    client = app_for(p, read_only=True).test_client()
+    for path in ("/dash/", "/dash/live/overview", "/dash/tasks/abc"):
+        answer = client.get(path)
+        body = answer.get_data(as_text=True)
+        assert answer.status_code == 503 and "hunter2-secret" not in body, path
+    assert "Redis is not answering" in client.get("/dash/").get_data(as_text=True)

@@ -22,6 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("coretask.dashboard needs Flask: pip install 'coretask[dashboard]'") from exc
 
+from ..errors import StoreError
 from ..options import redact_url
 from ..processor import TaskProcessor
 from ..tenancy import TenantView
@@ -69,6 +70,14 @@ def blueprint(target: TaskProcessor | TenantView, read_only: bool = False, *, na
         if response.mimetype == "application/json":
             response.headers["Cache-Control"] = "no-store"
         return response
+
+    @bp.errorhandler(StoreError)
+    def store_error(exc: StoreError) -> tuple[str, int]:
+        """Redis unreachable or refusing: say so (the URL masked), instead of a bare 500."""
+        from flask import render_template
+
+        return render_template("coretask_dashboard/unavailable.html", error=redact_url(str(exc)),
+                               kind=type(exc).__name__), 503
 
     add_pages(bp, scope)
     add_actions(bp, scope, read_only)
