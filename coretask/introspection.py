@@ -237,7 +237,8 @@ class Introspection:
                     if queue is None or q == queue:
                         processed += n if kind == "p" else 0
                         failed += n if kind == "f" else 0
-            points.append(HistoryPoint(datetime.fromtimestamp((first + i) * 60, tz=timezone.utc), step, processed, failed))
+            start = datetime.fromtimestamp((first + i) * 60, tz=timezone.utc)
+            points.append(HistoryPoint(start, step, processed, failed))
         return points
 
     def get_workers(self) -> dict[str, float]:
@@ -267,7 +268,8 @@ def _task_view(task_id: str, h: dict[bytes, bytes], cls: type) -> Any:
         worker=s.get("w") or None, started_at=ms_to_dt(s.get("ls")), progress=_progress(s),
         finished_at=ms_to_dt(s.get("fa")), duration=to_int(s.get("du")) / 1000 if "du" in s else None,
         error_type=s.get("et", ""), error_message=s.get("em", ""), traceback=s.get("etb", ""),
-        timeout=to_int(s.get("to")) / 1000 if s.get("to") else None)
+        timeout=to_int(s.get("to")) / 1000 if s.get("to") else None,
+        due_at=ms_to_dt(s.get("d")) if s.get("st") == "delayed" else None)
     if cls is DeadTask:
         fields.update(dead_at=ms_to_dt(s.get("da")))
     return cls(**fields)

@@ -52,7 +52,8 @@ class TaskInfo:
     ``keep_result``), succeeded, failed or canceled. ``attempt`` counts the runs so far;
     ``worker``, ``started_at`` and ``progress`` describe the current (or last) run;
     ``finished_at`` and ``duration`` (seconds) the end; ``error_*`` the last failure (for a task
-    waiting for a retry too). ``timed_out``: that failure was its time limit."""
+    waiting for a retry too). ``timed_out``: that failure was its time limit. ``due_at``: when a
+    delayed or retrying task becomes ready."""
 
     id: str
     queue: str
@@ -74,6 +75,7 @@ class TaskInfo:
     error_message: str = ""
     traceback: str = ""
     timeout: float | None = None    # the attempt's time limit in seconds (None: no limit)
+    due_at: datetime | None = None  # when a delayed (or retrying) task becomes ready
 
     @property
     def finished(self) -> bool:

@@ -314,7 +314,8 @@ def test_a_bad_tenant_limit_is_refused_with_a_message(processor: TaskProcessor) 
     client = app_for(processor).test_client()
     csrf = token(client, "/dash/tenants")
     for bad in ("0", "-2", "many"):
-        answer = client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": bad}, follow_redirects=True)
+        answer = client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": bad},
+                             follow_redirects=True)
         assert "refused" in answer.get_data(as_text=True), bad
     assert processor.get_tenant_stats("acme").limit == processor.options.tenant_concurrency
     client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": "2"})
@@ -333,3 +334,14 @@ def test_redis_down_answers_503_with_the_url_masked(processor_on: Callable[..., 
         body = answer.get_data(as_text=True)
         assert answer.status_code == 503 and "hunter2-secret" not in body, path
     assert "Redis is not answering" in client.get("/dash/").get_data(as_text=True)
+
+
+def test_a_delayed_task_shows_when_it_is_due(processor: TaskProcessor) -> None:
+    from datetime import timedelta
+
+    task_id = processor.enqueue_task("default", "acme", td.noop, delay_until=timedelta(hours=2))
+    info = processor.get_task(task_id)
+    assert info.state == "delayed" and info.due_at is not None
+    assert 7100 < (info.due_at - info.enqueued_at).total_seconds() < 7300
+    html = app_for(processor).test_client().get("/dash/queues/default").get_data(as_text=True)
+    assert task_id[:12] in html and info.due_at.strftime("%Y-%m-%d %H:%M:%S UTC") in html

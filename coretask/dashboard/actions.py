@@ -71,7 +71,8 @@ def add_actions(bp: Blueprint, scope: Scope, read_only: bool) -> None:
 
     task_calls: dict[str, Callable[[str], bool]] = {
         "cancel": lambda i: bool(scope.api.cancel_task(i)), "delete": lambda i: bool(scope.api.delete_task(i)),
-        "retry": lambda i: bool(scope.api.retry_dead_task(i)), "discard": lambda i: bool(scope.api.discard_dead_task(i)),
+        "retry": lambda i: bool(scope.api.retry_dead_task(i)),
+        "discard": lambda i: bool(scope.api.discard_dead_task(i)),
     }
 
     @bp.post("/do/task/<task_id>/<action>")

@@ -272,7 +272,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
             except CoreTaskError as exc:
                 outcome = f"{type(exc).__name__}: {exc}"
         timeline = [(label, when) for label, when in (
-            ("enqueued", t.enqueued_at), ("started (last attempt)", t.started_at),
+            ("enqueued", t.enqueued_at), ("due (delayed)", t.due_at), ("started (last attempt)", t.started_at),
             ("finished", t.finished_at), ("dead-lettered", getattr(t, "dead_at", None))) if when is not None]
         timeline.sort(key=lambda row: row[1])
         return render_template(T + "task.html", t=t, result=result, outcome=outcome, timeline=timeline,
