@@ -345,3 +345,14 @@ def test_a_delayed_task_shows_when_it_is_due(processor: TaskProcessor) -> None:
     assert 7100 < (info.due_at - info.enqueued_at).total_seconds() < 7300
     html = app_for(processor).test_client().get("/dash/queues/default").get_data(as_text=True)
     assert task_id[:12] in html and info.due_at.strftime("%Y-%m-%d %H:%M:%S UTC") in html
+
+
+def test_the_queue_page_narrows_to_one_tenant(processor: TaskProcessor) -> None:
+    mine = processor.enqueue_task("default", "acme", td.noop, "a")
+    theirs = processor.enqueue_task("default", "globex", td.noop, "g")
+    client = app_for(processor).test_client()
+    everything = client.get("/dash/queues/default").get_data(as_text=True)
+    assert mine[:12] in everything and theirs[:12] in everything
+    acme = client.get("/dash/queues/default?tenant=acme").get_data(as_text=True)
+    assert mine[:12] in acme and theirs[:12] not in acme
+    assert client.get("/dash/queues/default?tenant=bad%20name").status_code == 404

@@ -53,6 +53,12 @@ class Scope:
     def scoped(self) -> bool:
         return self.tenant is not None
 
+    def narrowed(self, tenant: str | None) -> Scope:
+        """This scope, or (on a whole processor's dashboard, given a tenant) that tenant's."""
+        if not tenant or self.tenant is not None:
+            return self
+        return Scope(self.processor.tenant(tenant))
+
     # ----------------------------------------------------------------------------- reads
 
     @property

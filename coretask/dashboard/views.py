@@ -22,7 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("coretask.dashboard needs Flask: pip install 'coretask[dashboard]'") from exc
 
-from ..errors import CoreTaskError
+from ..errors import ConfigurationError, CoreTaskError
 from ..models import BatchInfo, HistoryPoint, TaskInfo
 from .scope import Scope
 
@@ -146,12 +146,19 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
         page = page_arg()
         dead_page = max(int(request.args.get("dead_page", "1")) if request.args.get("dead_page", "").isdigit()
                         else 1, 1)
-        tasks = scope.tasks_in_queue(name, (page - 1) * PAGE, PAGE)
-        dead = scope.dead(name, (dead_page - 1) * PAGE, PAGE)
+        tenant = None if scope.scoped else (request.args.get("tenant") or None)
+        try:
+            view = scope.narrowed(tenant)          # ?tenant=: one tenant's tasks in this queue
+        except ConfigurationError:
+            abort(404)
+        tasks = view.tasks_in_queue(name, (page - 1) * PAGE, PAGE)
+        dead = view.dead(name, (dead_page - 1) * PAGE, PAGE)
         hour = None if scope.scoped else scope.processor.get_history(60, queue=name)
+        tenants = [] if scope.scoped else scope.tenants(0, 100)[0]
         return render_template(T + "queue.html", q=q, tasks=tasks, page=page, more=len(tasks) == PAGE, hour=hour,
-                               running=scope.running(name), delayed=scope.delayed(name), dead=dead,
-                               dead_page=dead_page, dead_more=len(dead) == PAGE,
+                               running=view.running(name), delayed=view.delayed(name), dead=dead,
+                               dead_page=dead_page, dead_more=len(dead) == PAGE, tenant=tenant, tenants=tenants,
+                               args={"name": name, "tenant": tenant} if tenant else {"name": name},
                                live=url_for(".live_queue", name=name))
 
     @bp.get("/live/queue/<name>")
