@@ -136,7 +136,8 @@ def test_a_tenant_dashboard_cannot_see_or_steer_another_tenants_work(processor: 
 
     # Then acme's ids read as unknown, on pages, live endpoints and actions alike
     for path in (f"/dash/tasks/{dead_task}", f"/dash/batches/{acme_batch}", f"/dash/live/task/{dead_task}",
-                 f"/dash/live/batch/{acme_batch}", f"/dash/search?q={dead_task}", "/dash/workers"):
+                 f"/dash/live/batch/{acme_batch}", f"/dash/search?q={dead_task}", "/dash/workers",
+                 "/dash/live/workers"):
         assert client.get(path).status_code == 404, path
     for path in (f"/dash/do/task/{dead_task}/retry", f"/dash/do/task/{dead_task}/discard",
                  f"/dash/do/batch/{acme_batch}/cancel", "/dash/do/schedule/acme-job/trigger",
@@ -239,6 +240,7 @@ def test_the_reads_added_for_the_dashboard(processor: TaskProcessor, embedded_wo
     client = app_for(processor).test_client()
     page = client.get("/dash/workers").get_data(as_text=True)
     assert w.id in page and " MB" in page
+    assert client.get("/dash/live/workers").get_json()["text"][f"w:{w.id}:running"] == "2"
     for t in running:
         processor.cancel_task(t.id)
     wait_until(lambda: processor.get_running_count() == 0, 20, "the tasks aborted")

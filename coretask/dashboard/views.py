@@ -262,7 +262,21 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
     def workers() -> ResponseReturnValue:
         if scope.scoped:
             abort(404)          # workers serve every tenant: the operator's page, not a tenant's
-        return render_template(T + "workers.html", workers=scope.processor.get_worker_states())
+        return render_template(T + "workers.html", workers=scope.processor.get_worker_states(),
+                               live=url_for(".live_workers"))
+
+    @bp.get("/live/workers")
+    def live_workers() -> ResponseReturnValue:
+        if scope.scoped:
+            abort(404)
+        out = empty_live()
+        for w in scope.processor.get_worker_states():
+            out["text"][f"w:{w.id}:running"] = str(w.running)
+            out["text"][f"w:{w.id}:age"] = f"{w.heartbeat_age:.1f}s"
+            out["text"][f"w:{w.id}:heartbeat"] = fmt_dt(w.last_heartbeat)
+            if w.memory is not None:
+                out["text"][f"w:{w.id}:memory"] = f"{w.memory / 1048576:.1f} MB"
+        return jsonify(out)
 
     # ------------------------------------------------------------------- task, search
 
