@@ -430,6 +430,26 @@ def cmd_metrics(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         server.shutdown()
 
 
+def cmd_dashboard(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    """Serve the web dashboard until interrupted (coretask/dashboard/server.py)."""
+    try:
+        from .dashboard import server
+    except ImportError as exc:
+        _err(f"{exc}")
+        return USAGE
+    password = server.password_from(a.password)
+    server.check_bind(a.host, password, a.no_auth)      # ConfigurationError: exit 2 with its message
+    srv = server.make_server(server.create_app(p, read_only=a.read_only, password=password), a.host, a.port)
+    auth = "password (HTTP basic auth)" if password else "no password"
+    print(f"coretask dashboard on http://{a.host}:{srv.server_port}/ ({auth}"
+          f"{', read-only' if a.read_only else ''}); Ctrl-C stops it", flush=True)
+    try:
+        srv.serve_forever()
+    finally:
+        srv.server_close()
+    return OK
+
+
 # ------------------------------------------------------------------------------------ parser
 
 def _count(text: str) -> int:
@@ -505,6 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
              "paused queues) on --port; needs coretask[prometheus]")
     sp.add_argument("--port", type=int, required=True, help="port of http://ADDR:PORT/metrics (0: any free port)")
     sp.add_argument("--addr", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    sp = cmd("dashboard", cmd_dashboard, "serve the web dashboard (needs coretask[dashboard]); loopback only "
+             "unless a password is set")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    sp.add_argument("--password", default=None,
+                    help="HTTP basic auth password, any user name (default: $CORETASK_DASHBOARD_PASSWORD)")
+    sp.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without a password")
+    sp.add_argument("--read-only", action="store_true", help="show everything, offer and accept no action")
     return ap
 
 

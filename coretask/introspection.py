@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from .errors import ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
-from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, ms_to_dt,
-                     to_int)
+from .errors import ConfigurationError, ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
+from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
+                     HistoryPoint, ms_to_dt, to_int)
 from .options import Options, check_queue_name, check_tenant
 from .results import decode_result
 
@@ -22,6 +23,8 @@ __all__ = ["Introspection"]
 
 PREVIEW = 120
 WAIT_SLICE = 5.0     # seconds per blocking wait of get_result (well under the socket timeout)
+HISTORY_MINUTES = 24 * 60   # how far back the per-minute history goes (its keys expire after 25 h)
+FILTER_SCAN = 1000   # running/delayed entries examined per call when filtering by queue or tenant
 
 
 class Introspection:
@@ -39,10 +42,10 @@ class Introspection:
         """Ready tasks of a queue, tenant by tenant (tenants in name order, FIFO within one)."""
         gw = self.gateway
         ids: list[str] = []
-        for tenant in gw.queue_tenants(check_queue_name(queue)):
+        tenants = gw.queue_tenants(check_queue_name(queue))
+        for tenant, n in zip(tenants, gw.ready_counts(queue, tenants)):     # one round trip for all counts
             if len(ids) >= take:
                 break
-            n = gw.ready_count(queue, tenant)
             if skip >= n:
                 skip -= n
                 continue
@@ -53,6 +56,39 @@ class Introspection:
     def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
         ids = self.gateway.dead_ids(check_queue_name(queue), skip, skip + take - 1)
         return [t for t in self._tasks(ids, DeadTask) if t is not None]
+
+    def get_running_tasks(self, skip: int = 0, take: int = 25, queue: str | None = None,
+                          tenant: str | None = None) -> list[TaskInfo]:
+        """Running tasks, soonest lease deadline first. Filtered by ``queue`` / ``tenant``, the
+        filter looks at the first FILTER_SCAN running tasks past ``skip`` (running tasks are
+        bounded by the workers' threads, so that is all of them in any usual deployment)."""
+        if queue is None and tenant is None:
+            ids, _ = self.gateway.leased_page(skip, skip + take - 1)
+            return [t for t in self._tasks(ids, TaskInfo) if t is not None]
+        ids, _ = self.gateway.leased_page(0, skip + FILTER_SCAN - 1)
+        return self._filtered(ids, skip, take, queue, tenant)
+
+    def get_running_count(self) -> int:
+        return self.gateway.leased_page(0, 0)[1]
+
+    def get_delayed_tasks(self, skip: int = 0, take: int = 25, queue: str | None = None,
+                          tenant: str | None = None) -> list[TaskInfo]:
+        """Delayed and retrying tasks, soonest due first (filtered as get_running_tasks does)."""
+        if queue is None and tenant is None:
+            rows, _ = self.gateway.delayed_page(skip, skip + take - 1)
+            return [t for t in self._tasks([i for i, _ in rows], TaskInfo) if t is not None]
+        rows, _ = self.gateway.delayed_page(0, skip + FILTER_SCAN - 1)
+        return self._filtered([i for i, _ in rows], skip, take, queue, tenant)
+
+    def _filtered(self, ids: list[str], skip: int, take: int, queue: str | None, tenant: str | None) -> list[TaskInfo]:
+        """The page ``skip:skip+take`` of the tasks among ``ids`` in ``queue`` / of ``tenant``:
+        two fields read per candidate, whole records for the page only."""
+        mine = [i for i, (q, tn) in zip(ids, self.gateway.task_places(ids))
+                if (queue is None or q == queue) and (tenant is None or tn == tenant)]
+        return [t for t in self._tasks(mine[skip:skip + take], TaskInfo) if t is not None]
+
+    def get_delayed_count(self) -> int:
+        return self.gateway.delayed_page(0, 0)[1]
 
     def get_quarantined(self, skip: int = 0, take: int = 25) -> list[QuarantinedTask]:
         """Tasks taken out of circulation because their records were damaged beyond a dead
@@ -148,12 +184,62 @@ class Introspection:
             return None
         return BatchInfo.from_hash(batch_id, h)
 
+    def get_batch_continuations(self, batch_id: str, tenant: str | None = None, take: int = 100) -> list[TaskInfo]:
+        """The batch's continuations that have not been released yet (they run once it
+        finishes); [] when unknown or (with ``tenant``) another tenant's."""
+        if self.get_batch(batch_id, tenant) is None:
+            return []
+        ids = self.gateway.continuation_ids(batch_id, 0, take - 1)
+        return [t for t in self._tasks(ids, TaskInfo) if t is not None]
+
     def get_batches(self, tenant: str, skip: int = 0, take: int = 25) -> list[BatchInfo]:
         """A tenant's batches, newest first."""
         return [BatchInfo.from_hash(b, h) for b, h in self.gateway.batch_page(check_tenant(tenant), skip, take)]
 
     def get_batches_count(self, tenant: str) -> int:
         return self.gateway.batch_count(check_tenant(tenant))
+
+    def get_worker_states(self) -> list[WorkerState]:
+        """Every worker process with a heartbeat: host, pid, tasks it holds, heartbeat age, and
+        what it reports about itself (threads, queues, start, memory); ordered by id (so a
+        host's processes sit together)."""
+        beats = sorted(self.gateway.worker_heartbeats().items())
+        details = self.gateway.worker_details([w for w, _ in beats])
+        now = time.time() * 1000
+        out = []
+        for (wid, hb), (running, info) in zip(beats, details):
+            host, _, rest = wid.partition(":")
+            pid = info.get("pid") or rest.partition(":")[0]
+            out.append(WorkerState(
+                id=wid, host=info.get("host") or host, pid=int(pid) if pid.isdigit() else None, running=running,
+                heartbeat_age=max(now - hb, 0) / 1000, last_heartbeat=ms_to_dt(hb),
+                threads=to_int(info["threads"]) if "threads" in info else None,
+                queues=tuple(q for q in info.get("queues", "").split(",") if q),
+                started=ms_to_dt(info.get("started")), memory=to_int(info["rss"]) if "rss" in info else None))
+        return out
+
+    def get_history(self, minutes: int = 60, step: int = 1, queue: str | None = None) -> list[HistoryPoint]:
+        """Attempts ended and failed per ``step`` minutes over the last ``minutes`` minutes
+        (at most 24 hours), oldest first, the current minute last; all queues, or one. Read
+        from per-minute counters the scripts keep (never scanned)."""
+        if not 1 <= minutes <= HISTORY_MINUTES or step < 1 or minutes % step:
+            raise ConfigurationError(f"get_history: minutes must be 1..{HISTORY_MINUTES} and a multiple of step "
+                                     f"(got minutes={minutes}, step={step})")
+        now_minute = self.gateway.server_time_ms() // 60000
+        first = now_minute - minutes + 1
+        rows = self.gateway.history(range(first, now_minute + 1))
+        points = []
+        for i in range(0, minutes, step):
+            processed = failed = 0
+            for h in rows[i:i + step]:
+                for field, n in h.items():
+                    kind, _, q = field.partition(":")
+                    if queue is None or q == queue:
+                        processed += n if kind == "p" else 0
+                        failed += n if kind == "f" else 0
+            start = datetime.fromtimestamp((first + i) * 60, tz=timezone.utc)
+            points.append(HistoryPoint(start, step, processed, failed))
+        return points
 
     def get_workers(self) -> dict[str, float]:
         """Worker ids with the age in seconds of their last heartbeat."""
@@ -182,7 +268,8 @@ def _task_view(task_id: str, h: dict[bytes, bytes], cls: type) -> Any:
         worker=s.get("w") or None, started_at=ms_to_dt(s.get("ls")), progress=_progress(s),
         finished_at=ms_to_dt(s.get("fa")), duration=to_int(s.get("du")) / 1000 if "du" in s else None,
         error_type=s.get("et", ""), error_message=s.get("em", ""), traceback=s.get("etb", ""),
-        timeout=to_int(s.get("to")) / 1000 if s.get("to") else None)
+        timeout=to_int(s.get("to")) / 1000 if s.get("to") else None,
+        due_at=ms_to_dt(s.get("d")) if s.get("st") == "delayed" else None)
     if cls is DeadTask:
         fields.update(dead_at=ms_to_dt(s.get("da")))
     return cls(**fields)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from datetime import datetime, timezone
 
-__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "TaskOutcome"]
+__all__ = ["TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "TaskOutcome",
+           "WorkerState", "HistoryPoint"]
 
 FINISHED = ("succeeded", "failed", "canceled", "dead")   # final states a kept record can show
 
@@ -51,7 +52,8 @@ class TaskInfo:
     ``keep_result``), succeeded, failed or canceled. ``attempt`` counts the runs so far;
     ``worker``, ``started_at`` and ``progress`` describe the current (or last) run;
     ``finished_at`` and ``duration`` (seconds) the end; ``error_*`` the last failure (for a task
-    waiting for a retry too). ``timed_out``: that failure was its time limit."""
+    waiting for a retry too). ``timed_out``: that failure was its time limit. ``due_at``: when a
+    delayed or retrying task becomes ready."""
 
     id: str
     queue: str
@@ -73,6 +75,7 @@ class TaskInfo:
     error_message: str = ""
     traceback: str = ""
     timeout: float | None = None    # the attempt's time limit in seconds (None: no limit)
+    due_at: datetime | None = None  # when a delayed (or retrying) task becomes ready
 
     @property
     def finished(self) -> bool:
@@ -159,3 +162,35 @@ class BatchInfo:
                    remaining=n("remaining"), running=max(n("run"), 0), duration=n("dur") / 1000,
                    created=ms_to_dt(h.get(b"created")), started=ms_to_dt(h.get(b"started")),
                    ended=ms_to_dt(h.get(b"ended")))
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerState:
+    """A worker process as its heartbeat shows it: ``host`` and ``pid`` come from its id
+    (``host:pid:suffix``; a manager's children share the manager's pid in their ids),
+    ``running`` is how many tasks it holds now, ``heartbeat_age`` the seconds since its last
+    heartbeat (renewed every lease renewal; a worker past ``Options.invisibility`` is gone).
+    ``threads``, ``queues``, ``started`` and ``memory`` (resident bytes) are what the process
+    last reported about itself every few seconds; None (empty) until its first report."""
+
+    id: str
+    host: str
+    pid: int | None
+    running: int
+    heartbeat_age: float
+    last_heartbeat: datetime | None
+    threads: int | None = None
+    queues: tuple[str, ...] = ()
+    started: datetime | None = None
+    memory: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class HistoryPoint:
+    """Attempts that ended (``processed``: succeeded, failed or canceled) and failed in the
+    ``minutes`` minutes starting at ``start`` (UTC)."""
+
+    start: datetime
+    minutes: int
+    processed: int
+    failed: int

@@ -107,6 +107,14 @@ class TenantView:
         mine = [t for t in p.get_dead_tasks(queue, 0, skip + DEAD_SCAN) if t.tenant == self.tenant]
         return mine[skip:skip + take]
 
+    def get_running_tasks(self, skip: int = 0, take: int = 25, queue: str | None = None) -> list[TaskInfo]:
+        """This tenant's running tasks (see TaskProcessor.get_running_tasks)."""
+        return self.processor.get_running_tasks(skip, take, queue=queue, tenant=self.tenant)
+
+    def get_delayed_tasks(self, skip: int = 0, take: int = 25, queue: str | None = None) -> list[TaskInfo]:
+        """This tenant's delayed and retrying tasks, soonest due first."""
+        return self.processor.get_delayed_tasks(skip, take, queue=queue, tenant=self.tenant)
+
     # ---------------------------------------------------------------------------- batches
 
     def enqueue_batch(self, queue: str, build: Callable[[BatchBuilder], Any], scope: str | None = None) -> str:
@@ -125,6 +133,9 @@ class TenantView:
 
     def get_batch(self, batch_id: str) -> BatchInfo | None:
         return self.processor.get_batch(batch_id, tenant=self.tenant)
+
+    def get_batch_continuations(self, batch_id: str, take: int = 100) -> list[TaskInfo]:
+        return self.processor.get_batch_continuations(batch_id, tenant=self.tenant, take=take)
 
     def get_batches(self, skip: int = 0, take: int = 25) -> list[BatchInfo]:
         return self.processor.get_batches(self.tenant, skip, take)

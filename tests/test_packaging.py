@@ -24,6 +24,9 @@ def test_wheel_installs_and_runs_a_task_outside_the_checkout(tmp_path: Path, ser
     # the pytest plugin is registered through its entry point (docs/testing.md)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "[pytest11]\ncoretask = coretask.testing" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    dashboard = {n for n in names if n.startswith("coretask/dashboard/")}
+    assert {"coretask/dashboard/templates/coretask_dashboard/base.html", "coretask/dashboard/static/dashboard.css",
+            "coretask/dashboard/static/dashboard.js"} <= dashboard, sorted(dashboard)
 
     # When it is installed into a fresh venv and used from a directory outside the checkout
     venv = tmp_path / "venv"

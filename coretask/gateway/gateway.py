@@ -256,6 +256,15 @@ class Gateway:
 
     def forget_worker(self, worker_id: str) -> None:
         self._redis.hdel(self.keys.workers, worker_id)
+        self._redis.delete(self.keys.worker_info(worker_id))
+
+    def report_worker(self, worker_id: str, fields: dict[str, str | int], ttl_ms: int) -> None:
+        """What a worker process says about itself (host, pid, threads, queues, started, rss),
+        kept ``ttl_ms`` unless reported again: a process that vanishes leaves nothing behind."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.hset(self.keys.worker_info(worker_id), mapping=fields)
+        pipe.pexpire(self.keys.worker_info(worker_id), ttl_ms)
+        pipe.execute()
 
     # ============================================================================ control
 
@@ -491,6 +500,13 @@ class Gateway:
     def ready_count(self, queue: str, tenant: str) -> int:
         return int(self._redis.llen(self.keys.ready(queue, tenant)))
 
+    def ready_counts(self, queue: str, tenants: Sequence[str]) -> list[int]:
+        """Ready tasks of each tenant in the queue, in one pipelined round trip."""
+        pipe = self._redis.pipeline(transaction=False)
+        for t in tenants:
+            pipe.llen(self.keys.ready(queue, t))
+        return [int(n) for n in pipe.execute()]
+
     def ready_ids(self, queue: str, tenant: str, start: int, stop: int) -> list[str]:
         return _decoded(self._redis.lrange(self.keys.ready(queue, tenant), start, stop))
 
@@ -537,6 +553,16 @@ class Gateway:
                 tuple(v.decode(errors="replace") if v is not None else None for v in row)  # type: ignore[misc]
                 for row in pipe.execute(raise_on_error=False)]
 
+    def task_places(self, task_ids: Sequence[str]) -> list[tuple[str, str]]:
+        """Per task: (queue, tenant) as stored, "" where absent or unreadable; two fields per
+        task, for filtering a page before reading whole records."""
+        pipe = self._redis.pipeline(transaction=False)
+        for tid in task_ids:
+            pipe.hmget(self.keys.task(tid), "q", "tn")
+        return [("", "") if isinstance(row, Exception) else
+                tuple((v or b"").decode(errors="replace") for v in row)  # type: ignore[misc]
+                for row in pipe.execute(raise_on_error=False)]
+
     def batch_hash(self, batch_id: str) -> dict[bytes, bytes]:
         return self._redis.hgetall(self.keys.batch(batch_id))  # type: ignore[no-any-return]
 
@@ -563,6 +589,45 @@ class Gateway:
             return None
         batch_id = b.decode()
         return batch_id, self.batch_hash(batch_id)
+
+    def leased_page(self, start: int, stop: int) -> tuple[list[str], int]:
+        """Running task ids by lease deadline (P:leases), and how many run in all."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.leases, start, stop)
+        pipe.zcard(self.keys.leases)
+        ids, n = pipe.execute()
+        return _decoded(ids), int(n)
+
+    def delayed_page(self, start: int, stop: int) -> tuple[list[tuple[str, int]], int]:
+        """Delayed and retrying task ids with their due ms, soonest first, and the total."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zrange(self.keys.delayed, start, stop, withscores=True)
+        pipe.zcard(self.keys.delayed)
+        rows, n = pipe.execute()
+        return [(i.decode(errors="replace"), int(score)) for i, score in rows], int(n)
+
+    def continuation_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
+        """A batch's continuations not yet released (P:b:<id>:cont)."""
+        return _decoded(self._redis.lrange(self.keys.continuations(batch_id), start, stop))
+
+    def history(self, minutes: Sequence[int]) -> list[dict[str, int]]:
+        """Per minute (ms // 60000): {"p:<queue>": attempts ended, "f:<queue>": failed}, {} for
+        a minute with none (or expired); one pipelined HGETALL per minute, keys read by name."""
+        pipe = self._redis.pipeline(transaction=False)
+        for m in minutes:
+            pipe.hgetall(self.keys.history(m))
+        return [{k.decode(errors="replace"): int(v) for k, v in h.items()} for h in pipe.execute()]
+
+    def worker_details(self, worker_ids: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+        """Per worker process: how many tasks it holds now (SCARD of its lease set) and what it
+        last reported about itself ({} when nothing, or expired)."""
+        pipe = self._redis.pipeline(transaction=False)
+        for w in worker_ids:
+            pipe.scard(self.keys.worker(w))
+            pipe.hgetall(self.keys.worker_info(w))
+        res = pipe.execute()
+        return [(int(n), {k.decode(errors="replace"): v.decode(errors="replace") for k, v in h.items()})
+                for n, h in zip(res[::2], res[1::2])]
 
     def worker_heartbeats(self) -> dict[str, int]:
         """Worker id -> last heartbeat (ms, server clock)."""

@@ -67,6 +67,10 @@ class Keys:
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:w:{worker_id}"
 
+    def worker_info(self, worker_id: str) -> str:
+        """P:wi:<worker>: what a worker process reports about itself (expires unless renewed)."""
+        return f"{self.prefix}:wi:{worker_id}"
+
     def tstats(self, tenant: str) -> str:
         return f"{self.prefix}:ts:{tenant}"
 
@@ -75,6 +79,10 @@ class Keys:
         ':' (a key may too): the tenant's '%' and ':' are written %25 and %3A, so that no two
         (tenant, key) pairs share a name."""
         return f"{self.prefix}:key:{tenant.replace('%', '%25').replace(':', '%3A')}:{key}"
+
+    def history(self, minute: int) -> str:
+        """P:h:<minute>: per-minute counters of ended and failed attempts (minute = ms // 60000)."""
+        return f"{self.prefix}:h:{minute}"
 
     # ---------------------------------------------------------------------------- batches
 

@@ -70,6 +70,10 @@ class MemoryReads(MemoryState):
     def ready_count(self, queue: str, tenant: str) -> int:
         return len(self._ready.get(queue, {}).get(tenant, ()))
 
+    def ready_counts(self, queue: str, tenants: Sequence[str]) -> list[int]:
+        with self._lock:
+            return [len(self._ready.get(queue, {}).get(t, ())) for t in tenants]
+
     def ready_ids(self, queue: str, tenant: str, start: int, stop: int) -> list[str]:
         with self._lock:
             return page(list(self._ready.get(queue, {}).get(tenant, ())), start, stop)
@@ -87,6 +91,11 @@ class MemoryReads(MemoryState):
     def task_hashes(self, task_ids: Sequence[str]) -> list[dict[bytes, bytes] | str]:
         with self._lock:
             return [as_hash(self._tasks[t]) if t in self._tasks else {} for t in task_ids]
+
+    def task_places(self, task_ids: Sequence[str]) -> list[tuple[str, str]]:
+        with self._lock:
+            return [(str(self._tasks[t].get("q", "")), str(self._tasks[t].get("tn", ""))) if t in self._tasks
+                    else ("", "") for t in task_ids]
 
     def batch_result_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
         with self._lock:

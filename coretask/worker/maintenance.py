@@ -1,11 +1,14 @@
 """Maintenance: the timers of a worker process, each one atomic Lua and safe to run from every
 process at once: expired-lease recovery, lease renewal (embedded mode), retention cleanup,
 unfinished batch publications, on_batch_end hooks, the cancel_grace watch on aborts, the hand-back
-of tasks leased to this process by a fetch whose reply it never received, and cron schedule
-ticks (armed for the earliest due tick, not polled)."""
+of tasks leased to this process by a fetch whose reply it never received, the process's report
+about itself (host, threads, memory: the dashboard's Workers page), and cron schedule ticks
+(armed for the earliest due tick, not polled)."""
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 import uuid
@@ -24,6 +27,7 @@ from .throttle import LogThrottle
 log = logging.getLogger(__name__)
 
 HOOK_INTERVAL = 0.2
+REPORT_INTERVAL = 5.0      # seconds between a process's reports about itself (the Workers page)
 CLEANUP_PER_CALL = 100
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
@@ -42,7 +46,9 @@ class Maintenance:
         self.chain = chain
         every = options.pushback_frequency.total_seconds()
         self.intervals = {"expired": every, "cleanup": options.cleanup_frequency.total_seconds(),
-                          "publish": every, "unreceived": every, "dataset": every}
+                          "publish": every, "unreceived": every, "dataset": every, "report": REPORT_INTERVAL}
+        self.started_ms = int(time.time() * 1000)
+        self._process: object | None = None     # psutil.Process, made on the first report
         self.throttle = LogThrottle(log)
         self.marker: str | None = None          # the dataset marker this process last saw
         if chain.on_batch_end:
@@ -142,6 +148,18 @@ class Maintenance:
 
     def _renew(self) -> None:
         self.leases.renew(self.worker_id)
+
+    def _report(self) -> None:
+        """Say who this process is and how much memory it holds (read by get_worker_states)."""
+        import psutil
+
+        if self._process is None:
+            self._process = psutil.Process()
+        rss = self._process.memory_info().rss  # type: ignore[attr-defined]
+        ttl_ms = int(max(3 * REPORT_INTERVAL, self.options.invisibility.total_seconds()) * 1000)
+        self.gateway.report_worker(self.worker_id, {
+            "host": socket.gethostname(), "pid": os.getpid(), "threads": self.ledger.threads,
+            "queues": ",".join(self.options.queues), "started": self.started_ms, "rss": rss}, ttl_ms)
 
     def _cleanup(self) -> None:
         ms = int(self.options.retention.total_seconds() * 1000)

@@ -74,6 +74,11 @@
 --                              (now in a dead letter list), b_<state> batches by state
 --   P:t:<id>:done       list   one element pushed when a task that keeps its result finished
 --                              (finish): get_result(wait=) blocks on it; expires with the record
+--   P:h:<minute>        hash   history of one minute (minute = server ms // 60000): p:<queue> attempts
+--                              that ended (succeeded, failed or canceled), f:<queue> attempts that
+--                              failed; written by complete.lua and fail.lua (history), expires
+--                              HISTORY_TTL_MS after its last write: at most 1,500 such keys, read
+--                              by name (never scanned)
 --   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
 --                              "p"/"r" pause/resume, "c:<batch>" batch canceled,
 --                              "s" schedules changed (workers re-read the next tick),
@@ -82,6 +87,17 @@
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- Per-minute history for the dashboard's graphs: ``processed`` attempts of ``queue`` ended in
+-- this minute, ``failed`` of them failed. Two or three commands per call; callers aggregate per
+-- queue, so a call that acknowledges many tasks pays them once.
+local HISTORY_TTL_MS = 25 * 3600 * 1000
+local function history(P, queue, processed, failed, now)
+  local key = P .. ':h:' .. math.floor(now / 60000)
+  redis.call('HINCRBY', key, 'p:' .. queue, processed)
+  if failed > 0 then redis.call('HINCRBY', key, 'f:' .. queue, failed) end
+  redis.call('PEXPIRE', key, HISTORY_TTL_MS)
 end
 
 -- A new task's controls (ARGV values of records.py Controls, in ms): each written only when set,

@@ -12,6 +12,7 @@
 -- A canceled task of no batch is counted in its tenant's statistics (a batch's task: in its
 -- batch, which counts the tenant). A keyed task gives up its idempotency key (release_key). A
 -- task that keeps its result or record (fields kr, kt) stays as a finished record (finish).
+-- Each queue's acknowledgements count once in the minute's history (P:h:<minute>).
 local P, worker = ARGV[1], ARGV[2]
 local now = now_ms()
 local codes, ids = {}, {}
@@ -67,7 +68,10 @@ if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
   redis.call('SREM', KEYS[2], unpack(ids))
 end
-for q, n in pairs(per_queue) do redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', -n) end
+for q, n in pairs(per_queue) do
+  redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', -n)
+  history(P, q, n, 0, now)
+end
 for t, n in pairs(per_tenant) do release_tenant(P, t, n) end
 for t, n in pairs(per_tenant_done) do redis.call('HINCRBY', P .. ':ts:' .. t, 'done', n) end
 for t, n in pairs(per_tenant_canceled) do redis.call('HINCRBY', P .. ':ts:' .. t, 'canceled', n) end

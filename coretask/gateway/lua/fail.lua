@@ -1,6 +1,7 @@
 -- fail.lua: record a failed attempt: retry (at once or after a delay) or bury in the dead
 -- letter list once retries are exhausted. A task told to stop (its batch canceled, or marked by
--- cancel_task) is counted canceled and never retried or buried.
+-- cancel_task) is counted canceled and never retried or buried. The minute's history
+-- (P:h:<minute>) counts the attempt as ended, and as failed unless it was told to stop.
 -- KEYS[1]  P:t:<id>
 -- ARGV[1]  P           ARGV[2] worker id    ARGV[3] task id     ARGV[4] token (attempt)
 -- ARGV[5]  delay ms before the retry (0 = at once)
@@ -30,8 +31,10 @@ if f[1] ~= token or f[2] ~= 'running' then return 0 end
 drop_lease(P, id, worker, queue or f[3], tenant or f[4], f[5])
 if told_to_stop(P, id, f[5]) then
   end_canceled(P, id, tenant or f[4], f[5], tonumber(ARGV[10]), now)
+  history(P, queue or f[3], 1, 0, now)
   return 3
 end
+history(P, f[3], 1, 1, now)
 if f[5] ~= '' and f[5] then redis.call('HINCRBY', P .. ':b:' .. f[5], 'dur', tonumber(ARGV[10])) end
 if ARGV[11] == '1' then
   bury(P, id, f[3], f[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], now, ARGV[12], tonumber(ARGV[10]))

@@ -1,0 +1,84 @@
+"""The coretask dashboard: a Flask blueprint to mount in your own app, behind your own login.
+
+    app.register_blueprint(coretask.dashboard.blueprint(processor), url_prefix="/tasks")
+    app.register_blueprint(coretask.dashboard.blueprint(processor.tenant("acme"), read_only=True),
+                           url_prefix="/acme/tasks", name="acme_tasks")
+
+or standalone: ``python -m coretask --app MODULE:ATTR dashboard`` (coretask/dashboard/server.py).
+
+Server-rendered HTML, a small stylesheet and a small script, all shipped in the package: no
+build step, nothing loaded from a CDN, works offline. Everything shown is read through the
+public API and every action is a public API call (coretask/dashboard/scope.py), so a
+tenant-scoped dashboard reaches exactly what ``processor.tenant(name)`` reaches. Flask is an
+optional dependency: ``pip install 'coretask[dashboard]'``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+try:
+    from flask import Blueprint, get_flashed_messages, request
+    from flask.wrappers import Response
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("coretask.dashboard needs Flask: pip install 'coretask[dashboard]'") from exc
+
+from ..errors import StoreError
+from ..options import redact_url
+from ..processor import TaskProcessor
+from ..tenancy import TenantView
+from .actions import add_actions
+from .scope import Scope
+from .security import csrf_token
+from .views import add_pages, fmt_dt, progress_text, runtime
+
+__all__ = ["blueprint", "DEFAULT_POLL_MS"]
+
+DEFAULT_POLL_MS = 1000      # live pages poll their JSON twin this often (docs/decisions.md)
+
+# Only this dashboard's own files: no inline script or style (so an injected <script> in task
+# data could not run even if escaping failed), no other origin, no framing by other sites.
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'self'; base-uri 'none'")
+
+
+def blueprint(target: TaskProcessor | TenantView, read_only: bool = False, *, name: str = "coretask_dashboard",
+              poll_ms: int = DEFAULT_POLL_MS) -> Blueprint:
+    """A Flask Blueprint showing ``target``: a TaskProcessor (everything) or
+    ``processor.tenant(name)`` (that tenant's work only; another tenant's ids answer 404).
+    ``read_only``: no action is shown, and every POST answers 403. Actions need the host app's
+    ``secret_key`` (the session carries the CSRF token). ``name``: the blueprint's name, to
+    mount more than one dashboard in one app."""
+    scope = Scope(target)
+    bp = Blueprint(name, __name__, template_folder="templates", static_folder="static",
+                   static_url_path="/_static")
+
+    @bp.context_processor
+    def helpers() -> dict[str, Any]:
+        return {"read_only": read_only, "scope": scope, "tenant_scope": scope.tenant, "fmt_dt": fmt_dt,
+                "runtime": runtime, "progress_text": progress_text, "poll_ms": poll_ms,
+                "csrf_token": (lambda: "") if read_only else csrf_token,
+                "redis_url": redact_url(scope.processor.options.redis),
+                "prefix": scope.processor.options.prefix,
+                "messages": get_flashed_messages(with_categories=True) if not read_only else [],
+                "here": request.full_path.rstrip("?")}
+
+    @bp.after_request
+    def headers(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if response.mimetype == "application/json":
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    @bp.errorhandler(StoreError)
+    def store_error(exc: StoreError) -> tuple[str, int]:
+        """Redis unreachable or refusing: say so (the URL masked), instead of a bare 500."""
+        from flask import render_template
+
+        return render_template("coretask_dashboard/unavailable.html", error=redact_url(str(exc)),
+                               kind=type(exc).__name__), 503
+
+    add_pages(bp, scope)
+    add_actions(bp, scope, read_only)
+    return bp
