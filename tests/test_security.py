@@ -653,6 +653,9 @@ def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix
         "get_result": lambda: (raises_unavailable(lambda: a.get_result(b_task))
                                and raises_unavailable(lambda: a.get_result(leased["id"], wait=0.1))),
         "get_batch_results": lambda: a.get_batch_results(bb) == [],
+        "get_batch_continuations": lambda: a.get_batch_continuations(bb) == [] != b.get_batch_continuations(bb),
+        "get_delayed_tasks": lambda: a.get_delayed_tasks() == [] != b.get_delayed_tasks(),
+        "get_running_tasks": lambda: a.get_running_tasks() == [] == a.get_running_tasks(queue="low"),
         "cancel_task": lambda: a.cancel_task(b_task) is False,
         "delete_task": lambda: a.delete_task(b_task) is False and a.delete_task(leased["id"]) is False,
         "retry_dead_task": lambda: a.retry_dead_task(leased["id"]) is False,

@@ -58,13 +58,14 @@ def commands_coretask_uses() -> set[str]:
     for path in (ROOT / "coretask" / "gateway" / "lua").glob("*.lua"):
         used |= {c.upper() for c in re.findall(r"redis\.p?call\(\s*['\"](\w+)['\"]", path.read_text())}
     methods = {n for n in dir(redis.commands.core.CoreCommands) if not n.startswith("_")}
+    named = {"delete": "DEL"}      # redis-py methods not named as their command
     for path in (ROOT / "coretask").rglob("*.py"):
         if "embedded" in path.relative_to(ROOT / "coretask").parts:   # test/demo server launchers, not the library
             continue
         src = path.read_text()
         for name in re.findall(r"(?:redis|\br|pipe|client)\.(\w+)\(", src):
             if name in methods and name != "execute_command":
-                used.add(name.upper().replace("_", "|"))
+                used.add(named.get(name) or name.upper().replace("_", "|"))
         for cmd in re.findall(r"execute_command\(\s*['\"]([A-Za-z ]+)['\"]", src):
             used.add("|".join(cmd.upper().split()))
         if re.search(r"\.pubsub\(", src):

@@ -77,7 +77,7 @@
 --   P:h:<minute>        hash   history of one minute (minute = server ms // 60000): p:<queue> attempts
 --                              that ended (succeeded, failed or canceled), f:<queue> attempts that
 --                              failed; written by complete.lua and fail.lua (history), expires
---                              HISTORY_TTL_MS after its last write: at most 1,500 such keys, read
+--                              HISTORY_TTL_MS (25 h) after its first write: at most 1,500 such keys, read
 --                              by name (never scanned)
 --   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
 --                              "p"/"r" pause/resume, "c:<batch>" batch canceled,
@@ -90,14 +90,16 @@ local function now_ms()
 end
 
 -- Per-minute history for the dashboard's graphs: ``processed`` attempts of ``queue`` ended in
--- this minute, ``failed`` of them failed. Two or three commands per call; callers aggregate per
--- queue, so a call that acknowledges many tasks pays them once.
+-- this minute, ``failed`` of them failed. One command per call (two with failures; the expiry
+-- is set by a queue's first count of the minute, and a later write keeps it); callers aggregate
+-- per queue, so a call that acknowledges many tasks pays once.
 local HISTORY_TTL_MS = 25 * 3600 * 1000
 local function history(P, queue, processed, failed, now)
   local key = P .. ':h:' .. math.floor(now / 60000)
-  redis.call('HINCRBY', key, 'p:' .. queue, processed)
+  if redis.call('HINCRBY', key, 'p:' .. queue, processed) == processed then
+    redis.call('PEXPIRE', key, HISTORY_TTL_MS)
+  end
   if failed > 0 then redis.call('HINCRBY', key, 'f:' .. queue, failed) end
-  redis.call('PEXPIRE', key, HISTORY_TTL_MS)
 end
 
 -- A new task's controls (ARGV values of records.py Controls, in ms): each written only when set,
