@@ -365,7 +365,7 @@ class RedisCluster:
             for node in self.nodes:
                 node.start()
             self._create()
-            self._wait_settled(30.0)
+            self.wait_settled(30.0)
         except BaseException:
             self.stop()
             raise
@@ -384,7 +384,11 @@ class RedisCluster:
             output = done.stdout[-2000:] + done.stderr[-2000:]
             raise RuntimeError(f"{cli} --cluster create failed:\n{output}")
 
-    def _wait_settled(self, timeout: float) -> None:
+    def wait_settled(self, timeout: float = 30.0) -> None:
+        """Return once all the nodes agree on the slots and roles of every node, each of them
+        connected, none failing or migrating a slot, every replica linked and listed: what a
+        test waits for after a start, a failover, a slot migration or nodes restarted, before
+        it reads the topology. RuntimeError after ``timeout`` seconds (every node must run)."""
         deadline = time.monotonic() + timeout
         while True:
             views = [_settled_view(node) for node in self.nodes]

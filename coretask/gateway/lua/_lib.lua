@@ -74,6 +74,10 @@
 --                              (now in a dead letter list), b_<state> batches by state
 --   P:t:<id>:done       list   one element pushed when a task that keeps its result finished
 --                              (finish): get_result(wait=) blocks on it; expires with the record
+--   P:migration-guard   (none)  never written nor read: in cluster mode the transport declares it
+--                              as the last KEYS entry of every call, so that while the slot is
+--                              being migrated Redis answers TRYAGAIN/ASK before any script starts
+--                              (a script never runs on a node holding only part of its keys)
 --   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
 --                              "p"/"r" pause/resume, "c:<batch>" batch canceled,
 --                              "s" schedules changed (workers re-read the next tick),
@@ -82,6 +86,15 @@
 local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- KEYS[i] when the caller passed it, else nil: how a script reads an optional key. In cluster
+-- mode the transport appends P:migration-guard after a call's own keys, so "KEYS[i] is set" is
+-- not enough (the guard is never one of a script's keys).
+local function given_key(P, i)
+  local k = KEYS[i]
+  if k == nil or k == P .. ':migration-guard' then return nil end
+  return k
 end
 
 -- A new task's controls (ARGV values of records.py Controls, in ms): each written only when set,
