@@ -136,5 +136,5 @@ def refused(reason: str, url: str, name: str, patience: Patience | None, exc: Ba
     else:
         tried = (f"{name} was refused {patience.refusals} times over {patience.waited:.1f} s "
                  f"(Options.busy_timeout {patience.seconds:g} s)")
-    return StoreUnavailable(f"Redis at {url} {what}: {tried}; {fix}. The server's reply: {str(exc)[:200]}",
+    return StoreUnavailable(f"Redis at {url} {what}: {tried}; {fix}. Last error: {str(exc)[:200]}",
                             url=url, reason=reason)

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import BusyLoadingError, MovedError, NoScriptError, ResponseError
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -186,7 +186,10 @@ class Transport:
                 if noscript > 3:
                     raise _translate(name, NoScriptError(f"NOSCRIPT after {noscript - 1} loads")) from None
                 log.debug("script %s not loaded on %s; loading it", name, self.url)
-                self._load(script, keys)
+                try:
+                    self._load(script, keys)
+                except Exception as exc:        # the load itself met BUSY, LOADING, ...
+                    self._wait_or_raise(name, exc, patience)
             except Exception as exc:
                 self._wait_or_raise(name, exc, patience)
 
@@ -352,8 +355,8 @@ class Transport:
                 # the script did not run (this path talks to one node, so redis-py follows no
                 # MOVED or ASK here): wait, refresh the map, resend
                 self._wait_or_raise(name, result, patience)
-                if cluster and isinstance(result, MovedError):
-                    rc.nodes_manager.initialize()
+                if cluster and refusal(result) in ("moved", "clusterdown"):
+                    rc.nodes_manager.initialize()       # the slot map may be stale (failover)
                 continue
             if isinstance(result, ResponseError):
                 raise _translate(name, result) from result

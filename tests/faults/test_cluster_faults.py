@@ -104,15 +104,17 @@ def refusal_counts(nodes: list[RedisServer]) -> int:
 
 
 def migrate_slot(cluster: RedisCluster, slot: int, source: RedisServer, target: RedisServer,
-                 batch: int = 3, pause: float = 0.1) -> int:
-    """Move ``slot`` from source to target as redis-cli --cluster reshard does, a few keys per
-    MIGRATE with a pause between (so that the workload runs into a migration in progress, not
-    one that is over at once); returns how many keys moved."""
+                 steps: int = 12, pause: float = 0.1) -> int:
+    """Move ``slot`` from source to target as redis-cli --cluster reshard does, in about
+    ``steps`` MIGRATE calls with a pause between (so that the workload runs into a migration in
+    progress, ~1.2 s, however many keys the slot holds: well within busy_timeout); returns how
+    many keys moved."""
     src_id, tgt_id = node_id(source), node_id(target)
     moved = 0
     with admin(source) as src, admin(target) as tgt:
         tgt.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
         src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", tgt_id)
+        batch = max(1, -(-int(src.execute_command("CLUSTER", "COUNTKEYSINSLOT", slot)) // steps))
         while True:
             keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
             if not keys:
@@ -181,7 +183,11 @@ def test_slot_migrated_under_load_calls_wait_it_out_and_every_task_runs_exactly_
     # When the prefix's slot (all of its keys: one hash tag) is migrated to another master, a
     # few keys at a time (scripts meet ASK and TRYAGAIN meanwhile: the migration guard makes
     # every call wait, and the transport retries within busy_timeout)
+    began = time.monotonic()
     moved = migrate_slot(cluster, slot, source, target)
+    took = time.monotonic() - began
+    print(f"slot {slot}: {moved} keys migrated in {took:.2f} s under load")
+    assert took < 4, f"the migration took {took:.1f} s: the test means it to end within busy_timeout (5 s)"
     cluster.wait_settled()
     assert cluster.master_for_key(prefix).port == target.port and moved > 10, moved
     assert refusal_counts([source, target]) > refusals_before, "no call met the migration"

@@ -17,6 +17,8 @@ import time
 from typing import Any
 
 import pytest
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from coretask import ConfigurationError, Options, StoreUnavailable
 from coretask.gateway.refusals import refusal
@@ -201,7 +203,8 @@ def test_loading_after_a_restart_with_a_large_dataset_calls_wait_for_the_load(
     producer.wait_acked(40)
 
     # When it is shut down (saving everything) and restarted: it answers LOADING meanwhile
-    admin.shutdown(save=True)
+    with server.client(retry=Retry(NoBackoff(), 0)) as once:     # (no reconnecting to a server that left)
+        once.shutdown(save=True)
     server.restart()
     assert server.client().info("persistence")["loading"] == 1, "the load ended before it was seen"
     # Then an impatient processor gives up with reason "loading". (Without redis-py's health
