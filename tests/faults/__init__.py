@@ -39,7 +39,8 @@ Server state (a server of the test's own)
 Refusals: replies by which a server declines a call for now (coretask/gateway/refusals.py),
 waited out for Options.busy_timeout, then StoreUnavailable(reason=...); manager + producer under
 load, every task exactly once after (workload.py: producer thread + reconcile)
-  - BUSY (a 2 s script, busy-reply-threshold 50 ms), MISCONF (a failed snapshot with
+  - BUSY (a 2 s script, busy-reply-threshold 50 ms; also on the wait_replicas path, EVALSHA +
+    WAIT to a master with a replica), MISCONF (a failed snapshot with
     stop-writes-on-bgsave-error), LOADING (a restart with a dataset that loads for seconds)
       -> test_refusals.py
   - AOF appendfsync everysec, kill -9 under load: acknowledged enqueues lost only within the

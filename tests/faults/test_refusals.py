@@ -126,6 +126,34 @@ def test_busy_script_calls_wait_it_out_and_an_impatient_call_raises_busy(
     assert "busy running a script" in manager.log()     # its workers met it, said so, and went on
 
 
+def test_busy_with_wait_replicas_the_durable_path_waits_it_out_too(own_server, processor_on, r, prefix):
+    """enqueue with Options.wait_replicas sends EVALSHA and WAIT as one pipeline to one node
+    (transport._run_and_wait): a BUSY reply there is waited out the same way."""
+    master = own_server(extra_args=["--repl-diskless-sync-delay", "0"])
+    replica = own_server(extra_args=["--replicaof", master.host, str(master.port)])
+    admin = master.client()
+    wait_until(lambda: admin.info("replication").get("slave0", {}).get("state") == "online", 15,
+               "the replica to finish its initial sync")
+    admin.config_set("lua-time-limit", 50)
+    durable = processor_on(master.url, wait_replicas=1, wait_timeout=2.0)
+    impatient = processor_on(master.url, wait_replicas=1, wait_timeout=2.0, busy_timeout=IMPATIENT)
+    durable.enqueue_task("default", "acme", tf.run, prefix + ":wait", "before", 0.0)   # (scripts loaded)
+    script = threading.Thread(target=lambda: master.client().eval(BUSY_SCRIPT, 0, 2_000_000))
+    script.start()
+    try:
+        wait_until(lambda: _busy(master), 5, "BUSY replies")
+        with pytest.raises(StoreUnavailable) as info:
+            impatient.enqueue_task("default", "acme", tf.run, prefix + ":wait", "refused", 0.0)
+        assert info.value.reason == "busy", info.value
+        assert _busy(master), "the script ended before the durable enqueue was sent"
+        tid = durable.enqueue_task("default", "acme", tf.run, prefix + ":wait", "waited", 0.0)
+    finally:
+        script.join(10)
+    with replica.client() as rc:        # acknowledged by the replica: stored there
+        assert rc.exists(f"{prefix}:t:{tid}")
+    assert durable.get_queue("default").queued == 2      # "before" and "waited"; the refused one never
+
+
 def _busy(server: Any) -> bool:
     try:
         with server.client(socket_timeout=1) as c:
