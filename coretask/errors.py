@@ -19,7 +19,10 @@ the library's errors in one clause. Errors about bad input also derive from the 
     │                                     read (signature, tenant, refused target); dead-lettered
     ├── StoreError                        Redis refused a coretask operation
     │   ├── StoreUnavailable              Redis cannot be reached (connection refused, reset or
-    │   │                                 timed out); the message names the URL, password masked
+    │   │                                 timed out), or kept refusing a call for longer than
+    │   │                                 Options.busy_timeout (LOADING, BUSY, MISCONF, TRYAGAIN,
+    │   │                                 CLUSTERDOWN ...); ``reason`` says which, the message
+    │   │                                 names the URL (password masked) and what to do
     │   ├── StoreFull                     Redis hit maxmemory (OOM); nothing was half-written
     │   ├── ScriptError                   a Lua script failed (a bug: please report it)
     │   └── ReplicationError              Options.wait_replicas: the write is on the master but
@@ -37,7 +40,9 @@ the library's errors in one clause. Errors about bad input also derive from the 
 
 Connection problems (redis-py's ``ConnectionError`` / ``TimeoutError``) surface as
 :class:`StoreUnavailable`, with redis-py's exception as its ``__cause__``: they are transient,
-and a worker keeps retrying on its own; a producer decides whether to try again.
+and a worker keeps retrying on its own; a producer decides whether to try again. So do replies by
+which a server refuses a call for now (LOADING, BUSY, MISCONF, TRYAGAIN, CLUSTERDOWN, ...), once
+they have lasted longer than ``Options.busy_timeout``; until then the call is retried.
 """
 from __future__ import annotations
 
@@ -94,13 +99,22 @@ class StoreError(CoreTaskError):
 
 
 class StoreUnavailable(StoreError):
-    """Redis cannot be reached: the connection was refused, reset or timed out (redis-py's
-    ConnectionError or TimeoutError, kept as ``__cause__``). ``url`` is the server's URL with
-    its password masked."""
+    """Redis cannot serve coretask now. ``reason`` says why:
 
-    def __init__(self, message: str, *, url: str = "") -> None:
+    - ``"unreachable"``: the connection was refused, reset or timed out (redis-py's
+      ConnectionError or TimeoutError, kept as ``__cause__``);
+    - ``"loading"``, ``"busy"``, ``"misconf"``, ``"tryagain"``, ``"ask"``, ``"moved"``,
+      ``"clusterdown"``, ``"masterdown"``: the server answered with that refusal (LOADING,
+      BUSY, ...) for longer than ``Options.busy_timeout``; it did not run the call
+      (coretask/gateway/refusals.py explains each one).
+
+    ``url`` is the server's URL with its password masked. Transient by nature: a worker keeps
+    retrying on its own; a producer decides whether to try again."""
+
+    def __init__(self, message: str, *, url: str = "", reason: str = "unreachable") -> None:
         super().__init__(message)
         self.url = url
+        self.reason = reason
 
 
 class StoreFull(StoreError):

@@ -39,11 +39,12 @@ DEFAULT_SHUTDOWN_TIMEOUT = timedelta(seconds=30)
 DEFAULT_CANCEL_GRACE = timedelta(seconds=3)
 DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 DEFAULT_WAIT_TIMEOUT = timedelta(seconds=1)
+DEFAULT_BUSY_TIMEOUT = timedelta(seconds=5)
 SERIALIZER_NAMES = ("json", "dill")
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _DURATIONS = ("invisibility", "base_frequency", "pushback_frequency", "cleanup_frequency",
-              "retention", "shutdown_timeout", "cancel_grace", "wait_timeout")
+              "retention", "shutdown_timeout", "cancel_grace", "wait_timeout", "busy_timeout")
 _OPTIONAL_DURATIONS = ("timeout", "result_ttl", "task_retention")     # None = off
 _CALLBACKS = ("on_task_failed_delay", "on_task_error", "on_task_start", "on_task_end",
               "on_batch_end", "resolver", "execute")
@@ -95,6 +96,11 @@ class Options:
     wait_replicas / wait_timeout: when wait_replicas > 0, enqueue_task, batch commits and
       cancel_batch send WAIT after their write and raise ReplicationError when fewer replicas
       acknowledged it within wait_timeout (see docs/operations.md, failover).
+    busy_timeout: how long a call keeps retrying, with exponential backoff, while the server
+      refuses it for now: LOADING (a restart reading its dataset), BUSY (a long script), MISCONF
+      (a failed snapshot blocks writes), TRYAGAIN / ASK (a slot migration), CLUSTERDOWN. Past it
+      the call raises StoreUnavailable with ``reason`` naming the reply (see
+      coretask/gateway/refusals.py and docs/operations.md, Faults and recovery).
     signing_key: bytes or str (at least 16 bytes), or a list of them for rotation (the first
       signs, every one verifies): every payload is HMAC-SHA256-signed at enqueue, and workers
       dead-letter unread any task whose signature is missing or wrong (README, Security).
@@ -159,6 +165,7 @@ class Options:
     max_memory_per_process: int | None = None
     wait_replicas: int = 0
     wait_timeout: timedelta = DEFAULT_WAIT_TIMEOUT
+    busy_timeout: timedelta = DEFAULT_BUSY_TIMEOUT
     on_task_failed_delay: Callable[[TaskContext, int], timedelta | None] | None = None
     on_task_error: Callable[[TaskContext, BaseException], Any] | None = None
     on_task_start: Callable[[TaskContext], Any] | None = None

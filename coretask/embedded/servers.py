@@ -323,11 +323,16 @@ def _settled_view(node: RedisServer) -> tuple[object, ...] | None:
             link = conn.info("replication").get("master_link_status", "up")
     except redis.RedisError:
         return None
-    replicas_listed = sum(len(entry) - 3 for entry in slots)  # [start, end, master, *replicas]
-    if "cluster_state:ok" not in info or link != "up" or replicas_listed != len(lines) - len(slots):
+    # [start, end, master, *replicas] per range of slots; a master may serve several ranges
+    # (after a slot migration), each listing its replicas again
+    listed = {replica[2] for entry in slots for replica in entry[3:]}
+    table = [line.split() for line in lines]
+    serving = {fields[0] for fields in table if len(fields) > 8}
+    replicas = {fields[0] for fields in table if "slave" in fields[2] and fields[3] in serving}
+    if "cluster_state:ok" not in info or link != "up" or listed != replicas:
         return None
     view = []
-    for fields in (line.split() for line in lines):
+    for fields in table:
         flags = set(fields[2].split(","))
         if flags & {"fail", "fail?", "handshake", "noaddr"} or fields[7] != "connected":
             return None
@@ -365,7 +370,7 @@ class RedisCluster:
             for node in self.nodes:
                 node.start()
             self._create()
-            self._wait_settled(30.0)
+            self.wait_settled(30.0)
         except BaseException:
             self.stop()
             raise
@@ -384,7 +389,11 @@ class RedisCluster:
             output = done.stdout[-2000:] + done.stderr[-2000:]
             raise RuntimeError(f"{cli} --cluster create failed:\n{output}")
 
-    def _wait_settled(self, timeout: float) -> None:
+    def wait_settled(self, timeout: float = 30.0) -> None:
+        """Return once all the nodes agree on the slots and roles of every node, each of them
+        connected, none failing or migrating a slot, every replica linked and listed: what a
+        test waits for after a start, a failover, a slot migration or nodes restarted, before
+        it reads the topology. RuntimeError after ``timeout`` seconds (every node must run)."""
         deadline = time.monotonic() + timeout
         while True:
             views = [_settled_view(node) for node in self.nodes]

@@ -55,7 +55,7 @@ class Gateway:
     def __init__(self, options: Options, transport: Transport | None = None) -> None:
         self.options = options
         self.keys = Keys(options.prefix)
-        self.transport = transport if transport is not None else Transport(options)
+        self.transport = transport if transport is not None else Transport(options, guard=self.keys.migration_guard)
         self.url = self.transport.url       # the server's URL, password masked
         self._redis = self.transport.redis
         self._deadletter = _flag(options.deadletter)

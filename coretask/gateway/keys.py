@@ -14,7 +14,7 @@ class Keys:
 
     __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt",
                  "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "marker", "quarantine",
-                 "quarantine_why")
+                 "quarantine_why", "migration_guard")
 
     def __init__(self, prefix: str) -> None:
         p = self.prefix = prefix
@@ -36,6 +36,7 @@ class Keys:
         self.marker = f"{p}:marker"
         self.quarantine = f"{p}:quarantine"           # damaged task ids with no queue to dead-letter to
         self.quarantine_why = f"{p}:quarantine:why"   # task id -> reason
+        self.migration_guard = f"{p}:migration-guard"  # never written: see transport.py
 
     # ------------------------------------------------------------------------------ tasks
 

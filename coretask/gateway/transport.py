@@ -4,6 +4,15 @@ Only the gateway (coretask/gateway/gateway.py) calls it: that is where each scri
 ARGV order is written, next to the call. Scripts are loaded from ``lua/`` beside this module
 once, called with EVALSHA, and reloaded transparently after a NOSCRIPT reply (server restart,
 SCRIPT FLUSH, failover to a replica that never saw them).
+
+A call the server refuses for now (LOADING, BUSY, MISCONF, TRYAGAIN, CLUSTERDOWN: refusals.py)
+did not run, so it is sent again with exponential backoff for Options.busy_timeout before
+StoreUnavailable is raised. In cluster mode every call also declares the prefix's migration
+guard (P:migration-guard, a key nobody writes) as its last KEYS entry: while the prefix's slot
+is being migrated, a call whose declared keys all exist would run on the old node, and a write
+inside the script to a key that has already moved would fail half-way ("non local key"); with a
+key that never exists among its keys, Redis answers ASK or TRYAGAIN to every call instead, for
+the whole migration, before the script starts.
 """
 from __future__ import annotations
 
@@ -12,20 +21,20 @@ import hashlib
 import inspect
 import logging
 import os
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ClusterDownError, MovedError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import BusyLoadingError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..errors import ReplicationError, ScriptError, StoreError, StoreFull, StoreUnavailable
 from ..options import Options, redact_url
+from .refusals import Patience, refusal, refused
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +79,12 @@ def _load_scripts() -> dict[str, Script]:
 
 SCRIPTS = _load_scripts()
 
-UNREACHABLE = (RedisConnectionError, RedisTimeoutError)     # redis-py's: turned into StoreUnavailable
+# redis-py's, turned into StoreUnavailable (the cluster client's "no node answered" exists in
+# some redis-py versions only, and is no RedisError)
+UNREACHABLE: tuple[type[Exception], ...] = (
+    RedisConnectionError, RedisTimeoutError,
+    *((redis.exceptions.RedisClusterUnreachableError,)
+      if hasattr(redis.exceptions, "RedisClusterUnreachableError") else ()))
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -87,14 +101,21 @@ def translated(method: _F) -> _F:
     """Decorate a method of an object with a ``url`` (the masked server URL): redis-py's
     ConnectionError / TimeoutError leave it as StoreUnavailable, with the original as cause.
     The one translation of connection errors: the transport's script calls and every public
-    method of the gateway (its reads) go through it."""
+    method of the gateway (its reads) go through it. A refusal that reaches it (a read met
+    LOADING or CLUSTERDOWN: reads are not retried, scripts were for busy_timeout) leaves as
+    StoreUnavailable with its reason too, never as a redis-py exception."""
 
     @functools.wraps(method)
     def call(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
-        except UNREACHABLE as exc:
-            raise unavailable(self.url, exc) from exc
+        except (redis.RedisError, *UNREACHABLE) as exc:
+            reason = refusal(exc)
+            if reason is not None:
+                raise refused(reason, self.url, method.__name__, None, exc) from exc
+            if isinstance(exc, UNREACHABLE):
+                raise unavailable(self.url, exc) from exc
+            raise
 
     return call  # type: ignore[return-value]
 
@@ -120,36 +141,70 @@ def connect(options: Options, **overrides: Any) -> redis.Redis:
 class Transport:
     """The connection and the scripts for one prefix. Thread-safe (redis-py pools)."""
 
-    def __init__(self, options: Options, client: redis.Redis | None = None) -> None:
+    def __init__(self, options: Options, client: redis.Redis | None = None, *, guard: str | None = None) -> None:
+        """``guard``: the prefix's migration guard key (Keys.migration_guard), declared by every
+        call in cluster mode (see the module docstring); ignored on a standalone server."""
         self.options = options
         self.slot_key = options.prefix      # a call without keys goes to the prefix's slot
         self.redis = client if client is not None else connect(options)
         self.url = redact_url(options.redis)
+        self.guard = guard if options.cluster else None
+        self.busy_timeout = options.busy_timeout.total_seconds()
         self._idle: list[Any] = []      # see _checkout
         self._pid = os.getpid()
+
+    def _guarded(self, keys: Sequence[str]) -> Sequence[str]:
+        """The keys a call declares: in cluster mode, with the migration guard after them (and,
+        for a call without keys, the prefix itself before it, so that the call always names two
+        distinct keys: Redis answers TRYAGAIN, not "run here", to a call of several keys that
+        are not all present on the importing node)."""
+        if self.guard is None:
+            return keys
+        return [*(keys or (self.slot_key,)), self.guard]
 
     @translated
     def run(self, name: str, keys: Sequence[str], args: Sequence[Any], *, durable: bool = False) -> Any:
         """Run one script. ``durable``: with Options.wait_replicas > 0, WAIT for that many replicas
-        to acknowledge the write (ReplicationError when fewer did within wait_timeout)."""
+        to acknowledge the write (ReplicationError when fewer did within wait_timeout). Refusals
+        are retried for Options.busy_timeout (module docstring)."""
         if durable and self.options.wait_replicas > 0:
-            return self._run_and_wait(name, keys, args)
+            return self._run_and_wait(name, self._guarded(keys), args)
+        return self._run(name, self._guarded(keys), args, Patience(self.busy_timeout))
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[Any], patience: Patience) -> Any:
+        """run() with the keys already guarded and a Patience that may be shared by several calls
+        (run_many: one busy_timeout for the whole round trip, not one per call)."""
         script = SCRIPTS[name]
         evalsha = self.redis.evalsha if self.options.cluster else self._evalsha
-        try:
+        noscript = 0
+        while True:
             try:
                 return evalsha(script.sha, len(keys), *keys, *args)
             except NoScriptError:
+                # a SCRIPT FLUSH may land between the load and the call: a few times at most
+                noscript += 1
+                if noscript > 3:
+                    raise _translate(name, NoScriptError(f"NOSCRIPT after {noscript - 1} loads")) from None
                 log.debug("script %s not loaded on %s; loading it", name, self.url)
-                for attempt in range(3):    # a SCRIPT FLUSH may land between the load and the call
+                try:
                     self._load(script, keys)
-                    try:
-                        return evalsha(script.sha, len(keys), *keys, *args)
-                    except NoScriptError:
-                        if attempt == 2:
-                            raise
-        except ResponseError as exc:
-            raise _translate(name, exc) from exc
+                except Exception as exc:        # the load itself met BUSY, LOADING, ...
+                    self._wait_or_raise(name, exc, patience)
+            except Exception as exc:
+                self._wait_or_raise(name, exc, patience)
+
+    def _wait_or_raise(self, name: str, exc: Exception, patience: Patience) -> None:
+        """After a failed attempt: return (having slept) when it was a refusal and there is time
+        left, else raise what the caller should see."""
+        reason = refusal(exc)
+        if reason is None:
+            if isinstance(exc, ResponseError):
+                raise _translate(name, exc) from exc
+            raise exc       # a connection error: @translated makes it StoreUnavailable
+        if patience.refusals == 0:
+            log.debug("%s on %s refused (%s): retrying for up to %g s", name, self.url, exc, patience.seconds)
+        if not patience.wait():
+            raise refused(reason, self.url, name, patience, exc) from exc
 
     # The hot paths (every enqueue, every turn of a worker's loop) talk to a pooled connection
     # directly: redis-py's command and pipeline layers (callbacks, command stacks, event
@@ -168,12 +223,19 @@ class Transport:
         conn = self._checkout()
 
         def send_and_read() -> list[Any]:
-            conn.send_packed_command(_packed(conn, commands))
+            try:
+                conn.send_packed_command(_packed(conn, commands))
+            except BusyLoadingError as exc:
+                # the health check's PING (or the handshake of a new connection) was answered
+                # LOADING: nothing was sent; the caller waits it out (see below)
+                return [exc] * len(commands)
             replies: list[Any] = []
             for _ in commands:
                 try:
                     replies.append(conn.read_response())
-                except ResponseError as exc:      # an error reply: the connection is fine
+                except (ResponseError, BusyLoadingError) as exc:      # an error reply: the connection is fine
+                    # (redis-py's LOADING is a ConnectionError, which the connection's retry would
+                    # answer by reconnecting and resending, ~0.7 s each time: the caller waits it out)
                     replies.append(exc)
             return replies
 
@@ -186,7 +248,7 @@ class Transport:
             self._idle.append(conn)
         if raise_errors:
             for reply in replies:
-                if isinstance(reply, ResponseError):
+                if isinstance(reply, (ResponseError, BusyLoadingError)):
                     raise reply
         return replies
 
@@ -231,14 +293,20 @@ class Transport:
     def run_many(self, calls: Sequence[tuple[str, Sequence[str], Sequence[Any]]]) -> list[Any]:
         """Several script calls in one round trip (a pipeline, not a transaction); each call that
         met NOSCRIPT is run again on its own after loading, never the ones that succeeded."""
+        patience = Patience(self.busy_timeout)
         if self.options.cluster:
             # redis-py's cluster pipeline refuses EVALSHA: one call after the other instead
-            return [self.run(name, keys, args) for name, keys, args in calls]
-        results = self._roundtrip([("EVALSHA", SCRIPTS[name].sha, len(keys), *keys, *args)
-                                   for name, keys, args in calls], raise_errors=False)
+            return [self._run(name, self._guarded(keys), args, patience) for name, keys, args in calls]
+        while True:
+            try:
+                results = self._roundtrip([("EVALSHA", SCRIPTS[name].sha, len(keys), *keys, *args)
+                                           for name, keys, args in calls], raise_errors=False)
+                break
+            except Exception as exc:        # LOADING comes as an exception (BusyLoadingError)
+                self._wait_or_raise("pipeline of " + ", ".join(c[0] for c in calls), exc, patience)
         for i, (res, (name, keys, args)) in enumerate(zip(results, calls)):
-            if isinstance(res, NoScriptError):
-                results[i] = self.run(name, keys, args)
+            if isinstance(res, NoScriptError) or (isinstance(res, Exception) and refusal(res)):
+                results[i] = self._run(name, keys, args, patience)      # it did not run: run it now
             elif isinstance(res, ResponseError):
                 raise _translate(name, res) from res
             elif isinstance(res, Exception):
@@ -255,7 +323,9 @@ class Transport:
         timeout_ms = max(int(self.options.wait_timeout.total_seconds() * 1000), 1)
         cluster = self.options.cluster
         rc: Any = self.redis                    # redis.Redis or redis.cluster.RedisCluster
-        for attempt in range(1, 4):
+        patience = Patience(self.busy_timeout)
+        failures = 0            # NOSCRIPT and lost connections: three attempts, as before
+        while failures < 3:
             client = rc
             if cluster:
                 node = rc.get_node_from_key(keys[0] if keys else self.slot_key)
@@ -265,20 +335,28 @@ class Transport:
             pipe.execute_command("WAIT", want, timeout_ms)
             try:
                 result, acked = pipe.execute(raise_on_error=False)
-            except (RedisConnectionError, RedisTimeoutError):
-                if not cluster or attempt == 3:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if refusal(exc):            # LOADING: the script did not run
+                    self._wait_or_raise(name, exc, patience)
+                    continue
+                failures += 1
+                if not cluster or failures == 3:
                     raise
                 # a node failed (failover): refresh the slot map and try the new owner, as
                 # redis-py's cluster client does for every other command
                 rc.nodes_manager.initialize()
                 continue
             if isinstance(result, NoScriptError):
+                failures += 1
                 log.debug("script %s not loaded on %s; loading it", name, self.url)
                 self._load(script, keys)
                 continue
-            if cluster and isinstance(result, (MovedError, ClusterDownError, TryAgainError)):
-                time.sleep(0.05 * attempt)      # the script did not run: refresh the map, resend
-                rc.nodes_manager.initialize()
+            if isinstance(result, Exception) and refusal(result):
+                # the script did not run (this path talks to one node, so redis-py follows no
+                # MOVED or ASK here): wait, refresh the map, resend
+                self._wait_or_raise(name, result, patience)
+                if cluster and refusal(result) in ("moved", "clusterdown"):
+                    rc.nodes_manager.initialize()       # the slot map may be stale (failover)
                 continue
             if isinstance(result, ResponseError):
                 raise _translate(name, result) from result
@@ -294,16 +372,24 @@ class Transport:
                     acknowledged=int(acked), required=want)
             return result
         raise StoreError(f"{name}: the script could not be run with WAIT after 3 attempts "
-                         "(NOSCRIPT, MOVED or CLUSTERDOWN each time)")
+                         "(NOSCRIPT or a lost connection each time)")
 
     def _load(self, script: Script, keys: Sequence[str]) -> None:
         if self.options.cluster:
-            # load on the node that serves the slot of the keys (all coretask keys share it)
+            # load on the node that serves the slot of the keys (all coretask keys share it) ...
             from redis.cluster import RedisCluster
             assert isinstance(self.redis, RedisCluster)
             node = self.redis.get_node_from_key(keys[0] if keys else self.slot_key)
             # (RedisCluster.script_load takes no target_nodes: give the node to execute_command)
             self.redis.execute_command("SCRIPT LOAD", script.source, target_nodes=node)
+            # ... and on every other master, as best it can: a call redirected by ASK (the
+            # slot migrating) runs on a node the slot map does not name yet
+            for other in self.redis.get_primaries():
+                if other.name != node.name:
+                    try:
+                        self.redis.execute_command("SCRIPT LOAD", script.source, target_nodes=other)
+                    except redis.RedisError as exc:
+                        log.debug("script %s not loaded on %s: %s", script.name, other.name, exc)
         else:
             self.redis.script_load(script.source)
 
@@ -324,7 +410,7 @@ class InFlight:
         conn, self.conn = self.conn, None
         try:
             reply: Any = conn.read_response()
-        except ResponseError as exc:
+        except (ResponseError, BusyLoadingError) as exc:
             reply = exc
         except BaseException as exc:
             conn.disconnect()               # a half-read reply must never reach the next user
@@ -335,8 +421,8 @@ class InFlight:
             self.value = self.transport.run(self.name, self.keys, self.args)
             return self.value
         self.transport._idle.append(conn)
-        if isinstance(reply, NoScriptError):            # it did not run: load it and run it now
-            self.value = self.transport.run(self.name, self.keys, self.args)
+        if isinstance(reply, NoScriptError) or (isinstance(reply, Exception) and refusal(reply)):
+            self.value = self.transport.run(self.name, self.keys, self.args)    # it did not run: run it now
         elif isinstance(reply, ResponseError):
             raise _translate(self.name, reply) from reply
         else:

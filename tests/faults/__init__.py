@@ -36,6 +36,20 @@ Server state (a server of the test's own)
     running tasks are still acknowledged, work continues once maxmemory is raised
       -> test_server_state.py::test_maxmemory_reached_enqueue_raises_store_full_and_writes_nothing
 
+Refusals: replies by which a server declines a call for now (coretask/gateway/refusals.py),
+waited out for Options.busy_timeout, then StoreUnavailable(reason=...); manager + producer under
+load, every task exactly once after (workload.py: producer thread + reconcile)
+  - BUSY (a 2 s script, busy-reply-threshold 50 ms; also on the wait_replicas path, EVALSHA +
+    WAIT to a master with a replica), MISCONF (a failed snapshot with
+    stop-writes-on-bgsave-error), LOADING (a restart with a dataset that loads for seconds)
+      -> test_refusals.py
+  - AOF appendfsync everysec, kill -9 under load: acknowledged enqueues lost only within the
+    stated bound (2 s before the kill; measured 0)
+      -> test_aof.py
+  - Redis Cluster (--server cluster only): graceful CLUSTER FAILOVER, the prefix's slot migrated
+    key by key (TRYAGAIN/ASK; the migration guard), CLUSTERDOWN with two masters killed
+      -> test_cluster_faults.py
+
 Poison tasks
   - payload over max_payload_bytes, refused at enqueue with both sizes
       -> tests/test_enqueue.py::test_payload_over_max_payload_bytes_is_refused_with_both_sizes

@@ -79,6 +79,10 @@
 --                              failed; written by complete.lua and fail.lua (history), expires
 --                              HISTORY_TTL_MS (25 h) after its first write: at most 1,500 such keys, read
 --                              by name (never scanned)
+--   P:migration-guard   (none)  never written nor read: in cluster mode the transport declares it
+--                              as the last KEYS entry of every call, so that while the slot is
+--                              being migrated Redis answers TRYAGAIN/ASK before any script starts
+--                              (a script never runs on a node holding only part of its keys)
 --   P:ev                channel events: "f:<queue>" work ready, "d" new earliest due time,
 --                              "p"/"r" pause/resume, "c:<batch>" batch canceled,
 --                              "s" schedules changed (workers re-read the next tick),
@@ -100,6 +104,15 @@ local function history(P, queue, processed, failed, now)
     redis.call('PEXPIRE', key, HISTORY_TTL_MS)
   end
   if failed > 0 then redis.call('HINCRBY', key, 'f:' .. queue, failed) end
+end
+
+-- KEYS[i] when the caller passed it, else nil: how a script reads an optional key. In cluster
+-- mode the transport appends P:migration-guard after a call's own keys, so "KEYS[i] is set" is
+-- not enough (the guard is never one of a script's keys).
+local function given_key(P, i)
+  local k = KEYS[i]
+  if k == nil or k == P .. ':migration-guard' then return nil end
+  return k
 end
 
 -- A new task's controls (ARGV values of records.py Controls, in ms): each written only when set,
