@@ -124,3 +124,26 @@ def test_cpu_batch_example_tasks_drained_by_the_pytest_plugin(coretask_server, c
     total = redis.Redis.from_url(coretask_server.url).get(f"{cpu_batch.PREFIX}:total:{batch_id}")
     assert int(total) == 168                                           # primes below 1000
     assert coretask_processor.get_batch(batch_id).state == "succeeded"
+
+
+def test_flask_coretask_dashboard_serves_the_apps_processor(standalone, prefix, tmp_path):
+    # Given the example app's dashboard started as `flask --app examples.flask_app coretask dashboard`
+    env = dict(os.environ, CORETASK_REDIS_URL=standalone.url, EXAMPLE_PREFIX=prefix, PYTHONPATH=str(ROOT))
+    flask_bin = os.path.join(os.path.dirname(sys.executable), "flask")
+    proc = subprocess.Popen([flask_bin, "--app", "examples.flask_app", "coretask", "dashboard", "--port", "0"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        line = proc.stdout.readline()                       # "coretask dashboard on http://127.0.0.1:PORT/ ..."
+        url = line.split(" on ", 1)[1].split()[0] if " on http" in line else ""
+        assert url.startswith("http://127.0.0.1:"), line
+        # Then it serves the app's processor: its prefix, on loopback, with no password needed there
+        import urllib.request
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "coretask" in page and prefix in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

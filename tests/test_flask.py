@@ -82,7 +82,7 @@ def test_flask_cli_mirrors_the_coretask_commands(server, prefix):
     assert not ext.processor_for(app).is_paused
     # And the command list is the CLI's (one parser owns the arguments)
     listing = runner.invoke(args=["coretask", "--help"]).output
-    for name in ("worker", "status", "batch", "cancel", "dead", "task", "tenants", "trigger"):
+    for name in ("worker", "status", "batch", "cancel", "dead", "task", "tenants", "trigger", "dashboard", "metrics"):
         assert f"  {name}" in listing, listing
     # And a bad argument is reported by that parser with its usage, not a traceback
     bad = runner.invoke(args=["coretask", "batches"])
