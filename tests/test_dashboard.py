@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-flask = pytest.importorskip("flask")
+import flask
 
 from coretask import ScheduleData, TaskProcessor  # noqa: E402
 from coretask import cli  # noqa: E402

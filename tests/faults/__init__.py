@@ -46,7 +46,7 @@ load, every task exactly once after (workload.py: producer thread + reconcile)
   - AOF appendfsync everysec, kill -9 under load: acknowledged enqueues lost only within the
     stated bound (2 s before the kill; measured 0)
       -> test_aof.py
-  - Redis Cluster (--server cluster only): graceful CLUSTER FAILOVER, the prefix's slot migrated
+  - Redis Cluster (a 6-node cluster of the tests' own, whatever --server says): graceful CLUSTER FAILOVER, the prefix's slot migrated
     key by key (TRYAGAIN/ASK; the migration guard), CLUSTERDOWN with two masters killed
       -> test_cluster_faults.py
 

@@ -3,10 +3,11 @@ another master, and CLUSTERDOWN (two of three masters killed). A worker manager 
 process) and a producer thread run through each; afterwards every acknowledged task has run
 exactly once and coretask's counters reconcile (tests/faults/workload.py).
 
-They run in CI's ``--server cluster`` run and skip elsewhere: they start a 6-node cluster of
-their own (appendonly, so that killed masters come back with their data), which they fail over,
-reshard and break; the tasks record their runs in the session's cluster, which stays whole. The
-tests share that cluster and leave it settled (RedisCluster.wait_settled) for the next one.
+They do not depend on ``--server``: they start a 6-node cluster of their own (appendonly, so
+that killed masters come back with their data), which they fail over, reshard and break; the
+tasks record their runs in the session's server, which stays whole. CI runs them once, in the
+Redis 7 run. The tests share the cluster and leave it settled (RedisCluster.wait_settled) for
+the next one.
 """
 from __future__ import annotations
 
@@ -29,10 +30,7 @@ LEASES = dict(invisibility=30.0)
 
 
 @pytest.fixture(scope="module")
-def cluster(request: pytest.FixtureRequest) -> Iterator[RedisCluster]:
-    if request.config.getoption("--server") != "cluster":
-        pytest.skip("cluster faults run under --server cluster (CI's cluster run): they start, fail over, "
-                    "reshard and break a 6-node cluster of their own")
+def cluster() -> Iterator[RedisCluster]:
     with RedisCluster(binary=find_server_binary("redis7"), extra_args=["--appendonly", "yes"]) as started:
         yield started
 
