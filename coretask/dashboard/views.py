@@ -90,6 +90,16 @@ def empty_live() -> dict[str, Any]:
     return {"text": {}, "bars": {}, "flags": {}, "charts": {}}
 
 
+def live_of(found: Any, fill: Any) -> ResponseReturnValue:
+    """A one-object live endpoint's answer: 404 when the scope does not see the object (another
+    tenant's looks exactly like a missing one), else ``fill(found, out)``'s figures as JSON."""
+    if found is None:
+        abort(404)
+    out = empty_live()
+    fill(found, out)
+    return jsonify(out)
+
+
 def chart_rows(points: list[HistoryPoint]) -> list[list[int]]:
     return [[p.processed, p.failed] for p in points]
 
@@ -218,12 +228,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
 
     @bp.get("/live/batch/<batch_id>")
     def live_batch(batch_id: str) -> ResponseReturnValue:
-        b = scope.batch(batch_id)
-        if b is None:
-            abort(404)
-        out = empty_live()
-        batch_live(b, out)
-        return jsonify(out)
+        return live_of(scope.batch(batch_id), batch_live)
 
     # --------------------------------------------------------------------- schedules
 
@@ -301,12 +306,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
 
     @bp.get("/live/task/<task_id>")
     def live_task(task_id: str) -> ResponseReturnValue:
-        t = scope.task(task_id)
-        if t is None:
-            abort(404)
-        out = empty_live()
-        task_live(t, out)
-        return jsonify(out)
+        return live_of(scope.task(task_id), task_live)
 
     @bp.get("/search")
     def search() -> ResponseReturnValue:
