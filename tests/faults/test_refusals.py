@@ -230,10 +230,14 @@ def test_loading_after_a_restart_with_a_large_dataset_calls_wait_for_the_load(
     producer = Producer(p, prefix + ":loading").start()
     producer.wait_acked(40)
 
-    # When it is shut down (saving everything) and restarted: it answers LOADING meanwhile
+    # When it is shut down (saving everything) and restarted: it answers LOADING meanwhile (the
+    # producer holds across the shutdown itself, so that no enqueue is caught between running and
+    # replying, see Producer.hold, and goes on at once after the restart, into the load)
+    producer.hold()
     with server.client(retry=Retry(NoBackoff(), 0)) as once:     # (no reconnecting to a server that left)
         once.shutdown(save=True)
     server.restart()
+    producer.resume()
     assert server.client().info("persistence")["loading"] == 1, "the load ended before it was seen"
     # Then an impatient processor gives up with reason "loading". (Without redis-py's health
     # check: on a new connection its PING is refused with LOADING too, and redis-py retries that
