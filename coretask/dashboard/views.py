@@ -90,13 +90,18 @@ def empty_live() -> dict[str, Any]:
     return {"text": {}, "bars": {}, "flags": {}, "charts": {}}
 
 
-def live_of(found: Any, fill: Any) -> ResponseReturnValue:
-    """A one-object live endpoint's answer: 404 when the scope does not see the object (another
-    tenant's looks exactly like a missing one), else ``fill(found, out)``'s figures as JSON."""
+def seen(found: Any) -> Any:
+    """The object, or 404 when the scope does not see it (another tenant's looks exactly like a
+    missing one)."""
     if found is None:
         abort(404)
+    return found
+
+
+def live_of(found: Any, fill: Any) -> ResponseReturnValue:
+    """A one-object live endpoint's answer: ``fill(found, out)``'s figures as JSON, or 404."""
     out = empty_live()
-    fill(found, out)
+    fill(seen(found), out)
     return jsonify(out)
 
 
@@ -216,9 +221,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
 
     @bp.get("/batches/<batch_id>")
     def batch(batch_id: str) -> ResponseReturnValue:
-        b = scope.batch(batch_id)
-        if b is None:
-            abort(404)
+        b = seen(scope.batch(batch_id))
         page = page_arg()
         results = scope.batch_results(batch_id, (page - 1) * PAGE, PAGE)
         return render_template(T + "batch.html", b=b, continuations=scope.continuations(batch_id),
@@ -287,9 +290,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
 
     @bp.get("/tasks/<task_id>")
     def task(task_id: str) -> ResponseReturnValue:
-        t = scope.task(task_id)
-        if t is None:
-            abort(404)
+        t = seen(scope.task(task_id))
         result, outcome = None, None
         if t.finished:
             try:
