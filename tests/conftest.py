@@ -237,6 +237,16 @@ def start_manager(server: Target, prefix: str, tmp_path: Path) -> Iterator[Calla
         m.kill_all()
 
 
+def process_ended(proc: Any) -> bool:
+    """Whether a psutil process has exited (a zombie counts): the process may be reaped between
+    any two psutil calls, so a vanished one is an ended one, not an error."""
+    import psutil
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_until(cond: Callable[[], Any], timeout: float = 15.0, what: str | Callable[[], str] = "condition",
                interval: float = 0.02) -> Any:
     """Poll ``cond`` until it returns something truthy; fail with ``what`` after ``timeout``
