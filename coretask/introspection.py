@@ -192,6 +192,17 @@ class Introspection:
         ids = self.gateway.continuation_ids(batch_id, 0, take - 1)
         return [t for t in self._tasks(ids, TaskInfo) if t is not None]
 
+    def get_batch_tasks(self, batch_id: str, tenant: str | None = None, skip: int = 0,
+                        take: int = 25) -> list[TaskInfo]:
+        """The batch's tasks in the order they were published to their queues (queued, delayed,
+        running, dead, or finished and kept), ``skip``/``take`` over that order; a task whose
+        record is gone (finished and not kept, or deleted) is left out, so a page may hold
+        fewer than ``take``. [] when unknown or (with ``tenant``) another tenant's."""
+        if self.get_batch(batch_id, tenant) is None:
+            return []
+        ids, _ = self.gateway.batch_task_ids(batch_id, skip, skip + take - 1)
+        return [t for t in self._tasks(ids, TaskInfo) if t is not None]
+
     def get_batches(self, tenant: str, skip: int = 0, take: int = 25) -> list[BatchInfo]:
         """A tenant's batches, newest first."""
         return [BatchInfo.from_hash(b, h) for b, h in self.gateway.batch_page(check_tenant(tenant), skip, take)]

@@ -137,6 +137,9 @@ class TenantView:
     def get_batch_continuations(self, batch_id: str, take: int = 100) -> list[TaskInfo]:
         return self.processor.get_batch_continuations(batch_id, tenant=self.tenant, take=take)
 
+    def get_batch_tasks(self, batch_id: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
+        return self.processor.get_batch_tasks(batch_id, tenant=self.tenant, skip=skip, take=take)
+
     def get_batches(self, skip: int = 0, take: int = 25) -> list[BatchInfo]:
         return self.processor.get_batches(self.tenant, skip, take)
 

@@ -17,6 +17,7 @@ from coretask import ScheduleData, TaskProcessor  # noqa: E402
 from coretask import cli  # noqa: E402
 from coretask.dashboard import blueprint  # noqa: E402
 from coretask.dashboard.server import check_bind, create_app  # noqa: E402
+from coretask.dashboard.views import PAGE  # noqa: E402
 from coretask.errors import ConfigurationError  # noqa: E402
 from tests import tasks_dashboard as td  # noqa: E402
 from tests.conftest import wait_until  # noqa: E402
@@ -358,3 +359,41 @@ def test_the_queue_page_narrows_to_one_tenant(processor: TaskProcessor) -> None:
     acme = client.get("/dash/queues/default?tenant=acme").get_data(as_text=True)
     assert mine[:12] in acme and theirs[:12] not in acme
     assert client.get("/dash/queues/default?tenant=bad%20name").status_code == 404
+
+
+def test_a_batch_page_lists_its_tasks_queued_delayed_running_and_kept(processor: TaskProcessor,
+                                                                       embedded_worker: Callable[..., Any]) -> None:
+    from datetime import timedelta
+
+    # Given a batch of tenant acme: a delayed task, a task that keeps its result, and 60 plain
+    # tasks (more than a page), none run yet
+    ids: dict[str, str] = {}
+
+    def build(b: Any) -> None:
+        ids["delayed"] = b.enqueue(td.noop, "later", delay_until=timedelta(hours=1))
+        ids["kept"] = b.enqueue(td.noop, "kept", keep_result=3600)
+        for i in range(60):
+            ids[f"plain{i}"] = b.enqueue(td.noop, i)
+    batch_id = processor.enqueue_batch("default", "acme", build)
+    # Then the API lists them in publication order, paged, and only for their tenant
+    first = processor.get_batch_tasks(batch_id, take=2)
+    assert [(t.id, t.state) for t in first] == [(ids["delayed"], "delayed"), (ids["kept"], "queued")]
+    assert len(processor.get_batch_tasks(batch_id, skip=2, take=100)) == 60
+    assert [t.id for t in processor.tenant("acme").get_batch_tasks(batch_id, take=1)] == [ids["delayed"]]
+    assert processor.tenant("globex").get_batch_tasks(batch_id) == []
+    # and the batch page shows the first page of them with their states, the next page the rest
+    client = app_for(processor).test_client()
+    html = client.get(f"/dash/batches/{batch_id}").get_data(as_text=True)
+    assert ids["delayed"][:12] in html and ids["kept"][:12] in html and "tpage=2" in html
+    assert html.count(">queued<") == PAGE - 1 and html.count(">delayed<") == 1
+    last = client.get(f"/dash/batches/{batch_id}?tpage=3").get_data(as_text=True)
+    assert ids["plain59"][:12] in last and ids["delayed"][:12] not in last and "tpage=4" not in last
+
+    # When a worker runs what is due
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_batch(batch_id).done == 61, 20, "61 tasks done")
+    # Then the page still lists the delayed task and the one that kept its result, not the rest
+    assert [(t.id, t.state) for t in processor.get_batch_tasks(batch_id, take=100)] == [
+        (ids["delayed"], "delayed"), (ids["kept"], "succeeded")]
+    html = client.get(f"/dash/batches/{batch_id}").get_data(as_text=True)
+    assert ids["kept"][:12] in html and ">succeeded<" in html and ids["plain0"][:12] not in html

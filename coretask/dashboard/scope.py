@@ -103,6 +103,9 @@ class Scope:
     def batch(self, batch_id: str) -> BatchInfo | None:
         return self.api.get_batch(batch_id)  # type: ignore[no-any-return]
 
+    def batch_tasks(self, batch_id: str, skip: int, take: int) -> list[TaskInfo]:
+        return list(self.api.get_batch_tasks(batch_id, skip=skip, take=take))
+
     def continuations(self, batch_id: str) -> list[TaskInfo]:
         return list(self.api.get_batch_continuations(batch_id))
 

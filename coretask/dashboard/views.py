@@ -34,9 +34,9 @@ RESULT_CHARS = 10_000      # a result longer than this is cut on the task page
 T = "coretask_dashboard/"  # template folder: named so that it never shadows the host app's own
 
 
-def page_arg() -> int:
+def page_arg(name: str = "page") -> int:
     try:
-        return max(int(request.args.get("page", "1")), 1)
+        return max(int(request.args.get(name, "1")), 1)
     except ValueError:
         return 1
 
@@ -222,10 +222,11 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
     @bp.get("/batches/<batch_id>")
     def batch(batch_id: str) -> ResponseReturnValue:
         b = seen(scope.batch(batch_id))
-        page = page_arg()
+        page, tpage = page_arg(), page_arg("tpage")
         results = scope.batch_results(batch_id, (page - 1) * PAGE, PAGE)
+        tasks = scope.batch_tasks(batch_id, (tpage - 1) * PAGE, PAGE)
         return render_template(T + "batch.html", b=b, continuations=scope.continuations(batch_id),
-                               running=[t for t in scope.running(b.queue, 0, PAGE * 4) if t.batch_id == b.id],
+                               tasks=tasks, tpage=tpage, tmore=(tpage * PAGE) < b.total,
                                results=results, page=page, more=len(results) == PAGE,
                                live=url_for(".live_batch", batch_id=batch_id))
 

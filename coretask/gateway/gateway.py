@@ -606,6 +606,14 @@ class Gateway:
         rows, n = pipe.execute()
         return [(i.decode(errors="replace"), int(score)) for i, score in rows], int(n)
 
+    def batch_task_ids(self, batch_id: str, start: int, stop: int) -> tuple[list[str], int]:
+        """A page of a batch's task ids in publication order (P:b:<id>:ids), and their number."""
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.lrange(self.keys.batch_tasks(batch_id), start, stop)
+        pipe.llen(self.keys.batch_tasks(batch_id))
+        ids, n = pipe.execute()
+        return _decoded(ids), int(n)
+
     def continuation_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
         """A batch's continuations not yet released (P:b:<id>:cont)."""
         return _decoded(self._redis.lrange(self.keys.continuations(batch_id), start, stop))

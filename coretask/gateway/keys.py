@@ -105,6 +105,10 @@ class Keys:
     def batch_results(self, batch_id: str) -> str:
         return f"{self.prefix}:b:{batch_id}:r"
 
+    def batch_tasks(self, batch_id: str) -> str:
+        """P:b:<id>:ids: the batch's task ids in publication order (the batch page lists them)."""
+        return f"{self.prefix}:b:{batch_id}:ids"
+
     def continuations(self, batch_id: str) -> str:
         return f"{self.prefix}:b:{batch_id}:cont"
 

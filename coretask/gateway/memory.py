@@ -217,6 +217,8 @@ class MemoryGateway(MemoryReads, Gateway):
         with self._lock:
             ids = self._publishing.pop((batch_id, stage), [])
             canceled = self._batch_canceled(batch_id)
+            if not canceled:
+                self._batch_ids.setdefault(batch_id, []).extend(ids)
             for tid in ids:
                 if canceled:
                     self._forget(tid)

@@ -135,6 +135,11 @@ class MemoryReads(MemoryState):
     def delayed_page(self, start: int, stop: int) -> tuple[list[tuple[str, int]], int]:
         return [], 0       # nothing waits for its due time in eager mode
 
+    def batch_task_ids(self, batch_id: str, start: int, stop: int) -> tuple[list[str], int]:
+        with self._lock:
+            ids = self._batch_ids.get(batch_id, [])
+            return page(ids, start, stop), len(ids)
+
     def continuation_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
         with self._lock:
             return page(self._conts.get(batch_id, []), start, stop)

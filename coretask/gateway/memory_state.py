@@ -64,6 +64,7 @@ class MemoryState:
         self._dead: dict[str, list[str]] = {}
         self._batches: dict[str, dict[str, Any]] = {}
         self._conts: dict[str, list[str]] = {}                # batch -> continuation ids not yet released
+        self._batch_ids: dict[str, list[str]] = {}            # batch -> its task ids, in publication order
         self._results: dict[str, list[str]] = {}              # batch -> finished ids that keep results
         self._staged: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
         self._publishing: dict[tuple[str, str], list[str]] = {}

@@ -47,6 +47,8 @@
 --                              run (in flight), dur (summed task ms), created, started, ended, state,
 --                              ck (cancel key: published by cancel_batch, see worker/control.py)
 --   P:b:<id>:cont       list   continuation task ids not yet released
+--   P:b:<id>:ids        list   ids of its tasks, in publication order (batch_publish, one RPUSH per
+--                              chunk; deleted with the batch): the dashboard's batch page pages it
 --   P:b:<id>:r          list   ids of its finished tasks that keep their results, in order
 --   P:b:<id>:s:<stage>  list   task ids staged by one enqueue_batch/append_batch (expires)
 --   P:b:<id>:c:<stage>  list   continuation ids staged likewise (expires)

@@ -13,6 +13,7 @@ if ids then
   local canceled = batch_canceled(P, batch)
   local now = now_ms()
   local groups, order = {}, {}   -- ready tasks per queue and tenant, pushed with one RPUSH each
+  if not canceled then redis.call('RPUSH', P .. ':b:' .. batch .. ':ids', unpack(ids)) end
   for _, id in ipairs(ids) do
     local tkey = P .. ':t:' .. id
     if canceled then

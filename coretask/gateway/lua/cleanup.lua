@@ -16,7 +16,7 @@ for _, b in ipairs(ids) do
   for _, cid in ipairs(redis.call('LRANGE', bkey .. ':cont', 0, -1)) do
     redis.call('DEL', P .. ':t:' .. cid)
   end
-  redis.call('DEL', bkey, bkey .. ':cont', bkey .. ':k', bkey .. ':r')
+  redis.call('DEL', bkey, bkey .. ':cont', bkey .. ':k', bkey .. ':r', bkey .. ':ids')
   if f[2] == 'canceled' then
     redis.call('HSET', bkey, 'state', 'canceled')
     redis.call('PEXPIRE', bkey, tonumber(ARGV[2]))
