@@ -22,7 +22,8 @@ if TYPE_CHECKING:
                          StoreError, StoreFull, StoreUnavailable, TargetError, TaskCanceled, TaskFailed,
                          TaskLoadError, TaskRefused, TaskTimeout, UnknownOption)
     from .middleware import Middleware
-    from .models import BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, WorkerState, HistoryPoint
+    from .models import (BatchInfo, DeadTask, HistoryPoint, Progress, QuarantinedTask, QueueInfo, ShardInfo, TaskInfo,
+                         WorkerState)
     from .options import Options
     from .processor import TaskProcessor
     from .schedules import ScheduleData, ScheduleInfo
@@ -38,6 +39,7 @@ __all__ = [
     "call", "Call", "TaskData", "Serializer",
     # introspection views
     "TaskInfo", "QueueInfo", "BatchInfo", "DeadTask", "QuarantinedTask", "Progress", "WorkerState", "HistoryPoint",
+    "ShardInfo",
     # errors
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
@@ -50,7 +52,8 @@ _HOME = {"TaskProcessor": "processor", "Options": "options", "BatchBuilder": "ba
          "Middleware": "middleware", "ScheduleData": "schedules", "ScheduleInfo": "schedules",
          "call": "encoding", "Call": "encoding", "TaskData": "encoding", "Serializer": "encoding",
          "TaskInfo": "models", "QueueInfo": "models", "BatchInfo": "models", "DeadTask": "models",
-         "QuarantinedTask": "models", "Progress": "models", "WorkerState": "models", "HistoryPoint": "models"}
+         "QuarantinedTask": "models", "Progress": "models", "WorkerState": "models", "HistoryPoint": "models",
+         "ShardInfo": "models"}
 
 
 def __getattr__(name: str) -> Any:

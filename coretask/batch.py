@@ -85,7 +85,7 @@ class BatchBuilder:
         q = pr.options.check_enqueue_queue(queue) if queue is not None else self.queue
         idem, key_ttl_ms = pr.idempotency(key, key_ttl)
         enc = pr.encode_call(fn, args, kwargs)
-        task_id = os.urandom(16).hex()
+        task_id = self._gw.new_id_near(self._batch_id)     # a batch's tasks live on its shard
         shape = (q, self.tenant, enc.serializer, enc.target, pr.retries(retries), pr.due_ms(delay_until), on,
                  controls)
         chain = pr.chain

@@ -95,8 +95,10 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     queues, paused, paused_queues = _queues(p), p.is_paused, p.get_paused_queues()
     workers = sorted(p.get_workers().items())
     quarantined = p.get_quarantined_count()
+    shards = p.get_shards() if p.options.shards > 1 else []
     if out.json:
         out.data({"redis": redact_url(p.options.redis), "prefix": p.options.prefix, "paused": paused,
+                  "shards": [dataclasses.asdict(s) for s in shards],
                   "paused_queues": paused_queues, "queues": queues, "schedules": p.get_schedules_count(),
                   "quarantined": quarantined,
                   "workers": [{"id": w, "heartbeat_age": round(age, 3)} for w, age in workers]})
@@ -109,6 +111,10 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         print(f"quarantined: {quarantined} damaged task records (python -m coretask quarantine)")
     print()
     _queue_table(out, queues)
+    if shards:
+        print()
+        out.table(["SHARD", "PREFIX", "QUEUED", "IN FLIGHT", "DELAYED", "DEAD"],
+                  [[s.index, s.prefix, s.queued, s.in_flight, s.delayed, s.dead] for s in shards])
     print()
     out.table(["WORKER", "HEARTBEAT AGE (s)"], [[w, age] for w, age in workers])
     return OK
@@ -133,11 +139,26 @@ def _queue_table(out: Out, queues: list[Any]) -> None:
 
 def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     pause = a.command == "pause"
+    if a.queue and a.tenant:
+        _err("give a queue or --tenant, not both")
+        return USAGE
+    if a.tenant:
+        (p.pause_tenant if pause else p.resume_tenant)(a.tenant)
+        return _said(out, {"paused": pause, "tenant": a.tenant}, f"{a.command}d tenant {a.tenant}")
     if a.queue:
         (p.pause_queue if pause else p.resume_queue)(a.queue)
     else:
-        p.pause(requeue_running=a.requeue_running) if pause else p.resume()
+        p.pause(requeue_running=getattr(a, "requeue_running", False)) if pause else p.resume()
     return _said(out, {"paused": pause, "queue": a.queue}, f"{a.command}d {'queue ' + a.queue if a.queue else 'everything'}")
+
+
+def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    before = p.get_tenant_shard(a.tenant)
+    moved, kept = p.rebalance_tenant(a.tenant, a.to)
+    return _said(out, {"tenant": a.tenant, "from": before, "to": a.to, "moved": moved, "left_in_batches": kept},
+                 f"tenant {a.tenant}: new work goes to shard {a.to} (was {before}); {moved} queued or delayed "
+                 f"tasks moved, {kept} tasks of batches left with their batch; resume the tenant when ready "
+                 f"(python -m coretask resume --tenant {a.tenant})")
 
 
 def _said(out: Out, obj: dict[str, Any], text: str) -> int:
@@ -405,6 +426,8 @@ def cmd_tenant(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         return OK
     for name in ("tenant", "paused", "limit", "running", "done", "failed", "canceled", "dead"):
         print(f"{name + ':':<10}{_cell(getattr(s, name))}")
+    if p.options.shards > 1:
+        print(f"{'shard:':<10}{p.get_tenant_shard(a.id)}")
     print(f"{'queued:':<10}{' '.join(f'{q}={n}' for q, n in s.queued.items()) or '-'}")
     print(f"{'batches:':<10}{' '.join(f'{st}={n}' for st, n in s.batches.items())}")
     return OK
@@ -478,11 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd("status", cmd_status, "queues with counts, workers with heartbeat age, paused state")
     cmd("queues", cmd_queues, "queues with queued, in-flight, delayed and dead counts")
-    sp = cmd("pause", cmd_pause, "pause everything, or one queue")
+    sp = cmd("pause", cmd_pause, "pause everything, one queue, or one tenant (--tenant)")
     sp.add_argument("queue", nargs="?")
+    sp.add_argument("--tenant", help="pause this tenant's work only")
     sp.add_argument("--requeue-running", action="store_true",
                     help="also abort running tasks and hand them back (no retry consumed)")
-    cmd("resume", cmd_pause, "resume everything, or one queue").add_argument("queue", nargs="?")
+    sp = cmd("resume", cmd_pause, "resume everything, one queue, or one tenant (--tenant)")
+    sp.add_argument("queue", nargs="?")
+    sp.add_argument("--tenant", help="resume this tenant's work only")
+    sp = cmd("rebalance", cmd_rebalance, "move a paused tenant to another shard (Options.shards): its new work "
+             "goes there, its queued and delayed tasks move there task by task")
+    sp.add_argument("tenant")
+    sp.add_argument("--to", type=int, required=True, help="the shard number (0 .. shards - 1)")
     sp = cmd("batches", cmd_batches, "a tenant's batches, newest first")
     sp.add_argument("tenant")
     sp.add_argument("--skip", type=int, default=0)

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from .batch import BatchBuilder
 from .encoding import Call, TaskData
@@ -51,6 +49,9 @@ class Client(Introspection, Schedules, TenantAdmin):
         if self.options.eager:      # the scripts' state in memory, no connection (gateway/memory.py)
             from .gateway.memory import MemoryGateway
             self.gateway = MemoryGateway(self.options)
+        elif self.options.shards > 1:     # one Gateway per shard behind the same interface
+            from .gateway.shards import ShardedGateway
+            self.gateway = cast(Gateway, ShardedGateway(self.options))
         else:
             self.gateway = Gateway(self.options)
         self.chain = Chain.from_options(self.options)
@@ -82,7 +83,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         idem, key_ttl_ms = pr.idempotency(key, key_ttl)
         controls = pr.controls(timeout, keep_result)
         enc = pr.encode_call(fn, args, kwargs)
-        task_id = os.urandom(16).hex()
+        task_id = self.gateway.new_id(tenant)
         n_retries, due_ms = pr.retries(retries), pr.due_ms(delay_until)
         chain = self.chain
         message = None
@@ -129,7 +130,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         set on exit. An exception inside the block enqueues nothing."""
         self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
-        builder = BatchBuilder(self.gateway, self.producer, queue, tenant, uuid.uuid4().hex, scope, "create")
+        builder = BatchBuilder(self.gateway, self.producer, queue, tenant, self.gateway.new_id(tenant), scope, "create")
         yield from _staged(builder)
         if self._run_ready is not None:
             self._run_ready()

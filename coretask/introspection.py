@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
 from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
-                     HistoryPoint, ms_to_dt, to_int)
+                     HistoryPoint, ShardInfo, ms_to_dt, to_int)
 from .options import Options, check_queue_name, check_tenant
 from .results import decode_result
 
@@ -33,6 +33,17 @@ class Introspection:
 
     def get_queues(self) -> list[QueueInfo]:
         return [self.get_queue(n) for n in self.gateway.queue_names()]
+
+    def get_shards(self) -> list[ShardInfo]:
+        """Each shard's prefix and task counts over every queue (one row unless Options.shards
+        is above 1), read from the counters the scripts keep."""
+        out = []
+        for i, g in enumerate(self.gateway.parts()):
+            rows = [g.queue_counts(q) for q in g.queue_names()]
+            out.append(ShardInfo(index=i, prefix=g.keys.prefix, queued=sum(r[0] for r in rows),
+                                 in_flight=sum(r[1] for r in rows), delayed=sum(r[2] for r in rows),
+                                 dead=sum(r[3] for r in rows)))
+        return out
 
     def get_queue(self, name: str) -> QueueInfo:
         ready, inflight, delayed, dead, paused = self.gateway.queue_counts(check_queue_name(name))

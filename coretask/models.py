@@ -115,6 +115,19 @@ class QuarantinedTask:
 
 
 @dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    """One shard of the deployment (Options.shards): its key prefix (hash tag) and its tasks
+    over every queue."""
+
+    index: int
+    prefix: str
+    queued: int
+    in_flight: int
+    delayed: int
+    dead: int
+
+
+@dataclasses.dataclass(frozen=True)
 class QueueInfo:
     name: str
     queued: int

@@ -10,7 +10,7 @@ import difflib
 import functools
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ DEFAULT_MAX_PAYLOAD_BYTES = 1024 * 1024
 DEFAULT_WAIT_TIMEOUT = timedelta(seconds=1)
 DEFAULT_BUSY_TIMEOUT = timedelta(seconds=5)
 SERIALIZER_NAMES = ("json", "dill")
+MAX_SHARDS = 256
 
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,100}$")
 _DURATIONS = ("invisibility", "base_frequency", "pushback_frequency", "cleanup_frequency",
@@ -61,6 +62,14 @@ class Options:
     redis: a redis-py URL (``rediss://`` for TLS); ``cluster=True`` selects the cluster client.
     prefix: every key and channel lives under it; written as a hash tag (``{name}``) all keys
       share one Redis Cluster slot, which multi-key scripts require there.
+    shards: how many hash tags the deployment spreads over (default 1: one slot, as before). On
+      a Redis Cluster each shard's slot lies on another master when the masters hold equal slot
+      ranges, so N shards use N masters; a tenant's work stays in one shard (every script stays
+      atomic), task and batch ids name their shard, workers fetch from all of them, pause and
+      tenant limits hold on all of them (docs/scale-out.md). Going from 1 to N moves no key:
+      tenants that have work already stay on shard 0.
+    shard_map: tenant -> shard for tenants placed by hand (a big tenant on a shard of its own);
+      the others are placed by a stable hash of their name, recorded on first use.
     queues: fetch order; the first queue with ready work wins. With strict_queues (the default),
       enqueueing to a queue not listed here (a task, a batch, a continuation, a schedule) raises
       ConfigurationError naming the known queues, since no worker of this processor would fetch
@@ -142,6 +151,8 @@ class Options:
     redis: str = dataclasses.field(default_factory=lambda: os.environ.get("CORETASK_REDIS_URL", DEFAULT_REDIS))
     cluster: bool = False
     prefix: str = DEFAULT_PREFIX
+    shards: int = 1
+    shard_map: Mapping[str, int] | None = None
     queues: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_QUEUES))
     strict_queues: bool = True
     processes: int = DEFAULT_PROCESSES
@@ -195,6 +206,19 @@ class Options:
                 f"Options.prefix {self.prefix!r} has no hash tag: with cluster=True it must contain one, "
                 "such as '{coretask}', so that all coretask keys share one cluster slot (the Lua scripts "
                 "touch several keys at once, which Redis Cluster allows only within one slot)")
+        _check_int("shards", self.shards, 1)
+        if self.shards > MAX_SHARDS:
+            raise ConfigurationError(f"Options.shards must be at most {MAX_SHARDS}, got {self.shards}")
+        if self.shard_map is not None:
+            if not isinstance(self.shard_map, Mapping):
+                raise ConfigurationError(f"Options.shard_map must map tenant names to shard numbers, got "
+                                         f"{type(self.shard_map).__name__}")
+            for tenant, shard in self.shard_map.items():
+                if not isinstance(shard, int) or isinstance(shard, bool) or not 0 <= shard < self.shards:
+                    raise ConfigurationError(
+                        f"Options.shard_map[{tenant!r}] is {shard!r}: a shard number from 0 to {self.shards - 1} "
+                        f"(Options.shards={self.shards})")
+            self.shard_map = dict(self.shard_map)
         if isinstance(self.queues, str) or not self.queues:
             raise ConfigurationError(f"Options.queues must be a non-empty list of queue names, got {self.queues!r}")
         self.queues = list(self.queues)

@@ -221,6 +221,19 @@ class TenantAdmin:
     def is_tenant_paused(self, tenant: str) -> bool:
         return self.gateway.is_tenant_paused(check_tenant(tenant))
 
+    def get_tenant_shard(self, tenant: str) -> int:
+        """The shard the tenant's new work goes to (0 with Options.shards 1)."""
+        return self.gateway.tenant_shard(check_tenant(tenant))
+
+    def rebalance_tenant(self, tenant: str, shard: int) -> tuple[int, int]:
+        """Move a paused tenant to another shard: its new work goes there from now on, and its
+        queued and delayed tasks move there task by task, each move atomic and finished by a
+        later call if this one is cut short (docs/scale-out.md). A moved task gets a new id;
+        the old one still finds it (get_task, get_result, cancel_task) for Options.retention.
+        Tasks of batches stay with their batch and run where they are. Returns (tasks moved,
+        tasks of batches left in place). Resume the tenant afterwards."""
+        return self.gateway.rebalance(check_tenant(tenant), shard)
+
     def get_paused_tenants(self) -> list[str]:
         return self.gateway.paused_tenants()
 

@@ -249,7 +249,7 @@ def test_a_cancel_missed_while_unsubscribed_aborts_the_task_on_resubscription(ma
     w = WorkerProcess(p, renew_own_leases=True)
     dropped: list[str] = []
     handle = w.control.handle
-    w.control.handle = lambda m: dropped.append(m) if m.startswith("c:") else handle(m)  # type: ignore
+    w.control.handle = lambda m, c="": dropped.append(m) if m.startswith("c:") else handle(m, c)  # type: ignore
     stop = threading.Event()
     thread = threading.Thread(target=w.run, args=(stop,), daemon=True)
     thread.start()
@@ -467,8 +467,8 @@ def test_no_forged_message_changes_anything_in_any_state(make_processor, r, pref
     fetches: list[tuple[int, bool, int]] = []      # (messages handled before, paused, tasks leased)
     handle, exchange = w.control.handle, p.gateway.exchange
 
-    def recording_handle(message: str) -> None:
-        handle(message)
+    def recording_handle(message: str, channel: str = "") -> None:
+        handle(message, channel)
         handled.append(message)
 
     def recording_exchange(*args: object, **kwargs: object):

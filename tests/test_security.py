@@ -476,8 +476,8 @@ def test_forged_pause_and_resume_messages_change_nothing(make_processor, r, pref
     fetches: list[tuple[int, int]] = []    # (messages handled before the fetch, paused flag of its reply)
     handle, run_many = w.control.handle, p.gateway.transport.run_many
 
-    def recording_handle(message: str) -> None:
-        handle(message)
+    def recording_handle(message: str, channel: str = "") -> None:
+        handle(message, channel)
         handled.append(message)
 
     def recording_run_many(calls: Any) -> Any:
@@ -654,6 +654,7 @@ def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix
                                and raises_unavailable(lambda: a.get_result(leased["id"], wait=0.1))),
         "get_batch_results": lambda: a.get_batch_results(bb) == [],
         "get_batch_continuations": lambda: a.get_batch_continuations(bb) == [] != b.get_batch_continuations(bb),
+        "get_batch_tasks": lambda: a.get_batch_tasks(bb) == [] != b.get_batch_tasks(bb),
         "get_delayed_tasks": lambda: a.get_delayed_tasks() == [] != b.get_delayed_tasks(),
         "get_running_tasks": lambda: a.get_running_tasks() == [] == a.get_running_tasks(queue="low"),
         "cancel_task": lambda: a.cancel_task(b_task) is False,

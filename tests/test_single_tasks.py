@@ -192,7 +192,7 @@ def test_a_cancel_missed_while_unsubscribed_aborts_the_task_on_resubscription(ma
     w = WorkerProcess(p, renew_own_leases=True)
     dropped: list[str] = []
     handle = w.control.handle
-    w.control.handle = lambda m: dropped.append(m) if m.startswith("x:") else handle(m)  # type: ignore
+    w.control.handle = lambda m, c="": dropped.append(m) if m.startswith("x:") else handle(m, c)  # type: ignore
     stop = threading.Event()
     thread = threading.Thread(target=w.run, args=(stop,), daemon=True)
     thread.start()

@@ -10,9 +10,11 @@ snapshot a few milliseconds old is fine for the CLI and a dashboard.
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+from ..errors import ConfigurationError
 from ..options import Options
 from .keys import Keys
 from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Recovered,
@@ -47,8 +49,45 @@ def _connection_errors_translated(cls: _C) -> _C:
     return cls
 
 
+class OneShard:
+    """What a deployment of one shard answers to the questions Options.shards raises (see
+    gateway/shards.py, which answers them for several): ids need no shard, there is one part,
+    nothing is ever forwarded. No Redis call: the memory gateway of eager mode inherits it."""
+
+    keys: Keys
+
+    def new_id(self, tenant: str) -> str:
+        """A new task or batch id for the tenant's work."""
+        return os.urandom(16).hex()
+
+    def new_id_near(self, other_id: str) -> str:
+        """A new id that lives where ``other_id`` does (the tasks of a batch)."""
+        return os.urandom(16).hex()
+
+    def parts(self) -> list[Any]:
+        """The gateway of each shard (this one alone)."""
+        return [self]
+
+    def channels(self) -> list[str]:
+        """The pub/sub channels a worker listens to."""
+        return [self.keys.events]
+
+    def wake(self, worker_id: str, channel: str) -> None:
+        """An event arrived on ``channel`` (one prefix: nothing to note, the loop fetches)."""
+
+    def tenant_shard(self, tenant: str) -> int:
+        return 0
+
+    def forwarded(self, task_id: str) -> str | None:
+        """The new id of a task that rebalance moved to another shard."""
+        return None
+
+    def rebalance(self, tenant: str, shard: int) -> tuple[int, int]:
+        raise ConfigurationError("rebalance_tenant needs Options.shards above 1: this deployment has one shard")
+
+
 @_connection_errors_translated
-class Gateway:
+class Gateway(OneShard):
     """The one door to Redis for one prefix. Thread-safe, as its transport is. Connection
     errors surface as StoreUnavailable naming the server's masked URL."""
 
@@ -64,6 +103,57 @@ class Gateway:
     def close(self) -> None:
         self._redis.close()
 
+    def placement(self, tenant: str) -> int | None:
+        """The tenant's shard in the directory (P:tshard), None when not placed yet."""
+        shard = self._redis.hget(self.keys.tenant_shards, tenant)
+        return int(shard) if shard is not None else None
+
+    def place(self, tenant: str, shard: int, *, replace: bool = False) -> int:
+        """Record the tenant's shard (unless placed already, without ``replace``); the shard
+        the directory holds afterwards (another process may have placed it first)."""
+        if replace:
+            self._redis.hset(self.keys.tenant_shards, tenant, shard)
+            return shard
+        self._redis.hsetnx(self.keys.tenant_shards, tenant, shard)
+        return int(self._redis.hget(self.keys.tenant_shards, tenant) or shard)
+
+    def forwarded_id(self, task_id: str) -> str | None:
+        """P:fw:<id> under this prefix (gateway/shards.py reads it on the task's old shard)."""
+        new = self._redis.get(self.keys.forward(task_id))
+        return new.decode() if new is not None else None
+
+    def move_out(self, tenant: str, task_ids: Sequence[str]) -> list[tuple[str, list[Any]]]:
+        """move_out.lua: of ``task_ids``, the tenant's queued and delayed tasks of no batch,
+        taken out of this prefix's queues: (id, flat field/value list) each."""
+        k = self.keys
+        reply = self.transport.run("move_out", [k.moving], [k.prefix, tenant, *task_ids])
+        return [(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+
+    def move_in(self, task_id: str, fields: Sequence[Any]) -> int:
+        """move_in.lua: store a task moved here under ``task_id``; -1 when it was already."""
+        k = self.keys
+        return int(self.transport.run("move_in", [k.task(task_id), k.queues], [k.prefix, task_id, *fields]))
+
+    def move_done(self, old_id: str, new_id: str, forward_ms: int) -> None:
+        k = self.keys
+        self.transport.run("move_done", [k.task(old_id), k.moving, k.forward(old_id)], [old_id, new_id, forward_ms])
+
+    def moving(self) -> list[tuple[str, list[Any]]]:
+        """Tasks move_out took out whose move did not finish: (id, flat field/value list)."""
+        ids = _decoded(self._redis.smembers(self.keys.moving))
+        pipe = self._redis.pipeline(transaction=False)
+        for i in ids:
+            pipe.hgetall(self.keys.task(i))
+        return [(i, [v for kv in h.items() for v in kv]) for i, h in zip(ids, pipe.execute()) if h]
+
+    def ping(self) -> None:
+        """One cheap read in the prefix's slot: raises when its server cannot be reached."""
+        self._redis.exists(self.keys.marker)
+
+    def tenant_has_history(self, tenant: str) -> bool:
+        """Whether work of the tenant was ever stored under this prefix (P:tenants)."""
+        return self._redis.zscore(self.keys.tenants, tenant) is not None
+
     def publish(self, message: str) -> None:
         """An event on the prefix's channel. It carries no authority: workers only re-read
         state that a script wrote (worker/control.py)."""
@@ -73,7 +163,7 @@ class Gateway:
         """A redis-py PubSub subscribed to the prefix's channel (the worker's control thread
         then reads its socket directly: coretask/worker/control.py)."""
         pubsub = self._redis.pubsub()
-        pubsub.subscribe(self.keys.events)
+        pubsub.subscribe(*self.channels())
         return pubsub
 
     # ====================================================================== task lifecycle
@@ -194,14 +284,16 @@ class Gateway:
              self._deadletter_schedules])
         return Recovered(int(requeued), int(buried), int(canceled))
 
-    def crashed(self, worker_id: str, reason: str, max_crashes: int) -> tuple[Recovered, str | None]:
+    def crashed(self, worker_id: str, reason: str, max_crashes: int, *,
+                blame: bool = True) -> tuple[Recovered, str | None]:
         """Take back the tasks of a worker process that crashed (crashed.lua): the one culprit,
-        when a single task was running, is charged a crash; several go uncharged to isolation.
+        when a single task was running, is charged a crash; several go uncharged to isolation
+        (``blame`` False: always, as when the process also ran tasks of other shards).
         Returns (isolated as requeued, buried, canceled) and the culprit's id."""
         k = self.keys
         isolated, buried, canceled, culprit = self.transport.run(
             "crashed", [k.leases, k.worker(worker_id)],
-            [k.prefix, worker_id, reason, max_crashes, self._deadletter, self._deadletter_schedules])
+            [k.prefix, worker_id, reason, max_crashes, self._deadletter, self._deadletter_schedules, _flag(blame)])
         return Recovered(int(isolated), int(buried), int(canceled)), (culprit.decode() or None)
 
     def isolated_count(self, queues: Sequence[str]) -> int:

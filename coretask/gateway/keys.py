@@ -14,7 +14,7 @@ class Keys:
 
     __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt",
                  "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "marker", "quarantine",
-                 "quarantine_why", "migration_guard")
+                 "quarantine_why", "migration_guard", "tenant_shards", "moving")
 
     def __init__(self, prefix: str) -> None:
         p = self.prefix = prefix
@@ -37,11 +37,17 @@ class Keys:
         self.quarantine = f"{p}:quarantine"           # damaged task ids with no queue to dead-letter to
         self.quarantine_why = f"{p}:quarantine:why"   # task id -> reason
         self.migration_guard = f"{p}:migration-guard"  # never written: see transport.py
+        self.tenant_shards = f"{p}:tshard"            # tenant -> shard (shard 0 only: gateway/shards.py)
+        self.moving = f"{p}:moving"                   # ids taken out by move_out.lua, not yet moved
 
     # ------------------------------------------------------------------------------ tasks
 
     def task(self, task_id: str) -> str:
         return f"{self.prefix}:t:{task_id}"
+
+    def forward(self, task_id: str) -> str:
+        """P:fw:<id>: the new id of a task that rebalance moved to another shard."""
+        return f"{self.prefix}:fw:{task_id}"
 
     def done(self, task_id: str) -> str:
         """P:t:<id>:done: pushed when a task that keeps its result finished (get_result's wait)."""

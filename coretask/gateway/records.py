@@ -280,6 +280,7 @@ class DueSchedule:
     timezone: str
     seconds: bool
     version: bytes      # opaque: handed back to the compare-and-set as read
+    shard: int = 0      # which shard it came from (Options.shards; gateway/shards.py)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

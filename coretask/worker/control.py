@@ -82,7 +82,7 @@ class Control:
                 self.subscribed.set()
                 self._resync()
                 delay = 0.1
-                self._read(sock, self.gateway.keys.events.encode())
+                self._read(sock, {c.encode() for c in self.gateway.channels()})
             except Exception as exc:
                 self.subscribed.clear()
                 if self._stop.is_set():
@@ -99,7 +99,7 @@ class Control:
                     except Exception:
                         pass
 
-    def _read(self, sock: socket.socket, channel: bytes) -> None:
+    def _read(self, sock: socket.socket, channels: set[bytes]) -> None:
         """Read the subscription straight off its socket: one blocking recv per wake-up. Behind
         many CPU-bound task threads each wait for the GIL lasts a round of switch intervals,
         and redis-py's reader (a poll, then a recv, each giving up the GIL) would cost several
@@ -119,13 +119,15 @@ class Control:
             while pending is not None and pending():
                 received += frames.feed(view[:sock.recv_into(buf)])
             for frame in received:
-                if len(frame) == 3 and frame[0] == b"message" and frame[1] == channel:
-                    self.handle(frame[2].decode(errors="replace"))
+                if len(frame) == 3 and frame[0] == b"message" and frame[1] in channels:
+                    self.handle(frame[2].decode(errors="replace"), frame[1].decode())
 
     def _resync(self) -> None:
         """Events published before the subscription was (re)established were missed: re-read
         the state they would have announced, including a cancel of a running task or its batch."""
         self.schedules.poke()
+        for channel in self.gateway.channels():
+            self.gateway.wake(self.worker_id, channel)
         self.ledger.wake.set()
         for batch_id in {t.batch_id for t in self.ledger.running_of(None) if t.batch_id}:
             if self._canceled(batch_id):
@@ -149,7 +151,8 @@ class Control:
         log.info("worker %s: batch %s canceled%s, aborting %d running tasks",
                  self.worker_id, batch_id, f" {when}" if when else "", len(mine))
 
-    def handle(self, message: str) -> None:
+    def handle(self, message: str, channel: str = "") -> None:
+        """One message from ``channel`` (one of Gateway.channels(): with shards, each has its own)."""
         if message.startswith("c:"):
             batch_id, _, key = message[2:].partition(":")
             mine = self.ledger.running_of(batch_id)
@@ -173,6 +176,7 @@ class Control:
         else:
             if message in ("s", "r"):     # schedules changed / resumed: re-read the next tick
                 self.schedules.poke()
+            self.gateway.wake(self.worker_id, channel)
             self.ledger.wake.set()
 
 

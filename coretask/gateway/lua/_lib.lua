@@ -81,6 +81,11 @@
 --                              failed; written by complete.lua and fail.lua (history), expires
 --                              HISTORY_TTL_MS (25 h) after its first write: at most 1,500 such keys, read
 --                              by name (never scanned)
+--   P:moving            set    ids of tasks move_out.lua took out for another shard (rebalance), field
+--                              st "moving" (ms: the state they had), until move_done.lua deletes them
+--   P:fw:<id>           string the new id of a task moved to another shard (expires: Options.retention)
+--   P:tshard            hash   tenant -> shard its new work goes to (Options.shards > 1; kept on
+--                              shard 0 only, written by Python: coretask/gateway/shards.py)
 --   P:migration-guard   (none)  never written nor read: in cluster mode the transport declares it
 --                              as the last KEYS entry of every call, so that while the slot is
 --                              being migrated Redis answers TRYAGAIN/ASK before any script starts

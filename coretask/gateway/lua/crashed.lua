@@ -3,7 +3,8 @@
 -- KEYS[1]  P:leases   KEYS[2] P:w:<worker>
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] reason (names the process and its exit code)
 -- ARGV[4]  crashes that bury a task (Options.max_crashes)   ARGV[5] deadletter ("1" | "0")
--- ARGV[6]  deadletter_schedules ("1" | "0")
+-- ARGV[6]  deadletter_schedules ("1" | "0")   ARGV[7] "0": never name a culprit (the process ran tasks
+--          of other shards too: coretask/gateway/shards.py), absent or "1": as below
 -- Reply: {isolated, buried (a damaged record taken out counts here), canceled, culprit id ("" when
 --        none could be named)}
 --
@@ -42,7 +43,7 @@ for _, entry in ipairs(running) do
     res[3] = res[3] + 1
   else
     local isolate = true
-    if #running == 1 then
+    if #running == 1 and ARGV[7] ~= '0' then
       res[4] = id
       if redis.call('HINCRBY', tkey, 'cr', 1) >= max_crashes then
         bury(P, id, f[2], f[4], ARGV[5], 'WorkerLost', reason, '', now, ARGV[6])

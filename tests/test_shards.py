@@ -1,0 +1,275 @@
+"""Shards (Options.shards): one deployment over several hash tags. On the session's server: a
+tenant's work lands under its shard's prefix and nowhere else, ids name their shard, one worker
+runs every shard's tasks exactly once, pause / queue pause / tenant pause hold on every shard
+when the call returns, an idle shard costs no fetches, a schedule ticks once per tick on its
+tenant's shard, and a deployment that turns sharding on moves no key. The cluster's side (each
+shard on another master, a failover that stops only its own shard) is in test_shards_cluster.py.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from coretask import ConfigurationError, Options, ScheduleData, TaskProcessor
+from coretask.gateway.shards import shard_of_id, shard_prefixes, stable_shard, with_shard
+from redis.crc import key_slot
+from tests import tasks, tasks_sched
+from tests.conftest import wait_until
+from tests.test_cancel_pause import NEGATIVE_WINDOW
+from tests.test_schedules import assert_one_run_per_tick, ticks
+
+PLACED = {"acme": 0, "globex": 1, "initech": 2}
+
+
+# ------------------------------------------------------------------------- pure addressing
+
+def test_shard_zero_keeps_the_prefix_and_each_shard_gets_its_own_slot_range() -> None:
+    for n in (2, 3, 5, 16):
+        prefixes = shard_prefixes("{coretask}", n)
+        assert prefixes[0] == "{coretask}" and len(set(prefixes)) == n
+        segments = [key_slot(p.encode()) * n // 16384 for p in prefixes]
+        assert sorted(segments) == list(range(n)), (n, prefixes)     # one shard per slot range
+        assert shard_prefixes("{coretask}", n) == prefixes          # the same in every process
+    assert shard_prefixes("app:{jobs}:x", 2)[1].startswith("app:{jobs~1") and shard_prefixes("{a}", 1) == ["{a}"]
+    assert shard_prefixes("plain", 3) == ["plain", "plain~1", "plain~2"]     # no tag: a standalone server
+
+
+def test_ids_name_their_shard_and_shard_zero_ids_are_unchanged() -> None:
+    assert with_shard("ab12", 0) == "ab12" and shard_of_id("ab12", 3) == 0
+    assert shard_of_id(with_shard("ab12", 2), 3) == 2
+    assert shard_of_id("ab12.7", 3) == 0            # a shard this deployment lacks: not found on 0
+    assert {stable_shard(f"tenant-{i}", 4) for i in range(40)} == {0, 1, 2, 3}
+    assert stable_shard("acme", 7) == stable_shard("acme", 7)
+
+
+def test_bad_shard_options_are_refused_with_the_fix() -> None:
+    with pytest.raises(ConfigurationError, match=r"Options.shards must be an integer >= 1"):
+        Options(shards=0)
+    with pytest.raises(ConfigurationError, match=r"shard_map\['big'\] is 3: a shard number from 0 to 2"):
+        Options(shards=3, shard_map={"big": 3})
+    with pytest.raises(ConfigurationError, match="at most 256"):
+        Options(shards=1000)
+
+
+# ------------------------------------------------------------------------- on a real server
+
+@pytest.fixture
+def sharded(make_processor: Callable[..., TaskProcessor]) -> Callable[..., TaskProcessor]:
+    return lambda **opts: make_processor(**{"shards": 3, "shard_map": PLACED, **opts})
+
+
+def stored_under(r: Any, p: TaskProcessor, task_id: str) -> list[int]:
+    """The shards whose prefix holds the task's record."""
+    return [s for s, prefix in enumerate(p.gateway.prefixes) if r.exists(f"{prefix}:t:{task_id}")]
+
+
+def test_work_lands_on_its_tenants_shard_and_every_task_runs_once(sharded, embedded_worker, r, prefix):
+    p = sharded(result_ttl=600)
+    out = prefix + ":out"
+    # Given tasks and a batch of three tenants placed on shards 0, 1, 2, and of hashed tenants
+    ids = {t: [p.enqueue_task("default", t, tasks.record, out, f"{t}:{i}") for i in range(10)] for t in PLACED}
+    others = [p.enqueue_task("default", f"tenant-{i}", tasks.record, out, f"tenant-{i}") for i in range(12)]
+    batches = {t: p.enqueue_batch("default", t, lambda b, t=t: [b.enqueue(tasks.record, out, f"{t}:b{i}")
+                                                                for i in range(5)]) for t in PLACED}
+    # Then each id names its tenant's shard and its record is stored there alone
+    for tenant, shard in PLACED.items():
+        assert {shard_of_id(i, 3) for i in ids[tenant]} == {shard}
+        assert stored_under(r, p, ids[tenant][0]) == [shard]
+        assert shard_of_id(batches[tenant], 3) == shard
+        assert all(shard_of_id(t.id, 3) == shard for t in p.get_batch_tasks(batches[tenant]))
+    assert {shard_of_id(i, 3) for i in others} == {0, 1, 2}       # hashed tenants spread
+    # and the reads sum the shards
+    assert p.get_queue("default").queued == 30 + 12 + 15
+    assert p.get_tenants(0, 100)[:3] == ["acme", "globex", "initech"] and p.get_tenants_count() == 15
+    assert p.get_tenant_stats("globex").queued == {"default": 15}
+
+    # When one worker runs
+    embedded_worker(p)
+    wait_until(lambda: r.llen(out) == 57, 20, "every task")
+    # Then every task ran exactly once, every batch succeeded, and the counts reconcile
+    runs = [v.decode() for v in r.lrange(out, 0, -1)]
+    assert len(set(runs)) == 57
+    for tenant in PLACED:
+        b = p.wait_for_batch(batches[tenant], 20)
+        assert (b.state, b.done, b.total) == ("succeeded", 5, 5)
+        assert p.get_tenant_stats(tenant).done == 15
+    wait_until(lambda: p.get_queue("default").in_flight == 0, 10, "acknowledgements")
+    assert p.get_queue("default").queued == 0
+    assert p.get_task(ids["initech"][0]).state == "succeeded"
+
+
+def test_pause_holds_on_every_shard_when_the_call_returns(sharded, embedded_worker, r, prefix):
+    p = sharded()
+    out = prefix + ":out"
+    embedded_worker(p)
+    p.enqueue_task("default", "initech", tasks.record, out, "up")
+    wait_until(lambda: r.llen(out) == 1, 10, "the worker running")
+    # When everything is paused, then each shard's flag is set before the call returned
+    p.pause()
+    assert [g.is_paused() for g in p.gateway.shards] == [True, True, True] and p.is_paused
+    for tenant in PLACED:
+        p.enqueue_task("default", tenant, tasks.record, out, tenant)
+    time.sleep(NEGATIVE_WINDOW)
+    assert r.llen(out) == 1 and p.get_queue("default").queued == 3
+    p.resume()
+    wait_until(lambda: r.llen(out) == 4, 10, "all three after resume")
+    # Queue and tenant pauses likewise hold on every shard
+    p.pause_queue("default")
+    assert [g.paused_queues() for g in p.gateway.shards] == [["default"]] * 3
+    p.resume_queue("default")
+    p.pause_tenant("globex")
+    assert [g.is_tenant_paused("globex") for g in p.gateway.shards] == [True, True, True]
+    p.enqueue_task("default", "globex", tasks.record, out, "globex-paused")
+    p.enqueue_task("default", "acme", tasks.record, out, "acme-runs")
+    wait_until(lambda: b"acme-runs" in r.lrange(out, 0, -1), 10, "the other tenant's task")
+    time.sleep(NEGATIVE_WINDOW)
+    assert b"globex-paused" not in r.lrange(out, 0, -1) and p.is_tenant_paused("globex")
+    p.resume_tenant("globex")
+    wait_until(lambda: b"globex-paused" in r.lrange(out, 0, -1), 10, "globex after resume")
+
+
+def test_calls_about_an_id_find_its_shard(sharded, embedded_worker, r, prefix):
+    p = sharded(result_ttl=600)
+    # Given a queued task of shard 2, a batch of shard 1 and a task of shard 1 that keeps a result
+    queued = p.enqueue_task("default", "initech", tasks.record, prefix + ":never", 1, delay_until=timedelta(hours=1))
+    batch = p.enqueue_batch("default", "globex", lambda b: [b.enqueue(tasks.spin, prefix + ":b", 60)])
+    kept = p.enqueue_task("default", "globex", tasks.record, prefix + ":kept", 7)
+    assert p.get_task(queued).state == "delayed" and p.get_batch(batch).total == 1
+    # When a worker runs and the task and the batch are canceled by id
+    embedded_worker(p)
+    assert p.get_result(kept, wait=20) is None and p.get_task(kept).state == "succeeded"
+    wait_until(lambda: p.get_batch(batch).running == 1, 20, "the batch's task running")
+    assert p.cancel_task(queued) and p.cancel_batch(batch)
+    # Then both end canceled on their own shard
+    assert p.get_task(queued).state == "canceled"
+    assert p.wait_for_batch(batch, 20).state == "canceled"
+    assert p.tenant("acme").get_batch(batch) is None           # tenant scoping still holds
+
+
+def test_an_idle_shard_costs_no_fetches(sharded, embedded_worker, r, prefix):
+    # base_frequency 30 s: in this test only events make the worker fetch
+    p = sharded(base_frequency=30)
+    out = prefix + ":out"
+    calls = [0, 0, 0]
+    for s, g in enumerate(p.gateway.shards):
+        def counted(*args: Any, _s: int = s, _f: Any = g.exchange, **kwargs: Any) -> Any:
+            calls[_s] += 1
+            return _f(*args, **kwargs)
+        g.exchange = counted            # type: ignore[method-assign]
+    embedded_worker(p)
+    wait_until(lambda: all(calls), 10, "the first turn asking every shard")
+    first = list(calls)
+    # When 20 tasks of shard 1 run one after another
+    for i in range(20):
+        p.enqueue_task("default", "globex", tasks.record, out, i)
+        wait_until(lambda i=i: r.llen(out) == i + 1, 10, f"task {i}")
+    # Then shard 1 was asked for each, and the idle shards not once more
+    assert calls[1] - first[1] >= 20
+    assert (calls[0], calls[2]) == (first[0], first[2]), calls
+
+
+def test_a_schedule_ticks_once_per_tick_on_its_tenants_shard(sharded, embedded_worker, r, prefix):
+    p = sharded(use_cron_seconds=True)
+    key = prefix + ":runs"
+    shard_prefix = p.gateway.prefixes[2]
+    embedded_worker(p)
+    embedded_worker(p)          # two workers race for every tick
+    p.upsert_schedule(ScheduleData("every-second", "initech", "default", None, "* * * * * *"),
+                      tasks_sched.record_tick, key, shard_prefix)
+    assert r.exists(f"{shard_prefix}:s:every-second") and not r.exists(f"{p.gateway.prefixes[0]}:s:every-second")
+    assert p.get_schedule("every-second").tenant == "initech"
+    wait_until(lambda: r.llen(key) >= 4, 15, "4 ticks")
+    assert p.cancel_schedule("every-second", "initech")
+    assert_one_run_per_tick(ticks(r, key), 4)
+    assert p.get_schedule("every-second") is None
+
+
+def test_turning_sharding_on_moves_no_key(make_processor, embedded_worker, r, prefix):
+    # Given a one-shard deployment with queued work of tenant "old"
+    one = make_processor()
+    out = prefix + ":out"
+    old = [one.enqueue_task("default", "old", tasks.record, out, i) for i in range(3)]
+    before = sorted(r.scan_iter(match=f"{prefix}*")) if not hasattr(r, "get_nodes") else None
+    # When the deployment restarts with three shards
+    three = make_processor(shards=3)
+    # Then "old" stays on shard 0 whatever its hash says, and its keys were not touched
+    assert three.gateway.tenant_shard("old") == 0
+    if before is not None:
+        assert sorted(k for k in r.scan_iter(match=f"{prefix}*") if not k.endswith(b":tshard")) == before
+    new = three.enqueue_task("default", "old", tasks.record, out, "new")
+    assert shard_of_id(new, 3) == 0 and three.get_task(old[0]).state == "queued"
+    # and a worker of the sharded deployment runs the old tasks and the new one
+    embedded_worker(three)
+    wait_until(lambda: r.llen(out) == 4, 10, "all four")
+
+
+def test_rebalance_moves_a_paused_tenants_work_under_load_nothing_lost_or_doubled(make_processor, embedded_worker,
+                                                                                 r, prefix):
+    import threading
+
+    p = make_processor(shards=3, result_ttl=600)
+    out = prefix + ":out"
+    tenant = "wanderer"
+    home = p.get_tenant_shard(tenant)
+    target = (home + 1) % 3
+    # Given a worker busy with another tenant's stream, and the paused tenant's queued, delayed
+    # (some due while the move runs) and batch tasks on its shard
+    embedded_worker(p)
+    p.pause_tenant(tenant)
+    queued = [p.enqueue_task("default", tenant, tasks.record, out, f"q{i}") for i in range(300)]
+    soon = [p.enqueue_task("default", tenant, tasks.record, out, f"s{i}", delay_until=timedelta(seconds=0.3))
+            for i in range(20)]
+    later = [p.enqueue_task("default", tenant, tasks.record, out, f"l{i}", delay_until=timedelta(hours=1))
+             for i in range(5)]
+    batch = p.enqueue_batch("default", tenant, lambda b: [b.enqueue(tasks.record, out, f"b{i}") for i in range(10)])
+    stop = threading.Event()
+    during: list[str] = []
+
+    def stream() -> None:           # other tenants keep the worker busy; the mover's producer goes on
+        i = 0
+        while not stop.is_set():
+            p.enqueue_task("default", "steady", tasks.record, out, f"steady{i}")
+            during.append(p.enqueue_task("default", tenant, tasks.record, out, f"d{i}"))
+            i += 1
+            stop.wait(0.01)
+    feeder = threading.Thread(target=stream, daemon=True)
+    feeder.start()
+    # and a move cut short: two tasks taken out of their shard and not stored anywhere yet
+    cut = p.gateway.shards[home].move_out(tenant, queued[:2])
+    assert [i for i, _ in cut] == queued[:2] and p.get_task(queued[0]) is not None
+    try:
+        # When the tenant is rebalanced to another shard while all that runs
+        moved, kept = p.rebalance_tenant(tenant, target)
+    finally:
+        stop.set()
+        feeder.join(10)
+    # Then new work goes to the new shard, and nothing of the tenant is left queued at home
+    assert p.get_tenant_shard(tenant) == target
+    assert shard_of_id(p.enqueue_task("default", tenant, tasks.record, out, "after"), 3) == target
+    home_gw = p.gateway.shards[home]
+    assert sum(home_gw.ready_counts("default", [tenant])) == 10        # the batch's tasks stay with it
+    assert kept == 10 and moved >= 300 + 20 + 5 - 0
+    assert not home_gw.moving()
+    # and every old id still finds its task, on the new shard
+    info = p.get_task(later[0])
+    assert info is not None and info.state == "delayed"
+    assert p.cancel_task(later[0]) and p.get_task(later[0]).state == "canceled"
+    assert p.get_task(queued[0]).state == "queued"
+    # When the tenant resumes, every task runs exactly once
+    p.resume_tenant(tenant)
+    expected = {f"q{i}" for i in range(300)} | {f"s{i}" for i in range(20)} | {f"b{i}" for i in range(10)}
+    expected |= {f"d{i}" for i in range(len(during))} | {"after"}
+    expected |= {f"l{i}" for i in range(1, 5)} - set()        # l0 was canceled; l1..l4 are an hour away
+
+    def ran() -> list[str]:
+        return [v.decode() for v in r.lrange(out, 0, -1) if not v.startswith(b"steady")]
+    wait_until(lambda: set(ran()) >= expected - {f"l{i}" for i in range(1, 5)}, 30, "every due task")
+    runs = ran()
+    assert len(runs) == len(set(runs)), "a task ran twice"
+    assert not any(v.startswith("l") for v in runs)
+    assert p.wait_for_batch(batch, 20).state == "succeeded"
+    assert p.get_tenant_stats(tenant).queued == {"default": 0}
