@@ -273,3 +273,45 @@ def test_rebalance_moves_a_paused_tenants_work_under_load_nothing_lost_or_double
     assert not any(v.startswith("l") for v in runs)
     assert p.wait_for_batch(batch, 20).state == "succeeded"
     assert p.get_tenant_stats(tenant).queued == {"default": 0}
+
+
+def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, server, prefix):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import FAST, ROOT
+
+    p = make_processor(shards=3)
+    tenant = "mover"
+    home = p.get_tenant_shard(tenant)
+    ids = [p.enqueue_task("default", tenant, tasks.record, prefix + ":out", i) for i in range(5)]
+    env = dict(os.environ, CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps({**FAST, "shards": 3}),
+               PYTHONPATH=str(ROOT))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "coretask", "--app", "tests.app:processor", *args], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    # The status shows each shard with its prefix and counts
+    status = cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "SHARD" in status.stdout and all(x in status.stdout for x in p.gateway.prefixes)
+    shards = json.loads(cli("status", "--json").stdout)["shards"]
+    assert [s["queued"] for s in shards] == [5 if s["index"] == home else 0 for s in shards]
+    # A rebalance of a tenant that is not paused is refused with the fix
+    target = (home + 1) % 3
+    refused = cli("rebalance", tenant, "--to", str(target))
+    assert refused.returncode == 2 and f"pause --tenant {tenant}" in refused.stderr
+    # Paused, it moves the tenant's queued tasks, and says so
+    assert cli("pause", "--tenant", tenant).returncode == 0 and p.is_tenant_paused(tenant)
+    moved = cli("rebalance", tenant, "--to", str(target))
+    assert moved.returncode == 0, moved.stderr
+    assert f"new work goes to shard {target} (was {home}); 5 queued or delayed tasks moved" in moved.stdout
+    assert [s.queued for s in p.get_shards()] == [5 if s == target else 0 for s in range(3)]
+    # (the directory says so at once; this process's copy of it is trusted for 5 s more)
+    assert p.get_task(ids[0]).state == "queued" and p.gateway.shards[0].placement(tenant) == target
+    assert cli("resume", "--tenant", tenant).returncode == 0 and not p.is_tenant_paused(tenant)
+    tenant_out = cli("tenant", tenant)
+    assert f"shard:    {target}" in tenant_out.stdout

@@ -65,6 +65,40 @@ def _has(node: RedisServer, key: str) -> bool:
             return False
 
 
+def test_batches_final_states_and_fairness_hold_on_three_masters(cluster, processor_on, embedded_worker, r, prefix):
+    from itertools import pairwise
+
+    from tests import tasks_tenancy as tt
+
+    cluster.wait_settled()
+    # Two tenants share shard 1; a third is alone on shard 2; one single-threaded worker
+    p = processor_on(cluster.url, cluster=True, shards=3, max_workers=1, result_ttl=600,
+                     shard_map={"big": 1, "small": 1, "solo": 2})
+    key = prefix + ":order"
+    big = p.enqueue_batch("default", "big", lambda b: [b.enqueue(tt.step, key, f"big{i}") for i in range(200)])
+    solo = p.enqueue_batch("default", "solo", lambda b: [b.enqueue(tt.step, key, f"solo{i}") for i in range(50)]
+                           + [b.enqueue(tasks.always_fail, "planned", retries=1)])
+    embedded_worker(p)
+    wait_until(lambda: r.llen(key) >= 20, 30, "the backlog under way")
+    # When the second tenant of shard 1 enqueues behind the first one's backlog
+    mark = r.llen(key)
+    small = [p.enqueue_task("default", "small", tt.step, key, f"small{i}") for i in range(10)]
+    wait_until(lambda: p.get_batch(big).state != "running" and p.get_batch(solo).state != "running", 60,
+               "both batches finished")
+    wait_until(lambda: r.llen(key) == 260, 20, "every task")
+    # Then within shard 1 its tasks ran in turn with the backlog's, not after it
+    order = [v.decode() for v in r.lrange(key, 0, -1)]
+    at = [i for i, name in enumerate(order) if name.startswith("small")]
+    assert at[0] <= mark + 6 and all(y - x <= 6 for x, y in pairwise(at)), (mark, at)
+    # and each task reached exactly one final state, the batches' counts reconcile
+    assert len(order) == len(set(order))
+    b, s = p.get_batch(big), p.get_batch(solo)
+    assert (b.state, b.total, b.done, b.failed, b.canceled, b.remaining) == ("succeeded", 200, 200, 0, 0, 0)
+    assert (s.state, s.total, s.done, s.failed, s.remaining) == ("failed", 51, 50, 1, 0)
+    assert {p.get_task(t).state for t in small} == {"succeeded"}
+    assert p.get_tenant_stats("big").done + p.get_tenant_stats("small").done == 210
+
+
 class Feeder:
     """One thread per tenant enqueueing a task every ``interval`` seconds; each task records when
     it started in the session's server (``<key>:<tenant>``). Enqueues refused while a shard is
