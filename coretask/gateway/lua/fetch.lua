@@ -27,7 +27,12 @@ local now = now_ms()
 local MAX_DROPPED = 500
 
 -- 1. Due delayed tasks become ready (bounded per call; the caller loops while it gets work).
-local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 200)
+-- The earliest one is read first: with none due (the usual case) that is the only command.
+local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+local due = {}
+if nxt[2] and tonumber(nxt[2]) <= now then
+  due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 200)
+end
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[4], id)
   local f, bad = read_task(P, id, {'q', 'tn', 'b'}, {q = QUEUES, tn = true})
@@ -43,7 +48,7 @@ for _, id in ipairs(due) do
     else push_ready(P, f[1], f[2], id, false) end
   end
 end
-local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
+if #due > 0 then nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES') end
 local next_due = -1
 if nxt[2] then next_due = tonumber(nxt[2]) end
 
@@ -129,8 +134,10 @@ for qi = 6, #ARGV do
               finish(P, id, 'canceled', now, 0)
               dropped = dropped + 1
             else
-              local attempt = redis.call('HINCRBY', tkey, 'a', 1)
-              redis.call('HSET', tkey, 'st', 'running', 'w', worker, 'ls', now)
+              -- the attempt (the lease token) read with the record, written with the state: one
+              -- command (read_task checked that a present 'a' holds an integer)
+              local attempt = (tonumber(f[10]) or 0) + 1
+              redis.call('HSET', tkey, 'a', attempt, 'st', 'running', 'w', worker, 'ls', now)
               leased[#leased+1] = id
               zargs[#zargs+1] = now + lease_ms; zargs[#zargs+1] = id
               per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
