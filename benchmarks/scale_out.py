@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.redis_cost import Snapshot, noop
+from benchmarks.redis_cost import Snapshot, _until, noop
 from coretask import Options, TaskProcessor
 from coretask.embedded.servers import RedisCluster, RedisServer, find_server_binary
 
@@ -90,14 +90,6 @@ def run_once(cluster: RedisCluster, shards: int, tasks: int, processes: int, thr
         "commands": [sum(d[1].values()) / total for d in deltas],
         "busy": [d[0] / wall for d in deltas],
     }
-
-
-def _until(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:
