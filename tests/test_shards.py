@@ -315,3 +315,37 @@ def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, ser
     assert cli("resume", "--tenant", tenant).returncode == 0 and not p.is_tenant_paused(tenant)
     tenant_out = cli("tenant", tenant)
     assert f"shard:    {target}" in tenant_out.stdout
+
+
+def test_every_gateway_call_has_a_sharded_answer() -> None:
+    """A Gateway method the API, the worker or the dashboard calls that ShardedGateway lacked
+    would fail only with shards > 1; those it leaves out are the ones it calls on one shard."""
+    from coretask.gateway.gateway import Gateway
+    from coretask.gateway.shards import ShardedGateway
+
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+    per_shard = {"forwarded_id", "move_done", "move_in", "move_out", "moving", "ping", "place", "placement",
+                 "tenant_has_history"}
+    assert public(Gateway) - public(ShardedGateway) == per_shard
+
+
+def test_the_dashboard_shows_a_sharded_deployment_as_one(sharded, prefix):
+    import flask
+
+    from coretask.dashboard import blueprint
+
+    p = sharded(result_ttl=600)
+    tasks_of = {t: p.enqueue_task("default", t, tasks.record, prefix + ":out", t) for t in PLACED}
+    batch = p.enqueue_batch("default", "initech", lambda b: [b.enqueue(tasks.record, prefix + ":out", 1)])
+    app = flask.Flask(__name__)
+    app.secret_key = "test"
+    app.register_blueprint(blueprint(p), url_prefix="/dash")
+    client = app.test_client()
+    queue_page = client.get("/dash/queues/default").get_data(as_text=True)
+    assert all(task_id[:12] in queue_page for task_id in tasks_of.values())
+    for path in ("/dash/", "/dash/tenants", "/dash/batches?tenant=initech", f"/dash/batches/{batch}",
+                 f"/dash/tasks/{tasks_of['globex']}", "/dash/workers", "/dash/schedules"):
+        assert client.get(path).status_code == 200, path
+    assert tasks_of["globex"][:12] in client.get(f"/dash/tasks/{tasks_of['globex']}").get_data(as_text=True)
+    assert client.get(f"/dash/search?q={batch}").headers["Location"].endswith(f"/dash/batches/{batch}")
