@@ -181,6 +181,11 @@ class ManagerProcess:
     def children(self) -> list[Any]:
         return worker_processes(self.pid)
 
+    def wait_ended(self, child: Any, timeout: float = 20) -> None:
+        """Until the worker process ``child`` has exited; on a timeout the manager's log shows why."""
+        wait_until(lambda: process_ended(child), timeout,
+                   lambda: f"worker process {child.pid} to end; the manager's log:\n{self.log()[-4000:]}")
+
     def wait_children(self, n: int, timeout: float = 20) -> list[Any]:
         wait_until(lambda: len(self.children()) == n, timeout, f"{n} worker processes")
         return self.children()

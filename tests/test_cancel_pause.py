@@ -14,7 +14,7 @@ from coretask import TaskCanceled
 from coretask.worker.control import Frames
 from coretask.worker.process import WorkerProcess
 from tests import tasks, tasks_batch
-from tests.conftest import process_ended, wait_until
+from tests.conftest import wait_until
 
 HOUR = timedelta(hours=1)
 
@@ -147,7 +147,7 @@ def test_cancel_ends_process_of_blocked_task_after_grace_and_hands_back_others(p
     # Then the spinning task is aborted at once; the blocked one ends with its process after the grace
     wait_until(lambda: r.llen(spin + ":left"), 10, "spinning task aborted")
     assert json.loads(r.lindex(spin + ":left", 0)) == {"cancelled": True, "outcome": "TaskCanceled"}
-    wait_until(lambda: process_ended(child), 15, "worker process ends")
+    m.wait_ended(child, 15)
     new = wait_until(lambda: [c for c in m.children() if c.pid != child.pid], 20, "replacement worker process")
     # And the batch counts both tasks canceled, neither finished
     info = processor.wait_for_batch(batch_id, 10)
@@ -186,7 +186,7 @@ def test_manager_ends_a_process_whose_canceled_task_holds_the_gil(processor, sta
     assert processor.cancel_batch(batch_id)
     # Then the manager ends the process within about a second after the grace, the batch counts
     # its three tasks canceled, and none of them finished
-    wait_until(lambda: process_ended(child), 20, "worker process ended")
+    m.wait_ended(child, 20)
     info = processor.wait_for_batch(batch_id, 15)
     assert (info.state, info.canceled, info.remaining, info.done, info.failed) == ("canceled", 3, 0, 0, 0)
     assert r.llen(regex + ":finished") == 0 and r.llen(block + ":finished") == 0

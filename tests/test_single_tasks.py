@@ -16,7 +16,7 @@ import pytest
 from coretask.gateway import Leased
 from coretask.worker.ledger import Ledger, Task
 from tests import tasks, tasks_batch, tasks_ops
-from tests.conftest import process_ended, wait_until
+from tests.conftest import wait_until
 
 HOUR = timedelta(hours=1)
 
@@ -227,7 +227,7 @@ def test_manager_ends_a_process_whose_canceled_task_holds_the_gil(processor, sta
     # When the regex task is canceled
     assert processor.cancel_task(regex_id)
     # Then the manager ends the process after the grace and the task is counted canceled
-    wait_until(lambda: process_ended(child), 20, "worker process ended")
+    m.wait_ended(child, 20)
     wait_until(lambda: processor.get_tenant_stats("acme").canceled == 1, 10, "counted canceled")
     assert r.llen(regex + ":finished") == 0 and state(processor, regex_id) is None
     assert "ignored its abort (task canceled)" in m.log()

@@ -13,7 +13,7 @@ import redis
 from coretask import (PayloadTooLarge, Progress, ResultPending, ResultUnavailable, ScheduleData, TaskCanceled,
                       TaskFailed, TaskTimeout)
 from tests import tasks, tasks_batch, tasks_control
-from tests.conftest import process_ended, wait_until
+from tests.conftest import wait_until
 from tests.test_cli import cli, ok   # noqa: F401  (the cli fixture)
 
 HOUR = timedelta(hours=1)
@@ -77,7 +77,7 @@ def test_a_blocked_task_past_its_limit_ends_its_process_and_only_it_is_charged(p
     wait_until(lambda: r.llen(block + ":started") and all(r.llen(f"{sib}{i}:started") for i in range(2)), 20,
                "three tasks running")
     # Then after limit + grace the process hands the siblings back and exits; a new one takes over
-    wait_until(lambda: process_ended(child), 20, "the worker process ended")
+    m.wait_ended(child, 20)
     new = wait_until(lambda: [c for c in m.children() if c.pid != child.pid], 20, "a replacement process")
     # And the blocked task's attempt is charged: dead-lettered (retries=0) as TaskTimeout
     with pytest.raises(TaskTimeout, match="time limit of 1s"):
@@ -103,7 +103,7 @@ def test_a_task_holding_the_gil_past_its_limit_is_ended_by_the_manager(processor
     tid = processor.enqueue_task("default", "acme", tasks_batch.catastrophic_regex, regex, timeout=1, retries=0)
     wait_until(lambda: r.llen(regex + ":started"), 20, "the regex running")
     # Then the manager, which holds no task, ends the process after limit + grace + its margin
-    wait_until(lambda: process_ended(child), 20, "the worker process ended")
+    m.wait_ended(child, 20)
     assert "past its time limit" in m.log()
     # And only the regex is charged (dead-lettered as TaskTimeout), the sibling runs again uncharged
     wait_until(lambda: processor.get_queue("default").dead == 1, 15, "the regex task dead-lettered")
