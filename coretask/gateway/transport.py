@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -58,7 +59,8 @@ LUA_DIR = _HERE / "lua"     # package data (setup.cfg): found beside this module
 
 
 class Script:
-    """One Lua file (with lua/_lib.lua prepended), run by SHA with NOSCRIPT recovery."""
+    """One Lua file (with what it uses of lua/_lib.lua prepended), run by SHA with NOSCRIPT
+    recovery."""
 
     def __init__(self, name: str, source: str) -> None:
         self.name = name
@@ -66,12 +68,47 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
+_LIB_DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*(?:, *[A-Za-z_][A-Za-z0-9_]*)*)",
+                             re.MULTILINE)
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _lib_parts(lib: str) -> list[tuple[set[str], str]]:
+    """_lib.lua cut at each top-level ``local`` definition: (names it defines, its text), in
+    order (the header comment first, defining nothing)."""
+    starts = [m.start() for m in _LIB_DEFINITION.finditer(lib)]
+    parts = [(set(), lib[:starts[0]] if starts else lib)]
+    for a, b in zip(starts, starts[1:] + [len(lib)]):
+        m = _LIB_DEFINITION.match(lib, a)
+        assert m is not None
+        parts.append(({n.strip() for n in m.group(1).split(",")}, lib[a:b]))
+    return parts
+
+
+def _with_lib(parts: list[tuple[set[str], str]], body: str) -> str:
+    """``body`` with the _lib.lua definitions it uses, directly or through each other, in their
+    order. Every call runs the whole prelude (closures and tables are made per call), so a
+    script carries only what it needs: the full library costs ~10 us of server CPU per call,
+    paid by every enqueue, fetch and acknowledgement (docs/benchmarks.md)."""
+    used = set(_WORD.findall(body))
+    keep = [False] * len(parts)
+    changed = True
+    while changed:                        # a definition may use any earlier one
+        changed = False
+        for i in range(len(parts) - 1, 0, -1):
+            names, text = parts[i]
+            if not keep[i] and names & used:
+                keep[i] = changed = True
+                used |= set(_WORD.findall(text))
+    return "".join(text for i, (_, text) in enumerate(parts) if i == 0 or keep[i]) + "\n" + body
+
+
 def _load_scripts() -> dict[str, Script]:
-    lib = (LUA_DIR / "_lib.lua").read_text()
+    parts = _lib_parts((LUA_DIR / "_lib.lua").read_text())
     scripts = {}
     for path in sorted(LUA_DIR.glob("*.lua")):
         if not path.name.startswith("_"):
-            scripts[path.stem] = Script(path.stem, lib + "\n" + path.read_text())
+            scripts[path.stem] = Script(path.stem, _with_lib(parts, path.read_text()))
     if not scripts:
         raise RuntimeError(f"no Lua scripts found in {LUA_DIR}: the coretask installation is incomplete")
     return scripts

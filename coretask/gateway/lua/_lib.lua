@@ -1,4 +1,6 @@
--- _lib.lua: helpers prepended to every coretask script at load time (not a script itself).
+-- _lib.lua: helpers prepended to coretask scripts at load time (not a script itself): each script
+-- gets the top-level definitions it uses, directly or through others (transport.py _with_lib), so
+-- every top-level statement here is a `local` definition at the start of a line.
 -- KEYS/ARGV: none of its own; every function takes the key prefix P explicitly.
 --
 -- Key layout (P is the configured prefix, written as a hash tag such as "{coretask}", so that
@@ -206,8 +208,21 @@ local function read_task(P, id, names, need)
     local kind = redis.call('TYPE', tkey).ok
     return nil, "the task's key " .. tkey .. ' holds a ' .. kind .. ', not a hash', kind
   end
-  for i, name in ipairs(names) do
-    local why = field_problem(P, name, f[i], need[name])
+  for i = 1, #names do
+    -- the plain cases (an optional field, a required one that is present, an integer that reads
+    -- as one) are decided here, without a call: this runs for every field of every task a fetch
+    -- leases or an acknowledgement settles; field_problem has the final word and the message
+    local name = names[i]
+    local rule, v = need[name], f[i]
+    local why = nil
+    if rule == nil or rule == true then
+      if (rule and not v) or (v and TASK_INTS[name] and (#v > 18 or not string.find(v, '^%-?%d+$')))
+         or (rule and (name == 'q' or name == 'tn')) then
+        why = field_problem(P, name, v, rule)
+      end
+    elseif rule ~= UNCHECKED then
+      why = field_problem(P, name, v, rule)
+    end
     if why then
       if redis.call('EXISTS', tkey) == 0 then return f, "the task's record " .. tkey .. ' is missing', 'none' end
       return f, why, 'hash'

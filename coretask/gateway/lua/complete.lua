@@ -18,12 +18,20 @@ local now = now_ms()
 local codes, ids = {}, {}
 local per_queue, per_tenant, per_tenant_done, per_batch = {}, {}, {}, {}
 local per_tenant_canceled = {}
+-- q and tn last: read only when the worker could not name them (the fetch reply did)
+local ACK_FIELDS, ACK_FIELDS_QT = {'a', 'st', 'b', 'ik', 'kr', 'kt'}, {'a', 'st', 'b', 'ik', 'kr', 'kt', 'q', 'tn'}
+local ACK_NEED = {a = true, st = true}
 for i = 3, #ARGV, 7 do
   local id, token = ARGV[i], ARGV[i+1]
   local queue, tenant = named(ARGV[i+4]), named(ARGV[i+5])
   local tkey = P .. ':t:' .. id
-  local f, bad = read_task(P, id, {'a', 'st', 'q', 'tn', 'b', 'ik', 'kr', 'kt'},
-                           {a = true, st = true, q = not queue and QUEUES or nil, tn = not tenant or nil})
+  local f, bad
+  if queue and tenant then
+    f, bad = read_task(P, id, ACK_FIELDS, ACK_NEED)
+  else
+    f, bad = read_task(P, id, ACK_FIELDS_QT, {a = true, st = true, q = not queue and QUEUES or nil,
+                                              tn = not tenant or nil})
+  end
   bad = check_leased(P, worker, id, f, bad)
   if bad then
     if owns_lease(P, worker, id, token, f) then
@@ -36,12 +44,12 @@ for i = 3, #ARGV, 7 do
       codes[#codes+1] = 0
     end
   elseif f[1] == token and f[2] == 'running' then
-    queue, tenant = queue or f[3], tenant or f[4]
-    if f[6] then release_key(P, id) end
-    if f[7] or f[8] then
+    queue, tenant = queue or f[7], tenant or f[8]
+    if f[4] then release_key(P, id) end
+    if f[5] or f[6] then
       local result = {}
       if ARGV[i+6] ~= '' then result = {'rv', ARGV[i+6]} end
-      finish(P, id, ARGV[i+2] == 'ok' and 'succeeded' or 'canceled', now, tonumber(ARGV[i+3]), f[7], f[8], result)
+      finish(P, id, ARGV[i+2] == 'ok' and 'succeeded' or 'canceled', now, tonumber(ARGV[i+3]), f[5], f[6], result)
     else
       redis.call('DEL', tkey)
     end
@@ -49,12 +57,12 @@ for i = 3, #ARGV, 7 do
     per_queue[queue] = (per_queue[queue] or 0) + 1
     per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
     if ARGV[i+2] == 'ok' then per_tenant_done[tenant] = (per_tenant_done[tenant] or 0) + 1 end
-    if ARGV[i+2] ~= 'ok' and (not f[5] or f[5] == '') then
+    if ARGV[i+2] ~= 'ok' and (not f[3] or f[3] == '') then
       per_tenant_canceled[tenant] = (per_tenant_canceled[tenant] or 0) + 1
     end
-    if f[5] and f[5] ~= '' then
-      local acc = per_batch[f[5]]
-      if not acc then acc = {n = 0, ok = 0, canceled = 0, dur = 0}; per_batch[f[5]] = acc end
+    if f[3] and f[3] ~= '' then
+      local acc = per_batch[f[3]]
+      if not acc then acc = {n = 0, ok = 0, canceled = 0, dur = 0}; per_batch[f[3]] = acc end
       acc.n = acc.n + 1
       acc.dur = acc.dur + tonumber(ARGV[i+3])
       if ARGV[i+2] == 'ok' then acc.ok = acc.ok + 1 else acc.canceled = acc.canceled + 1 end

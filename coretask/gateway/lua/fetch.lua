@@ -77,8 +77,11 @@ local function batch_entry(b)
   return e
 end
 
+-- what a lease reads of each task, and the rules it is read by (read once per queue, not per task)
+local LEASE_FIELDS = {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd'}
 for qi = 6, #ARGV do
   local queue = ARGV[qi]
+  local need = {p = true, s = true, tg = true, r = true, tn = true, q = queue, d = UNCHECKED}
   if redis.call('SISMEMBER', KEYS[2], queue) == 0 then
     local ring, ringset = P .. ':ring:' .. queue, P .. ':ringset:' .. queue
     while got < want and dropped < MAX_DROPPED do
@@ -117,8 +120,7 @@ for qi = 6, #ARGV do
         for _, id in ipairs(ids or {}) do
           per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
           local tkey = P .. ':t:' .. id
-          local f, bad = read_task(P, id, {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd'},
-                                   {p = true, s = true, tg = true, r = true, tn = true, q = queue, d = UNCHECKED})
+          local f, bad = read_task(P, id, LEASE_FIELDS, need)
           if not bad and f[4] and f[4] ~= '' and not batch_entry(f[4]).state then
             bad = "field 'b' (batch) names no batch: " .. quoted(f[4])
           end
