@@ -76,12 +76,10 @@ _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def _lib_parts(lib: str) -> list[tuple[set[str], str]]:
     """_lib.lua cut at each top-level ``local`` definition: (names it defines, its text), in
     order (the header comment first, defining nothing)."""
-    starts = [m.start() for m in _LIB_DEFINITION.finditer(lib)]
-    parts = [(set(), lib[:starts[0]] if starts else lib)]
-    for a, b in zip(starts, starts[1:] + [len(lib)]):
-        m = _LIB_DEFINITION.match(lib, a)
-        assert m is not None
-        parts.append(({n.strip() for n in m.group(1).split(",")}, lib[a:b]))
+    found = list(_LIB_DEFINITION.finditer(lib))
+    parts: list[tuple[set[str], str]] = [(set(), lib[:found[0].start()] if found else lib)]
+    for m, end in zip(found, [n.start() for n in found[1:]] + [len(lib)]):
+        parts.append(({n.strip() for n in m.group(1).split(",")}, lib[m.start():end]))
     return parts
 
 
@@ -93,7 +91,7 @@ def _with_lib(parts: list[tuple[set[str], str]], body: str) -> str:
     used = set(_WORD.findall(body))
     keep = [False] * len(parts)
     changed = True
-    while changed:                        # a definition may use any earlier one
+    while changed:          # until nothing new: a part's text ends with the comment of the next one
         changed = False
         for i in range(len(parts) - 1, 0, -1):
             names, text = parts[i]
