@@ -5,9 +5,8 @@ script still finds every helper it calls is shown by the suite, which runs every
 real servers (a missing helper fails as a call of nil)."""
 from __future__ import annotations
 
-import re
 
-from coretask.gateway.transport import LUA_DIR, SCRIPTS, _lib_parts, _with_lib
+from coretask.gateway.transport import LUA_DIR, SCRIPTS, _code_words, _lib_parts, _with_lib
 
 PARTS = _lib_parts((LUA_DIR / "_lib.lua").read_text())
 LIB_NAMES = set().union(*(names for names, _ in PARTS))
@@ -27,7 +26,7 @@ def test_every_top_level_statement_of_the_library_is_a_cut_point() -> None:
 
 def test_each_script_carries_every_library_name_it_uses_and_only_those() -> None:
     for name, script in SCRIPTS.items():
-        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", script.source[len(PARTS[0][1]):]))
+        words = _code_words(script.source[len(PARTS[0][1]):])
         assert words & LIB_NAMES <= defined_in(script.source), name
         body = (LUA_DIR / f"{name}.lua").read_text()
         assert script.source.endswith(body)
@@ -41,3 +40,10 @@ def test_a_small_script_leaves_the_rest_out_and_keeps_the_order() -> None:
     big = _with_lib(PARTS, "take_out(P, id, 'x', {}, 0)")
     assert big.index("local function set_aside(") < big.index("local function take_out(")
     assert len(SCRIPTS["progress"].source) < len(SCRIPTS["fail"].source)
+
+
+def test_a_name_in_a_comment_pulls_nothing_in() -> None:
+    # a comment naming a helper ("see take_out") must not make the script carry it
+    src = _with_lib(PARTS, "-- unlike take_out(P, id, ...), this only reads\nreturn now_ms()")
+    assert "local function take_out(" not in src and "local function now_ms()" in src
+    assert _code_words("local a = b -- c d\n-- e\nf()") == {"local", "a", "b", "f"}

@@ -283,15 +283,15 @@ def test_the_loop_buries_tasks_whose_fetch_reply_entry_did_not_read(caplog) -> N
     from coretask.worker.loop import Loop
 
     ledger = Ledger(4)
-    loop = Loop("w1", ledger, SimpleNamespace(), options(), SimpleNamespace(), SimpleNamespace(), SimpleNamespace(),
-                None)
+    loop = Loop("w1", ledger, SimpleNamespace(handoffs=False), options(), SimpleNamespace(), SimpleNamespace(),
+                SimpleNamespace(), None)
     good = make_task("a").leased
     reply = FetchReply(paused=False, next_due_ms=-1, now_ms=1, tasks=[good], unreadable=[
         Unreadable("b", "3", "default", "acme", "field 'r' (retries left) is not a number: b'3.5'"),
         Unreadable(None, None, "", "", "the id is not UTF-8 text")])
     # When the loop admits it
     with caplog.at_level(logging.ERROR, logger="coretask.worker.loop"):
-        assert loop._admit(reply) == 1
+        assert [t.id for t in loop._admit(reply)] == ["a"]
     # Then the readable one runs, and the other is buried with the next round trip (never left
     # leased to this live process, nor handed back to be fetched again as it is)
     assert list(ledger.running) == ["a"]

@@ -18,7 +18,7 @@ from ..errors import ConfigurationError
 from ..options import Options
 from .keys import Keys
 from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Recovered,
-                      Release, TickResult, parse_fetch_reply)
+                      Release, TickResult, parse_fetch_reply, parse_handoff)
 from .transport import InFlight, Transport, translated
 
 __all__ = ["Gateway"]
@@ -195,12 +195,14 @@ class Gateway(OneShard):
         return reply[2].decode() if int(reply[0]) == 3 else None
 
     def exchange(self, worker_id: str, outcomes: Outcomes, free: int, lease_ms: int, default_limit: int,
-                 queues: Sequence[str], *, isolated: bool = False) -> FetchReply:
+                 queues: Sequence[str], *, isolated: bool = False, idle_ms: int = 0) -> FetchReply:
         """A worker's turn in one round trip: its outcomes (complete, release, fail), then a
         fetch of up to ``free`` tasks (``isolated``: at most one task from the isolation lists,
         for the manager's isolation worker, fetch_isolated.lua). On an error the outcomes may or
         may not have landed; sending them again is harmless (the lease token makes a repeat a
-        no-op)."""
+        no-op). ``idle_ms`` > 0: when nothing is leased (and nothing is paused) the worker is
+        registered for hand-offs that long (``idle_registered``), and must then call
+        ``await_handoff`` before anything else."""
         k = self.keys
         calls = self._outcome_calls(worker_id, outcomes)
         if isolated:
@@ -209,8 +211,39 @@ class Gateway(OneShard):
         else:
             calls.append(("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker_id),
                                     k.trun, k.tlim],
-                          [k.prefix, worker_id, free, lease_ms, default_limit, *queues]))
+                          [k.prefix, worker_id, free, lease_ms, default_limit, idle_ms, *queues]))
         return parse_fetch_reply(self.transport.run_many(calls)[-1])
+
+    # ---------------------------------------------------------------- hand-off to idle workers
+
+    handoffs = True     # the worker loop may register as idle (one shard; not eager mode)
+
+    @staticmethod
+    def idle_registered(reply: FetchReply, idle_ms: int) -> int:
+        """How long (ms from ``reply.now_ms``) the fetch that gave ``reply`` registered its
+        worker for hand-offs: 0 when it did not (it leased something, or everything is
+        paused, or it stopped early to call again), as fetch.lua decides."""
+        if not idle_ms or reply.paused or reply.tasks or reply.unreadable or reply.next_due_ms == reply.now_ms:
+            return 0
+        if reply.next_due_ms != -1:
+            return min(idle_ms, reply.next_due_ms - reply.now_ms)
+        return idle_ms
+
+    def await_handoff(self, worker_id: str, timeout_s: float) -> FetchReply | None:
+        """Block on the worker's inbox: the lease an enqueue handed to it, or None (the wait
+        ended, or idle_wake woke it). The worker's registration has ended either way (handoff
+        and idle_wake end it; a timeout passed its deadline on the server's clock)."""
+        got = self._redis.blpop([self.keys.inbox(worker_id)], timeout=timeout_s)
+        return parse_handoff(got[1]) if got and got[1] else None
+
+    def idle_wake(self, worker_id: str) -> None:
+        """End the worker's registration and wake its await_handoff (idle.lua)."""
+        self.transport.run("idle", [self.keys.inbox(worker_id)], [self.keys.prefix, worker_id, "wake"])
+
+    def idle_leave(self, worker_id: str) -> list[FetchReply]:
+        """End the worker's registration and empty its inbox: the hand-offs it held."""
+        items = self.transport.run("idle", [self.keys.inbox(worker_id)], [self.keys.prefix, worker_id, "leave"])
+        return [parse_handoff(item) for item in items]
 
     def fetch(self, worker_id: str, free: int, lease_ms: int, default_limit: int,
               queues: Sequence[str]) -> FetchReply:

@@ -56,6 +56,10 @@ class Keys:
     def ready(self, queue: str, tenant: str) -> str:
         return f"{self.prefix}:q:{queue}:{tenant}"
 
+    def inbox(self, worker_id: str) -> str:
+        """P:inbox:<worker>: hand-offs to an idle worker process (enqueue.lua, idle.lua)."""
+        return f"{self.prefix}:inbox:{worker_id}"
+
     def ring(self, queue: str) -> str:
         return f"{self.prefix}:ring:{queue}"
 

@@ -62,6 +62,8 @@ class MemoryGateway(MemoryReads, Gateway):
     """The gateway of eager mode: every method the API calls, on the records of MemoryState.
     Thread-safe. Methods of Gateway it does not override (a worker's) raise ConfigurationError."""
 
+    handoffs = False
+
     def __init__(self, options: Options) -> None:     # not Gateway.__init__: no transport, no connection
         super().__init__(options)
         self.keys = Keys(options.prefix)

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Literal
 
 __all__ = ["Ack", "Controls", "DueSchedule", "DueSchedules", "Failure", "FetchReply", "Leased", "Outcomes", "Recovered",
-           "Release", "TickResult", "Unreadable", "parse_fetch_reply"]
+           "Release", "TickResult", "Unreadable", "parse_fetch_reply", "parse_handoff"]
 
 FETCH_FIELDS = 13  # values per task in fetch.lua's reply (see its header)
 
@@ -194,6 +194,33 @@ def parse_fetch_reply(reply: list[Any]) -> FetchReply:
                                           else f"{type(exc).__name__}: {exc}"))
     return FetchReply(paused=bool(reply[0]), next_due_ms=int(reply[1]), now_ms=int(reply[2]), tasks=tasks,
                       unreadable=unreadable)
+
+
+def parse_handoff(packed: bytes) -> FetchReply:
+    """A lease handed to an idle worker (enqueue.lua): fetch.lua's reply for one task, packed into
+    one list element by _lib.lua pack."""
+    values, _ = _unpack(memoryview(packed), 0, len(packed))
+    if len(values) != 1 or not isinstance(values[0], list) or len(values[0]) < 3:
+        raise ValueError(f"a hand-off is not one array of at least 3 values: {packed!r:.60}")
+    reply = values[0]
+    return parse_fetch_reply([int(v) for v in reply[:3]] + reply[3:])
+
+
+def _unpack(data: memoryview, pos: int, end: int) -> tuple[list[Any], int]:
+    """The values packed in data[pos:end]: "<length>:<bytes>" each, "[<length>:" before an array."""
+    out: list[Any] = []
+    while pos < end:
+        nested = data[pos] == 0x5B     # "["
+        if nested:
+            pos += 1
+        colon = bytes(data[pos:pos + 21]).index(b":")
+        size = int(bytes(data[pos:pos + colon]))
+        start = pos + colon + 1
+        if size < 0 or start + size > end:
+            raise ValueError(f"a packed value of {size} bytes runs past the end of its array")
+        out.append(_unpack(data, start, start + size)[0] if nested else bytes(data[start:start + size]))
+        pos = start + size
+    return out, pos
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

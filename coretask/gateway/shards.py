@@ -364,8 +364,10 @@ class ShardedGateway:
                 if g.keys.events == channel:
                     rot.ready[shard] = True
 
+    handoffs = False    # an idle worker waits on every shard: woken by events, not handed tasks
+
     def exchange(self, worker_id: str, outcomes: Outcomes, free: int, lease_ms: int, default_limit: int,
-                 queues: Sequence[str], *, isolated: bool = False) -> FetchReply:
+                 queues: Sequence[str], *, isolated: bool = False, idle_ms: int = 0) -> FetchReply:
         """Outcomes go to their shards; the fetch asks the shards that may have work, starting one
         further each turn (so that no shard waits behind another), until ``free`` tasks came.
         A shard that cannot be reached (its master failing over) is left out for a growing
@@ -427,6 +429,21 @@ class ShardedGateway:
     def fetch(self, worker_id: str, free: int, lease_ms: int, default_limit: int,
               queues: Sequence[str]) -> FetchReply:
         return self.exchange(worker_id, Outcomes(), free, lease_ms, default_limit, queues)
+
+    # an idle worker of several shards is never registered for hand-offs (``handoffs``): there
+    # is no wait to end and no inbox to empty
+    @staticmethod
+    def idle_registered(reply: FetchReply, idle_ms: int) -> int:
+        return 0
+
+    def await_handoff(self, worker_id: str, timeout_s: float) -> FetchReply | None:
+        return None
+
+    def idle_wake(self, worker_id: str) -> None:
+        pass
+
+    def idle_leave(self, worker_id: str) -> list[FetchReply]:
+        return []
 
     def send_outcomes(self, worker_id: str, outcomes: Outcomes) -> None:
         rot = self._rotations.get(worker_id)

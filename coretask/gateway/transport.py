@@ -71,6 +71,12 @@ class Script:
 _LIB_DEFINITION = re.compile(r"^local (?:function )?([A-Za-z_][A-Za-z0-9_]*(?:, *[A-Za-z_][A-Za-z0-9_]*)*)",
                              re.MULTILINE)
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_COMMENT = re.compile(r"--[^\n]*")     # no script has "--" inside a string
+
+
+def _code_words(text: str) -> set[str]:
+    """The names a Lua text uses, comments left out (a comment naming a helper pulls in nothing)."""
+    return set(_WORD.findall(_COMMENT.sub("", text)))
 
 
 def _lib_parts(lib: str) -> list[tuple[set[str], str]]:
@@ -88,7 +94,7 @@ def _with_lib(parts: list[tuple[set[str], str]], body: str) -> str:
     order. Every call runs the whole prelude (closures and tables are made per call), so a
     script carries only what it needs: the full library costs ~10 us of server CPU per call,
     paid by every enqueue, fetch and acknowledgement (docs/benchmarks.md)."""
-    used = set(_WORD.findall(body))
+    used = _code_words(body)
     keep = [False] * len(parts)
     changed = True
     while changed:          # until nothing new: a part's text ends with the comment of the next one
@@ -97,7 +103,7 @@ def _with_lib(parts: list[tuple[set[str], str]], body: str) -> str:
             names, text = parts[i]
             if not keep[i] and names & used:
                 keep[i] = changed = True
-                used |= set(_WORD.findall(text))
+                used |= _code_words(text)
     return "".join(text for i, (_, text) in enumerate(parts) if i == 0 or keep[i]) + "\n" + body
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..context import TaskContext
@@ -59,14 +60,29 @@ class Task:
         return Release(self.id, self.token, self.leased.queue, self.leased.tenant)
 
 
+class Wake(threading.Event):
+    """The loop's wake-up. While the loop blocks in Redis (an idle process waiting for a
+    hand-off, worker/loop.py), ``interrupt`` is set, and a wake-up calls it so that the blocking
+    call ends too: whoever wakes the loop need not know how it waits."""
+
+    interrupt: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        super().set()
+        hook = self.interrupt
+        if hook is not None:
+            hook()
+
+
 class Ledger:
     """Running tasks and pending outcomes of one worker process, under one lock."""
 
     def __init__(self, threads: int) -> None:
         self.threads = threads
         self.lock = threading.Lock()
-        self.wake = threading.Event()          # set when the loop has something to do
-        self.inbox: queue.SimpleQueue[Task | None] = queue.SimpleQueue()
+        self.wake = Wake()                     # set when the loop has something to do
+        # tasks for the runners; None ends a runner; a callable is a hand-off wait (loop.py)
+        self.inbox: queue.SimpleQueue[Task | Callable[[], Task | None] | None] = queue.SimpleQueue()
         self.running: dict[str, Task] = {}     # fetched and not yet reported, by id
         self.pending = Outcomes()              # reported, not yet sent to Redis
         self.quiet = False                     # stop fetching (shutdown, recycling)
@@ -79,13 +95,15 @@ class Ledger:
 
     # ------------------------------------------------------------------------- the loop's side
 
-    def admit(self, tasks: list[Task]) -> None:
-        """Tasks a fetch leased to this process: running from now on, queued for the runners."""
+    def admit(self, tasks: list[Task], hold: Task | None = None) -> None:
+        """Tasks a fetch leased to this process: running from now on, queued for the runners
+        (all but ``hold``, which the calling task thread runs itself: a hand-off, loop.py)."""
         with self.lock:
             for task in tasks:
                 self.running[task.id] = task
         for task in tasks:
-            self.inbox.put(task)
+            if task is not hold:
+                self.inbox.put(task)
         self.tasks_taken += len(tasks)
 
     def heard_cancel(self, task_id: str) -> None:

@@ -6,6 +6,13 @@ Runner threads never touch Redis on the happy path, so the Redis cost per task s
 of a round trip. The loop sleeps until the earliest of: a pub/sub event, a finished task, the
 next delayed task's due time, the next maintenance timer, or base_frequency.
 
+A process with every thread free whose fetch found nothing is registered as idle by that fetch,
+and one of its task threads blocks on the process's inbox (HANDOFF_WAIT at most): an enqueue
+then leases the new task to it and pushes the lease there (enqueue.lua), so the task reaches an
+idle worker in the enqueue's own round trip and runs in the thread that received it. Anything
+else that wakes the loop meanwhile ends the wait through the ledger's Wake (gateway.idle_wake);
+docs/decisions.md, "Hand-off".
+
 While recent tasks average under SHORT_TASK_MS, the loop waits until half of the threads are
 free before its next round trip, so that each script call carries several acknowledgements and
 a fetch for several tasks instead of one or two (the per-call cost of the scripts dominates for
@@ -34,6 +41,8 @@ log = logging.getLogger(__name__)
 COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
 ABORT_SETTLE = 0.5  # seconds shutdown waits for aborted tasks to report before handing them back
 SHUTDOWN_POLL = 0.05
+HANDOFF_WAIT = 2.0   # seconds an idle registration lasts: a host that dies unseen takes no task after it
+HANDOFF_SLACK = 0.005  # the blocking pop outlasts the registration (server clock at both ends) by this much
 MIB = 1024 * 1024
 
 
@@ -93,6 +102,8 @@ class Loop:
         self.queues = tuple(options.queues)
         self.default_limit = options.tenant_concurrency or 0
         self.base = options.base_frequency.total_seconds()
+        self.handoffs = gateway.handoffs and not isolation
+        self.leave_pending = False      # a registration may be left (a call failed): end it first
 
     def run(self, stop: threading.Event) -> None:
         """Turn until ``stop`` is set (or recycling has drained this process)."""
@@ -111,22 +122,36 @@ class Loop:
                 hold_timed_out = not ledger.wake.wait(min(maintenance.tick(), self.base))
                 continue
             hold_timed_out = False
+            if self.leave_pending and not self._leave(stop):
+                continue
+            idle_ms, tick_at = 0, 0.0
+            if self.handoffs and free == threads and not ledger.running and (
+                    self.recycling is None or self.recycling.reason is None):
+                # maintenance runs now, not while registered, and while the outcomes are still
+                # in the ledger (its check for leases never received counts them as known)
+                tick = maintenance.tick()
+                idle_ms, tick_at = int(min(tick, self.base, HANDOFF_WAIT) * 1000), time.monotonic() + tick
             outcomes = ledger.take_outcomes()
             try:
                 reply = self.gateway.exchange(self.worker_id, outcomes, free, lease_ms, self.default_limit,
-                                              self.queues, isolated=self.isolation)
+                                              self.queues, isolated=self.isolation, idle_ms=idle_ms)
             except Exception as exc:
+                self.leave_pending = self.leave_pending or idle_ms > 0
                 ledger.restore(outcomes)
                 log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
                             type(exc).__name__, exc, maintenance.delay)
                 maintenance.backoff(stop)
                 continue
             maintenance.connected()
-            got = self._admit(reply)
+            got = len(self._admit(reply))
             if self.recycling is not None and self.recycling.reason is not None and ledger.drained():
                 return                            # recycling: every task done and acknowledged
             if self.isolation and not got and not reply.paused and ledger.drained():
                 return                            # isolation: nothing left to run alone
+            registered_ms = self.gateway.idle_registered(reply, idle_ms) if idle_ms else 0
+            if registered_ms > 0:
+                self._await_handoff(registered_ms / 1000 + HANDOFF_SLACK, tick_at)
+                continue
             timeout = maintenance.tick()
             if got and got == free and threads > len(ledger.running):
                 continue                          # there may be more, and threads freed up meanwhile
@@ -138,7 +163,68 @@ class Loop:
                 # for several threads
                 time.sleep(COALESCE)
 
-    def _admit(self, reply: FetchReply) -> int:
+    def _await_handoff(self, timeout: float, tick_at: float) -> None:
+        """Registered as idle: a task thread waits for the hand-off, so that the task runs in
+        the thread that received it (a switch to another thread costs ~0.1 ms on a quiet
+        machine, as much as the rest of the path to the task's start). This thread sleeps
+        until the wake-up that follows (the wait ended without a task, an event, or the
+        handed-off task finished) or the next maintenance timer (``tick_at``), and never runs
+        ahead of the wait's end: nothing may run here while a lease may be in the inbox, not
+        yet received (maintenance would hand it back)."""
+        done = threading.Event()
+        self.ledger.inbox.put(lambda: self._receive(timeout, done))
+        self.ledger.wake.wait(max(tick_at - time.monotonic(), 0.0) + HANDOFF_SLACK)
+        done.wait()
+
+    def _receive(self, timeout: float, done: threading.Event) -> Task | None:
+        """In a task thread: wait for a hand-off; the task it brings, to run in this thread.
+        Without one, wake the loop to fetch."""
+        ledger = self.ledger
+        ledger.wake.interrupt = self._interrupt
+        try:
+            if ledger.wake.is_set():
+                self._interrupt()           # an event came during the fetch
+            reply = self.gateway.await_handoff(self.worker_id, timeout)
+        except Exception as exc:
+            self.leave_pending = True       # its reply may be lost: the inbox is emptied first
+            log.warning("worker %s: waiting for work failed (%s: %s)", self.worker_id, type(exc).__name__, exc)
+            reply = None
+        finally:
+            ledger.wake.interrupt = None
+        tasks: list[Task] = []
+        try:
+            if reply is not None:
+                tasks = self._admit(reply, hold_first=True)
+        finally:
+            done.set()
+            if not tasks:
+                ledger.wake.set()
+        return tasks[0] if tasks else None
+
+    def _interrupt(self) -> None:
+        """Wake the blocked wait (called by whichever thread sets the ledger's wake)."""
+        try:
+            self.gateway.idle_wake(self.worker_id)
+        except Exception as exc:    # the wait still ends at its timeout
+            log.warning("worker %s: could not end the wait for work early: %s", self.worker_id, exc)
+
+    def _leave(self, stop: threading.Event | None) -> bool:
+        """End a registration that may be left and admit what its inbox held; False (after a
+        backoff) when Redis could not be reached."""
+        try:
+            replies = self.gateway.idle_leave(self.worker_id)
+        except Exception as exc:
+            log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
+                        type(exc).__name__, exc, self.maintenance.delay)
+            if stop is not None:
+                self.maintenance.backoff(stop)
+            return False
+        self.leave_pending = False
+        for reply in replies:
+            self._admit(reply)
+        return True
+
+    def _admit(self, reply: FetchReply, hold_first: bool = False) -> list[Task]:
         """Admit the leased tasks into the ledger. A task that cannot be admitted (its reply entry
         did not read, see records.parse_fetch_reply, or its context could not be built) is buried
         with the reason on the next round trip, never left leased to this live process nor
@@ -160,11 +246,11 @@ class Loop:
         for bad in reply.unreadable:
             self._unreadable(bad)
         if tasks:
-            self.ledger.admit(tasks)
+            self.ledger.admit(tasks, hold=tasks[0] if hold_first else None)
             heard = self.ledger.cancels_for(tasks)
             if heard:       # a cancel_task message named them before they were admitted (control.py)
                 self._abort_marked(heard)
-        return len(tasks)
+        return tasks
 
     def _abort_marked(self, tasks: list[Task]) -> None:
         try:
@@ -196,6 +282,8 @@ class Loop:
         without consuming a retry; flush every outcome."""
         ledger = self.ledger
         ledger.quiet = True
+        if self.handoffs:
+            self._leave(None)           # a hand-off that came last is handed back with the unstarted
         ledger.release_unstarted()
         self.flush()
         deadline = time.monotonic() + self.options.shutdown_timeout.total_seconds()

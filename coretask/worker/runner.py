@@ -34,13 +34,14 @@ from ..errors import PayloadTooLarge, SerializationError, TaskCanceled, TaskLoad
 from ..results import encode_result
 from ..gateway import Failure
 from ..middleware import CANCELED, FAILED, HANDED_BACK, SUCCEEDED, Chain
+from .ledger import Task
 from .throttle import LogThrottle
 
 if TYPE_CHECKING:
     from ..options import Options
     from .aborts import Aborts
     from ..signing import TaskGuard
-    from .ledger import Ledger, Task
+    from .ledger import Ledger
 
 log = logging.getLogger(__name__)
 THROTTLE = LogThrottle(log)     # per process: flushed by the maintenance loop
@@ -99,11 +100,15 @@ class Runner:
             if task is None:
                 return
             try:
+                if not isinstance(task, Task):
+                    task = task()       # a hand-off wait (loop.py): the task it brought runs here
+                    if task is None:
+                        continue
                 self.execute(task)
             except TaskCanceled:   # _body absorbs every abort (tests/test_runner.py): a bug if seen
-                log.error("an abort escaped the bookkeeping of task %s; it may stay in flight", task.id)
+                log.error("an abort escaped the bookkeeping of task %s; it may stay in flight", _name(task))
             except BaseException:  # never let the pool thread die
-                log.exception("internal error while running task %s", task.id)
+                log.exception("internal error while running task %s", _name(task))
 
     def execute(self, task: Task) -> None:
         """Load and run one task and report its outcome to the ledger. Middleware sees it
@@ -305,6 +310,10 @@ def task_fields(task: Task, event: str, duration_ms: int | None = None, **more: 
               "batch_id": ctx.batch_id, "attempt": ctx.attempt, "duration_ms": duration_ms}
     fields.update(more)
     return fields
+
+
+def _name(item: Any) -> str:
+    return item.id if isinstance(item, Task) else "(waiting for a hand-off)"
 
 
 def _delay_ms(delay: Any) -> int:

@@ -33,6 +33,11 @@
 --   P:leases            zset   running task ids, score = lease deadline ms (server clock)
 --   P:w:<worker>        set    task ids leased to one worker process
 --   P:workers           hash   worker process id -> last heartbeat ms (renew.lua)
+--   P:idle              hash   idle worker process id -> JSON [lease ms, default tenant limit, queues]:
+--                              registered by its fetch, waiting for a hand-off (idle_register)
+--   P:idlers:<queue>    zset   the idle worker processes that serve the queue, score = deadline ms
+--   P:inbox:<worker>    list   hand-offs to one idle worker process: a packed lease (pack), or ""
+--                              to end its wait (idle.lua)
 --   P:trun              hash   tenant -> tasks running now
 --   P:tlim              hash   tenant -> concurrency limit override
 --   P:capped:<tenant>   set    queues whose ring dropped the tenant because it was at its limit
@@ -649,4 +654,64 @@ end
 local function owns_lease(P, worker, id, token, f)
   if f and f[1] == token and f[2] == 'running' then return true end
   return redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1
+end
+
+-- A reply (strings, numbers, arrays of them) as one string, for a list element: a value is
+-- "<length>:<bytes>", an array "[<length>:" and its packed values (records.py parse_handoff).
+local function pack(v)
+  if type(v) == 'table' then
+    local parts = {}
+    for i = 1, #v do parts[i] = pack(v[i]) end
+    local s = table.concat(parts)
+    return '[' .. #s .. ':' .. s
+  end
+  v = tostring(v)
+  return #v .. ':' .. v
+end
+
+-- Idle worker processes (hand-off, docs/decisions.md): a process with every thread free whose
+-- fetch found nothing registers until `deadline` (server ms) and blocks on its inbox
+-- P:inbox:<worker>; enqueue.lua then leases a new task to it at once instead of waking it to
+-- fetch. P:idle holds worker -> JSON [lease ms, default tenant limit, queues],
+-- P:idlers:<queue> the registered workers by deadline.
+local function idle_register(P, worker, deadline, lease_ms, deflim, queues)
+  redis.call('HSET', P .. ':idle', worker, cjson.encode({lease_ms, deflim, queues}))
+  for _, q in ipairs(queues) do redis.call('ZADD', P .. ':idlers:' .. q, deadline, worker) end
+end
+
+-- Ends a worker's registration; returns it ({lease ms, limit, queues}) or nil when there was none.
+local function idle_unregister(P, worker)
+  local reg = redis.call('HGET', P .. ':idle', worker)
+  if not reg then return nil end
+  redis.call('HDEL', P .. ':idle', worker)
+  reg = cjson.decode(reg)
+  for _, q in ipairs(reg[3]) do redis.call('ZREM', P .. ':idlers:' .. q, worker) end
+  return reg
+end
+
+-- The idle worker that takes a new ready task of `queue` and `tenant` at once, and its
+-- registration; nil when none may. Only while no other task of the queue is ready (its ring is
+-- empty: fetches serve those in turn), and under the rules a fetch leases by (fetch.lua): not
+-- paused (everything, the queue or the tenant), the tenant under its concurrency limit. A
+-- registration past its deadline is dropped (that worker's wait ended: it fetches again, or
+-- it is gone).
+local function idle_taker(P, queue, tenant, now)
+  if redis.call('EXISTS', P .. ':ring:' .. queue) == 1 then return nil end
+  local key = P .. ':idlers:' .. queue
+  while true do
+    local top = redis.call('ZPOPMIN', key)
+    if not top[1] then return nil end
+    local worker, deadline = top[1], tonumber(top[2])
+    local reg = idle_unregister(P, worker)
+    if reg and deadline > now then
+      local limit = tonumber(redis.call('HGET', P .. ':tlim', tenant) or reg[2])
+      if redis.call('EXISTS', P .. ':paused') == 0 and redis.call('SISMEMBER', P .. ':pausedq', queue) == 0
+          and redis.call('SISMEMBER', P .. ':pausedt', tenant) == 0
+          and (limit <= 0 or tonumber(redis.call('HGET', P .. ':trun', tenant) or '0') < limit) then
+        return worker, reg
+      end
+      idle_register(P, worker, deadline, reg[1], reg[2], reg[3])   -- it waits on
+      return nil
+    end
+  end
 end

@@ -19,6 +19,9 @@ local P, worker, reason, max_crashes = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[
 local now = now_ms()
 local res = {0, 0, 0, ''}
 local running = {}
+-- a dead process waits for nothing (its inbox's hand-offs are leased to it: taken back below)
+idle_unregister(P, worker)
+redis.call('DEL', P .. ':inbox:' .. worker)
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
   -- a damaged record in the worker's lease set (only fetch adds to it) is taken out as leased
   -- to this worker, before anything is written for it (_lib.lua read_task / take_out)

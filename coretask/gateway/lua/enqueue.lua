@@ -17,6 +17,9 @@
 -- ARGV[11] key_ttl ms  with KEYS[3]: how long the key outlives the task (0 = not at all)
 -- ARGV[12..14] controls (records.py Controls): time limit, keep-result and retention ms
 --          (fields to, kr, kt; 0 or absent = off, and the field is not written)
+-- A task ready now while its queue has no other ready task goes straight to an idle worker
+-- registered for the queue, when one may take it (_lib.lua idle_taker): leased to it in this
+-- call, its lease pushed to P:inbox:<worker> (docs/decisions.md, "Hand-off").
 -- Reply: {code, due_ms}; code 1 = ready, 2 = delayed, -1 = the id already exists,
 --        3 = the idempotency key is held: {3, 0, id of the task holding it}, nothing written.
 local P, id, queue, tenant = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -28,12 +31,35 @@ if ikey then
   redis.call('HSET', KEYS[1], 'ik', ikey, 'ikt', ARGV[11] or '0')
 end
 local now = now_ms()
-redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6], 'tg', ARGV[7],
-           'r', ARGV[8], 'a', 0, 'e', now, 'st', 'queued')
-if ARGV[10] and ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'sg', ARGV[10]) end
-set_controls(KEYS[1], ARGV[12], ARGV[13], ARGV[14])
 local due = tonumber(ARGV[9])
 if due < 0 then due = now - due end
+local worker, reg = nil, nil
+if due <= now then worker, reg = idle_taker(P, queue, tenant, now) end
+if worker then
+  -- handed off: stored as leased to the idle worker, and the lease (fetch.lua's reply for this
+  -- one task) pushed to its inbox, where its blocked task thread takes it
+  redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6], 'tg', ARGV[7],
+             'r', ARGV[8], 'a', 1, 'e', now, 'st', 'running', 'w', worker, 'ls', now)
+else
+  redis.call('HSET', KEYS[1], 'q', queue, 'tn', tenant, 'p', ARGV[5], 's', ARGV[6], 'tg', ARGV[7],
+             'r', ARGV[8], 'a', 0, 'e', now, 'st', 'queued')
+end
+local sg = ARGV[10] or ''
+if sg ~= '' then redis.call('HSET', KEYS[1], 'sg', sg) end
+set_controls(KEYS[1], ARGV[12], ARGV[13], ARGV[14])
+if worker then
+  redis.call('ZADD', P .. ':leases', now + reg[1], id)
+  redis.call('SADD', P .. ':w:' .. worker, id)
+  redis.call('HINCRBY', P .. ':trun', tenant, 1)
+  redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', 1)
+  if redis.call('SADD', P .. ':qt:' .. queue, tenant) == 1 then
+    redis.call('SADD', KEYS[2], queue)
+    redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)
+  end
+  redis.call('RPUSH', P .. ':inbox:' .. worker, pack({0, -1, now, id, 1, ARGV[5], ARGV[6], ARGV[7], queue, tenant, '',
+    ARGV[8], now, {}, {sg, tenant}, {ARGV[12] or '', ARGV[13] or '', ''}}))
+  return {1, now}
+end
 if due > now then
   redis.call('SADD', KEYS[2], queue)
   redis.call('ZADD', P .. ':tenants', 'NX', 0, tenant)

@@ -3,7 +3,10 @@
 -- KEYS[5]  P:leases     KEYS[6] P:w:<worker> KEYS[7] P:trun       KEYS[8] P:tlim
 -- ARGV[1]  P            ARGV[2] worker id    ARGV[3] max tasks to lease (0 = only promote)
 -- ARGV[4]  lease ms     ARGV[5] default tenant concurrency limit (0 = unlimited)
--- ARGV[6..] queue names in priority order
+-- ARGV[6]  idle ms: when > 0 and nothing is leased (and nothing paused), the worker registers as
+--          idle until now + idle ms, or the next due time if sooner (_lib.lua idle_register), and
+--          waits on P:inbox:<worker> for a hand-off from enqueue.lua (0 = do not register)
+-- ARGV[7..] queue names in priority order
 -- Reply: {paused (0|1), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
 --   500 tasks of canceled batches, so the caller calls again at once), now_ms, task...} where each task is a flat
 --   run of 13 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
@@ -23,6 +26,7 @@
 -- task that a pause or a limit forbids, whatever happened to pub/sub.
 local P, worker = ARGV[1], ARGV[2]
 local want, lease_ms, deflim = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local idle_ms = tonumber(ARGV[6])
 local now = now_ms()
 local MAX_DROPPED = 500
 
@@ -79,7 +83,7 @@ end
 
 -- what a lease reads of each task, and the rules it is read by (read once per queue, not per task)
 local LEASE_FIELDS = {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd'}
-for qi = 6, #ARGV do
+for qi = 7, #ARGV do
   local queue = ARGV[qi]
   local need = {p = true, s = true, tg = true, r = true, tn = true, q = queue, d = UNCHECKED}
   if redis.call('SISMEMBER', KEYS[2], queue) == 0 then
@@ -180,6 +184,16 @@ for b, e in pairs(batches) do
     if not e.started then redis.call('HSET', P .. ':b:' .. b, 'started', now) end
   end
 end
--- more canceled tasks may wait: report a due time of now so that the worker calls again at once
-if dropped >= MAX_DROPPED then out[2] = now end
+if dropped >= MAX_DROPPED then
+  -- more canceled tasks may wait: report a due time of now so that the worker calls again at once
+  out[2] = now
+elseif got == 0 and idle_ms > 0 then
+  -- every thread of the worker is free and nothing is ready for it: it waits on its inbox until
+  -- the deadline (or the next due delayed task), and enqueue.lua hands it a new task directly
+  local deadline = now + idle_ms
+  if next_due ~= -1 and next_due < deadline then deadline = next_due end
+  local queues = {}
+  for qi = 7, #ARGV do queues[#queues+1] = ARGV[qi] end
+  idle_register(P, worker, deadline, lease_ms, deflim, queues)
+end
 return out

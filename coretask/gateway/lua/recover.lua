@@ -50,5 +50,10 @@ for _, id in ipairs(ids) do
     if f[5] then redis.call('SREM', P .. ':w:' .. f[5], id) end
   end
 end
-if mode == 'worker' then redis.call('DEL', P .. ':w:' .. worker) end
+if mode == 'worker' then
+  redis.call('DEL', P .. ':w:' .. worker)
+  -- a dead process waits for nothing (its inbox's hand-offs are leased to it: recovered above)
+  idle_unregister(P, worker)
+  redis.call('DEL', P .. ':inbox:' .. worker)
+end
 return res
