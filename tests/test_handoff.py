@@ -6,8 +6,10 @@ Every check polls with a deadline (``wait_until``); nothing sleeps to assert tim
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import uuid
 
 import pytest
 
@@ -17,6 +19,7 @@ from coretask.worker import loop, maintenance
 from tests import tasks_handoff as th
 from tests import tasks_worker as tw
 from tests.conftest import wait_until
+from tests.test_tls_acl import acl_rules, new_prefix
 
 
 @pytest.fixture(autouse=True)
@@ -245,6 +248,31 @@ def test_a_task_handed_to_a_process_that_dies_runs_once_elsewhere(processor, sta
     assert r.hget(key, "1") == b"1"
     assert str(child.pid).encode() not in r.smembers(key + ":pids")
     assert m.terminate() == 0
+
+
+# ------------------------------------------------------------------- an ACL from before
+
+def test_an_acl_user_that_may_not_block_falls_back_and_says_what_to_add(own_server, processor_on, embedded_worker,
+                                                                        caplog):
+    # Given the documented ACL user of before hand-offs existed (no BLPOP)
+    server = own_server()
+    prefix, password = new_prefix(), "s3cret-" + uuid.uuid4().hex[:8]
+    rules = [rule for rule in acl_rules(prefix, password) if rule != "+blpop"]
+    assert len(rules) == len(acl_rules(prefix, password)) - 1
+    with server.client() as admin:
+        admin.execute_command("ACL", "SETUSER", "coretask", *rules)
+    p = processor_on(f"redis://coretask:{password}@{server.host}:{server.port}/0", prefix, wait_replicas=0)
+    with caplog.at_level(logging.WARNING, logger="coretask.worker.loop"):
+        embedded_worker(p)
+        # Then the worker says once what to add, and stops waiting for hand-offs
+        wait_until(lambda: "add +blpop" in caplog.text, 10, "the warning that names the fix")
+        with server.client() as admin:
+            wait_until(lambda: not admin.hlen(f"{prefix}:idle"), 10, "the registration ended")
+        # ... and every task still runs: enqueue hands off nothing, workers fetch on wake-ups
+        for i in range(5):
+            p.enqueue_task("default", "acme", th.note, f"n{i}")
+        wait_until(lambda: sorted(th.ran) == [f"n{i}" for i in range(5)], 10, "the five tasks ran")
+    assert caplog.text.count("add +blpop") == 1
 
 
 # --------------------------------------------------------------------- the packed reply

@@ -14,6 +14,8 @@ import os
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
+import redis
+
 from ..errors import ConfigurationError
 from ..options import Options
 from .keys import Keys
@@ -232,8 +234,15 @@ class Gateway(OneShard):
     def await_handoff(self, worker_id: str, timeout_s: float) -> FetchReply | None:
         """Block on the worker's inbox: the lease an enqueue handed to it, or None (the wait
         ended, or idle_wake woke it). The worker's registration has ended either way (handoff
-        and idle_wake end it; a timeout passed its deadline on the server's clock)."""
-        got = self._redis.blpop([self.keys.inbox(worker_id)], timeout=timeout_s)
+        and idle_wake end it; a timeout passed its deadline on the server's clock).
+        ConfigurationError when the ACL user may not block (the worker then stops waiting)."""
+        try:
+            got = self._redis.blpop([self.keys.inbox(worker_id)], timeout=timeout_s)
+        except redis.exceptions.NoPermissionError as exc:
+            raise ConfigurationError(
+                f"the Redis user may not run BLPOP ({exc}), so idle workers cannot wait for hand-offs: they "
+                "are woken by pub/sub and fetch instead, one round trip more per start; add +blpop to the "
+                "user's ACL (docs/operations.md, TLS and ACL)") from exc
         return parse_handoff(got[1]) if got and got[1] else None
 
     def idle_wake(self, worker_id: str) -> None:

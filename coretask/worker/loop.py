@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from ..context import TaskContext
+from ..errors import ConfigurationError
 from ..gateway import Failure, FetchReply, Gateway, Unreadable
 from ..options import Options
 from .aborts import Aborts
@@ -185,6 +186,11 @@ class Loop:
             if ledger.wake.is_set():
                 self._interrupt()           # an event came during the fetch
             reply = self.gateway.await_handoff(self.worker_id, timeout)
+        except ConfigurationError as exc:    # the ACL user may not block: fetch on wake-ups from now on
+            self.handoffs = False
+            self.leave_pending = True
+            log.warning("worker %s: %s", self.worker_id, exc)
+            reply = None
         except Exception as exc:
             self.leave_pending = True       # its reply may be lost: the inbox is emptied first
             log.warning("worker %s: waiting for work failed (%s: %s)", self.worker_id, type(exc).__name__, exc)

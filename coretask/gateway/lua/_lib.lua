@@ -699,10 +699,13 @@ local function idle_taker(P, queue, tenant, now)
   if redis.call('EXISTS', P .. ':ring:' .. queue) == 1 then return nil end
   local key = P .. ':idlers:' .. queue
   while true do
-    local top = redis.call('ZPOPMIN', key)
+    -- ZRANGE, then idle_unregister's ZREM: no command beyond those the documented ACL user
+    -- had before hand-offs existed (an upgrade needs no ACL change to enqueue)
+    local top = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
     if not top[1] then return nil end
     local worker, deadline = top[1], tonumber(top[2])
     local reg = idle_unregister(P, worker)
+    if not reg then redis.call('ZREM', key, worker) end
     if reg and deadline > now then
       local limit = tonumber(redis.call('HGET', P .. ':tlim', tenant) or reg[2])
       if redis.call('EXISTS', P .. ':paused') == 0 and redis.call('SISMEMBER', P .. ':pausedq', queue) == 0
