@@ -46,12 +46,23 @@ def record(r, prefix: str, task_id: str) -> list[bytes | None]:
     return r.hmget(f"{prefix}:t:{task_id}", "st", "w", "a")
 
 
+@pytest.fixture
+def long_waits(monkeypatch, make_processor):
+    """``long_waits()``: a processor whose idle workers wait 30 s for a hand-off (no timer of
+    theirs comes sooner): only a hand-off or a wake-up can end the wait before that."""
+    monkeypatch.setattr(loop, "HANDOFF_WAIT", 30.0)
+    monkeypatch.setattr(maintenance, "REPORT_INTERVAL", 60.0)
+    return lambda: make_processor(base_frequency=60, pushback_frequency=60, cleanup_frequency=60, invisibility=600)
+
+
 # ------------------------------------------------------------------- handed off in the call
 
-def test_an_idle_worker_is_leased_a_new_task_by_the_enqueue_itself(processor, embedded_worker, r, prefix):
-    # Given a worker process with nothing to do: its fetch registered it as idle
+def test_an_idle_worker_is_leased_a_new_task_by_the_enqueue_itself(long_waits, embedded_worker, r, prefix):
+    # Given a worker process with nothing to do: its fetch registered it as idle (for 30 s here,
+    # so that the registration cannot lapse between this check and the enqueue)
+    processor = long_waits()
     embedded_worker(processor)
-    (worker,) = wait_until(lambda: waiting(r, prefix), 10, "the worker registered as idle")
+    (worker,) = wait_until(lambda: waiting(r, prefix, for_ms=20_000), 10, "the worker registered as idle")
 
     # When a task is enqueued
     task_id = processor.enqueue_task("default", "acme", th.hold, "a")
@@ -107,15 +118,6 @@ def test_no_hand_off_while_paused(processor, embedded_worker, r, prefix, hold_by
 
 
 # ------------------------------------------------------------------- the wait and its end
-
-@pytest.fixture
-def long_waits(monkeypatch, make_processor):
-    """``long_waits()``: a processor whose idle workers wait 30 s for a hand-off (no timer of
-    theirs comes sooner): only a hand-off or a wake-up can end the wait before that."""
-    monkeypatch.setattr(loop, "HANDOFF_WAIT", 30.0)
-    monkeypatch.setattr(maintenance, "REPORT_INTERVAL", 60.0)
-    return lambda: make_processor(base_frequency=60, pushback_frequency=60, cleanup_frequency=60, invisibility=600)
-
 
 def test_work_that_is_not_handed_off_ends_the_wait(long_waits, embedded_worker, r, prefix):
     p = long_waits()
@@ -248,6 +250,28 @@ def test_a_task_handed_to_a_process_that_dies_runs_once_elsewhere(processor, sta
     assert r.hget(key, "1") == b"1"
     assert str(child.pid).encode() not in r.smembers(key + ":pids")
     assert m.terminate() == 0
+
+
+def test_a_short_socket_timeout_in_the_url_shortens_the_wait(server, processor_on, embedded_worker, r, prefix,
+                                                             caplog):
+    # Given a URL whose socket timeout (1.5 s) is under the 2 s a worker would wait
+    p = processor_on(server.url + "?socket_timeout=1.5", cluster=server.cluster)
+    assert p.gateway.handoff_wait_s == 0.5
+    with caplog.at_level(logging.WARNING, logger="coretask.worker.loop"):
+        embedded_worker(p)
+        # Then the worker registers for at most 0.5 s at a time, and renews it, never timing out
+        seen: set[float] = set()
+
+        def renewed() -> bool:
+            now = server_ms(r)
+            for _, deadline in r.zrange(f"{prefix}:idlers:default", 0, -1, withscores=True):
+                assert deadline <= now + 500
+                seen.add(deadline)
+            return len(seen) >= 4
+        wait_until(renewed, 10, "four registrations in a row")
+        p.enqueue_task("default", "acme", th.note, "short")
+        wait_until(lambda: th.ran == ["short"], 10, "the task ran")
+    assert "waiting for work failed" not in caplog.text
 
 
 # ------------------------------------------------------------------- an ACL from before

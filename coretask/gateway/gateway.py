@@ -220,6 +220,15 @@ class Gateway(OneShard):
 
     handoffs = True     # the worker loop may register as idle (one shard; not eager mode)
 
+    @property
+    def handoff_wait_s(self) -> float:
+        """How long a blocking pop may wait: a second under the client's socket timeout (30 s,
+        unless the URL's ?socket_timeout= shortens it), so that no wait ends in a client-side
+        timeout."""
+        pool = getattr(self._redis, "connection_pool", None) or getattr(self._redis, "nodes_manager", None)
+        timeout = (getattr(pool, "connection_kwargs", None) or {}).get("socket_timeout")
+        return float("inf") if timeout is None else max(float(timeout) - 1.0, 0.0)
+
     @staticmethod
     def idle_registered(reply: FetchReply, idle_ms: int) -> int:
         """How long (ms from ``reply.now_ms``) the fetch that gave ``reply`` registered its

@@ -365,6 +365,7 @@ class ShardedGateway:
                     rot.ready[shard] = True
 
     handoffs = False    # an idle worker waits on every shard: woken by events, not handed tasks
+    handoff_wait_s = 0.0
 
     def exchange(self, worker_id: str, outcomes: Outcomes, free: int, lease_ms: int, default_limit: int,
                  queues: Sequence[str], *, isolated: bool = False, idle_ms: int = 0) -> FetchReply:

@@ -103,7 +103,8 @@ class Loop:
         self.queues = tuple(options.queues)
         self.default_limit = options.tenant_concurrency or 0
         self.base = options.base_frequency.total_seconds()
-        self.handoffs = gateway.handoffs and not isolation
+        self.wait_cap = min(HANDOFF_WAIT, gateway.handoff_wait_s) if gateway.handoffs else 0.0
+        self.handoffs = gateway.handoffs and not isolation and self.wait_cap >= 0.1
         self.leave_pending = False      # a registration may be left (a call failed): end it first
 
     def run(self, stop: threading.Event) -> None:
@@ -131,7 +132,7 @@ class Loop:
                 # maintenance runs now, not while registered, and while the outcomes are still
                 # in the ledger (its check for leases never received counts them as known)
                 tick = maintenance.tick()
-                idle_ms, tick_at = int(min(tick, self.base, HANDOFF_WAIT) * 1000), time.monotonic() + tick
+                idle_ms, tick_at = int(min(tick, self.base, self.wait_cap) * 1000), time.monotonic() + tick
             outcomes = ledger.take_outcomes()
             try:
                 reply = self.gateway.exchange(self.worker_id, outcomes, free, lease_ms, self.default_limit,

@@ -649,8 +649,9 @@ end
 
 -- For complete, fail and release: is this answer for a damaged record this worker's to settle?
 -- Yes when it presents the current token of a running task, or when the id is in the worker's
--- lease set (only fetch adds it, and every script that ends the lease removes it in the same
--- call): then take_out. Otherwise the answer is stale and changes nothing, as for a sound record.
+-- lease set (only a lease, by fetch or a hand-off, adds it, and every script that ends the
+-- lease removes it in the same call): then take_out. Otherwise the answer is stale and changes
+-- nothing, as for a sound record.
 local function owns_lease(P, worker, id, token, f)
   if f and f[1] == token and f[2] == 'running' then return true end
   return redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1

@@ -23,7 +23,7 @@ local running = {}
 idle_unregister(P, worker)
 redis.call('DEL', P .. ':inbox:' .. worker)
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  -- a damaged record in the worker's lease set (only fetch adds to it) is taken out as leased
+  -- a damaged record in the worker's lease set (only a lease adds to it) is taken out as leased
   -- to this worker, before anything is written for it (_lib.lua read_task / take_out)
   local f, bad, kind = read_task(P, id, {'st', 'q', 'tn', 'b', 'w'}, {st = true, q = QUEUES, tn = true})
   if bad and kind ~= 'none' then
