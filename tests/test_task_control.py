@@ -45,7 +45,9 @@ def test_a_task_past_its_time_limit_gets_task_timeout_in_place_and_is_retried(pr
 
 def test_time_limits_come_from_options_batches_and_schedules(make_processor, embedded_worker, r, prefix):
     # Given Options(timeout=0.3), a batch task with its own limit and a schedule's run with one
-    p = make_processor(timeout=0.3)
+    # (retries=1: one attempt each, so a schedule's run that timed out is not retried while the
+    # others are still being checked)
+    p = make_processor(timeout=0.3, retries=1)
     by_default = p.enqueue_task("default", "acme", tasks_control.spin, prefix + ":a", 30, retries=0)
     longer = p.enqueue_task("default", "acme", tasks_control.spin, prefix + ":b", 0.6, timeout=5, keep_result=60)
     batch_id = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_control.spin, prefix + ":c", 30,
