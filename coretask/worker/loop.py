@@ -140,9 +140,7 @@ class Loop:
             except Exception as exc:
                 self.leave_pending = self.leave_pending or idle_ms > 0
                 ledger.restore(outcomes)
-                log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
-                            type(exc).__name__, exc, maintenance.delay)
-                maintenance.backoff(stop)
+                self._failed(exc, stop)
                 continue
             maintenance.connected()
             got = len(self._admit(reply))
@@ -221,15 +219,19 @@ class Loop:
         try:
             replies = self.gateway.idle_leave(self.worker_id)
         except Exception as exc:
-            log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
-                        type(exc).__name__, exc, self.maintenance.delay)
-            if stop is not None:
-                self.maintenance.backoff(stop)
+            self._failed(exc, stop)
             return False
         self.leave_pending = False
         for reply in replies:
             self._admit(reply)
         return True
+
+    def _failed(self, exc: Exception, stop: threading.Event | None) -> None:
+        """A round trip failed: say so, and back off before the next one (none at shutdown)."""
+        log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
+                    type(exc).__name__, exc, self.maintenance.delay)
+        if stop is not None:
+            self.maintenance.backoff(stop)
 
     def _admit(self, reply: FetchReply, hold_first: bool = False) -> list[Task]:
         """Admit the leased tasks into the ledger. A task that cannot be admitted (its reply entry
