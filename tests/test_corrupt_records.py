@@ -44,10 +44,11 @@ def hurt(r: Any, p: TaskProcessor, tid: str, field: str | None, how: str) -> Non
         damage(r, key, field, how)
 
 
-def six(p: TaskProcessor, runs: str, **kw: Any) -> tuple[list[str], str]:
-    """Five healthy tasks and, third in line, the one the test damages."""
+def six(p: TaskProcessor, runs: str, victim_kw: dict[str, Any] | None = None, **kw: Any) -> tuple[list[str], str]:
+    """Five healthy tasks and, third in line, the one the test damages (``victim_kw``: its own
+    enqueue arguments)."""
     ids = [p.enqueue_task("default", "acme", tasks.record, runs, f"h{i}", **kw) for i in range(2)]
-    victim = p.enqueue_task("default", "acme", tasks.record, runs, "victim", **kw)
+    victim = p.enqueue_task("default", "acme", tasks.record, runs, "victim", **{**kw, **(victim_kw or {})})
     ids += [p.enqueue_task("default", "acme", tasks.record, runs, f"h{i}", **kw) for i in range(2, 5)]
     return ids, victim
 
@@ -91,7 +92,7 @@ def assert_counts(p: TaskProcessor, r: Any, *, ready: int = 0, inflight: int = 0
     assert (q.queued, q.in_flight, q.delayed, q.dead) == (ready, inflight, delayed, dead)
     assert r.llen(k.ready("default", "acme")) == ready
     assert int(r.hget(k.trun, "acme") or 0) == running
-    assert r.zcard(k.leases) == leased and r.scard(k.worker(W)) == leased
+    assert r.zcard(k.leases) == leased and r.hlen(k.worker(W)) == leased
     assert r.zcard(k.delayed) == delayed
 
 
@@ -223,7 +224,7 @@ def test_promoting_delayed_tasks_sets_a_damaged_one_aside(make_processor, r, pre
     q = p.get_queue("default")
     assert (q.queued, q.in_flight, q.delayed, q.dead) == (0, n, stays, 1 if expected == "dead" else 0)
     assert p.gateway.complete(W, [ack(t) for t in leased.values()]) == [1] * n
-    assert not r.hgetall(k.trun) and r.zcard(k.leases) == 0 and r.scard(k.worker(W)) == 0
+    assert not r.hgetall(k.trun) and r.zcard(k.leases) == 0 and r.hlen(k.worker(W)) == 0
 
 
 # ------------------------------------------------------------------------------- complete
@@ -248,8 +249,10 @@ COMPLETE_CASES = [
 @pytest.mark.parametrize("field, how, named, code, expected, snippet, left", COMPLETE_CASES)
 def test_complete_counts_the_healthy_acks_and_takes_a_damaged_record_out(make_processor, r, prefix, field, how,
                                                                           named, code, expected, snippet, left):
+    # (the victim has an idempotency key, so its acknowledgement reads its record: a plain
+    # task's does not, below)
     p = make_processor()
-    healthy, victim = six(p, prefix + ":runs")
+    healthy, victim = six(p, prefix + ":runs", victim_kw={"key": "k1"})
     leased = lease_all(p)
     assert len(leased) == 6
     hurt(r, p, victim, field, how)
@@ -263,10 +266,40 @@ def test_complete_counts_the_healthy_acks_and_takes_a_damaged_record_out(make_pr
     assert p.get_tenant_stats("acme").done == (6 if code == 1 else 5)
 
 
-def test_answers_from_another_worker_for_a_damaged_record_change_nothing(make_processor, r, prefix):
-    # Given a task leased to W whose record lost its attempt count while it ran
+@pytest.mark.parametrize("field, how", [("a", "delete"), ("a", "garbage"), ("st", "value:queued"),
+                                        (None, "string"), (None, "missing")])
+def test_a_plain_tasks_acknowledgement_is_vouched_for_by_its_lease(make_processor, r, prefix, field, how):
+    # Given a plain task (no batch, key or kept result) whose record was damaged while it ran
     p = make_processor()
-    _, victim = six(p, prefix + ":runs")
+    healthy, victim = six(p, prefix + ":runs")
+    leased = lease_all(p)
+    k = p.gateway.keys
+    assert r.hget(k.worker(W), victim) == leased[victim].token.encode()   # the lease entry: its token
+    hurt(r, p, victim, field, how)
+    # When the worker holding the lease acknowledges it, naming queue and tenant
+    codes = p.gateway.complete(W, [ack(leased[t]) for t in [*healthy[:2], victim, *healthy[2:]]])
+    # Then the lease vouches for it: it is counted done and its record goes, unread
+    assert codes == [1] * 6
+    assert where(p, r, victim) == ("gone", None)
+    assert_counts(p, r)
+    assert p.get_tenant_stats("acme").done == 6 and p.get_quarantined_count() == 0
+    # And a stale token (the same task, leased again to the same worker) still counts nothing
+    again = p.enqueue_task("default", "acme", tasks.record, prefix + ":runs", "again")
+    first = lease_all(p)[again]
+    assert p.gateway.release(W, [Release(first.id, first.token, first.queue, first.tenant)]) == 1
+    second = lease_all(p)[again]
+    assert second.token != first.token
+    assert p.gateway.complete(W, [ack(first)]) == [0]
+    assert p.gateway.complete(W, [ack(second), ack(second)]) == [1, 0]    # a repeat in one call too
+    assert_counts(p, r)
+    assert p.get_tenant_stats("acme").done == 7
+
+
+def test_answers_from_another_worker_for_a_damaged_record_change_nothing(make_processor, r, prefix):
+    # Given a task leased to W whose record lost its attempt count while it ran (a keyed one:
+    # its acknowledgement reads the record)
+    p = make_processor()
+    _, victim = six(p, prefix + ":runs", victim_kw={"key": "k1"})
     t = lease_all(p)[victim]
     hurt(r, p, victim, "a", "garbage")
     k = p.gateway.keys
@@ -415,7 +448,7 @@ def test_recover_requeues_the_healthy_tasks_and_takes_a_damaged_record_out(make_
     assert (q.queued, q.in_flight, q.dead) == (back, inflight, 1 if expected == "dead" else 0)
     assert int(r.hget(k.trun, "acme") or 0) == running
     owner_unknown = mode == "expired" and how in ("list", "missing")
-    assert r.zcard(k.leases) == 0 and r.scard(k.worker(W)) == (1 if owner_unknown else 0)
+    assert r.zcard(k.leases) == 0 and r.hlen(k.worker(W)) == (1 if owner_unknown else 0)
     assert {t.id: t.retries_left for t in p.get_tasks_in_queue("default")} == {
         t: 1 for t in [*healthy, *([victim] if back == 6 else [])]}
 
@@ -433,7 +466,7 @@ def test_expired_recovery_takes_an_unreadable_record_out_of_every_live_workers_s
     res = p.gateway.recover_expired("lease expired", 100)
     assert (res.requeued, res.buried) == (5, 1)
     assert where(p, r, victim)[0] == "quarantined"
-    assert r.scard(k.worker(W)) == 0 and r.zcard(k.leases) == 0 and p.get_queue("default").queued == 5
+    assert r.hlen(k.worker(W)) == 0 and r.zcard(k.leases) == 0 and p.get_queue("default").queued == 5
 
 
 @pytest.mark.parametrize("field, how, expected", [("st", "delete", "dead"), ("q", "value:nosuch", "quarantined"),
@@ -450,7 +483,7 @@ def test_a_crash_isolates_the_healthy_tasks_and_takes_a_damaged_record_out(make_
     assert (res.requeued, res.buried, res.canceled, culprit) == (5, 1, 0, None)
     assert where(p, r, victim)[0] == expected
     k = p.gateway.keys
-    assert r.zcard(k.leases) == 0 and r.scard(k.worker(W)) == 0
+    assert r.zcard(k.leases) == 0 and r.hlen(k.worker(W)) == 0
     assert sorted(x.decode() for x in r.lrange(k.isolated("default"), 0, -1)) == sorted(healthy)
     assert p.get_queue("default").in_flight == (1 if expected == "quarantined" else 0)
 
@@ -581,6 +614,26 @@ def test_a_damaged_continuation_does_not_stop_its_batch_from_finishing(make_proc
     assert [t.id for t in p.get_tasks_in_queue("default")] == [conts[1]]
     assert_set_aside(p, r, conts[0], expected, snippet)
     assert not r.exists(p.gateway.keys.continuations(bid))
+
+
+@pytest.mark.parametrize("field, how", [("b", "delete"), ("a", "garbage"), (None, "missing")])
+def test_a_batch_tasks_lease_names_its_batch_for_the_acknowledgement(make_processor, r, prefix, field, how):
+    # Given a batch of three whose middle task's record was damaged while it ran
+    p = make_processor()
+    runs = prefix + ":runs"
+    bid = p.enqueue_batch("default", "acme", lambda b: [b.enqueue(tasks.record, runs, i) for i in range(3)])
+    leased = lease_all(p)
+    victim = sorted(leased)[1]
+    k = p.gateway.keys
+    assert r.hget(k.worker(W), victim) == f"{leased[victim].token}|{bid}".encode()   # token|batch
+    hurt(r, p, victim, field, how)
+    # When the lease holder acknowledges all three
+    assert p.gateway.complete(W, [ack(t) for t in leased.values()]) == [1, 1, 1]
+    # Then the batch learns of all three from the leases (not from the damaged record) and finishes
+    b = p.get_batch(bid)
+    assert (b.state, b.done, b.remaining) == ("succeeded", 3, 0)
+    assert where(p, r, victim) == ("gone", None)
+    assert_counts(p, r)
 
 
 def test_batch_commit_leaves_a_damaged_continuation_out(make_processor, r, prefix, monkeypatch):

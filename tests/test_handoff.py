@@ -70,7 +70,7 @@ def test_an_idle_worker_is_leased_a_new_task_by_the_enqueue_itself(long_waits, e
     # Then it was leased to that worker before the call returned (no fetch in between): running,
     # its first attempt, in the worker's lease set and the lease deadlines, counted in flight
     assert record(r, prefix, task_id) == [b"running", worker.encode(), b"1"]
-    assert r.sismember(f"{prefix}:w:{worker}", task_id)
+    assert r.hexists(f"{prefix}:wl:{worker}", task_id)
     assert r.zscore(f"{prefix}:leases", task_id) is not None
     q = processor.get_queue("default")
     assert (q.queued, q.in_flight) == (0, 1)

@@ -58,7 +58,7 @@ def counts(p: TaskProcessor, queue: str = "default") -> tuple[int, int, int, int
 def snapshot(p: TaskProcessor, r, tid: str, worker: str) -> dict[str, Any]:
     """Everything a stale answer could wrongly change."""
     k = p.gateway.keys
-    return dict(task=r.hgetall(k.task(tid)), lease=r.zscore(k.leases, tid), owned=r.smembers(k.worker(worker)),
+    return dict(task=r.hgetall(k.task(tid)), lease=r.zscore(k.leases, tid), owned=set(r.hkeys(k.worker(worker))),
                 counts=counts(p), trun=r.hgetall(k.trun), dead=r.lrange(k.dead("default"), 0, -1),
                 ready=r.lrange(k.ready("default", "acme"), 0, -1))
 
@@ -433,12 +433,12 @@ def test_stale_tokens_change_nothing(make_processor, r, prefix):
         ctx_a.extend_lock(timedelta(seconds=30))
     # Then B's lease is intact
     assert snapshot(p, r, tid, "fake-b") == before
-    assert r.scard(k.worker("fake-a")) == 0
+    assert r.hlen(k.worker("fake-a")) == 0
     # And B's own answer counts, once
     assert complete(p, "fake-b", tid, "2") == [1]
     assert complete(p, "fake-b", tid, "2") == [0]
     assert counts(p) == (0, 0, 0, 0)
-    assert p.get_task(tid) is None and r.zscore(k.leases, tid) is None and r.scard(k.worker("fake-b")) == 0
+    assert p.get_task(tid) is None and r.zscore(k.leases, tid) is None and r.hlen(k.worker("fake-b")) == 0
 
 
 # ------------------------------------------------------------------- lease expiry, extend
@@ -462,7 +462,7 @@ def test_expired_lease_is_redelivered_and_consumes_a_retry(make_processor, embed
     assert (ran["id"], ran["attempt"], ran["retries_left"]) == (tid, 2, 1)
     assert ran["t"] >= leased_at + 1.0 - 0.001
     wait_until(lambda: counts(p) == (0, 0, 0, 0), 5, "counters back to zero")
-    assert r.scard(k.worker("vanished-worker")) == 0
+    assert r.hlen(k.worker("vanished-worker")) == 0
     assert complete(p, "vanished-worker", tid, "1") == [0]    # the old worker's late answer is ignored
 
 
@@ -507,7 +507,7 @@ def test_extend_lock_keeps_the_lease_beyond_invisibility(make_processor, embedde
     # while the extended one is still leased to the fake worker, untouched
     h = r.hgetall(k.task(held))
     assert (h[b"st"], h[b"w"], h[b"a"], h[b"r"]) == (b"running", b"fake-w", b"1", b"3")
-    assert r.sismember(k.worker("fake-w"), held)
+    assert r.hexists(k.worker("fake-w"), held)
     # And the control task's old context lost its lease
     with pytest.raises(LeaseLost):
         ctx_control.extend_lock(timedelta(seconds=5))

@@ -683,8 +683,8 @@ class Gateway(OneShard):
         return _decoded(self._redis.lrange(self.keys.batch_results(batch_id), start, stop))
 
     def leased_to(self, worker_id: str) -> set[str]:
-        """Ids of the tasks leased to one worker process (its lease set)."""
-        return set(_decoded(self._redis.smembers(self.keys.worker(worker_id))))
+        """Ids of the tasks leased to one worker process (its leases' hash)."""
+        return set(_decoded(self._redis.hkeys(self.keys.worker(worker_id))))
 
     def lease_holders(self, task_ids: Sequence[str]) -> list[tuple[str | None, str | None, str | None]]:
         """Per task: (lease token, state, worker) as stored, None where absent or unreadable (a
@@ -770,14 +770,15 @@ class Gateway(OneShard):
         return [{k.decode(errors="replace"): int(v) for k, v in h.items()} for h in pipe.execute()]
 
     def worker_details(self, worker_ids: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
-        """Per worker process: how many tasks it holds now (SCARD of its lease set) and what it
-        last reported about itself ({} when nothing, or expired)."""
+        """Per worker process: how many tasks it holds now (HKEYS of its leases: the documented
+        ACL user has no HLEN) and what it last reported about itself ({} when nothing, or
+        expired)."""
         pipe = self._redis.pipeline(transaction=False)
         for w in worker_ids:
-            pipe.scard(self.keys.worker(w))
+            pipe.hkeys(self.keys.worker(w))
             pipe.hgetall(self.keys.worker_info(w))
         res = pipe.execute()
-        return [(int(n), {k.decode(errors="replace"): v.decode(errors="replace") for k, v in h.items()})
+        return [(len(n), {k.decode(errors="replace"): v.decode(errors="replace") for k, v in h.items()})
                 for n, h in zip(res[::2], res[1::2])]
 
     def worker_heartbeats(self) -> dict[str, int]:

@@ -76,7 +76,8 @@ class Keys:
         return f"{self.prefix}:dead:{queue}"
 
     def worker(self, worker_id: str) -> str:
-        return f"{self.prefix}:w:{worker_id}"
+        """P:wl:<worker>: the process's leases, task id -> lease token (_lib.lua lease_entry)."""
+        return f"{self.prefix}:wl:{worker_id}"
 
     def worker_info(self, worker_id: str) -> str:
         """P:wi:<worker>: what a worker process reports about itself (expires unless renewed)."""

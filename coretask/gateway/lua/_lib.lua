@@ -31,7 +31,7 @@
 --   P:qs:<queue>        hash   counters: ready, delayed, inflight
 --   P:delayed           zset   delayed and retrying task ids, score = due ms
 --   P:leases            zset   running task ids, score = lease deadline ms (server clock)
---   P:w:<worker>        set    task ids leased to one worker process
+--   P:wl:<worker>       hash   task id -> lease entry (lease_entry), one per lease of one worker process
 --   P:workers           hash   worker process id -> last heartbeat ms (renew.lua)
 --   P:idle              hash   idle worker process id -> JSON [lease ms, default tenant limit, queues]:
 --                              registered by its fetch, waiting for a hand-off (idle_register)
@@ -341,7 +341,7 @@ end
 -- and the in-flight counters of the queue and the batch.
 local function drop_lease(P, id, worker, queue, tenant, batch)
   redis.call('ZREM', P .. ':leases', id)
-  if worker and worker ~= '' then redis.call('SREM', P .. ':w:' .. worker, id) end
+  if worker and worker ~= '' then redis.call('HDEL', P .. ':wl:' .. worker, id) end
   redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', -1)
   release_tenant(P, tenant, 1)
   if batch and batch ~= '' then
@@ -582,9 +582,9 @@ end
 --                        fail, release: what the worker's fetch reply said). Otherwise the
 --                        record's q / tn are used when usable; when neither is known, the
 --                        counters of that queue / tenant cannot be fixed (the reason says so).
---   at.worker            the task is leased: counted in P:leases, P:w:<worker>, qs:<queue>
+--   at.worker            the task is leased: counted in P:leases, P:wl:<worker>, qs:<queue>
 --                        inflight, P:trun[tenant] and its batch's run; all undone here
---                        ('' = leased, owner unknown: removed from every P:w:<w> of P:workers).
+--                        ('' = leased, owner unknown: removed from every P:wl:<w> of P:workers).
 --   at.delayed           counted in qs:<queue> delayed (the caller took it off P:delayed).
 --   at.batch             its batch, when the call site knows it (batch_publish); else the record's b
 --   at.counted           counted in its batch's remaining (every task of a batch from commit to
@@ -606,9 +606,9 @@ local function take_out(P, id, reason, at, now)
   end
   if at.worker then
     redis.call('ZREM', P .. ':leases', id)
-    if at.worker ~= '' then redis.call('SREM', P .. ':w:' .. at.worker, id)
+    if at.worker ~= '' then redis.call('HDEL', P .. ':wl:' .. at.worker, id)
     else   -- the record names no owner: every worker process with a heartbeat (renew.lua)
-      for _, w in ipairs(redis.call('HKEYS', P .. ':workers')) do redis.call('SREM', P .. ':w:' .. w, id) end
+      for _, w in ipairs(redis.call('HKEYS', P .. ':workers')) do redis.call('HDEL', P .. ':wl:' .. w, id) end
     end
     if queue then redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', -1) end
     if tenant then release_tenant(P, tenant, 1) end
@@ -641,7 +641,7 @@ end
 -- read_task's answer for an answering worker, plus one more problem: a record that says it is
 -- not running while it is in this worker's lease set (its state field was damaged meanwhile).
 local function check_leased(P, worker, id, f, bad)
-  if not bad and f[2] ~= 'running' and redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1 then
+  if not bad and f[2] ~= 'running' and redis.call('HEXISTS', P .. ':wl:' .. worker, id) == 1 then
     return "field 'st' (state) is " .. quoted(f[2]) .. ', but the task is leased to worker ' .. worker
   end
   return bad
@@ -649,12 +649,32 @@ end
 
 -- For complete, fail and release: is this answer for a damaged record this worker's to settle?
 -- Yes when it presents the current token of a running task, or when the id is in the worker's
--- lease set (only a lease, by fetch or a hand-off, adds it, and every script that ends the
--- lease removes it in the same call): then take_out. Otherwise the answer is stale and changes
--- nothing, as for a sound record.
+-- leases (lease_entry): then take_out. Otherwise the answer is stale and changes nothing, as
+-- for a sound record.
 local function owns_lease(P, worker, id, token, f)
   if f and f[1] == token and f[2] == 'running' then return true end
-  return redis.call('SISMEMBER', P .. ':w:' .. worker, id) == 1
+  return redis.call('HEXISTS', P .. ':wl:' .. worker, id) == 1
+end
+
+-- A worker process's leases, P:wl:<worker>: a hash of task id -> this value. Every lease writes
+-- its entry (fetch.lua, fetch_isolated.lua, a hand-off in enqueue.lua) and every script that
+-- ends a lease deletes it in the same call, so an entry that holds an acknowledgement's token is
+-- the lease itself, and complete.lua deletes the record without reading it (lease_entry_batch).
+-- The entry is the token, then "|" and the batch's id for a task of a batch, or "*" when the
+-- acknowledgement needs the record (an idempotency key, a kept result or record): complete.lua
+-- reads those as before. (docs/decisions.md, "Acknowledgements")
+local function lease_entry(attempt, batch, needs_record)
+  if needs_record then return attempt .. '*' end
+  if batch and batch ~= '' then return attempt .. '|' .. batch end
+  return tostring(attempt)
+end
+
+-- For an entry that vouches for `token` without the record: true and the batch (nil for none);
+-- false when the entry is another lease's, or says to read the record.
+local function lease_entry_batch(entry, token)
+  if entry == token then return true, nil end
+  if entry and string.sub(entry, 1, #token + 1) == token .. '|' then return true, string.sub(entry, #token + 2) end
+  return false
 end
 
 -- A reply (strings, numbers, arrays of them) as one string, for a list element: a value is

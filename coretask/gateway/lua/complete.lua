@@ -1,8 +1,12 @@
 -- complete.lua: acknowledge finished tasks of one worker (many per call): succeeded or canceled.
--- An acknowledgement counts only if it presents the task's current lease token while the task
--- is running, so an answer from a worker whose lease expired changes nothing. Counter updates
--- are aggregated per queue, tenant and batch, so the per-task cost is two commands.
--- KEYS[1]  P:leases   KEYS[2] P:w:<worker>
+-- An acknowledgement counts only if it presents the task's current lease token, as the worker's
+-- lease entry holds it (_lib.lua lease_entry), so an answer from a worker whose lease expired
+-- changes nothing. The entries of every acknowledged task are read at once; the record of a task
+-- without an idempotency key or a kept result or record (its queue and tenant named; its batch,
+-- if any, in the entry) is then deleted unread, and all of them in one DEL, so such an
+-- acknowledgement costs no command of its own. The others read their records as before, which
+-- also meets a damaged one. Counter updates are aggregated per queue, tenant and batch.
+-- KEYS[1]  P:leases   KEYS[2] P:wl:<worker>
 -- ARGV[1]  P         ARGV[2] worker id
 -- ARGV[3..] groups of seven: id, token (attempt), outcome ("ok" | "canceled"), duration ms,
 --           queue and tenant the fetch reply named (where fetch counted the task; "" = unknown:
@@ -15,24 +19,34 @@
 -- Each queue's acknowledgements count once in the minute's history (P:h:<minute>).
 local P, worker = ARGV[1], ARGV[2]
 local now = now_ms()
-local codes, ids = {}, {}
+local codes, ids, gone, seen = {}, {}, {}, {}
 local per_queue, per_tenant, per_tenant_done, per_batch = {}, {}, {}, {}
 local per_tenant_canceled = {}
 -- q and tn last: read only when the worker could not name them (the fetch reply did)
 local ACK_FIELDS, ACK_FIELDS_QT = {'a', 'st', 'b', 'ik', 'kr', 'kt'}, {'a', 'st', 'b', 'ik', 'kr', 'kt', 'q', 'tn'}
 local ACK_NEED = {a = true, st = true}
+local asked = {}
+for i = 3, #ARGV, 7 do asked[#asked+1] = ARGV[i] end
+local entries = {}
+if #asked > 0 then entries = redis.call('HMGET', KEYS[2], unpack(asked)) end
 for i = 3, #ARGV, 7 do
   local id, token = ARGV[i], ARGV[i+1]
   local queue, tenant = named(ARGV[i+4]), named(ARGV[i+5])
   local tkey = P .. ':t:' .. id
+  local vouched, batch = lease_entry_batch(entries[(i - 3) / 7 + 1], token)
   local f, bad
-  if queue and tenant then
+  if seen[id] then
+    f = {}   -- a repeat inside one call: ignored (its record goes in the DEL below, counted once)
+  elseif vouched and queue and tenant then
+    f = {token, 'running', batch}   -- the lease itself: running, this token and batch; nothing to read
+  elseif queue and tenant then
     f, bad = read_task(P, id, ACK_FIELDS, ACK_NEED)
+    bad = check_leased(P, worker, id, f, bad)
   else
     f, bad = read_task(P, id, ACK_FIELDS_QT, {a = true, st = true, q = not queue and QUEUES or nil,
                                               tn = not tenant or nil})
+    bad = check_leased(P, worker, id, f, bad)
   end
-  bad = check_leased(P, worker, id, f, bad)
   if bad then
     if owns_lease(P, worker, id, token, f) then
       local how = ARGV[i+2] == 'ok' and 'succeeded' or 'was canceled'
@@ -51,9 +65,10 @@ for i = 3, #ARGV, 7 do
       if ARGV[i+6] ~= '' then result = {'rv', ARGV[i+6]} end
       finish(P, id, ARGV[i+2] == 'ok' and 'succeeded' or 'canceled', now, tonumber(ARGV[i+3]), f[5], f[6], result)
     else
-      redis.call('DEL', tkey)
+      gone[#gone+1] = tkey
     end
     ids[#ids+1] = id
+    seen[id] = true
     per_queue[queue] = (per_queue[queue] or 0) + 1
     per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
     if ARGV[i+2] == 'ok' then per_tenant_done[tenant] = (per_tenant_done[tenant] or 0) + 1 end
@@ -74,8 +89,9 @@ for i = 3, #ARGV, 7 do
 end
 if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
-  redis.call('SREM', KEYS[2], unpack(ids))
+  redis.call('HDEL', KEYS[2], unpack(ids))
 end
+if #gone > 0 then redis.call('DEL', unpack(gone)) end   -- one slot: every key has the deployment's tag
 for q, n in pairs(per_queue) do
   redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', -n)
   history(P, q, n, 0, now)

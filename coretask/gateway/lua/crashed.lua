@@ -1,6 +1,6 @@
 -- crashed.lua: the tasks of a worker process that died without handing them back (a segfault,
 -- os._exit, the kernel's OOM killer, a MemoryError in one of its tasks). Only the culprit pays.
--- KEYS[1]  P:leases   KEYS[2] P:w:<worker>
+-- KEYS[1]  P:leases   KEYS[2] P:wl:<worker>
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] reason (names the process and its exit code)
 -- ARGV[4]  crashes that bury a task (Options.max_crashes)   ARGV[5] deadletter ("1" | "0")
 -- ARGV[6]  deadletter_schedules ("1" | "0")   ARGV[7] "0": never name a culprit (the process ran tasks
@@ -22,7 +22,7 @@ local running = {}
 -- a dead process waits for nothing (its inbox's hand-offs are leased to it: taken back below)
 idle_unregister(P, worker)
 redis.call('DEL', P .. ':inbox:' .. worker)
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+for _, id in ipairs(redis.call('HKEYS', KEYS[2])) do
   -- a damaged record in the worker's lease set (only a lease adds to it) is taken out as leased
   -- to this worker, before anything is written for it (_lib.lua read_task / take_out)
   local f, bad, kind = read_task(P, id, {'st', 'q', 'tn', 'b', 'w'}, {st = true, q = QUEUES, tn = true})
@@ -35,7 +35,7 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[2])) do
     redis.call('ZREM', KEYS[1], id)       -- a stale entry: the task moved on
   end
 end
-redis.call('DEL', KEYS[2])
+redis.call('DEL', KEYS[2], P .. ':w:' .. worker)   -- and the lease set of releases before the hash
 for _, entry in ipairs(running) do
   local id, f = entry[1], entry[2]
   local tkey = P .. ':t:' .. id

@@ -49,7 +49,7 @@ if sg ~= '' then redis.call('HSET', KEYS[1], 'sg', sg) end
 set_controls(KEYS[1], ARGV[12], ARGV[13], ARGV[14])
 if worker then
   redis.call('ZADD', P .. ':leases', now + reg[1], id)
-  redis.call('SADD', P .. ':w:' .. worker, id)
+  redis.call('HSET', P .. ':wl:' .. worker, id, lease_entry(1, nil, ikey or (ARGV[13] or '0') ~= '0' or (ARGV[14] or '0') ~= '0'))
   redis.call('HINCRBY', P .. ':trun', tenant, 1)
   redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', 1)
   if redis.call('SADD', P .. ':qt:' .. queue, tenant) == 1 then

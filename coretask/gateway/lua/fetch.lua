@@ -1,6 +1,6 @@
 -- fetch.lua: promote due delayed tasks, then lease up to N ready tasks to one worker.
 -- KEYS[1]  P:paused     KEYS[2] P:pausedq    KEYS[3] P:pausedt    KEYS[4] P:delayed
--- KEYS[5]  P:leases     KEYS[6] P:w:<worker> KEYS[7] P:trun       KEYS[8] P:tlim
+-- KEYS[5]  P:leases     KEYS[6] P:wl:<worker> KEYS[7] P:trun      KEYS[8] P:tlim
 -- ARGV[1]  P            ARGV[2] worker id    ARGV[3] max tasks to lease (0 = only promote)
 -- ARGV[4]  lease ms     ARGV[5] default tenant concurrency limit (0 = unlimited)
 -- ARGV[6]  idle ms: when > 0 and nothing is leased (and nothing paused), the worker registers as
@@ -56,16 +56,19 @@ if #due > 0 then nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES') end
 local next_due = -1
 if nxt[2] then next_due = tonumber(nxt[2]) end
 
+-- the pause, paused queues, paused tenants, tenant limits: one command asks whether any exist at
+-- all (the usual answer is no), and only then is each asked (empty sets and hashes do not exist)
+local gated = redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3], KEYS[8]) > 0
 local out = {0, next_due, now}
-if redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; return out end
+if gated and redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; return out end
 if want <= 0 then return out end
 
 local got = 0
 local dropped = 0   -- tasks of canceled batches dropped by this call; bounded like all work here
-local limits = deflim > 0 or redis.call('EXISTS', KEYS[8]) == 1
-local any_tenant_paused = redis.call('SCARD', KEYS[3]) > 0
+local limits = deflim > 0 or (gated and redis.call('EXISTS', KEYS[8]) == 1)
+local any_tenant_paused = gated and redis.call('EXISTS', KEYS[3]) == 1
 local batches = {}    -- batch id -> {h = HGETALL, state, started, runs}: read once per call
-local leased, zargs = {}, {}
+local wargs, zargs = {}, {}
 local per_tenant, per_queue_ready, per_queue_run = {}, {}, {}
 
 local function batch_entry(b)
@@ -82,14 +85,15 @@ local function batch_entry(b)
 end
 
 -- what a lease reads of each task, and the rules it is read by (read once per queue, not per task)
-local LEASE_FIELDS = {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd'}
+local LEASE_FIELDS = {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd', 'ik', 'kt'}
 for qi = 7, #ARGV do
   local queue = ARGV[qi]
   local need = {p = true, s = true, tg = true, r = true, tn = true, q = queue, d = UNCHECKED}
-  if redis.call('SISMEMBER', KEYS[2], queue) == 0 then
+  if not gated or redis.call('SISMEMBER', KEYS[2], queue) == 0 then
     local ring, ringset = P .. ':ring:' .. queue, P .. ':ringset:' .. queue
     while got < want and dropped < MAX_DROPPED do
-      local tenant = redis.call('LINDEX', ring, 0)
+      local head = redis.call('LRANGE', ring, 0, 1)   -- whose turn it is, and whether it is alone
+      local tenant = head[1]
       if not tenant then break end
       local list = P .. ':q:' .. queue .. ':' .. tenant
       local room = want - got
@@ -114,10 +118,11 @@ for qi = 7, #ARGV do
       if room > 0 then
         -- one task per turn of the ring; several at once only when the tenant is alone in it
         local take = 1
-        if room > 1 and redis.call('LLEN', ring) == 1 then take = room end
+        if room > 1 and not head[2] then take = room end
         local ids = redis.call('LPOP', list, take)
         if ids and redis.call('LLEN', list) > 0 then
-          redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+          -- its turn passes (a tenant alone in the ring keeps it: nothing to move)
+          if take == 1 then redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT') end
         else
           redis.call('LPOP', ring); redis.call('SREM', ringset, tenant)
         end
@@ -144,7 +149,8 @@ for qi = 7, #ARGV do
               -- command (read_task checked that a present 'a' holds an integer)
               local attempt = (tonumber(f[10]) or 0) + 1
               redis.call('HSET', tkey, 'a', attempt, 'st', 'running', 'w', worker, 'ls', now)
-              leased[#leased+1] = id
+              wargs[#wargs+1] = id
+              wargs[#wargs+1] = lease_entry(attempt, f[4], f[13] or f[15] or f[16])
               zargs[#zargs+1] = now + lease_ms; zargs[#zargs+1] = id
               per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
               per_queue_run[queue] = (per_queue_run[queue] or 0) + 1
@@ -171,9 +177,9 @@ for qi = 7, #ARGV do
   end
   if got >= want or dropped >= MAX_DROPPED then break end
 end
-if #leased > 0 then
+if #zargs > 0 then
   redis.call('ZADD', KEYS[5], unpack(zargs))
-  redis.call('SADD', KEYS[6], unpack(leased))
+  redis.call('HSET', KEYS[6], unpack(wargs))
 end
 for t, n in pairs(per_tenant) do redis.call('HINCRBY', KEYS[7], t, n) end
 for q, n in pairs(per_queue_ready) do redis.call('HINCRBY', P .. ':qs:' .. q, 'ready', -n) end

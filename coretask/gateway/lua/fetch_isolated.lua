@@ -1,6 +1,6 @@
 -- fetch_isolated.lua: lease one isolated task (see crashed.lua) to the manager's isolation
 -- worker, a process of one thread that runs nothing else meanwhile.
--- KEYS[1]  P:paused   KEYS[2] P:pausedt   KEYS[3] P:leases   KEYS[4] P:w:<worker>   KEYS[5] P:trun
+-- KEYS[1]  P:paused   KEYS[2] P:pausedt   KEYS[3] P:leases   KEYS[4] P:wl:<worker>   KEYS[5] P:trun
 -- KEYS[6]  P:tlim
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] lease ms   ARGV[4] tasks wanted (0 or 1)
 -- ARGV[5]  default tenant concurrency limit (0 = unlimited)   ARGV[6..] queue names
@@ -47,7 +47,7 @@ for qi = 6, #ARGV do
           local attempt = redis.call('HINCRBY', tkey, 'a', 1)
           redis.call('HSET', tkey, 'st', 'running', 'w', worker, 'ls', now)
           redis.call('ZADD', KEYS[3], now + lease_ms, id)
-          redis.call('SADD', KEYS[4], id)
+          redis.call('HSET', KEYS[4], id, lease_entry(attempt, nil, true))   -- rare: acknowledged the long way
           redis.call('HINCRBY', KEYS[5], f[9], 1)
           redis.call('HINCRBY', P .. ':qs:' .. queue, 'inflight', 1)
           local shown, binfo = f[4], {}

@@ -1,7 +1,7 @@
 -- overdue.lua: the tasks of one worker process that were told to stop and have not, past a
 -- grace period: the manager ends that process (a task stuck in C code that holds its process's
 -- GIL cannot be stopped from inside it), then hands the process's other tasks back.
--- KEYS[1]  P:w:<worker>   KEYS[2] P:paused
+-- KEYS[1]  P:wl:<worker>   KEYS[2] P:paused
 -- ARGV[1]  P   ARGV[2] grace ms
 -- Reply: {now_ms, then per overdue task: id, why ("canceled" | "task" | "requeue" | "timeout"),
 --        ms since the abort, lease token (field a)}
@@ -13,7 +13,7 @@
 local P, grace = ARGV[1], tonumber(ARGV[2])
 local now = now_ms()
 local out = {now}
-local ids = redis.call('SMEMBERS', KEYS[1])
+local ids = redis.call('HKEYS', KEYS[1])
 if #ids == 0 then return out end
 local requeued_at = nil
 local flag = redis.call('GET', KEYS[2])

@@ -15,7 +15,7 @@ local P, mode, worker, deadletter, reason = ARGV[1], ARGV[2], ARGV[3], ARGV[4], 
 local now = now_ms()
 local ids
 if mode == 'worker' then
-  ids = redis.call('SMEMBERS', P .. ':w:' .. worker)
+  ids = redis.call('HKEYS', P .. ':wl:' .. worker)
 else
   ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[6]))
 end
@@ -47,11 +47,11 @@ for _, id in ipairs(ids) do
     end
   else
     redis.call('ZREM', KEYS[1], id)
-    if f[5] then redis.call('SREM', P .. ':w:' .. f[5], id) end
+    if f[5] then redis.call('HDEL', P .. ':wl:' .. f[5], id) end
   end
 end
 if mode == 'worker' then
-  redis.call('DEL', P .. ':w:' .. worker)
+  redis.call('DEL', P .. ':wl:' .. worker, P .. ':w:' .. worker)   -- (':w:': the lease set of releases before the hash)
   -- a dead process waits for nothing (its inbox's hand-offs are leased to it: recovered above)
   idle_unregister(P, worker)
   redis.call('DEL', P .. ':inbox:' .. worker)
