@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from coretask import LeaseLost, TaskContext, TaskProcessor
-from coretask.gateway import Ack, Failure, Release
+from coretask.gateway import Ack, Failure, Outcomes, Release
 from coretask.producing import Producer
 from tests import tasks, tasks_extra
 from tests.conftest import wait_until
@@ -518,6 +518,46 @@ def test_extend_lock_keeps_the_lease_beyond_invisibility(make_processor, embedde
 
 
 # ------------------------------------------------------------------------ queue counters
+
+def test_acknowledgements_ride_in_the_fetch_and_the_counts_are_written_net(processor, r, prefix):
+    # Given four tasks of a tenant limited to two at a time, two of them leased (the tenant
+    # then waits at its limit)
+    p, k = processor, processor.gateway.keys
+    p.set_tenant_limit("acme", 2)
+    ids = [p.enqueue_task("default", "acme", tasks.record, prefix + ":out", n) for n in "abcd"]
+    turn = p.gateway.exchange("w-x", Outcomes(), 4, 60_000, 0, ["default"])
+    first = {t.id: t for t in turn.tasks}
+    assert sorted(first) == sorted(ids[:2]) and counts(p) == (2, 2, 0, 0)
+
+    def acks(leased: dict[str, Any]) -> Outcomes:
+        return Outcomes(acks=[Ack(t.id, t.token, "ok", 5, t.queue, t.tenant) for t in leased.values()])
+
+    # When the worker's next turn acknowledges both and asks for four
+    sent: list[str] = []
+    run_many = p.gateway.transport.run_many
+    p.gateway.transport.run_many = lambda calls: sent.extend(c[0] for c in calls) or run_many(calls)  # type: ignore
+    turn = p.gateway.exchange("w-x", acks(first), 4, 60_000, 0, ["default"])
+    assert sent == ["fetch"]
+    # Then one script call did both (the acknowledgements travel in the fetch's arguments), the
+    # two it acknowledged made room under the limit for the other two, and every count is exact
+    second = {t.id: t for t in turn.tasks}
+    assert sorted(second) == sorted(ids[2:])
+    assert counts(p) == (0, 2, 0, 0) and r.hget(k.trun, "acme") == b"2"
+    assert p.get_tenant_stats("acme").done == 2
+    assert not any(r.exists(k.task(t)) for t in first) and set(r.hkeys(k.worker("w-x"))) == {t.encode() for t in second}
+    # When the deployment is paused and the last turn acknowledges the other two, twice over
+    p.pause()
+    turn = p.gateway.exchange("w-x", _merged_twice(acks(second)), 4, 60_000, 0, ["default"])
+    # Then the pause holds no acknowledgement back, the repeat counts nothing, and a tenant with
+    # nothing running leaves the running counts
+    assert turn.paused and not turn.tasks
+    assert counts(p) == (0, 0, 0, 0) and p.get_tenant_stats("acme").done == 4
+    assert r.hget(k.trun, "acme") is None and r.hlen(k.worker("w-x")) == 0 and r.zcard(k.leases) == 0
+
+
+def _merged_twice(outcomes: Outcomes) -> Outcomes:
+    return Outcomes(acks=outcomes.acks + outcomes.acks)
+
 
 def test_queue_counters_are_exact_at_each_step(processor, embedded_worker, r, prefix):
     p = processor

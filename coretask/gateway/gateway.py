@@ -9,6 +9,7 @@ snapshot a few milliseconds old is fine for the CLI and a dashboard.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Sequence
@@ -32,6 +33,11 @@ PUBLISH_CHUNK = 500     # tasks per batch_publish call (bounded work per script 
 
 def _flag(value: bool) -> str:
     return "1" if value else "0"
+
+
+def _ack_args(acks: Sequence[Ack]) -> list[Any]:
+    """Acknowledgements as complete.lua and fetch.lua take them: groups of seven."""
+    return [v for a in acks for v in (a.task_id, a.token, a.outcome, a.duration_ms, a.queue, a.tenant, a.result)]
 
 
 def _decoded(values: Any) -> list[str]:
@@ -198,22 +204,27 @@ class Gateway(OneShard):
 
     def exchange(self, worker_id: str, outcomes: Outcomes, free: int, lease_ms: int, default_limit: int,
                  queues: Sequence[str], *, isolated: bool = False, idle_ms: int = 0) -> FetchReply:
-        """A worker's turn in one round trip: its outcomes (complete, release, fail), then a
-        fetch of up to ``free`` tasks (``isolated``: at most one task from the isolation lists,
-        for the manager's isolation worker, fetch_isolated.lua). On an error the outcomes may or
+        """A worker's turn in one round trip: its releases and failures, then a fetch that
+        acknowledges its finished tasks and leases up to ``free`` tasks (``isolated``: at most
+        one task from the isolation lists, for the manager's isolation worker, fetch_isolated.lua,
+        after complete.lua for its acknowledgements). On an error the outcomes may or
         may not have landed; sending them again is harmless (the lease token makes a repeat a
         no-op). ``idle_ms`` > 0: when nothing is leased (and nothing is paused) the worker is
         registered for hand-offs that long (``idle_registered``), and must then call
         ``await_handoff`` before anything else."""
         k = self.keys
-        calls = self._outcome_calls(worker_id, outcomes)
         if isolated:
+            calls = self._outcome_calls(worker_id, outcomes)
             calls.append(("fetch_isolated", [k.paused, k.pausedt, k.leases, k.worker(worker_id), k.trun, k.tlim],
                           [k.prefix, worker_id, lease_ms, min(free, 1), default_limit, *queues]))
         else:
+            # the acknowledgements ride in the fetch (one script call: its in-flight and running
+            # counts written once, net; docs/decisions.md); releases and failures go before it
+            calls = self._outcome_calls(worker_id, dataclasses.replace(outcomes, acks=[]))
             calls.append(("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker_id),
                                     k.trun, k.tlim],
-                          [k.prefix, worker_id, free, lease_ms, default_limit, idle_ms, *queues]))
+                          [k.prefix, worker_id, free, lease_ms, default_limit, idle_ms, len(outcomes.acks),
+                           *_ack_args(outcomes.acks), *queues]))
         return parse_fetch_reply(self.transport.run_many(calls)[-1])
 
     # ---------------------------------------------------------------- hand-off to idle workers
@@ -288,10 +299,7 @@ class Gateway(OneShard):
 
     def _complete_call(self, worker_id: str, acks: Sequence[Ack]) -> Call:
         k = self.keys
-        args: list[Any] = [k.prefix, worker_id]
-        for a in acks:
-            args += (a.task_id, a.token, a.outcome, a.duration_ms, a.queue, a.tenant, a.result)
-        return "complete", [k.leases, k.worker(worker_id)], args
+        return "complete", [k.leases, k.worker(worker_id)], [k.prefix, worker_id, *_ack_args(acks)]
 
     def _release_call(self, worker_id: str, releases: Sequence[Release]) -> Call:
         k = self.keys

@@ -1,8 +1,8 @@
 """Typed messages between the gateway and its callers: what a script is told and what it answers.
 
-Positional replies (the fetch script's runs of 12 values, complete.lua's groups of six) are
-turned into these records in exactly one place, the gateway method that calls the script, so
-the worker never counts positions. A reply entry that cannot be read is never allowed to stop
+Positional replies and arguments (the fetch script's runs of 13 values, the acknowledgements'
+groups of seven) are turned into and from these records in exactly one place, the gateway
+method that calls the script, so the worker never counts positions. A reply entry that cannot be read is never allowed to stop
 the worker: parse_fetch_reply reads each task on its own and reports the ones it could not
 read as ``Unreadable``, which the worker dead-letters (coretask/worker/loop.py).
 """

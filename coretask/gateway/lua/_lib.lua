@@ -677,6 +677,119 @@ local function lease_entry_batch(entry, token)
   return false
 end
 
+-- Acknowledge finished tasks of one worker: the groups of seven in args[first..last] (id, token,
+-- outcome "ok" | "canceled", duration ms, queue and tenant the fetch reply named ("" = unknown:
+-- the record's q and tn are read), the encoded return value ("" = none, or not kept)).
+-- An acknowledgement counts only if it presents the task's current lease token, as the worker's
+-- lease entry holds it (lease_entry), so an answer from a worker whose lease expired changes
+-- nothing. The entries of every acknowledged task are read at once; the record of a task without
+-- an idempotency key or a kept result or record (its queue and tenant named; its batch, if any,
+-- in the entry) is then deleted unread, and all of them in one DEL, so such an acknowledgement
+-- costs no command of its own. The others read their records, which also meets a damaged one.
+-- A canceled task of no batch is counted in its tenant's statistics (a batch's task: in its
+-- batch, which counts the tenant). A keyed task gives up its idempotency key (release_key). A
+-- task that keeps its result or record (fields kr, kt) stays as a finished record (finish).
+-- Counters are aggregated per queue, tenant and batch; each queue's acknowledgements count once
+-- in the minute's history. `net` nil: the queues' in-flight counts and the tenants' running
+-- counts are written here; a table {inflight = {queue -> n}, running = {tenant -> n}}: they are
+-- subtracted into it instead, for a caller that leases in the same call and writes each count
+-- once, net (fetch.lua); tenants held back at their concurrency limit are re-admitted either way.
+-- Returns one code per group: 1 = counted, 0 = stale token, unknown task or a repeat within the
+-- call (ignored), 2 = this worker's lease on a damaged record: taken out (take_out) instead.
+local ACK_FIELDS, ACK_FIELDS_QT = {'a', 'st', 'b', 'ik', 'kr', 'kt'}, {'a', 'st', 'b', 'ik', 'kr', 'kt', 'q', 'tn'}
+local function acknowledge(P, worker, leases, wl, args, first, last, now, net)
+  local codes, ids, gone, seen = {}, {}, {}, {}
+  local per_queue, per_tenant, per_tenant_done, per_batch = {}, {}, {}, {}
+  local per_tenant_canceled = {}
+  local asked = {}
+  for i = first, last, 7 do asked[#asked+1] = args[i] end
+  if #asked == 0 then return codes end
+  local entries = redis.call('HMGET', wl, unpack(asked))
+  for i = first, last, 7 do
+    local id, token, ok = args[i], args[i+1], args[i+2] == 'ok'
+    local queue, tenant = named(args[i+4]), named(args[i+5])
+    local vouched, batch = lease_entry_batch(entries[(i - first) / 7 + 1], token)
+    local f, bad
+    if seen[id] then
+      f = {}   -- a repeat inside one call: ignored (its record goes in the DEL below, counted once)
+    elseif vouched and queue and tenant then
+      f = {token, 'running', batch}   -- the lease itself: running, this token and batch; nothing to read
+    elseif queue and tenant then
+      f, bad = read_task(P, id, ACK_FIELDS, {a = true, st = true})
+      bad = check_leased(P, worker, id, f, bad)
+    else
+      f, bad = read_task(P, id, ACK_FIELDS_QT, {a = true, st = true, q = not queue and QUEUES or nil,
+                                                tn = not tenant or nil})
+      bad = check_leased(P, worker, id, f, bad)
+    end
+    if bad then
+      if owns_lease(P, worker, id, token, f) then
+        take_out(P, id, bad, {worker = worker, queue = queue, tenant = tenant, counted = true,
+                              etb = 'the task ran and ' .. (ok and 'succeeded' or 'was canceled') .. ' after '
+                                    .. args[i+3] .. ' ms; its record was damaged when it was acknowledged'}, now)
+        codes[#codes+1] = 2
+      else
+        codes[#codes+1] = 0
+      end
+    elseif f[1] == token and f[2] == 'running' then
+      queue, tenant = queue or f[7], tenant or f[8]
+      if f[4] then release_key(P, id) end
+      if f[5] or f[6] then
+        local result = {}
+        if args[i+6] ~= '' then result = {'rv', args[i+6]} end
+        finish(P, id, ok and 'succeeded' or 'canceled', now, tonumber(args[i+3]), f[5], f[6], result)
+      else
+        gone[#gone+1] = P .. ':t:' .. id
+      end
+      ids[#ids+1] = id
+      seen[id] = true
+      per_queue[queue] = (per_queue[queue] or 0) + 1
+      per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
+      if ok then per_tenant_done[tenant] = (per_tenant_done[tenant] or 0) + 1 end
+      if not ok and (not f[3] or f[3] == '') then
+        per_tenant_canceled[tenant] = (per_tenant_canceled[tenant] or 0) + 1
+      end
+      if f[3] and f[3] ~= '' then
+        local acc = per_batch[f[3]]
+        if not acc then acc = {n = 0, ok = 0, canceled = 0, dur = 0}; per_batch[f[3]] = acc end
+        acc.n = acc.n + 1
+        acc.dur = acc.dur + tonumber(args[i+3])
+        if ok then acc.ok = acc.ok + 1 else acc.canceled = acc.canceled + 1 end
+      end
+      codes[#codes+1] = 1
+    else
+      codes[#codes+1] = 0
+    end
+  end
+  if #ids > 0 then
+    redis.call('ZREM', leases, unpack(ids))
+    redis.call('HDEL', wl, unpack(ids))
+  end
+  if #gone > 0 then redis.call('DEL', unpack(gone)) end   -- one slot: every key has the deployment's tag
+  for q, n in pairs(per_queue) do
+    if net then net.inflight[q] = (net.inflight[q] or 0) - n
+    else redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', -n) end
+    history(P, q, n, 0, now)
+  end
+  for t, n in pairs(per_tenant) do
+    if net then
+      net.running[t] = (net.running[t] or 0) - n
+      release_tenant(P, t, 0)
+    else release_tenant(P, t, n) end
+  end
+  for t, n in pairs(per_tenant_done) do redis.call('HINCRBY', P .. ':ts:' .. t, 'done', n) end
+  for t, n in pairs(per_tenant_canceled) do redis.call('HINCRBY', P .. ':ts:' .. t, 'canceled', n) end
+  for b, acc in pairs(per_batch) do
+    local bkey = P .. ':b:' .. b
+    if redis.call('EXISTS', bkey) == 1 then
+      redis.call('HINCRBY', bkey, 'run', -acc.n)
+      if acc.ok > 0 then settle_batch_n(P, b, 'done', acc.ok, acc.dur, now) end
+      if acc.canceled > 0 then settle_batch_n(P, b, 'canceled', acc.canceled, acc.ok > 0 and 0 or acc.dur, now) end
+    end
+  end
+  return codes
+end
+
 -- A reply (strings, numbers, arrays of them) as one string, for a list element: a value is
 -- "<length>:<bytes>", an array "[<length>:" and its packed values (records.py parse_handoff).
 local function pack(v)

@@ -1,4 +1,5 @@
--- fetch.lua: promote due delayed tasks, then lease up to N ready tasks to one worker.
+-- fetch.lua: a worker's turn: acknowledge its finished tasks, promote due delayed tasks, then
+-- lease up to N ready tasks to it.
 -- KEYS[1]  P:paused     KEYS[2] P:pausedq    KEYS[3] P:pausedt    KEYS[4] P:delayed
 -- KEYS[5]  P:leases     KEYS[6] P:wl:<worker> KEYS[7] P:trun      KEYS[8] P:tlim
 -- ARGV[1]  P            ARGV[2] worker id    ARGV[3] max tasks to lease (0 = only promote)
@@ -6,7 +7,10 @@
 -- ARGV[6]  idle ms: when > 0 and nothing is leased (and nothing paused), the worker registers as
 --          idle until now + idle ms, or the next due time if sooner (_lib.lua idle_register), and
 --          waits on P:inbox:<worker> for a hand-off from enqueue.lua (0 = do not register)
--- ARGV[7..] queue names in priority order
+-- ARGV[7]  n: how many acknowledgements follow; ARGV[8 .. 7 + 7n] their groups of seven, as
+--          complete.lua takes them (_lib.lua acknowledge; their codes are not returned: a stale
+--          or repeated one changes nothing, a damaged record is taken out as there)
+-- ARGV[8 + 7n ..] queue names in priority order
 -- Reply: {paused (0|1), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
 --   500 tasks of canceled batches, so the caller calls again at once), now_ms, task...} where each task is a flat
 --   run of 13 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
@@ -24,11 +28,35 @@
 -- aggregated, and a batch's hash is read once per call, not once per task. Paused state, paused queues, paused
 -- tenants and tenant concurrency limits are all checked here, so no worker anywhere can take a
 -- task that a pause or a limit forbids, whatever happened to pub/sub.
+-- The acknowledgements come first (the pause does not hold them back, and what they release
+-- counts for the limits); the queues' in-flight and the tenants' running counts they lower are
+-- written once, net of what this call leases (in a busy worker's turn the two cancel out).
 local P, worker = ARGV[1], ARGV[2]
 local want, lease_ms, deflim = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local idle_ms = tonumber(ARGV[6])
+local QFIRST = 8 + 7 * tonumber(ARGV[7])   -- the first queue name
 local now = now_ms()
 local MAX_DROPPED = 500
+local batches = {}    -- batch id -> {h = HGETALL, state, started, runs}: read once per call
+local per_tenant, per_queue_ready, per_queue_run = {}, {}, {}
+acknowledge(P, worker, KEYS[5], KEYS[6], ARGV, 8, QFIRST - 1, now, {inflight = per_queue_run, running = per_tenant})
+
+-- the counts this call changed, each written once (at every return)
+local function write_counts()
+  for t, n in pairs(per_tenant) do
+    if n ~= 0 and tonumber(redis.call('HINCRBY', KEYS[7], t, n)) <= 0 then redis.call('HDEL', KEYS[7], t) end
+  end
+  for q, n in pairs(per_queue_ready) do redis.call('HINCRBY', P .. ':qs:' .. q, 'ready', -n) end
+  for q, n in pairs(per_queue_run) do
+    if n ~= 0 then redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', n) end
+  end
+  for b, e in pairs(batches) do
+    if e.runs > 0 then
+      redis.call('HINCRBY', P .. ':b:' .. b, 'run', e.runs)
+      if not e.started then redis.call('HSET', P .. ':b:' .. b, 'started', now) end
+    end
+  end
+end
 
 -- 1. Due delayed tasks become ready (bounded per call; the caller loops while it gets work).
 -- The earliest one is read first: with none due (the usual case) that is the only command.
@@ -60,16 +88,14 @@ if nxt[2] then next_due = tonumber(nxt[2]) end
 -- all (the usual answer is no), and only then is each asked (empty sets and hashes do not exist)
 local gated = redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3], KEYS[8]) > 0
 local out = {0, next_due, now}
-if gated and redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; return out end
-if want <= 0 then return out end
+if gated and redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; write_counts(); return out end
+if want <= 0 then write_counts(); return out end
 
 local got = 0
 local dropped = 0   -- tasks of canceled batches dropped by this call; bounded like all work here
 local limits = deflim > 0 or (gated and redis.call('EXISTS', KEYS[8]) == 1)
 local any_tenant_paused = gated and redis.call('EXISTS', KEYS[3]) == 1
-local batches = {}    -- batch id -> {h = HGETALL, state, started, runs}: read once per call
 local wargs, zargs = {}, {}
-local per_tenant, per_queue_ready, per_queue_run = {}, {}, {}
 
 local function batch_entry(b)
   local e = batches[b]
@@ -86,7 +112,7 @@ end
 
 -- what a lease reads of each task, and the rules it is read by (read once per queue, not per task)
 local LEASE_FIELDS = {'p', 's', 'tg', 'b', 'r', 'e', 'cb', 'sg', 'tn', 'a', 'q', 'to', 'kr', 'd', 'ik', 'kt'}
-for qi = 7, #ARGV do
+for qi = QFIRST, #ARGV do
   local queue = ARGV[qi]
   local need = {p = true, s = true, tg = true, r = true, tn = true, q = queue, d = UNCHECKED}
   if not gated or redis.call('SISMEMBER', KEYS[2], queue) == 0 then
@@ -181,15 +207,7 @@ if #zargs > 0 then
   redis.call('ZADD', KEYS[5], unpack(zargs))
   redis.call('HSET', KEYS[6], unpack(wargs))
 end
-for t, n in pairs(per_tenant) do redis.call('HINCRBY', KEYS[7], t, n) end
-for q, n in pairs(per_queue_ready) do redis.call('HINCRBY', P .. ':qs:' .. q, 'ready', -n) end
-for q, n in pairs(per_queue_run) do redis.call('HINCRBY', P .. ':qs:' .. q, 'inflight', n) end
-for b, e in pairs(batches) do
-  if e.runs > 0 then
-    redis.call('HINCRBY', P .. ':b:' .. b, 'run', e.runs)
-    if not e.started then redis.call('HSET', P .. ':b:' .. b, 'started', now) end
-  end
-end
+write_counts()
 if dropped >= MAX_DROPPED then
   -- more canceled tasks may wait: report a due time of now so that the worker calls again at once
   out[2] = now
@@ -199,7 +217,7 @@ elseif got == 0 and idle_ms > 0 then
   local deadline = now + idle_ms
   if next_due ~= -1 and next_due < deadline then deadline = next_due end
   local queues = {}
-  for qi = 7, #ARGV do queues[#queues+1] = ARGV[qi] end
+  for qi = QFIRST, #ARGV do queues[#queues+1] = ARGV[qi] end
   idle_register(P, worker, deadline, lease_ms, deflim, queues)
 end
 return out
