@@ -52,7 +52,8 @@ def long_waits(monkeypatch, make_processor):
     theirs comes sooner): only a hand-off or a wake-up can end the wait before that."""
     monkeypatch.setattr(loop, "HANDOFF_WAIT", 30.0)
     monkeypatch.setattr(maintenance, "REPORT_INTERVAL", 60.0)
-    return lambda: make_processor(base_frequency=60, pushback_frequency=60, cleanup_frequency=60, invisibility=600)
+    return lambda **extra: make_processor(base_frequency=60, pushback_frequency=60, cleanup_frequency=60,
+                                          invisibility=600, **extra)
 
 
 # ------------------------------------------------------------------- handed off in the call
@@ -129,10 +130,15 @@ def test_work_that_is_not_handed_off_ends_the_wait(long_waits, embedded_worker, 
     wait_until(lambda: len(th.ran) == 3, 10, "the batch ran within 10 s of a 30 s wait")
 
 
-def test_no_hand_off_past_the_tenants_concurrency_limit(long_waits, embedded_worker, r, prefix):
-    # Given two worker processes waiting for 30 s, and a tenant limited to one running task
-    p1, p2 = long_waits(), long_waits()
-    p1.set_tenant_limit("acme", 1)
+@pytest.mark.parametrize("limited_by", ["set_tenant_limit", "Options.tenant_concurrency"])
+def test_no_hand_off_past_the_tenants_concurrency_limit(long_waits, embedded_worker, r, prefix, limited_by):
+    # Given two worker processes waiting for 30 s, and a tenant limited to one running task (its
+    # own limit, or the workers' default one, which the enqueue learns from their registration)
+    if limited_by == "set_tenant_limit":
+        p1, p2 = long_waits(), long_waits()
+        p1.set_tenant_limit("acme", 1)
+    else:
+        p1, p2 = long_waits(tenant_concurrency=1), long_waits(tenant_concurrency=1)
     embedded_worker(p1)
     embedded_worker(p2)
     wait_until(lambda: len(waiting(r, prefix, for_ms=20_000)) == 2, 10, "both workers waiting")

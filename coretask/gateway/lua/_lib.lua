@@ -841,9 +841,14 @@ local function idle_taker(P, queue, tenant, now)
     local reg = idle_unregister(P, worker)
     if not reg then redis.call('ZREM', key, worker) end
     if reg and deadline > now then
-      local limit = tonumber(redis.call('HGET', P .. ':tlim', tenant) or reg[2])
-      if redis.call('EXISTS', P .. ':paused') == 0 and redis.call('SISMEMBER', P .. ':pausedq', queue) == 0
-          and redis.call('SISMEMBER', P .. ':pausedt', tenant) == 0
+      -- the pause, paused queues and tenants, tenant limits: one EXISTS asks whether any exist
+      -- at all (the usual answer is no), as fetch.lua's gate; only then is each asked
+      local gated = redis.call('EXISTS', P .. ':paused', P .. ':pausedq', P .. ':pausedt', P .. ':tlim') > 0
+      local limit = tonumber(reg[2])
+      if gated then limit = tonumber(redis.call('HGET', P .. ':tlim', tenant) or reg[2]) end
+      if (not gated or (redis.call('EXISTS', P .. ':paused') == 0
+                        and redis.call('SISMEMBER', P .. ':pausedq', queue) == 0
+                        and redis.call('SISMEMBER', P .. ':pausedt', tenant) == 0))
           and (limit <= 0 or tonumber(redis.call('HGET', P .. ':trun', tenant) or '0') < limit) then
         return worker, reg
       end
