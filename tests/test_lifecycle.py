@@ -547,16 +547,12 @@ def test_acknowledgements_ride_in_the_fetch_and_the_counts_are_written_net(proce
     assert not any(r.exists(k.task(t)) for t in first) and set(r.hkeys(k.worker("w-x"))) == {t.encode() for t in second}
     # When the deployment is paused and the last turn acknowledges the other two, twice over
     p.pause()
-    turn = p.gateway.exchange("w-x", _merged_twice(acks(second)), 4, 60_000, 0, ["default"])
+    turn = p.gateway.exchange("w-x", Outcomes(acks=acks(second).acks * 2), 4, 60_000, 0, ["default"])
     # Then the pause holds no acknowledgement back, the repeat counts nothing, and a tenant with
     # nothing running leaves the running counts
     assert turn.paused and not turn.tasks
     assert counts(p) == (0, 0, 0, 0) and p.get_tenant_stats("acme").done == 4
     assert r.hget(k.trun, "acme") is None and r.hlen(k.worker("w-x")) == 0 and r.zcard(k.leases) == 0
-
-
-def _merged_twice(outcomes: Outcomes) -> Outcomes:
-    return Outcomes(acks=outcomes.acks + outcomes.acks)
 
 
 def test_queue_counters_are_exact_at_each_step(processor, embedded_worker, r, prefix):

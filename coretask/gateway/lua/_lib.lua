@@ -316,13 +316,16 @@ local function push_delayed(P, queue, id, due_ms)
   if first[1] == id then redis.call('PUBLISH', P .. ':ev', 'd') end
 end
 
+-- A tenant's running count changes by n (never 0: Lua's -0 would reach HINCRBY as "-0", which
+-- Redis rejects); a tenant with nothing running leaves P:trun.
+local function add_running(P, tenant, n)
+  if tonumber(redis.call('HINCRBY', P .. ':trun', tenant, n)) <= 0 then redis.call('HDEL', P .. ':trun', tenant) end
+end
+
 -- A tenant's running count drops by n; when it had left rings at its concurrency limit, it is
 -- re-admitted to them (where it still has ready work).
 local function release_tenant(P, tenant, n)
-  -- (n = 0 only re-admits: Lua's -0 would reach HINCRBY as "-0", which Redis rejects)
-  if n ~= 0 and tonumber(redis.call('HINCRBY', P .. ':trun', tenant, -n)) <= 0 then
-    redis.call('HDEL', P .. ':trun', tenant)
-  end
+  if n ~= 0 then add_running(P, tenant, -n) end   -- (n = 0 only re-admits)
   local capped = P .. ':capped:' .. tenant
   local queues = redis.call('SMEMBERS', capped)
   if #queues > 0 then
@@ -844,8 +847,7 @@ local function idle_taker(P, queue, tenant, now)
       -- the pause, paused queues and tenants, tenant limits: one EXISTS asks whether any exist
       -- at all (the usual answer is no), as fetch.lua's gate; only then is each asked
       local gated = redis.call('EXISTS', P .. ':paused', P .. ':pausedq', P .. ':pausedt', P .. ':tlim') > 0
-      local limit = tonumber(reg[2])
-      if gated then limit = tonumber(redis.call('HGET', P .. ':tlim', tenant) or reg[2]) end
+      local limit = tonumber(gated and redis.call('HGET', P .. ':tlim', tenant) or reg[2])
       if (not gated or (redis.call('EXISTS', P .. ':paused') == 0
                         and redis.call('SISMEMBER', P .. ':pausedq', queue) == 0
                         and redis.call('SISMEMBER', P .. ':pausedt', tenant) == 0))

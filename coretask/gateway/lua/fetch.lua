@@ -44,7 +44,7 @@ acknowledge(P, worker, KEYS[5], KEYS[6], ARGV, 8, QFIRST - 1, now, {inflight = p
 -- the counts this call changed, each written once (at every return)
 local function write_counts()
   for t, n in pairs(per_tenant) do
-    if n ~= 0 and tonumber(redis.call('HINCRBY', KEYS[7], t, n)) <= 0 then redis.call('HDEL', KEYS[7], t) end
+    if n ~= 0 then add_running(P, t, n) end
   end
   for q, n in pairs(per_queue_ready) do redis.call('HINCRBY', P .. ':qs:' .. q, 'ready', -n) end
   for q, n in pairs(per_queue_run) do
