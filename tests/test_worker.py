@@ -130,6 +130,20 @@ def test_manager_restarts_a_killed_worker_process_within_a_second(processor, sta
     assert m.terminate() == 0
 
 
+def test_an_idle_worker_on_the_default_lease_keeps_a_fresh_heartbeat(processor, start_manager):
+    # Given a manager whose leases last the default 5 minutes, with nothing to do
+    m = start_manager(processes=1, threads=2, invisibility=300)
+    m.wait_children(1)
+    first = wait_until(lambda: processor.get_worker_states(), 20, "the worker's first heartbeat")[0]
+    # Then its heartbeat is written again within seconds (status, the dashboard and the workers
+    # metric read an old one as a dead worker), not at the lease's renewal every 100 s
+    again = wait_until(lambda: [w for w in processor.get_worker_states()
+                                if w.id == first.id and w.last_heartbeat > first.last_heartbeat], 12,
+                       "a second heartbeat")[0]
+    assert again.heartbeat_age < 10
+    assert m.terminate() == 0
+
+
 # ------------------------------------------------------------- 3. kill -9 mid-task: redelivery
 
 def test_worker_killed_mid_task_redelivers_it_alone_without_consuming_a_retry(processor, start_manager, r, prefix):

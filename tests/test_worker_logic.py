@@ -305,7 +305,9 @@ def test_the_loop_buries_tasks_whose_fetch_reply_entry_did_not_read(caplog) -> N
 # ============================================================================ LeaseTimings
 
 @pytest.mark.parametrize("invisibility, lease_ms, renew_every", [
-    (300, 300_000, 100.0),
+    (300, 300_000, 5.0),                     # the heartbeat's interval: an idle worker looks alive
+    (15, 15_000, 5.0),
+    (12, 12_000, 4.0),
     (timedelta(seconds=3), 3000, 1.0),
     (0.9, 900, 0.3),
     (0.1, 100, MIN_RENEW_INTERVAL),          # a third would be 33 ms: floored

@@ -21,18 +21,23 @@ log = logging.getLogger(__name__)
 EXPIRED_PER_CALL = 100
 EXPIRED_REASON = "lease expired: the worker running the task stopped renewing it"
 MIN_RENEW_INTERVAL = 0.05
+HEARTBEAT_INTERVAL = 5.0    # a renewal is also the process's heartbeat (renew.lua)
 
 
 @dataclasses.dataclass(frozen=True)
 class LeaseTimings:
     lease_ms: int           # a lease's length (Options.invisibility)
-    renew_every: float      # seconds between renewals: a third of a lease, so two may fail
+    renew_every: float      # seconds between renewals: a third of a lease (so two may fail), or
+    #                         the heartbeat interval when that is shorter: the renewal writes the
+    #                         heartbeat that status, the dashboard and the workers metric read as
+    #                         "alive", and an idle worker on the default 5-minute lease must not
+    #                         look dead for 100 s at a time
 
     @classmethod
     def of(cls, options: Options) -> LeaseTimings:
         seconds = options.invisibility.total_seconds()
         lease_ms = options.invisibility // timedelta(milliseconds=1)    # exact: no float truncation
-        return cls(lease_ms=lease_ms, renew_every=max(seconds / 3, MIN_RENEW_INTERVAL))
+        return cls(lease_ms=lease_ms, renew_every=max(min(seconds / 3, HEARTBEAT_INTERVAL), MIN_RENEW_INTERVAL))
 
 
 class Leases:
