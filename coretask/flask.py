@@ -151,6 +151,10 @@ def load_from_flask(app_import_path: str | None) -> TaskProcessor:
     """What each worker process calls to get its processor: build the Flask app as the ``flask``
     command found it and take the extension's processor (picklable through functools.partial)."""
     app = ScriptInfo(app_import_path=app_import_path).load_app()
+    # Flask's app finder, run while the flask command's app context is active, takes a module's
+    # imported ``current_app`` for a Flask instance (a factory-only module has no other): the
+    # proxy stands for the app the command made, which is the one the extension knows
+    app = getattr(app, "_get_current_object", lambda: app)()
     ext = app.extensions.get("coretask")
     if not isinstance(ext, CoreTask):
         raise ConfigurationError(f"the Flask app {app.name!r} has no CoreTask extension: call CoreTask(app)")

@@ -87,3 +87,40 @@ def test_flask_cli_mirrors_the_coretask_commands(server, prefix):
     # And a bad argument is reported by that parser with its usage, not a traceback
     bad = runner.invoke(args=["coretask", "batches"])
     assert bad.exit_code == 2 and "tenant" in bad.output
+
+
+def test_flask_coretask_worker_runs_a_factory_app_that_imports_current_app(server, prefix):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests import flask_factory_app
+    from tests.conftest import ROOT
+
+    # Given a factory-only app module that imports current_app at module level
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FACTORY_APP_REDIS_URL=server.url, FACTORY_APP_PREFIX=prefix,
+               FACTORY_APP_CLUSTER="1" if server.cluster else "0", FACTORY_APP_OPTIONS=json.dumps(FAST))
+    key = f"{prefix}:factory-out"
+    os.environ.update({k: env[k] for k in env if k.startswith("FACTORY_APP_")})   # the same app, here
+    try:
+        app = flask_factory_app.create_app()
+    finally:
+        for k in [k for k in os.environ if k.startswith("FACTORY_APP_")]:
+            del os.environ[k]
+    with app.app_context():
+        flask_factory_app.coretask.enqueue_task("default", "acme", flask_factory_app.record_app_name, key)
+    # When `flask coretask worker` runs it
+    worker = subprocess.Popen([sys.executable, "-m", "flask", "--app", "tests.flask_factory_app", "coretask", "worker",
+                               "--processes", "1", "--threads", "1"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        r = server.client()
+        # Then the worker starts (the proxy is not taken for an app of its own) and the task runs in the app
+        wait_until(lambda: r.llen(key) == 1 or worker.poll() is not None, 30, "the task ran")
+        assert worker.poll() is None, worker.communicate()[0]
+        assert r.lrange(key, 0, -1) == [b"factory-shop"]
+    finally:
+        worker.terminate()
+        out = worker.communicate(timeout=30)[0]
+    assert worker.returncode == 0, out
