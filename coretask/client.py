@@ -44,6 +44,10 @@ class Client(Introspection, Schedules, TenantAdmin):
     def __init__(self, options: Options | None = None, **kwargs: Any) -> None:
         if options is not None and kwargs:
             raise ConfigurationError("pass either an Options object or keyword options, not both")
+        if options is not None and not isinstance(options, Options):
+            hint = "TaskProcessor(**options) or TaskProcessor(Options(**options))" if isinstance(options, dict) \
+                else "TaskProcessor(Options(redis=...)) or TaskProcessor(redis=...)"
+            raise ConfigurationError(f"TaskProcessor takes an Options object, got {type(options).__name__}: use {hint}")
         self.options = options if options is not None else Options(**kwargs)
         self.gateway: Gateway
         if self.options.eager:      # the scripts' state in memory, no connection (gateway/memory.py)

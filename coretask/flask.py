@@ -47,6 +47,23 @@ RESERVED = ("DASHBOARD_",)   # CORETASK_DASHBOARD_* belong to the dashboard comm
 _FIELDS = {f.name for f in dataclasses.fields(Options)}
 
 
+_TYPES = {f.name: str(f.type) for f in dataclasses.fields(Options)}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _from_text(field: str, value: Any) -> Any:
+    """A yes/no or whole-number option given as text (a config read from the environment) as
+    its value; anything else as given, for Options to accept or refuse by name."""
+    if not isinstance(value, str):
+        return value
+    kind, text = _TYPES[field], value.strip().lower()
+    if kind == "bool" and text in _TRUE + _FALSE:
+        return text in _TRUE
+    if kind in ("int", "int | None") and text.lstrip("-").isdigit():
+        return int(text)
+    return value
+
+
 def options_from_config(config: Any, **overrides: Any) -> Options:
     """Options from the ``CORETASK_*`` keys of a Flask config (keyword overrides win)."""
     given: dict[str, Any] = {}
@@ -63,7 +80,7 @@ def options_from_config(config: Any, **overrides: Any) -> Options:
             continue
         if field == "queues" and isinstance(value, str):
             value = [q.strip() for q in value.split(",") if q.strip()]
-        given[field] = value
+        given[field] = _from_text(field, value)
     if unknown:
         keys = sorted(f"{CONFIG_PREFIX}{n.upper()}" for n in _FIELDS) + [CONFIG_PREFIX + a for a in ALIASES]
         hints = []

@@ -196,6 +196,10 @@ class Options:
     eager_propagate: bool = True
 
     def __post_init__(self) -> None:
+        for name in _BOOLS:
+            # first: a truthy string ("false" from an environment variable) would switch it on
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigurationError(f"Options.{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.redis, str) or not re.match(r"^(redis|rediss|unix)://", self.redis):
             raise ConfigurationError(
                 f"Options.redis must be a redis://, rediss:// or unix:// URL, got {_safe(self.redis)!r}")
@@ -253,15 +257,6 @@ class Options:
         from .signing import check_allowed_modules, check_signing_keys
         self.signing_key = check_signing_keys(self.signing_key)
         self.allowed_modules = check_allowed_modules(self.allowed_modules)
-        if not isinstance(self.strict_queues, bool):
-            raise ConfigurationError(f"Options.strict_queues must be True or False, got {self.strict_queues!r}")
-        if not isinstance(self.sched_batch, bool):
-            raise ConfigurationError(f"Options.sched_batch must be True or False, got {self.sched_batch!r}")
-        if not isinstance(self.allow_unsigned_pickle, bool):
-            raise ConfigurationError(f"Options.allow_unsigned_pickle must be True or False, got {self.allow_unsigned_pickle!r}")
-        for name in ("eager", "eager_propagate"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigurationError(f"Options.{name} must be True or False, got {getattr(self, name)!r}")
 
     def __repr__(self) -> str:  # the dataclass repr would show the password of the redis URL
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -288,6 +283,11 @@ class Options:
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Options))
+_BOOLS = tuple(f.name for f in dataclasses.fields(Options) if f.type in ("bool", bool))
+# what other parts of coretask (the worker's --threads, Flask's CORETASK_THREADS) or other
+# libraries call an option
+ALIASES = {"threads": "max_workers", "concurrency": "max_workers", "workers": "processes",
+           "max_retries": "retries", "url": "redis", "redis_url": "redis"}
 
 
 def _refuse_unknown(init: Callable[..., None]) -> Callable[..., None]:
@@ -304,6 +304,8 @@ def _refuse_unknown(init: Callable[..., None]) -> Callable[..., None]:
 
 
 def _unknown_option(name: str) -> str:
+    if name in ALIASES:
+        return f"unknown option {name!r}; the option is {ALIASES[name]!r}"
     close = difflib.get_close_matches(name, sorted(_FIELDS), n=1, cutoff=0.6)
     if close:
         return f"unknown option {name!r}; did you mean {close[0]!r}?"

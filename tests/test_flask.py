@@ -32,6 +32,12 @@ def test_config_keys_map_to_options_and_a_typo_names_the_key_meant():
     # And a bad value fails as Options would, naming the option
     with pytest.raises(ConfigurationError, match="Options.processes"):
         options_from_config({"CORETASK_PROCESSES": 0})
+    # And values read from the environment as text are taken as what they say
+    text = options_from_config({"CORETASK_CLUSTER": "false", "CORETASK_DEADLETTER": "no", "CORETASK_EAGER": "True",
+                                "CORETASK_PROCESSES": "3", "CORETASK_THREADS": " 12 "})
+    assert (text.cluster, text.deadletter, text.eager, text.processes, text.max_workers) == (False, False, True, 3, 12)
+    with pytest.raises(ConfigurationError, match="Options.cluster must be True or False, got 'maybe'"):
+        options_from_config({"CORETASK_CLUSTER": "maybe"})
 
 
 def _app(url: str, prefix: str, cluster: bool, **config) -> Flask:

@@ -39,6 +39,10 @@ BAD = [
     pytest.param(dict(queues=["high", "low", "high"]), ["Options.queues", "twice", "'high'"], id="queues=duplicate"),
     pytest.param(dict(serializer="pickle"), ["Options.serializer", "json", "dill", "'pickle'"], id="serializer=pickle"),
     pytest.param(dict(strict_queues="yes"), ["Options.strict_queues", "True or False", "'yes'"], id="strict_queues"),
+    # a truthy string must not switch an option on (cluster="false" would connect as a cluster)
+    *[pytest.param({name: "false"}, [f"Options.{name}", "True or False", "'false'"], id=f"{name}='false'")
+      for name in ("cluster", "deadletter", "deadletter_schedules", "use_cron_seconds", "sched_batch",
+                   "allow_unsigned_pickle", "eager", "eager_propagate")],
     pytest.param(dict(serializer=object()), ["Options.serializer", "name", "dumps", "loads"], id="serializer=object"),
     pytest.param(dict(redis="http://x"), ["Options.redis", "redis://", "rediss://", "unix://", "http://x"],
                  id="redis=http"),
@@ -175,6 +179,28 @@ def test_task_processor_keywords_are_validated():
         TaskProcessor(processes=0)
     with pytest.raises(ConfigurationError, match="Options.redis"):
         TaskProcessor(redis="http://localhost")
+
+
+def test_a_name_used_elsewhere_for_an_option_names_the_option():
+    # the worker's --threads and Flask's CORETASK_THREADS are Options.max_workers here
+    with pytest.raises(UnknownOption, match="unknown option 'threads'; the option is 'max_workers'"):
+        Options(threads=8)
+    with pytest.raises(UnknownOption, match="unknown option 'max_retries'; the option is 'retries'"):
+        TaskProcessor(max_retries=3)
+
+
+def test_task_processor_refuses_what_is_not_options():
+    with pytest.raises(ConfigurationError, match=r"takes an Options object, got dict: use TaskProcessor\(\*\*options\)"):
+        TaskProcessor({"redis": "redis://127.0.0.1:1/0"})  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="takes an Options object, got str"):
+        TaskProcessor("redis://127.0.0.1:1/0")  # type: ignore[arg-type]
+
+
+def test_cluster_true_on_a_single_server_says_so(own_server):
+    single = own_server()
+    with pytest.raises(ConfigurationError, match=r"Options.cluster is True, but the server at .* is not a Redis "
+                                                 r"Cluster node .*set cluster=False"):
+        TaskProcessor(redis=single.url, cluster=True)
 
 
 def test_task_processor_refuses_options_and_keywords_together():

@@ -33,7 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
-from ..errors import ReplicationError, ScriptError, StoreError, StoreFull, StoreUnavailable
+from ..errors import ConfigurationError, ReplicationError, ScriptError, StoreError, StoreFull, StoreUnavailable
 from ..options import Options, redact_url
 from .refusals import Patience, refusal, refused
 
@@ -175,7 +175,14 @@ def connect(options: Options, **overrides: Any) -> redis.Redis:
     if options.cluster:
         from redis.cluster import RedisCluster
         kwargs.pop("health_check_interval", None)
-        return RedisCluster.from_url(options.redis, **kwargs)
+        try:    # the cluster client reads the slot map as it is made
+            return RedisCluster.from_url(options.redis, **kwargs)
+        except redis.exceptions.RedisClusterException as exc:
+            if "cluster mode is not enabled" in str(exc).lower():
+                raise ConfigurationError(
+                    f"Options.cluster is True, but the server at {redact_url(options.redis)} is not a Redis "
+                    "Cluster node (cluster mode is not enabled): set cluster=False for a single server") from exc
+            raise unavailable(redact_url(options.redis), exc) from exc
     return redis.Redis.from_url(options.redis, **kwargs)
 
 
