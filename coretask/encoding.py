@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import enum
 import importlib
 import inspect
@@ -115,7 +116,7 @@ def revive(value: Any, tp: Any) -> Any:
             return tuple(revive(v, args[0]) for v in value)
         return tuple(revive(v, a) for v, a in zip(value, args)) if args else tuple(value)
     if origin is dict and isinstance(value, dict) and len(args) == 2:
-        return {revive(k, args[0]): revive(v, args[1]) for k, v in value.items()}
+        return {_revive_key(k, args[0]): revive(v, args[1]) for k, v in value.items()}
     if not isinstance(tp, type) or isinstance(value, tp) and not (tp is dt.date and isinstance(value, str)):
         return value
     if issubclass(tp, dt.datetime):
@@ -134,6 +135,16 @@ def revive(value: Any, tp: Any) -> Any:
     if tp in (set, frozenset, tuple) and isinstance(value, list):
         return tp(value)
     return value
+
+
+def _revive_key(key: Any, tp: Any) -> Any:
+    """A dict key as its annotation names it: JSON wrote it as a string (1 -> "1")."""
+    if tp in (int, float) and isinstance(key, str):
+        try:
+            return tp(key)
+        except ValueError:
+            return key
+    return revive(key, tp)
 
 
 class JsonSerializer:
@@ -221,6 +232,7 @@ def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int,
             target = reference_of(call.fn)
             _check_policy(target, call.fn, allowed)
             _check_binding(target, call)
+            _check_json_keys(target, call)
             try:
                 payload = _dumps({"t": target, "a": call.args, "k": call.kwargs}).encode()
             except (TypeError, ValueError):
@@ -260,9 +272,69 @@ def _check_binding(ref: str, call: Call) -> None:
     try:
         target.signature.bind(*call.args, **call.kwargs)
     except TypeError as exc:
-        raise SerializationError(f"arguments do not match {ref}{target.signature}: {exc}") from None
+        raise SerializationError(f"arguments do not match {ref}{target.signature}: "
+                                 f"{_unexpected_keywords(target.signature, call.kwargs) or exc}") from None
     if len(_BOUND_SHAPES) < 100_000:
         _BOUND_SHAPES.add(shape)
+
+
+def _unexpected_keywords(sig: inspect.Signature, kwargs: dict[str, Any]) -> str:
+    """A misspelt keyword, said first: Signature.bind reports the parameter it leaves missing
+    ("missing a required argument: 'b'") before the keyword nobody takes."""
+    params = sig.parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return ""
+    takes = [n for n, p in params.items() if p.kind is not inspect.Parameter.POSITIONAL_ONLY
+             and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    out = []
+    for name in kwargs:
+        if name not in takes:
+            close = difflib.get_close_matches(name, takes, n=1, cutoff=0.6)
+            out.append(f"unexpected keyword argument {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(out)
+
+
+def _check_json_keys(ref: str, call: Call) -> None:
+    """JSON writes every dict key as a string: {1: "a"} would reach the task as {"1": "a"}, and
+    d[1] fail there, far from the enqueue. Refused here, unless the parameter's annotation
+    names the key type (dict[int, str]: revive turns the keys back). Arguments without a
+    container (the usual call) cost one isinstance each."""
+    if not any(isinstance(v, _CONTAINERS) for v in call.args) and \
+            not any(isinstance(v, _CONTAINERS) for v in call.kwargs.values()):
+        return
+    target = resolve(ref)
+    names = [p.name for p in target.signature.parameters.values()
+             if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    for i, value in enumerate(call.args):
+        _check_keys(ref, names[i] if i < len(names) else f"#{i}", value, target.hints.get(names[i]) if i < len(names)
+                    else None)
+    for name, value in call.kwargs.items():
+        _check_keys(ref, name, value, target.hints.get(name))
+
+
+_CONTAINERS = (dict, list, tuple)
+
+
+def _check_keys(ref: str, name: str, value: Any, hint: Any) -> None:
+    if not isinstance(value, _CONTAINERS):
+        return      # the usual argument: nothing to walk
+    if hint is not None and typing.get_origin(hint) is dict and typing.get_args(hint)[:1] != (str,):
+        return      # dict[int, ...]: the keys come back as the annotation says
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise SerializationError(
+                        f"argument {name!r} of {ref} has a dict key {k!r} of type {type(k).__name__}: JSON "
+                        f"writes every key as a string, so the task would get {str(k)!r}; use string keys, "
+                        "annotate the parameter (dict[int, ...]) so that the keys come back, or use "
+                        "Options(serializer='dill')")
+                if isinstance(item, _CONTAINERS):
+                    stack.append(item)
+        else:
+            stack.extend(item for item in v if isinstance(item, _CONTAINERS))
 
 
 @dataclasses.dataclass(frozen=True)

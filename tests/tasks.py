@@ -132,6 +132,10 @@ def typed(key: str, when: datetime, day: date, ident: uuid.UUID, amount: Decimal
                          type(maybe).__name__)))
 
 
+def by_number(key: str, names: dict[int, str]) -> None:
+    R().rpush(key, repr(sorted(names.items())))
+
+
 class Service:
     """A class the resolver builds at run time (methods are recorded by class + name)."""
 

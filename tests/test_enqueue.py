@@ -91,6 +91,9 @@ class Opaque:
     pytest.param(("k", float("nan")), {}, "value", id="nan"),
     pytest.param(("k",), {"value": frozenset()}, "value", id="keyword"),
     pytest.param((Opaque(),), {}, "key", id="first-parameter"),
+    # JSON writes dict keys as strings: {1: "a"} would arrive as {"1": "a"}
+    pytest.param(("k", {1: "a"}), {}, "value", id="int-key"),
+    pytest.param(("k", [{"rows": ({"ok": 1}, {2.5: "b"})}]), {}, "value", id="nested-float-key"),
 ])
 def test_argument_json_cannot_carry_is_refused_naming_the_parameter(processor, r, prefix, args, kwargs, param):
     with pytest.raises(SerializationError) as info:
@@ -153,6 +156,10 @@ def test_callable_not_importable_by_reference_is_refused(processor, r, prefix, f
     pytest.param(("k", 1, 2), {}, ["too many positional arguments"], id="extra-positional"),
     pytest.param(("k",), {"colour": "red"}, ["unexpected keyword argument 'colour'"], id="unknown-keyword"),
     pytest.param(("k", 1), {"value": 2}, ["multiple values for argument 'value'"], id="duplicate"),
+    # a misspelt keyword is named, not the parameter it leaves missing
+    pytest.param((), {"colour": "red"}, ["unexpected keyword argument 'colour'"], id="unknown-keyword-only"),
+    pytest.param(("k",), {"valeu": 2}, ["unexpected keyword argument 'valeu' (did you mean 'value'?)"],
+                 id="misspelt-keyword"),
 ])
 def test_arguments_not_matching_the_signature_are_refused(processor, r, prefix, args, kwargs, words):
     with pytest.raises(EnqueueError) as info:
@@ -293,6 +300,17 @@ def test_call_passes_option_named_keywords_to_the_task(processor, embedded_worke
 
 
 # ------------------------------------------------------------ values and callables end to end
+
+def test_dict_keys_come_back_as_their_annotation_names_them(processor, embedded_worker, r, prefix):
+    # Given a parameter annotated dict[int, str] (JSON writes the keys as strings)
+    key = prefix + ":out"
+    processor.enqueue_task("default", "acme", tasks.by_number, key, {1: "one", 20: "twenty"})
+    # When a worker runs the task
+    embedded_worker(processor)
+    wait_until(lambda: r.llen(key) == 1, 10, "the task ran")
+    # Then the keys are integers again
+    assert values(r, key) == [repr([(1, "one"), (20, "twenty")])]
+
 
 def test_values_round_trip_by_annotation(processor, embedded_worker, r, prefix):
     key = prefix + ":out"
