@@ -6,8 +6,8 @@ Nothing here imports the API or the worker; both talk to Redis only through :cla
 from .gateway import Gateway
 from .keys import Keys
 from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Leased, Outcomes,
-                      Recovered, Release, TickResult, Unreadable)
+                      Overdue, Recovered, Release, TickResult, Unreadable)
 from .transport import InFlight, Transport, connect
 
 __all__ = ["NO_CONTROLS", "Ack", "Controls", "DueSchedule", "DueSchedules", "Failure", "FetchReply", "Gateway",
-           "InFlight", "Keys", "Leased", "Outcomes", "Recovered", "Release", "TickResult", "Transport", "Unreadable", "connect"]
+           "InFlight", "Keys", "Leased", "Outcomes", "Overdue", "Recovered", "Release", "TickResult", "Transport", "Unreadable", "connect"]

@@ -20,8 +20,8 @@ import redis
 from ..errors import ConfigurationError
 from ..options import Options
 from .keys import Keys
-from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Recovered,
-                      Release, TickResult, parse_fetch_reply, parse_handoff)
+from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes, Overdue,
+                      Recovered, Release, TickResult, parse_fetch_reply, parse_handoff)
 from .transport import InFlight, Transport, translated
 
 __all__ = ["Gateway"]
@@ -385,14 +385,13 @@ class Gateway(OneShard):
         key = self.keys.done(task_id)
         return self._redis.blmove(key, key, max(seconds, 0.01), "LEFT", "RIGHT") is not None
 
-    def overdue(self, worker_id: str, grace_ms: int) -> list[tuple[str, str, int, str]]:
+    def overdue(self, worker_id: str, grace_ms: int) -> list[Overdue]:
         """Tasks of a worker process that ignore their abort (batch canceled, task canceled,
-        paused with requeue, or past their time limit) for more than ``grace_ms``: (task id,
-        "canceled" | "task" | "requeue" | "timeout", ms since, lease token)."""
+        paused with requeue, or past their time limit) for more than ``grace_ms``."""
         k = self.keys
         reply = self.transport.run("overdue", [k.worker(worker_id), k.paused], [k.prefix, grace_ms])
-        return [(reply[i].decode(), reply[i + 1].decode(), int(reply[i + 2]), reply[i + 3].decode())
-                for i in range(1, len(reply), 4)]
+        return [Overdue(reply[i].decode(), reply[i + 1].decode(), int(reply[i + 2]), reply[i + 3].decode(),
+                        int(reply[i + 4])) for i in range(1, len(reply), 5)]
 
     def dataset_marker(self, token: str) -> tuple[str, bool]:
         """The deployment's dataset marker (P:marker), set to ``token`` when absent: (its value,

@@ -63,6 +63,19 @@ class Leased:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Overdue:
+    """A task that ignored its abort past the grace period (overdue.lua): ``why`` is "canceled"
+    (its batch), "task" (cancel_task), "requeue" (a pause that requeues) or "timeout";
+    ``ms`` since the abort, ``ran_ms`` since the attempt started (its duration so far)."""
+
+    task_id: str
+    why: str
+    ms: int
+    token: str
+    ran_ms: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Unreadable:
     """A task the fetch leased whose reply entry could not be read (``reason`` names the field).
     ``queue`` and ``tenant`` are "" when they could not be read either; ``id`` and ``token``

@@ -35,7 +35,7 @@ from ..options import Options
 from .gateway import Gateway
 from .keys import Keys
 from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes,
-                      Recovered, Release, TickResult)
+                      Overdue, Recovered, Release, TickResult)
 from .transport import InFlight, Transport
 
 __all__ = ["ShardedGateway", "shard_prefixes", "shard_of_id", "stable_shard", "with_shard"]
@@ -514,7 +514,7 @@ class ShardedGateway:
         task_id = self._follow(task_id)
         return self.at(task_id).wait_finished(task_id, seconds)
 
-    def overdue(self, worker_id: str, grace_ms: int) -> list[tuple[str, str, int, str]]:
+    def overdue(self, worker_id: str, grace_ms: int) -> list[Overdue]:
         return [row for rows in self._everywhere(lambda g: g.overdue(worker_id, grace_ms)) for row in rows]
 
     def dataset_marker(self, token: str) -> tuple[str, bool]:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..gateway import Failure, Outcomes
+from ..gateway import Failure, Outcomes, Overdue
 from ..logs import configure as configure_logs
 from ..signing import TaskGuard
 from .leases import Leases
@@ -291,19 +291,20 @@ class Manager:
                 continue
             if not overdue:
                 continue
-            task_id, why, ms, _ = overdue[0]
+            first = overdue[0]
             log.error("manager: task %s ignored its abort (%s) for %.1fs%s; ending worker process %d and "
-                      "handing its other tasks back", task_id, OVERDUE_WHY.get(why, why), ms / 1000,
+                      "handing its other tasks back", first.task_id, OVERDUE_WHY.get(first.why, first.why),
+                      first.ms / 1000,
                       f" (and {len(overdue) - 1} more)" if len(overdue) > 1 else "", child.process.pid)
             child.process.kill()
             child.process.join(5)
             child.ended_by_manager = True
             self._reap(child)
-            self._fail_timed_out(child, [(t, token) for t, why, _, token in overdue if why == "timeout"])
+            self._fail_timed_out(child, [o for o in overdue if o.why == "timeout"])
             self._recover(child)
             child.recovered = True
 
-    def _fail_timed_out(self, child: Child, tasks: list[tuple[str, str]]) -> None:
+    def _fail_timed_out(self, child: Child, tasks: list[Overdue]) -> None:
         """Tasks past their time limit whose process had to be ended: each attempt counts as
         failed with TaskTimeout (retried at once, or dead-lettered), before the process's other
         tasks go back uncharged."""
@@ -311,7 +312,7 @@ class Manager:
             return
         message = (f"the task ran past its time limit and ignored the abort for cancel_grace; worker process "
                    f"{child.process.pid} was ended by the manager")
-        failures = [Failure(task_id, token, "TaskTimeout", message, "", 0) for task_id, token in tasks]
+        failures = [Failure(o.task_id, o.token, "TaskTimeout", message, "", o.ran_ms) for o in tasks]
         try:
             self.leases.gateway.send_outcomes(child.worker_id, Outcomes(failures=failures))
         except Exception as exc:

@@ -4,7 +4,8 @@
 -- KEYS[1]  P:wl:<worker>   KEYS[2] P:paused
 -- ARGV[1]  P   ARGV[2] grace ms
 -- Reply: {now_ms, then per overdue task: id, why ("canceled" | "task" | "requeue" | "timeout"),
---        ms since the abort, lease token (field a)}
+--        ms since the abort, lease token (field a), ms since the attempt started (field ls; 0
+--        when absent)}
 -- Read-only. A task is overdue when its batch was canceled (the batch's "ended" time), the task
 -- itself was canceled (cancel_task's mark cx, why "task"), the processor was paused with
 -- requeue (the pause's time, stored in the flag's value), or its time limit ran out (lease
@@ -40,6 +41,7 @@ for _, id in ipairs(ids) do
     if not since and ls and to and to > 0 and now > ls + to then since, why = ls + to, 'timeout' end
     if since and now - since > grace then
       out[#out+1] = id; out[#out+1] = why; out[#out+1] = now - since; out[#out+1] = f[6] or ''
+      out[#out+1] = ls and now - ls or 0
     end
   end
 end
