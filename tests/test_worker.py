@@ -523,6 +523,29 @@ def test_manager_renews_leases_of_a_task_longer_than_invisibility(processor, sta
     assert m.terminate() == 0
 
 
+def test_a_free_thread_beside_long_tasks_starts_new_work_at_once_after_short_ones(make_processor, embedded_worker,
+                                                                                  r, prefix):
+    # Given a worker of 4 threads that has run short tasks (so it groups its round trips), whose
+    # timers are the defaults (it sleeps up to 5 s without an event)
+    from tests import tasks
+    p = make_processor(max_workers=4, base_frequency=5, pushback_frequency=5, cleanup_frequency=60)
+    embedded_worker(p)
+    for _ in range(30):
+        p.enqueue_task("default", "acme", tasks.count, prefix + ":n")
+    wait_until(lambda: int(r.get(prefix + ":n") or 0) == 30, 20, "the short tasks")
+    # and then runs 3 long ones: one thread is left free
+    for i in range(3):
+        p.enqueue_task("default", "acme", tasks.block, f"{prefix}:long{i}", 4)
+    wait_until(lambda: all(r.llen(f"{prefix}:long{i}:started") for i in range(3)), 20, "3 long tasks running")
+    # When a short task is enqueued
+    tid = p.enqueue_task("default", "acme", tasks.count, prefix + ":n", keep_result=60)
+    # Then the free thread runs it and it is acknowledged well within base_frequency (the loop
+    # held its round trip for half of its threads to be free: until a long task ended, or 5 s)
+    assert p.get_result(tid, wait=2) is None
+    wait_until(lambda: p.get_queue("default").in_flight == 3, 2, "the short task acknowledged")
+    assert not any(r.llen(f"{prefix}:long{i}:finished") for i in range(3))     # (no long task ended meanwhile)
+
+
 def test_short_tasks_are_acknowledged_and_fetched_in_groups(make_processor, embedded_worker, r, prefix):
     # Given 600 tasks of one INCR queued for an embedded worker with 8 threads whose round trips
     # are recorded

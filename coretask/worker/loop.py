@@ -13,8 +13,8 @@ idle worker in the enqueue's own round trip and runs in the thread that received
 else that wakes the loop meanwhile ends the wait through the ledger's Wake (gateway.idle_wake);
 docs/decisions.md, "Hand-off".
 
-While recent tasks average under SHORT_TASK_MS, the loop waits until half of the threads are
-free before its next round trip, so that each script call carries several acknowledgements and
+While recent tasks average under SHORT_TASK_MS, the loop waits (at most HOLD_MAX) until half of
+the threads are free before its next round trip, so that each script call carries several acknowledgements and
 a fetch for several tasks instead of one or two (the per-call cost of the scripts dominates for
 tiny tasks). It never leases more tasks than it has free threads: a task leased ahead would
 start after a pause() that returned meanwhile (docs/decisions.md).
@@ -40,6 +40,8 @@ __all__ = ["Loop", "Recycling"]
 log = logging.getLogger(__name__)
 
 COALESCE = 0.0005  # seconds a busy loop waits for more finished tasks before its round trip
+HOLD_MAX = 0.05    # seconds the loop holds its round trip for short tasks to finish: five times
+#                    what "short" means; a thread left free beside long tasks waits no longer
 ABORT_SETTLE = 0.5  # seconds shutdown waits for aborted tasks to report before handing them back
 SHUTDOWN_POLL = 0.05
 HANDOFF_WAIT = 2.0   # seconds an idle registration lasts: a host that dies unseen takes no task after it
@@ -120,8 +122,10 @@ class Loop:
                 free = self.recycling.limit(free)
             if not hold_timed_out and not ledger.quiet and free < threads // 2 and ledger.short():
                 # most threads run short tasks: let more finish, so that the next round trip
-                # carries their acknowledgements together and a fetch for several
-                hold_timed_out = not ledger.wake.wait(min(maintenance.tick(), self.base))
+                # carries their acknowledgements together and a fetch for several; briefly (the
+                # average is of finished tasks: the ones running may be long, and a free thread
+                # and the acknowledgements must not wait for them)
+                hold_timed_out = not ledger.wake.wait(min(maintenance.tick(), self.base, HOLD_MAX))
                 continue
             hold_timed_out = False
             if self.leave_pending and not self._leave(stop):
