@@ -27,9 +27,10 @@ from .appload import load_processor
 from .processor import TaskProcessor
 from .errors import ConfigurationError, CoreTaskError, StoreUnavailable
 from .models import BatchInfo, DeadTask, Progress
-from .options import redact_url
+from .options import check_queue_name, check_tenant, redact_url
 
 OK, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
+SETTLE_MARGIN = 3.0     # seconds past cancel_grace a watch waits for a canceled batch's last counts
 FAILED = 1                   # batch --watch: the batch ended failed or canceled
 BROKEN_PIPE = 128 + 13       # what a shell shows for a tool ended by SIGPIPE
 CLEAR_TO_EOL = "\033[K"      # ANSI: erase the rest of the line (a shorter bar leaves nothing behind)
@@ -137,11 +138,28 @@ def _queue_table(out: Out, queues: list[Any]) -> None:
               [[q.name, q.queued, q.in_flight, q.delayed, q.dead, q.paused] for q in queues])
 
 
+def _known_queue(p: TaskProcessor, name: str) -> bool:
+    """A queue of this deployment: in Options.queues, or one that has held work."""
+    return name in p.options.queues or name in {q.name for q in p.get_queues()}
+
+
 def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     pause = a.command == "pause"
     if a.queue and a.tenant:
         _err("give a queue or --tenant, not both")
         return USAGE
+    # a misspelt name would pause (or resume) nothing and say it did (an invalid one: usage error)
+    if a.queue:
+        check_queue_name(a.queue, a.command)
+    if a.tenant:
+        check_tenant(a.tenant)
+    if a.tenant and not p.gateway.tenant_known(a.tenant) and a.tenant not in p.get_paused_tenants():
+        _err(f"tenant {a.tenant} not found (no work of it was ever enqueued); to {a.command} a tenant ahead of its "
+             f"first task, use the API: processor.{a.command}_tenant({a.tenant!r})")
+        return NOT_FOUND
+    if a.queue and not _known_queue(p, a.queue) and a.queue not in p.get_paused_queues():
+        _err(f"queue {a.queue} not found; the queues are: {', '.join(q.name for q in _queues(p))}")
+        return NOT_FOUND
     if a.tenant:
         (p.pause_tenant if pause else p.resume_tenant)(a.tenant)
         return _said(out, {"paused": pause, "tenant": a.tenant}, f"{a.command}d tenant {a.tenant}")
@@ -153,6 +171,9 @@ def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
+    if not p.gateway.tenant_known(a.tenant):
+        _err(f"tenant {a.tenant} not found")
+        return NOT_FOUND
     before = p.get_tenant_shard(a.tenant)
     moved, kept = p.rebalance_tenant(a.tenant, a.to)
     return _said(out, {"tenant": a.tenant, "from": before, "to": a.to, "moved": moved, "left_in_batches": kept},
@@ -194,6 +215,7 @@ def cmd_batch(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         return OK
     tty = sys.stdout.isatty() and not out.json
     last = None
+    settle_by: float | None = None
     try:
         while True:
             shown = (info.state, info.done, info.failed, info.canceled, info.remaining, info.total)
@@ -206,7 +228,12 @@ def cmd_batch(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
                     print(progress(info), flush=True)
                 last = shown
             if info.finished:
-                break
+                # a canceled batch's running tasks are still being aborted: their counts land
+                # within cancel_grace (a task stuck in C code: with its process, a moment later)
+                if settle_by is None:
+                    settle_by = time.monotonic() + p.options.cancel_grace.total_seconds() + SETTLE_MARGIN
+                if info.remaining == 0 or time.monotonic() > settle_by:
+                    break
             time.sleep(a.interval)
             nxt = p.get_batch(a.id)
             if nxt is None:
@@ -347,8 +374,8 @@ def _dead_by_id(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 
 def cmd_dead(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     queue = p.get_queue(a.queue)
-    if a.queue not in {q.name for q in p.get_queues()} and not queue.dead:
-        _err(f"queue {a.queue} not found")
+    if not _known_queue(p, a.queue) and not queue.dead:
+        _err(f"queue {a.queue} not found; the queues are: {', '.join(q.name for q in _queues(p))}")
         return NOT_FOUND
     if a.retry_id or a.discard_id:
         return _dead_by_id(p, a, out)
@@ -442,8 +469,8 @@ def cmd_metrics(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     except OSError as exc:
         _err(f"cannot serve metrics on {a.addr}:{a.port}: {exc}")
         return USAGE
-    port = server.server_port
-    _said(out, {"metrics": f"http://{a.addr}:{port}/metrics"}, f"serving coretask metrics on http://{a.addr}:{port}"
+    port, host = server.server_port, _host(a.addr)
+    _said(out, {"metrics": f"http://{host}:{port}/metrics"}, f"serving coretask metrics on http://{host}:{port}"
           "/metrics (Ctrl-C stops)")
     sys.stdout.flush()
     try:
@@ -462,9 +489,15 @@ def cmd_dashboard(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         return USAGE
     password = server.password_from(a.password)
     server.check_bind(a.host, password, a.no_auth)      # ConfigurationError: exit 2 with its message
-    srv = server.make_server(server.create_app(p, read_only=a.read_only, password=password), a.host, a.port)
+    try:
+        srv = server.make_server(server.create_app(p, read_only=a.read_only, password=password), a.host, a.port)
+    except (OSError, SystemExit) as exc:
+        # a port in use: Werkzeug prints why and exits; an address not this machine's: OSError
+        reason = "the port is in use" if isinstance(exc, SystemExit) else str(exc)
+        _err(f"cannot serve the dashboard on {a.host}:{a.port}: {reason}; choose another --port or --host")
+        return USAGE
     auth = "password (HTTP basic auth)" if password else "no password"
-    print(f"coretask dashboard on http://{a.host}:{srv.server_port}/ ({auth}"
+    print(f"coretask dashboard on http://{_host(a.host)}:{srv.server_port}/ ({auth}"
           f"{', read-only' if a.read_only else ''}); Ctrl-C stops it", flush=True)
     try:
         srv.serve_forever()
@@ -473,7 +506,19 @@ def cmd_dashboard(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return OK
 
 
+def _host(host: str) -> str:
+    """A host as a URL writes it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 # ------------------------------------------------------------------------------------ parser
+
+def port_number(text: str) -> int:
+    """argparse type of a --port (the worker's --metrics-port too)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number from 0 to 65535, got {text!r}")
+    return int(text)
+
 
 def _count(text: str) -> int:
     if text == "all":
@@ -553,12 +598,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dead, batches by state").add_argument("id")
     sp = cmd("metrics", cmd_metrics, "serve Prometheus gauges read from Redis (queue depth by state, workers, "
              "paused queues) on --port; needs coretask[prometheus]")
-    sp.add_argument("--port", type=int, required=True, help="port of http://ADDR:PORT/metrics (0: any free port)")
+    sp.add_argument("--port", type=port_number, required=True, help="port of http://ADDR:PORT/metrics (0: any free port)")
     sp.add_argument("--addr", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     sp = cmd("dashboard", cmd_dashboard, "serve the web dashboard (needs coretask[dashboard]); loopback only "
              "unless a password is set")
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    sp.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 picks a free one)")
+    sp.add_argument("--port", type=port_number, default=8080, help="port (default 8080; 0 picks a free one)")
     sp.add_argument("--password", default=None,
                     help="HTTP basic auth password, any user name (default: $CORETASK_DASHBOARD_PASSWORD)")
     sp.add_argument("--no-auth", action="store_true", help="serve a non-loopback address without a password")

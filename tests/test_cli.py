@@ -98,12 +98,18 @@ def test_pause_and_resume(processor, cli):
     assert json.loads(ok(cli("status", "--json")))["paused"] is True
     assert json.loads(ok(cli("resume", "--json"))) == {"paused": False, "queue": None}
     assert not processor.is_paused
-    assert ok(cli("pause", "low")).strip() == "paused queue low"
-    assert processor.get_paused_queues() == ["low"] and not processor.is_paused
-    assert "queues paused: low" in ok(cli("status"))
-    ok(cli("resume", "low"))
+    assert ok(cli("pause", "default")).strip() == "paused queue default"
+    assert processor.get_paused_queues() == ["default"] and not processor.is_paused
+    assert "queues paused: default" in ok(cli("status"))
+    ok(cli("resume", "default"))
     # Then the processor's state followed each command
     assert processor.get_paused_queues() == []
+    # And a name that is no queue or tenant of the deployment (a typo) is refused: it would pause nothing
+    for args, words in ((("pause", "defualt"), "queue defualt not found; the queues are: default"),
+                        (("resume", "--tenant", "nobody"), "tenant nobody not found")):
+        res = cli(*args)
+        assert res.returncode == 1 and words in res.stderr, (res.stdout, res.stderr)
+    assert processor.get_paused_queues() == [] and processor.get_paused_tenants() == []
 
 
 def test_batches_batch_and_cancel(processor, cli):
@@ -183,6 +189,24 @@ def test_batch_watch_exits_1_when_the_batch_failed_or_was_canceled(processor, em
     good = processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, prefix + ":ok", 2))
     wait_until(lambda: processor.get_batch(good).finished, 10, "the good batch finished")
     assert ok(cli("batch", good, "--watch")).endswith("succeeded\n")
+
+
+def test_batch_watch_of_a_canceled_batch_ends_with_its_final_counts(processor, embedded_worker, cli, prefix):
+    # Given a batch of two running tasks, watched as JSON lines
+    key = prefix + ":spin"
+    batch = processor.enqueue_batch("default", "acme", lambda b: [b.enqueue(tasks.spin, f"{key}{i}", 30)
+                                                                  for i in range(2)])
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_batch(batch).running == 2, 20, "both tasks running")
+    watch = cli.popen("--json", "batch", batch, "--watch", "--interval", "0.02")
+    assert json.loads(watch.stdout.readline())["running"] == 2
+    # When the batch is canceled
+    processor.cancel_batch(batch)
+    out, err = watch.communicate(timeout=30)
+    # Then the watch's last line has the aborted tasks counted, not the moment the state changed
+    last = json.loads(out.splitlines()[-1])
+    assert watch.returncode == 1 and last["state"] == "canceled", (out, err)
+    assert (last["canceled"], last["remaining"]) == (2, 0), out
 
 
 def test_batch_watch_on_a_terminal_redraws_one_cleared_line(make_processor, embedded_worker, cli, prefix):
@@ -382,7 +406,29 @@ def test_usage_errors_exit_2(cli):
     assert bad.returncode == 2 and "cannot be imported" in bad.stderr
     assert cli("pause", "not a queue!").returncode == 2               # invalid queue name
     assert cli("batches").returncode == 2                             # missing argument
+    for port in ("-5", "70000"):                                      # not a port: said, not wrapped around
+        res = cli("dashboard", "--port", port)
+        assert res.returncode == 2 and "port number from 0 to 65535" in res.stderr, res.stderr
     assert "status" in ok(cli("--help", app=""))
+
+
+def test_a_dashboard_port_in_use_is_a_usage_error(cli):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        res = cli("dashboard", "--port", str(taken.getsockname()[1]))
+    assert res.returncode == 2 and "cannot serve the dashboard on 127.0.0.1" in res.stderr, res.stderr
+    assert "choose another --port" in res.stderr
+
+
+def test_an_empty_dead_list_and_an_unknown_tenant(cli):
+    # a configured queue without dead tasks is found, and empty
+    res = cli("--json", "dead", "default")
+    assert res.returncode == 0 and json.loads(res.stdout)["count"] == 0, (res.stdout, res.stderr)
+    assert cli("dead", "nosuch").returncode == 1
+    res = cli("rebalance", "nobody", "--to", "0")
+    assert res.returncode == 1 and "tenant nobody not found" in res.stderr, res.stderr
 
 
 def test_redis_password_is_never_printed(cli, tmp_path):

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..appload import app_loader
+from ..cli import port_number
 from ..errors import ConfigurationError
 from ..logs import LOG_FORMATS, configure
 from .manager import Manager
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--log-format", default="text", choices=LOG_FORMATS,
                     help="json: one JSON object per line, with the task fields (coretask/logs.py)")
-    ap.add_argument("--metrics-port", type=int, help="serve the worker processes' Prometheus metrics, summed, "
+    ap.add_argument("--metrics-port", type=port_number, help="serve the worker processes' Prometheus metrics, summed, "
                     "on this port (coretask[prometheus]; docs/observability.md)")
     ap.add_argument("--metrics-addr", default="0.0.0.0", help="address of the metrics endpoint (default 0.0.0.0)")
     ap.add_argument("--metrics-dir", help="multiprocess directory (default: $PROMETHEUS_MULTIPROC_DIR, else a "
