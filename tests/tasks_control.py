@@ -75,6 +75,13 @@ def progress_burst(key: str, calls: int, ctx: TaskContext) -> None:
         time.sleep(0.02)
 
 
+def progress_then_return(calls: int, ctx: TaskContext) -> None:
+    """Reports progress ``calls`` times as fast as it can and returns at once: the throttle
+    still holds the last value when the task ends."""
+    for i in range(1, calls + 1):
+        ctx.set_progress(i, calls)
+
+
 def wait_for(key: str) -> None:
     """Runs until the test sets ``key + ':end'`` (at most 30 s)."""
     R().rpush(key + ":started", 1)

@@ -102,6 +102,10 @@ def test_pause_and_resume(processor, cli):
     assert processor.get_paused_queues() == ["default"] and not processor.is_paused
     assert "queues paused: default" in ok(cli("status"))
     ok(cli("resume", "default"))
+    processor.enqueue_task("default", "acme", tasks.record, "k", 1)
+    ok(cli("pause", "--tenant", "acme"))
+    assert "tenants paused: acme" in ok(cli("status")) and json.loads(ok(cli("status", "--json")))["paused_tenants"] == ["acme"]
+    ok(cli("resume", "--tenant", "acme"))
     # Then the processor's state followed each command
     assert processor.get_paused_queues() == []
     # And a name that is no queue or tenant of the deployment (a typo) is refused: it would pause nothing

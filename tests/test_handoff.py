@@ -15,7 +15,7 @@ import pytest
 
 from coretask.gateway import Outcomes
 from coretask.gateway.records import parse_handoff
-from coretask.worker import loop, maintenance
+from coretask.worker import leases, loop, maintenance
 from tests import tasks_handoff as th
 from tests import tasks_worker as tw
 from tests.conftest import wait_until
@@ -52,6 +52,8 @@ def long_waits(monkeypatch, make_processor):
     theirs comes sooner): only a hand-off or a wake-up can end the wait before that."""
     monkeypatch.setattr(loop, "HANDOFF_WAIT", 30.0)
     monkeypatch.setattr(maintenance, "REPORT_INTERVAL", 60.0)
+    monkeypatch.setattr(maintenance, "SILENT_WORKER_S", 120.0)
+    monkeypatch.setattr(leases, "HEARTBEAT_INTERVAL", 60.0)     # an embedded worker renews its own leases
     return lambda **extra: make_processor(base_frequency=60, pushback_frequency=60, cleanup_frequency=60,
                                           invisibility=600, **extra)
 

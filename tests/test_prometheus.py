@@ -168,6 +168,8 @@ def test_metrics_command_serves_redis_gauges(server: Target, prefix: str, proces
     from datetime import timedelta
     processor.enqueue_task("default", "acme", tasks.record, f"{prefix}:q", 9, delay_until=timedelta(hours=1))
     processor.pause_queue("default")
+    processor.pause()
+    processor.pause_tenant("acme")
     port = free_port()
     env = dict(os.environ, CORETASK_TEST_PREFIX=prefix, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-m", "coretask", "--app", "tests.app:processor", "metrics",
@@ -182,6 +184,8 @@ def test_metrics_command_serves_redis_gauges(server: Target, prefix: str, proces
         return samples[("coretask_queue_tasks", (("queue", "default"), ("state", state)))]
     assert (gauge("queued"), gauge("delayed"), gauge("in_flight"), gauge("dead")) == (3, 1, 0, 0)
     assert samples[("coretask_queue_paused", (("queue", "default"),))] == 1
+    # and the global pause and the paused tenants, which no queue's gauge shows
+    assert (samples[("coretask_paused", ())], samples[("coretask_paused_tenants", ())]) == (1, 1)
     assert samples[("coretask_redis_up", ())] == 1
     assert samples[("coretask_workers", ())] == 0
 

@@ -284,6 +284,15 @@ def test_progress_is_throttled_and_its_last_value_shows(processor, embedded_work
         r.config_set("notify-keyspace-events", "")
 
 
+def test_a_finished_task_shows_its_last_progress_report(processor, embedded_worker):
+    # Given a task that keeps its record and reports 1..500 in a burst, then returns
+    tid = processor.enqueue_task("default", "acme", tasks_control.progress_then_return, 500, keep_result=60)
+    embedded_worker(processor)
+    processor.get_result(tid, wait=20)
+    # Then its record shows the last report (the throttle held it back; it is written as the task ends)
+    assert processor.get_task(tid).progress == Progress(500, 500, None)
+
+
 def test_set_progress_refuses_what_is_not_a_number(processor):
     from coretask import TaskContext
     ctx = TaskContext(task_id="t", queue="q", tenant="acme", target="m:f", attempt=1, retries_left=0,

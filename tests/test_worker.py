@@ -130,6 +130,20 @@ def test_manager_restarts_a_killed_worker_process_within_a_second(processor, sta
     assert m.terminate() == 0
 
 
+def test_worker_processes_silent_for_a_minute_are_forgotten(processor, embedded_worker, r, prefix):
+    # Given the heartbeat of a process that vanished without a goodbye (its manager was killed
+    # with it) two minutes ago, and one of a minute ago less a few seconds
+    now_ms = int(r.time()[0]) * 1000
+    r.hset(prefix + ":workers", mapping={"ghost:1:aa": now_ms - 120_000, "late:2:bb": now_ms - 50_000})
+    r.hset(prefix + ":wi:ghost:1:aa", mapping={"host": "ghost", "pid": 1})
+    # When a worker runs its maintenance
+    embedded_worker(processor)
+    # Then the silent one is forgotten, with what it said about itself; the others stay
+    wait_until(lambda: "ghost:1:aa" not in processor.get_workers(), 10, "the silent process forgotten")
+    assert not r.exists(prefix + ":wi:ghost:1:aa")
+    assert "late:2:bb" in processor.get_workers() and len(processor.get_workers()) == 2
+
+
 def test_an_idle_worker_on_the_default_lease_keeps_a_fresh_heartbeat(processor, start_manager):
     # Given a manager whose leases last the default 5 minutes, with nothing to do
     m = start_manager(processes=1, threads=2, invisibility=300)
@@ -176,6 +190,9 @@ def test_worker_killed_mid_task_redelivers_it_alone_without_consuming_a_retry(pr
     wait_until(lambda: pid2 not in live_children(m) and len(live_children(m)) == 1, 10,
                "the isolation process ended, one worker process serves on")
     assert processor.get_task(task_id) is None
+    # and only live processes are listed (the killed one and the isolation one are forgotten)
+    wait_until(lambda: {w.pid for w in processor.get_worker_states()} == set(live_children(m)), 10,
+               lambda: f"only live processes listed: {processor.get_worker_states()}")
     assert m.terminate() == 0
 
 

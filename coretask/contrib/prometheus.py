@@ -18,7 +18,8 @@ coretask_worker_processes              gauge      worker processes (or embedded 
 
 and :class:`RedisCollector` reads, at each scrape, what Redis counts for the whole deployment
 (counters the scripts keep, never a scan): ``coretask_queue_tasks{queue,state}`` with state
-queued, in_flight, delayed, dead; ``coretask_queue_paused{queue}``; ``coretask_workers`` (worker
+queued, in_flight, delayed, dead; ``coretask_queue_paused{queue}``; ``coretask_paused``;
+``coretask_paused_tenants``; ``coretask_workers`` (worker
 processes with a fresh heartbeat); ``coretask_quarantined_tasks``; ``coretask_redis_up``.
 ``python -m coretask --app M:A metrics --port P`` serves it.
 
@@ -231,6 +232,7 @@ class RedisCollector:
                     queues[name] = p.get_queue(name)
             workers = p.get_workers()
             quarantined = p.get_quarantined_count()
+            everything_paused, tenants_paused = p.is_paused, len(p.get_paused_tenants())
         except Exception:
             up.add_metric([], 0)
             yield up
@@ -250,7 +252,13 @@ class RedisCollector:
         alive.add_metric([], sum(1 for age in workers.values() if age <= self.heartbeat_fresh))
         quarantine = core.GaugeMetricFamily("coretask_quarantined_tasks", "Damaged task records set aside")
         quarantine.add_metric([], quarantined)
-        yield from (up, tasks, paused, alive, quarantine)
+        # the global pause holds every queue without pausing any one of them: its own gauge, so
+        # that an alert on "nothing is processed" can tell a pause from an outage
+        stopped = core.GaugeMetricFamily("coretask_paused", "1 while pause() holds every queue")
+        stopped.add_metric([], 1 if everything_paused else 0)
+        held = core.GaugeMetricFamily("coretask_paused_tenants", "Tenants paused (pause_tenant)")
+        held.add_metric([], tenants_paused)
+        yield from (up, tasks, paused, stopped, held, alive, quarantine)
 
 
 def serve_redis_metrics(processor: Any, port: int, addr: str = "0.0.0.0") -> tuple[Any, Any]:

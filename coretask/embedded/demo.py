@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                 b.continue_with(publish_report, queue="high")), scope="demo: resize images")
             print(f"enqueued batch {batch_id} with {args.tasks} tasks in {time.monotonic() - t0:.2f}s; "
                   f"worker: {args.processes} processes x 8 threads")
+            print("(one resize in 20 fails on purpose and is retried twice: a few run out of retries and end "
+                  "as dead letters, so the batch ends 'failed' and its continuation does not run)")
             while True:
                 info = p.get_batch(batch_id)
                 assert info is not None
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             dead = p.get_dead_tasks("default", 0, 3)
             for d in dead:
                 print(f"dead letter: {d.target} {d.args_preview} -> {d.error_type}: {d.error_message}")
+
         finally:
             worker.terminate()
             worker.wait(60)

@@ -408,6 +408,16 @@ class Gateway(OneShard):
         self._redis.hdel(self.keys.workers, worker_id)
         self._redis.delete(self.keys.worker_info(worker_id))
 
+    def forget_silent_workers(self, silent_ms: int) -> list[str]:
+        """Forget the worker processes whose heartbeat is older than ``silent_ms`` (server clock):
+        the children of a manager killed with SIGKILL, or of a host that vanished, are never
+        forgotten by their manager. Their leases expire on their own (recover_expired)."""
+        now = self.server_time_ms()
+        silent = [w for w, hb in self.worker_heartbeats().items() if now - hb > silent_ms]
+        for w in silent:
+            self.forget_worker(w)
+        return silent
+
     def report_worker(self, worker_id: str, fields: dict[str, str | int], ttl_ms: int) -> None:
         """What a worker process says about itself (host, pid, threads, queues, started, rss),
         kept ``ttl_ms`` unless reported again: a process that vanishes leaves nothing behind."""

@@ -526,6 +526,9 @@ class ShardedGateway:
     def forget_worker(self, worker_id: str) -> None:
         self._everywhere(lambda g: g.forget_worker(worker_id))
 
+    def forget_silent_workers(self, silent_ms: int) -> list[str]:
+        return sorted({w for ws in self._everywhere(lambda g: g.forget_silent_workers(silent_ms)) for w in ws})
+
     def report_worker(self, worker_id: str, fields: dict[str, str | int], ttl_ms: int) -> None:
         self.shards[0].report_worker(worker_id, fields, ttl_ms)
 

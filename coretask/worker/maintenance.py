@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 HOOK_INTERVAL = 0.2
 REPORT_INTERVAL = 5.0      # seconds between a process's reports about itself (the Workers page)
+SILENT_WORKER_S = 60.0     # a worker process without a heartbeat this long is gone (heartbeats: every 5 s)
 CLEANUP_PER_CALL = 100
 BACKOFF_START = 0.1
 BACKOFF_MAX = 5.0
@@ -46,7 +47,8 @@ class Maintenance:
         self.chain = chain
         every = options.pushback_frequency.total_seconds()
         self.intervals = {"expired": every, "cleanup": options.cleanup_frequency.total_seconds(),
-                          "publish": every, "unreceived": every, "dataset": every, "report": REPORT_INTERVAL}
+                          "publish": every, "unreceived": every, "dataset": every, "report": REPORT_INTERVAL,
+                          "silent": SILENT_WORKER_S / 2}
         self.started_ms = int(time.time() * 1000)
         self._process: object | None = None     # psutil.Process, made on the first report
         self.throttle = LogThrottle(log)
@@ -148,6 +150,14 @@ class Maintenance:
 
     def _renew(self) -> None:
         self.leases.renew(self.worker_id)
+
+    def _silent(self) -> None:
+        """Forget worker processes that stopped reporting without a goodbye (status, the dashboard
+        and the workers metric would list them for ever)."""
+        gone = self.gateway.forget_silent_workers(int(SILENT_WORKER_S * 1000))
+        if gone:
+            log.info("worker %s: forgot %d worker processes silent for over %gs: %s", self.worker_id, len(gone),
+                     SILENT_WORKER_S, ", ".join(gone))
 
     def _report(self) -> None:
         """Say who this process is and how much memory it holds (read by get_worker_states)."""

@@ -28,6 +28,7 @@ from ..logs import configure as configure_logs
 from ..signing import TaskGuard
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
+from .throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class Manager:
         self.isolation: Child | None = None     # the isolation worker, while crashed tasks wait
         self.stopping = False   # set by the signal handler: a plain flag, never a lock
         self.signals = 0
+        self.throttle = LogThrottle(log)   # while Redis is away, every check of every child fails
         self._ctx = multiprocessing.get_context("spawn")
 
     def _spawn(self, isolation: bool = False) -> Child:
@@ -206,6 +208,7 @@ class Manager:
                         new.failures = child.failures
                         self.children[i] = new
             self._watch_isolation()
+            self.throttle.flush()
             if time.monotonic() >= next_renew:
                 self._renew()
                 next_renew = time.monotonic() + renew_every
@@ -272,6 +275,10 @@ class Manager:
             if iso.process.exitcode != 0:     # it crashed, running one task alone: the culprit
                 self._crashed(iso)            # (and starts the next isolation process)
                 return
+            try:                              # done: nothing left to run alone
+                self.leases.gateway.forget_worker(iso.worker_id)
+            except Exception as exc:
+                log.warning("manager: could not forget isolation worker %s: %s", iso.worker_id, exc)
         self._isolate_if_waiting()
 
     def _end_overdue(self) -> None:
@@ -287,7 +294,8 @@ class Manager:
             try:
                 overdue = self.leases.gateway.overdue(child.worker_id, grace_ms)
             except Exception as exc:
-                log.warning("manager: overdue check for %s failed: %s", child.worker_id, exc)
+                self.throttle.log("overdue", logging.WARNING, "overdue checks failed",
+                                  "manager: overdue check for %s failed: %s", child.worker_id, exc)
                 continue
             if not overdue:
                 continue
@@ -325,7 +333,8 @@ class Manager:
                 try:
                     self.leases.renew(c.worker_id)
                 except Exception as exc:
-                    log.warning("manager: lease renewal for %s failed: %s", c.worker_id, exc)
+                    self.throttle.log("renew", logging.WARNING, "lease renewals failed",
+                                      "manager: lease renewal for %s failed: %s", c.worker_id, exc)
 
     def _recover(self, child: Child) -> None:
         """Hand a child's tasks back without consuming a retry: the manager ended it (a task

@@ -137,6 +137,8 @@ class Runner:
             else:
                 error = self._body(task, inv)
         duration_ms = int((time.monotonic() - started) * 1000)
+        if ctx._progress is not None:
+            ctx._progress.settle()
         if load_error is not None:
             THROTTLE.log(("unloadable", task.target), logging.ERROR, f"tasks of {task.target} could not be loaded",
                          "task %s %s cannot be loaded: %s", task.id, task.target, load_error,
