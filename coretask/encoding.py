@@ -306,8 +306,8 @@ def _check_json_keys(ref: str, call: Call) -> None:
     names = [p.name for p in target.signature.parameters.values()
              if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     for i, value in enumerate(call.args):
-        _check_keys(ref, names[i] if i < len(names) else f"#{i}", value, target.hints.get(names[i]) if i < len(names)
-                    else None)
+        name = names[i] if i < len(names) else f"#{i}"
+        _check_keys(ref, name, value, target.hints.get(name))
     for name, value in call.kwargs.items():
         _check_keys(ref, name, value, target.hints.get(name))
 
@@ -318,8 +318,9 @@ _CONTAINERS = (dict, list, tuple)
 def _check_keys(ref: str, name: str, value: Any, hint: Any) -> None:
     if not isinstance(value, _CONTAINERS):
         return      # the usual argument: nothing to walk
-    if hint is not None and typing.get_origin(hint) is dict and typing.get_args(hint)[:1] != (str,):
-        return      # dict[int, ...]: the keys come back as the annotation says
+    key_type = typing.get_args(hint)[:1] if typing.get_origin(hint) is dict else ()
+    if key_type and isinstance(key_type[0], type) and key_type[0] is not str:
+        return      # dict[int, ...] (or UUID, date, an Enum): the keys come back as the annotation says
     stack = [value]
     while stack:
         v = stack.pop()

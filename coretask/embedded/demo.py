@@ -115,7 +115,6 @@ def main(argv: list[str] | None = None) -> int:
             dead = p.get_dead_tasks("default", 0, 3)
             for d in dead:
                 print(f"dead letter: {d.target} {d.args_preview} -> {d.error_type}: {d.error_message}")
-
         finally:
             worker.terminate()
             worker.wait(60)
