@@ -16,7 +16,12 @@ coretask = CoreTask()
 
 
 def record_app_name(key: str) -> None:
-    redis.Redis.from_url(current_app.config["CORETASK_REDIS_URL"]).rpush(key, current_app.name)
+    config = current_app.config
+    if config["CORETASK_CLUSTER"]:      # the key's slot may be another node's
+        from redis.cluster import RedisCluster
+        RedisCluster.from_url(config["CORETASK_REDIS_URL"]).rpush(key, current_app.name)
+    else:
+        redis.Redis.from_url(config["CORETASK_REDIS_URL"]).rpush(key, current_app.name)
 
 
 def create_app() -> Flask:

@@ -658,7 +658,7 @@ def test_backoff_makes_the_unreceived_timer_due_at_once(caplog: pytest.LogCaptur
 def test_maintenance_timers() -> None:
     m, _ = make_maintenance(pushback_frequency=2, cleanup_frequency=30)
     assert m.intervals == {"expired": 2.0, "cleanup": 30.0, "publish": 2.0, "unreceived": 2.0, "dataset": 2.0,
-                           "report": 5.0}
+                           "report": 5.0, "silent": 30.0}
     m, _ = make_maintenance(renew_own_leases=True, invisibility=9, on_batch_end=lambda info: None)
     assert m.intervals["renew"] == 3.0
     assert m.intervals["hooks"] == 0.2
