@@ -43,11 +43,17 @@ def load_processor(app: str) -> TaskProcessor:
                                      f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, TaskProcessor):
         raise ConfigurationError(f"--app {app} is a {type(obj).__name__}, not a TaskProcessor")
-    if obj.eager is not None:
-        raise ConfigurationError(f"--app {app} runs in eager mode (Options(eager=True)): its tasks run and stay in "
+    return refuse_eager(obj, f"--app {app}")
+
+
+def refuse_eager(processor: TaskProcessor, what: str) -> TaskProcessor:
+    """``processor``, unless it runs in eager mode: then nothing is in Redis for a worker or the
+    admin CLI (a pause would pause nothing and say it did)."""
+    if processor.eager is not None:
+        raise ConfigurationError(f"{what} runs in eager mode (Options(eager=True)): its tasks run and stay in "
                                  "the process that enqueues them, so a worker or the admin CLI has nothing to work "
-                                 "on; point --app at a processor without eager=True")
-    return obj
+                                 "on; point it at a processor without eager=True")
+    return processor
 
 
 def with_overrides(processor: TaskProcessor, **changes: object) -> TaskProcessor:

@@ -33,6 +33,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("coretask.flask needs Flask: pip install 'coretask[flask]'") from exc
 
+from .appload import refuse_eager
 from .errors import ConfigurationError
 from .middleware import Middleware
 from .options import Options
@@ -52,8 +53,8 @@ _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _from_text(field: str, value: Any) -> Any:
-    """A yes/no or whole-number option given as text (a config read from the environment) as
-    its value; anything else as given, for Options to accept or refuse by name."""
+    """A yes/no, whole-number or seconds option given as text (a config read from the
+    environment) as its value; anything else as given, for Options to accept or refuse by name."""
     if not isinstance(value, str):
         return value
     kind, text = _TYPES[field], value.strip().lower()
@@ -61,6 +62,11 @@ def _from_text(field: str, value: Any) -> Any:
         return text in _TRUE
     if kind in ("int", "int | None") and text.lstrip("-").isdigit():
         return int(text)
+    if kind in ("timedelta", "timedelta | None"):     # seconds, as Options takes a number
+        try:
+            return float(text)
+        except ValueError:
+            return value
     return value
 
 
@@ -175,7 +181,7 @@ def load_from_flask(app_import_path: str | None) -> TaskProcessor:
     ext = app.extensions.get("coretask")
     if not isinstance(ext, CoreTask):
         raise ConfigurationError(f"the Flask app {app.name!r} has no CoreTask extension: call CoreTask(app)")
-    return ext.processor_for(app)
+    return refuse_eager(ext.processor_for(app), f"the Flask app {app.name!r}")
 
 
 def _cli_group(ext: CoreTask) -> click.Group:
@@ -230,6 +236,11 @@ def _passthrough(ext: CoreTask, name: str, text: str) -> click.Command:
     def command(args: tuple[str, ...]) -> None:
         from . import cli
 
-        sys.exit(cli.main([name, *args], processor=ext.processor_for()))
+        try:
+            processor = refuse_eager(ext.processor_for(), "the Flask app")
+        except ConfigurationError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        sys.exit(cli.main([name, *args], processor=processor))
 
     return command

@@ -18,6 +18,7 @@ from .signing import Signer, signer_for, unsigned_pickle_problem
 __all__ = ["Producer"]
 
 EPOCH_FLOOR = 946684800      # 2000-01-01T00:00:00Z: a smaller number was meant as seconds from now
+EPOCH_CEILING = 7_258_118_400   # 2200-01-01: a larger number is not epoch seconds (epoch ms, most likely)
 MAX_KEY = 1000               # characters of an idempotency key (enqueue_task(key=...))
 
 
@@ -107,6 +108,12 @@ class Producer:
         if isinstance(delay_until, timedelta):
             return -math.ceil(delay_until.total_seconds() * 1000) if delay_until > timedelta(0) else 0
         if isinstance(delay_until, datetime):
+            if delay_until.tzinfo is None or delay_until.utcoffset() is None:
+                # read in this machine's zone: datetime.utcnow() + 1 minute would be hours late
+                raise ConfigurationError(
+                    f"delay_until={delay_until!r} has no time zone, so the time it names depends on the "
+                    "producer's zone; pass an aware datetime, e.g. datetime.now(timezone.utc) + "
+                    "timedelta(minutes=5), or a timedelta from now")
             return math.ceil(delay_until.timestamp() * 1000)
         if isinstance(delay_until, (int, float)) and not isinstance(delay_until, bool):
             if not math.isfinite(delay_until):
@@ -118,6 +125,10 @@ class Producer:
                     f"delay_until={delay_until!r} is not an epoch time (it is before the year 2000); for a "
                     f"delay from now pass a timedelta, e.g. delay_until=timedelta(seconds={delay_until!r}), "
                     "or an aware datetime")
+            if delay_until > EPOCH_CEILING:
+                raise ConfigurationError(
+                    f"delay_until={delay_until!r} is not epoch seconds (it is after the year 2200); epoch "
+                    f"milliseconds? pass delay_until={delay_until!r} / 1000, or a timedelta from now")
             return math.ceil(delay_until * 1000)
         raise ConfigurationError(f"delay_until must be a datetime, timedelta or epoch seconds, got {delay_until!r}")
 

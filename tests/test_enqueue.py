@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import pickle
+import time
 import uuid
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
@@ -233,6 +234,16 @@ def test_a_number_too_small_for_an_epoch_time_as_delay_until_is_refused(processo
             processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, "k", delay_until=value))
     with pytest.raises(ConfigurationError, match="is not a time"):
         processor.enqueue_task("default", "acme", tasks.record, "k", delay_until=float("nan"))
+    # and epoch milliseconds (read as seconds: due in the year 58,000, never run) and a naive
+    # datetime (read in the producer's zone: utcnow() + 1 minute is hours off) are refused too
+    ms = (time.time() + 60) * 1000
+    with pytest.raises(ConfigurationError, match=r"is not epoch seconds \(it is after the year 2200\); epoch milliseconds"):
+        processor.enqueue_task("default", "acme", tasks.record, "k", delay_until=ms)
+    naive = datetime.now() + timedelta(minutes=1)
+    with pytest.raises(ConfigurationError, match="has no time zone.*datetime.now\\(timezone.utc\\)"):
+        processor.enqueue_task("default", "acme", tasks.record, "k", delay_until=naive)
+    with pytest.raises(ConfigurationError, match="has no time zone"):
+        processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks.record, "k", delay_until=naive))
     # Then nothing was written, while an epoch time, a timedelta and a datetime are taken
     assert keys_under(r, prefix) == []
     soon = datetime.now(timezone.utc) + timedelta(hours=1)

@@ -42,8 +42,10 @@ def test_config_keys_map_to_options_and_a_typo_names_the_key_meant():
         options_from_config({"CORETASK_PROCESSES": 0})
     # And values read from the environment as text are taken as what they say
     text = options_from_config({"CORETASK_CLUSTER": "false", "CORETASK_DEADLETTER": "no", "CORETASK_EAGER": "True",
-                                "CORETASK_PROCESSES": "3", "CORETASK_THREADS": " 12 "})
+                                "CORETASK_PROCESSES": "3", "CORETASK_THREADS": " 12 ", "CORETASK_TIMEOUT": "30",
+                                "CORETASK_RESULT_TTL": "2.5"})
     assert (text.cluster, text.deadletter, text.eager, text.processes, text.max_workers) == (False, False, True, 3, 12)
+    assert (text.timeout.total_seconds(), text.result_ttl.total_seconds()) == (30, 2.5)
     with pytest.raises(ConfigurationError, match="Options.cluster must be True or False, got 'maybe'"):
         options_from_config({"CORETASK_CLUSTER": "maybe"})
 
@@ -101,6 +103,30 @@ def test_flask_cli_mirrors_the_coretask_commands(server, prefix):
     # And a bad argument is reported by that parser with its usage, not a traceback
     bad = runner.invoke(args=["coretask", "batches"])
     assert bad.exit_code == 2 and "tenant" in bad.output
+
+
+def test_flask_commands_refuse_an_eager_app():
+    # Given an app whose processor runs in eager mode (nothing of it is in Redis)
+    app = Flask("tests")
+    app.config.update(CORETASK_EAGER=True)
+    CoreTask(app)
+    runner = app.test_cli_runner()
+    # Then the admin commands refuse, exit 2, instead of pausing nothing and saying they did
+    for args in (["coretask", "pause"], ["coretask", "status"]):
+        res = runner.invoke(args=args)
+        assert res.exit_code == 2 and "eager mode" in res.output, (args, res.output)
+    # and so does the worker's loader
+    from coretask.flask import load_from_flask
+    with pytest.raises(ConfigurationError, match="eager mode"):
+        with app.app_context():
+            load_from_flask("tests.test_flask:eager_app")
+
+
+def eager_app() -> Flask:
+    app = Flask("eager")
+    app.config.update(CORETASK_EAGER=True)
+    CoreTask(app)
+    return app
 
 
 def test_flask_coretask_worker_runs_a_factory_app_that_imports_current_app(server, prefix):
