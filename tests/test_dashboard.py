@@ -397,3 +397,11 @@ def test_a_batch_page_lists_its_tasks_queued_delayed_running_and_kept(processor:
         (ids["delayed"], "delayed"), (ids["kept"], "succeeded")]
     html = client.get(f"/dash/batches/{batch_id}").get_data(as_text=True)
     assert ids["kept"][:12] in html and ">succeeded<" in html and ids["plain0"][:12] not in html
+
+
+def test_a_writable_dashboard_without_a_secret_key_says_what_to_fix(processor):
+    app = flask.Flask("no-secret")
+    app.register_blueprint(blueprint(processor), url_prefix="/dash")
+    res = app.test_client().get("/dash/")
+    assert res.status_code == 500
+    assert "need app.secret_key" in res.get_data(as_text=True) and "read_only=True" in res.get_data(as_text=True)

@@ -22,7 +22,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("coretask.dashboard needs Flask: pip install 'coretask[dashboard]'") from exc
 
-from ..errors import StoreError
+from ..errors import ConfigurationError, StoreError
 from ..options import redact_url
 from ..processor import TaskProcessor
 from ..tenancy import TenantView
@@ -70,6 +70,12 @@ def blueprint(target: TaskProcessor | TenantView, read_only: bool = False, *, na
         if response.mimetype == "application/json":
             response.headers["Cache-Control"] = "no-store"
         return response
+
+    @bp.errorhandler(ConfigurationError)
+    def misconfigured(exc: ConfigurationError) -> tuple[str, int, dict[str, str]]:
+        """The host app's setup is wrong (a writable dashboard without app.secret_key): say what
+        to fix on the page, not only in the server's log behind a bare 500."""
+        return f"coretask dashboard: {exc}\n", 500, {"Content-Type": "text/plain; charset=utf-8"}
 
     @bp.errorhandler(StoreError)
     def store_error(exc: StoreError) -> tuple[str, int]:
