@@ -43,16 +43,16 @@ def load_processor(app: str) -> TaskProcessor:
                                      f"{type(exc).__name__}: {exc}") from exc
     if not isinstance(obj, TaskProcessor):
         raise ConfigurationError(f"--app {app} is a {type(obj).__name__}, not a TaskProcessor")
-    return refuse_eager(obj, f"--app {app}")
+    return refuse_eager(obj, f"--app {app}", "point --app at a processor without eager=True")
 
 
-def refuse_eager(processor: TaskProcessor, what: str) -> TaskProcessor:
+def refuse_eager(processor: TaskProcessor, what: str, fix: str) -> TaskProcessor:
     """``processor``, unless it runs in eager mode: then nothing is in Redis for a worker or the
     admin CLI (a pause would pause nothing and say it did)."""
     if processor.eager is not None:
         raise ConfigurationError(f"{what} runs in eager mode (Options(eager=True)): its tasks run and stay in "
                                  "the process that enqueues them, so a worker or the admin CLI has nothing to work "
-                                 "on; point it at a processor without eager=True")
+                                 f"on; {fix}")
     return processor
 
 

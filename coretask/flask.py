@@ -49,6 +49,7 @@ _FIELDS = {f.name for f in dataclasses.fields(Options)}
 
 
 _TYPES = {f.name: str(f.type) for f in dataclasses.fields(Options)}
+NOT_EAGER = "run the commands with CORETASK_EAGER off (eager mode is for tests)"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -181,7 +182,7 @@ def load_from_flask(app_import_path: str | None) -> TaskProcessor:
     ext = app.extensions.get("coretask")
     if not isinstance(ext, CoreTask):
         raise ConfigurationError(f"the Flask app {app.name!r} has no CoreTask extension: call CoreTask(app)")
-    return refuse_eager(ext.processor_for(app), f"the Flask app {app.name!r}")
+    return refuse_eager(ext.processor_for(app), f"the Flask app {app.name!r}", NOT_EAGER)
 
 
 def _cli_group(ext: CoreTask) -> click.Group:
@@ -237,7 +238,7 @@ def _passthrough(ext: CoreTask, name: str, text: str) -> click.Command:
         from . import cli
 
         try:
-            processor = refuse_eager(ext.processor_for(), "the Flask app")
+            processor = refuse_eager(ext.processor_for(), "the Flask app", NOT_EAGER)
         except ConfigurationError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(2)
