@@ -133,10 +133,16 @@ def test_small_tenants_finish_long_before_a_big_one_under_two_processes(processo
     start_manager(processes=2, threads=2)
     wait_until(lambda: r.llen(key) == 3330, 90, "all 3330 tasks")
     # Then the tenants are served in turn: the small tenant is done within its fair share of the
-    # first tasks, the middle one long before the big one, which runs alone at the end
+    # first tasks, the middle one long before the big one, which runs alone at the end. The list
+    # is the order the tasks ran in, not the order they were leased in: a task thread descheduled
+    # between its lease and its first line (four threads on two busy cores, on a cluster's six
+    # servers) lets dozens of later tasks pass it, so the small tenant's share is judged on its
+    # first 27 of 30 tasks (on the cluster, 2 runs in 11 had one small task run at position
+    # 141-176; in the runs that recorded it, 29 of 30 had run by position 89 and one straggled)
     order = lines(r, key)
     last = {t: max(positions(order, t)) for t in ("big", "mid", "small")}
-    assert last["small"] < 3 * 30 + 30, last
+    assert sorted(positions(order, "small"))[26] < 3 * 30 + 30, positions(order, "small")
+    assert last["small"] < last["mid"] < last["big"], last
     assert last["mid"] < 30 + 2 * 300 + 200, last
     assert order[last["mid"] + 1:] == ["big"] * (3329 - last["mid"])
     assert positions(order, "small")[0] < 10 and positions(order, "mid")[0] < 10
