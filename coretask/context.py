@@ -1,11 +1,13 @@
 """TaskContext: what a running task (and every hook) knows about itself."""
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Protocol
 
 from .errors import LeaseLost, TaskCanceled
+from .throttle import LogThrottle
 
 if TYPE_CHECKING:
     from .models import BatchInfo
@@ -201,7 +203,8 @@ class _Progress:
         try:
             ctx._gateway.progress(ctx.task_id, ctx._token, *value)
         except Exception as exc:     # progress is informative: never fail the task for it
-            _progress_not_stored(ctx.task_id, exc)
+            _UNSTORED.log("progress", logging.WARNING, "progress reports not stored",
+                          "task %s: progress not stored: %s", ctx.task_id, exc)
 
     def settle(self) -> None:
         """The task ended: write a value the throttle still holds now, so that a kept record
@@ -213,21 +216,7 @@ class _Progress:
             self.flush()
 
 
-_unstored = {"at": 0.0, "missed": 0}
-_unstored_lock = threading.Lock()
-UNSTORED_LOG_EVERY = 10.0   # seconds: while Redis is away, every running task's reports fail at once
+# while Redis is away, every running task's reports fail at once: logged a few times per window,
+# then counted (the summary comes with the first report that fails after the window)
+_UNSTORED = LogThrottle(logging.getLogger(__name__))
 
-
-def _progress_not_stored(task_id: str, exc: Exception) -> None:
-    """One warning per UNSTORED_LOG_EVERY, counting the others (a task reporting in a loop
-    would log four lines a second while Redis is down)."""
-    import logging
-    import time
-    with _unstored_lock:
-        now = time.monotonic()
-        if now - _unstored["at"] < UNSTORED_LOG_EVERY:
-            _unstored["missed"] += 1
-            return
-        missed, _unstored["at"], _unstored["missed"] = _unstored["missed"], now, 0
-    logging.getLogger(__name__).warning("task %s: progress not stored: %s%s", task_id, exc,
-                                        f" ({missed} more reports not stored since the last warning)" if missed else "")

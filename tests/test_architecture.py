@@ -41,7 +41,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
              "coretask/flask.py", "coretask/testing.py", "coretask/contrib/**")),
     (BASE, ("coretask/errors.py", "coretask/options.py", "coretask/models.py", "coretask/encoding.py",
             "coretask/targets.py", "coretask/signing.py", "coretask/cron.py", "coretask/context.py",
-            "coretask/middleware.py", "coretask/results.py", "coretask/logs.py")),
+            "coretask/middleware.py", "coretask/results.py", "coretask/logs.py", "coretask/throttle.py")),
     (GATEWAY, ("coretask/gateway/**",)),
     (API, ("coretask/client.py", "coretask/batch.py", "coretask/schedules.py", "coretask/tenancy.py",
            "coretask/introspection.py", "coretask/producing.py")),

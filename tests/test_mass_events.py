@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from coretask.worker.throttle import LogThrottle
+from coretask.throttle import LogThrottle
 from tests import tasks
 from tests.conftest import wait_until
 

@@ -14,9 +14,9 @@ else that wakes the loop meanwhile ends the wait through the ledger's Wake (gate
 docs/decisions.md, "Hand-off".
 
 While recent tasks average under SHORT_TASK_MS, the loop waits (at most HOLD_MAX) until half of
-the threads are free before its next round trip, so that each script call carries several acknowledgements and
-a fetch for several tasks instead of one or two (the per-call cost of the scripts dominates for
-tiny tasks). It never leases more tasks than it has free threads: a task leased ahead would
+the threads are free before its next round trip, so that each script call carries several
+acknowledgements and a fetch for several tasks instead of one or two (the per-call cost of the
+scripts dominates for tiny tasks). It never leases more tasks than it has free threads: a task leased ahead would
 start after a pause() that returned meanwhile (docs/decisions.md).
 """
 from __future__ import annotations

@@ -22,7 +22,7 @@ from .leases import Leases
 from .ledger import Ledger
 from .runner import THROTTLE
 from .schedules import ScheduleTimer
-from .throttle import LogThrottle
+from ..throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 

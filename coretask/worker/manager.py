@@ -28,7 +28,7 @@ from ..logs import configure as configure_logs
 from ..signing import TaskGuard
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
-from .throttle import LogThrottle
+from ..throttle import LogThrottle
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from ..results import encode_result
 from ..gateway import Failure
 from ..middleware import CANCELED, FAILED, HANDED_BACK, SUCCEEDED, Chain
 from .ledger import Task
-from .throttle import LogThrottle
+from ..throttle import LogThrottle
 
 if TYPE_CHECKING:
     from ..options import Options
