@@ -82,6 +82,13 @@ def progress_then_return(calls: int, ctx: TaskContext) -> None:
         ctx.set_progress(i, calls)
 
 
+def progress_then_fail(calls: int, ctx: TaskContext) -> None:
+    """Reports progress, then fails: the attempt's progress must not outlive it."""
+    for i in range(1, calls + 1):
+        ctx.set_progress(i, calls, f"step {i}")
+    raise RuntimeError(f"planned failure after {calls} steps")
+
+
 def wait_for(key: str) -> None:
     """Runs until the test sets ``key + ':end'`` (at most 30 s)."""
     R().rpush(key + ":started", 1)

@@ -303,6 +303,29 @@ def test_set_progress_refuses_what_is_not_a_number(processor):
         ctx.set_progress(1, 2, message=3)
 
 
+def test_a_task_back_at_work_shows_no_worker_start_or_progress_of_its_last_attempt(make_processor, embedded_worker):
+    # Given a task that reports progress and then fails, once with a retry an hour away, and
+    # once more to the dead letters
+    p = make_processor(on_task_failed_delay=lambda ctx, left: timedelta(hours=1))
+    tid = p.enqueue_task("default", "acme", tasks_control.progress_then_fail, 3, retries=2)
+    embedded_worker(p)
+    # When its first attempt failed: the task waits for its retry
+    t = wait_until(lambda: (t := p.get_task(tid)).state == "delayed" and t, 10, "the retry scheduled")
+    # Then it shows the error it will be retried after, and nothing that describes a run: no
+    # worker, no start, no progress (what it showed while it ran, see the test above)
+    assert (t.attempt, t.retries_left, t.error_type) == (1, 1, "RuntimeError")
+    assert (t.worker, t.started_at, t.progress) == (None, None, None), t
+    # When a bury (retries=1) dead-letters it, the dead letter keeps where and when it ran
+    dead = p.enqueue_task("default", "acme", tasks_control.progress_then_fail, 2, retries=1)
+    d = wait_until(lambda: (d := p.get_task(dead)).state == "dead" and d, 10, "dead-lettered")
+    assert d.worker is not None and d.started_at is not None and d.progress == Progress(2, 2, "step 2")
+    # ... and retried from the dead letters, it is queued without them
+    p.pause()
+    assert p.retry_dead_task(dead, retries=1) is True
+    q = p.get_task(dead)
+    assert q.state == "queued" and (q.worker, q.started_at, q.progress) == (None, None, None), q
+
+
 # ---------------------------------------------------------------------------------------- CLI
 
 def test_cli_task_shows_state_progress_and_result(make_processor, embedded_worker, cli, r, prefix):  # noqa: F811

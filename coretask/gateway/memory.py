@@ -341,6 +341,7 @@ class MemoryGateway(MemoryReads, Gateway):
         stats["failed"] -= 1
         for name in ("et", "em", "etb", "da", "fa", "du"):
             t.pop(name, None)
+        self._forget_attempt(t)
         t.update(r=retries, st="queued")
         self._push(task_id)
         return True

@@ -123,6 +123,7 @@ class MemoryState:
         left = t["r"] - 1
         if left > 0 and not f.bury:
             t.update(r=left, et=f.error_type, em=f.message, st="queued")
+            self._forget_attempt(t)
             self._delays.setdefault(f.task_id, []).append(f.delay_ms)    # recorded, not waited
             self._ready_list(t).append(f.task_id)                         # eager.py runs it again at once
             return
@@ -146,6 +147,7 @@ class MemoryState:
         t = self._running(r.task_id, r.token)
         if t is not None:
             self._drop_lease(t)
+            self._forget_attempt(t)
             t["st"] = "queued"
             self._ready_list(t).appendleft(r.task_id)
             self._ready_here().appendleft(r.task_id)
@@ -153,6 +155,12 @@ class MemoryState:
     def _running(self, task_id: str, token: str) -> dict[str, Any] | None:
         t = self._tasks.get(task_id)
         return t if t is not None and t["st"] == "running" and str(t["a"]) == token else None
+
+    @staticmethod
+    def _forget_attempt(t: dict[str, Any]) -> None:
+        """Back to work: the last attempt's worker, start and progress go (_lib.lua forget_attempt)."""
+        for name in ("w", "ls", "pg", "pt", "pm"):
+            t.pop(name, None)
 
     def _drop_lease(self, t: dict[str, Any]) -> None:
         b = self._batches.get(t.get("b") or "")

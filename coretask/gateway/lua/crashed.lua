@@ -40,7 +40,7 @@ for _, entry in ipairs(running) do
   local id, f = entry[1], entry[2]
   local tkey = P .. ':t:' .. id
   drop_lease(P, id, worker, f[2], f[3], f[4])
-  redis.call('HDEL', tkey, 'w', 'ls')
+  forget_attempt(tkey)
   if told_to_stop(P, id, f[4]) then
     end_canceled(P, id, f[3], f[4], 0, now)   -- its batch canceled, or cancel_task
     res[3] = res[3] + 1

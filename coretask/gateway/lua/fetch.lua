@@ -36,6 +36,9 @@ local want, lease_ms, deflim = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(AR
 local idle_ms = tonumber(ARGV[6])
 local QFIRST = 8 + 7 * tonumber(ARGV[7])   -- the first queue name
 local now = now_ms()
+-- the numbers a lease writes, as strings once per call: Lua turns a number into a string with
+-- sprintf (~0.5 us each, several per task otherwise; docs/benchmarks.md)
+local now_s, deadline_s = tostring(now), tostring(now + lease_ms)
 local MAX_DROPPED = 500
 local batches = {}    -- batch id -> {h = HGETALL, state, started, runs}: read once per call
 local per_tenant, per_queue_ready, per_queue_run = {}, {}, {}
@@ -173,11 +176,11 @@ for qi = QFIRST, #ARGV do
             else
               -- the attempt (the lease token) read with the record, written with the state: one
               -- command (read_task checked that a present 'a' holds an integer)
-              local attempt = (tonumber(f[10]) or 0) + 1
-              redis.call('HSET', tkey, 'a', attempt, 'st', 'running', 'w', worker, 'ls', now)
+              local attempt = next_attempt(f[10])
+              redis.call('HSET', tkey, 'a', attempt, 'st', 'running', 'w', worker, 'ls', now_s)
               wargs[#wargs+1] = id
               wargs[#wargs+1] = lease_entry(attempt, f[4], f[13] or f[15] or f[16])
-              zargs[#zargs+1] = now + lease_ms; zargs[#zargs+1] = id
+              zargs[#zargs+1] = deadline_s; zargs[#zargs+1] = id
               per_tenant[tenant] = (per_tenant[tenant] or 0) + 1
               per_queue_run[queue] = (per_queue_run[queue] or 0) + 1
               local binfo, shown = {}, f[4]

@@ -33,7 +33,7 @@ for _, id in ipairs(ids) do
   end
   if f[1] == 'running' then
     drop_lease(P, id, f[5], f[2], f[3], f[4])
-    redis.call('HDEL', tkey, 'w', 'ls')
+    forget_attempt(tkey)
     if told_to_stop(P, id, f[4]) then
       end_canceled(P, id, f[3], f[4], 0, now)   -- its batch canceled, or cancel_task
       res[3] = res[3] + 1

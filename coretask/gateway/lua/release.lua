@@ -24,7 +24,7 @@ for i = 3, #ARGV, 4 do
     if told_to_stop(P, id, f[5]) then
       end_canceled(P, id, tenant or f[4], f[5], 0, now_ms())   -- its batch canceled, or cancel_task
     else
-      redis.call('HDEL', tkey, 'w', 'ls')
+      forget_attempt(tkey)
       push_ready(P, f[3], f[4], id, true)
     end
     n = n + 1
