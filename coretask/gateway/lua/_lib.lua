@@ -145,17 +145,19 @@ end
 -- record that fails to take_out (or set_aside), which moves it out of circulation and undoes
 -- what the call site says it was counted in; the script then goes on with its other tasks.
 
-local TASK_FIELDS = {q = 'queue', tn = 'tenant', b = 'batch', p = 'payload', s = 'serializer', tg = 'target',
-                     r = 'retries', a = 'attempt', e = 'enqueued', d = 'due', st = 'state', w = 'worker',
-                     ls = 'lease start', on = 'continuation', cb = 'continued batch', da = 'dead at',
-                     sch = 'schedule', sk = 'tick', sg = 'signature', et = 'error type', em = 'error message',
-                     etb = 'traceback', to = 'time limit', kr = 'keep result', kt = 'retention'}
 local TASK_INTS = {r = true, a = true, e = true, d = true, ls = true, da = true, sk = true, to = true, kr = true,
                    kt = true}
 local QUEUES = {}   -- read_task rule: the field names a queue registered in P:queues
 local UNCHECKED = {}   -- read_task rule: read as it is, never a problem (a value only reported, as fetch's d)
 
+-- A field's name for a message. Its table is built here, on the way to a problem only: a
+-- table at the top of the library is built by every call of every script that uses it.
 local function field_label(name)
+  local TASK_FIELDS = {q = 'queue', tn = 'tenant', b = 'batch', p = 'payload', s = 'serializer', tg = 'target',
+                       r = 'retries', a = 'attempt', e = 'enqueued', d = 'due', st = 'state', w = 'worker',
+                       ls = 'lease start', on = 'continuation', cb = 'continued batch', da = 'dead at',
+                       sch = 'schedule', sk = 'tick', sg = 'signature', et = 'error type', em = 'error message',
+                       etb = 'traceback', to = 'time limit', kr = 'keep result', kt = 'retention'}
   return "field '" .. name .. "' (" .. (TASK_FIELDS[name] or name) .. ")"
 end
 
