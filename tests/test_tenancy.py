@@ -237,6 +237,29 @@ def test_every_way_back_to_ready_goes_through_the_tenants_list(processor, r):
     assert p.get_tenant_stats("B").running == 1 and leased(r, p, "B") == 1
 
 
+def test_a_canceled_batch_leaves_a_shared_queue_in_one_fetch_not_one_task_per_turn(processor, r):
+    p = processor
+    # Given tenant A's batch of 300 queued tasks ahead of tenant B's 300 single tasks, in one queue
+    batch_id = p.enqueue_batch("default", "A", lambda b: [b.enqueue(tasks.count, "x") for _ in range(300)])
+    for _ in range(300):
+        p.enqueue_task("default", "B", tasks.count, "x")
+    assert ring(r, p) == ["A", "B"] and p.get_queue("default").queued == 600
+    # When A's batch is canceled and a worker fetches a single task
+    assert p.cancel_batch(batch_id) is True
+    got = fetch_as(p, "w1", 1)
+    # Then that one fetch dropped every task of the canceled batch (each dropped task kept A's
+    # turn, where each used to pass it to B, one task of B leased per task of A dropped) and
+    # leased B's first
+    assert [t["tenant"] for t in got] == ["B"]
+    assert r.llen(p.gateway.keys.ready("default", "A")) == 0 and ring(r, p) == ["B"]
+    assert p.get_queue("default").queued == 299 and p.get_tenant_stats("A").queued == {"default": 0}
+    info = p.get_batch(batch_id)
+    assert (info.state, info.canceled, info.remaining) == ("canceled", 300, 0)
+    # And the turns of live tenants still alternate after it
+    p.enqueue_task("default", "A", tasks.count, "x")
+    assert [t["tenant"] for t in fetch_as(p, "w1", 4)] == ["B", "A", "B", "B"]
+
+
 # -------------------------------------------------------------------- concurrency limits
 
 def held(r, key: str, what: str, tenant: str) -> int:

@@ -12,7 +12,7 @@
 --          or repeated one changes nothing, a damaged record is taken out as there)
 -- ARGV[8 + 7n ..] queue names in priority order
 -- Reply: {paused (0|1), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
---   500 tasks of canceled batches, so the caller calls again at once), now_ms, task...} where each task is a flat
+--   500 tasks of canceled batches or damaged records, so the caller calls again at once), now_ms, task...} where each task is a flat
 --   run of 13 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
 --   batch (for a continuation: the batch it continues), retries left, enqueued ms, and the
 --   batch's fields (HGETALL, flat) as a nested array, sent with the first task of each batch
@@ -24,7 +24,8 @@
 -- A leased task's hash gets st = running, w = worker, ls = lease start ms (get_task's started).
 --
 -- Queues are tried in the order given (first non-empty wins); inside a queue, tenants are
--- served in turn from the queue's ring (O(1) per task). Counters are updated once per call,
+-- served in turn from the queue's ring (O(1) per task); a turn that only dropped tasks of a
+-- canceled batch is not spent, so such tasks leave the queue 500 a call, whatever else waits. Counters are updated once per call,
 -- aggregated, and a batch's hash is read once per call, not once per task. Paused state, paused queues, paused
 -- tenants and tenant concurrency limits are all checked here, so no worker anywhere can take a
 -- task that a pause or a limit forbids, whatever happened to pub/sub.
@@ -95,7 +96,8 @@ if gated and redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; write_counts();
 if want <= 0 then write_counts(); return out end
 
 local got = 0
-local dropped = 0   -- tasks of canceled batches dropped by this call; bounded like all work here
+local dropped = 0   -- tasks of canceled batches dropped (and damaged records taken out) by this call;
+                    -- bounded like all work here
 local limits = deflim > 0 or (gated and redis.call('EXISTS', KEYS[8]) == 1)
 local any_tenant_paused = gated and redis.call('EXISTS', KEYS[3]) == 1
 local wargs, zargs = {}, {}
@@ -149,12 +151,7 @@ for qi = QFIRST, #ARGV do
         local take = 1
         if room > 1 and not head[2] then take = room end
         local ids = redis.call('LPOP', list, take)
-        if ids and redis.call('LLEN', list) > 0 then
-          -- its turn passes (a tenant alone in the ring keeps it: nothing to move)
-          if take == 1 then redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT') end
-        else
-          redis.call('LPOP', ring); redis.call('SREM', ringset, tenant)
-        end
+        local got_before = got
         for _, id in ipairs(ids or {}) do
           per_queue_ready[queue] = (per_queue_ready[queue] or 0) + 1
           local tkey = P .. ':t:' .. id
@@ -164,6 +161,7 @@ for qi = QFIRST, #ARGV do
           end
           if bad then   -- damaged record (_lib.lua): dead letter or quarantine; ready is counted above
             take_out(P, id, bad, {queue = queue, tenant = tenant, counted = true}, now)
+            dropped = dropped + 1   -- (bounded with the drops: neither is a lease)
             f = {}
           end
           if f[1] then
@@ -200,6 +198,15 @@ for qi = QFIRST, #ARGV do
               got = got + 1
             end
           end
+        end
+        if ids and redis.call('LLEN', list) > 0 then
+          -- its turn passes when it got a task (a tenant alone in the ring keeps it: nothing to
+          -- move); a turn that only dropped tasks of canceled batches (or took out damaged
+          -- records) is not spent, so a canceled batch leaves its queue at up to MAX_DROPPED a
+          -- call, not one task per turn of the ring while other tenants have work
+          if take == 1 and got > got_before then redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT') end
+        else
+          redis.call('LPOP', ring); redis.call('SREM', ringset, tenant)
         end
       end
     end
