@@ -227,14 +227,38 @@ class Client(Introspection, Schedules, TenantAdmin):
     # -------------------------------------------------------------------------- dead letters
 
     def retry_dead_tasks(self, queue: str, retries: int | None = None, count: int | None = None) -> int:
-        """Move dead-lettered tasks back to work (oldest first) with ``retries`` retries."""
-        moved = self.gateway.retry_dead(check_queue_name(queue), self.producer.retries(retries), count or 0)
+        """Move dead-lettered tasks back to work (oldest first) with ``retries`` retries: the
+        oldest ``count``, or all of them (None). Returns how many moved."""
+        n = self._dead_count(queue, count)
+        if n is None:
+            return 0
+        moved = self.gateway.retry_dead(queue, self.producer.retries(retries), n)
         if self._run_ready is not None:
             self._run_ready()
         return moved
 
     def discard_dead_tasks(self, queue: str, count: int | None = None) -> int:
-        return self.gateway.discard_dead(check_queue_name(queue), count or 0)
+        """Delete dead-lettered tasks (oldest first): the oldest ``count``, or all of them
+        (None). Returns how many were deleted; their batches keep counting them failed."""
+        n = self._dead_count(queue, count)
+        return 0 if n is None else self.gateway.discard_dead(queue, n)
+
+    def _dead_count(self, queue: str, count: int | None) -> int | None:
+        """The scripts' count for a bulk dead-letter call (0 = all), or None when ``count`` is 0
+        (nothing to do: a computed ``min(n, limit)`` must never read as "all"). A queue that
+        is neither configured nor ever held work is refused: a misspelt name would change
+        nothing and say so quietly."""
+        check_queue_name(queue)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise ConfigurationError(f"count must be a whole number of tasks >= 0, or None for all of them; "
+                                     f"got {count!r}")
+        if queue not in self.options.queues and queue not in {q.name for q in self.get_queues()}:
+            known = ", ".join(dict.fromkeys([*self.options.queues, *(q.name for q in self.get_queues())]))
+            raise ConfigurationError(f"queue {queue!r} is not a queue of this deployment (not in Options.queues, "
+                                     f"never held work); the queues are: {known}")
+        if count == 0:
+            return None
+        return count or 0
 
     # ------------------------------------------------------------------------------ waiting
 

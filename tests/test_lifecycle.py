@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from coretask import LeaseLost, TaskContext, TaskProcessor
+from coretask import ConfigurationError, LeaseLost, TaskContext, TaskProcessor
 from coretask.gateway import Ack, Failure, Outcomes, Release
 from coretask.producing import Producer
 from tests import tasks, tasks_extra
@@ -243,7 +243,8 @@ def test_retry_dead_tasks_then_succeeds(make_processor, embedded_worker, r, pref
     embedded_worker(p)
     wait_until(lambda: counts(p) == (0, 0, 0, 1), 10, "dead after two attempts")
     assert r.get(key) == b"2"
-    assert p.retry_dead_tasks("other") == 0
+    with pytest.raises(ConfigurationError, match="not a queue of this deployment"):
+        p.retry_dead_tasks("other")          # (a queue that never held work: a misspelt name)
     # When it is retried from the dead letter queue with retries=2 (two more attempts)
     assert p.retry_dead_tasks("default", retries=2) == 1
     # Then attempt 3 fails, attempt 4 succeeds, and nothing is left
@@ -268,6 +269,16 @@ def test_retry_and_discard_dead_tasks_oldest_first(processor, r, prefix):
     (back,) = processor.get_tasks_in_queue("default")
     assert (back.id, back.retries_left, back.state) == (ids[0], 2, "queued")
     assert processor.get_task(ids[0]).error_type == ""       # the old error is cleared
+    # And a count of 0 moves or deletes none (a computed min(n, limit) never reads as "all"), a
+    # count that is no number of tasks and a queue that is none of the deployment's are refused
+    assert processor.retry_dead_tasks("default", count=0) == 0 and processor.discard_dead_tasks("default", count=0) == 0
+    assert counts(processor) == (1, 0, 0, 2)
+    for bad in (-1, True, 1.5, "2"):
+        with pytest.raises(ConfigurationError, match="count must be a whole number of tasks"):
+            processor.discard_dead_tasks("default", count=bad)
+    with pytest.raises(ConfigurationError, match="queue 'defualt' is not a queue of this deployment.*default"):
+        processor.retry_dead_tasks("defualt")
+    assert counts(processor) == (1, 0, 0, 2)
     # And the next one is discarded, then the rest
     assert processor.discard_dead_tasks("default", count=1) == 1
     assert processor.get_task(ids[1]) is None
@@ -367,11 +378,12 @@ def test_unloadable_tasks_are_dead_lettered_and_the_worker_goes_on(make_processo
     assert p.get_task(corrupt).args_preview.startswith("<unreadable payload")
     # When a single-threaded worker runs the queue
     embedded_worker(p)
-    # Then the broken ones are dead-lettered at once (no retries spent) with the reason
+    # Then the broken ones are dead-lettered at once (on their first attempt, of the 3 they had)
+    # with the reason, and show no retries left (a dead letter is retried only by hand)
     wait_until(lambda: counts(p) == (0, 0, 0, 7), 10, "seven dead letters")
     dead = {d.id: d for d in p.get_dead_tasks("default")}
     assert set(dead) == {corrupt, moved, foreign, *odd_ids.values()}
-    assert all(d.error_type == "TaskLoadError" and d.retries_left == 3 for d in dead.values())
+    assert all((d.error_type, d.attempt, d.retries_left) == ("TaskLoadError", 1, 0) for d in dead.values())
     assert "payload cannot be decoded (json)" in dead[corrupt].error_message
     assert "nonexistent.module:fn cannot be imported" in dead[moved].error_message
     assert "No module named 'nonexistent'" in dead[moved].error_message

@@ -141,7 +141,8 @@ class Runner:
             ctx._progress.settle()
         if load_error is not None:
             THROTTLE.log(("unloadable", task.target), logging.ERROR, f"tasks of {task.target} could not be loaded",
-                         "task %s %s cannot be loaded: %s", task.id, task.target, load_error,
+                         "task %s %s cannot be loaded: %s; failed for good, no retry: %s", task.id, task.target,
+                         load_error, self._buried(),
                          extra=lambda: task_fields(task, "task_dead", duration_ms, retries_left=0,
                                                    error_type=type(load_error).__name__))
             if chain.on_dead:
@@ -158,7 +159,8 @@ class Runner:
                 try:
                     result = encode_result(task.id, task.target, task.result, self.options)
                 except (SerializationError, PayloadTooLarge) as exc:   # same value on every run: no retry
-                    log.error("task %s %s succeeded but its result cannot be kept: %s", task.id, task.target, exc)
+                    log.error("task %s %s returned a result that cannot be kept (%s): the task failed for good, "
+                              "no retry: %s", task.id, task.target, exc, self._buried())
                     if chain.on_dead:       # buried below: a failed attempt gets on_retry or on_dead
                         chain.on_dead(ctx, exc)
                     if chain.after_task:
@@ -196,7 +198,7 @@ class Runner:
         # ctx.retries_left: the retries left after this failure (0: it was the last attempt)
         delay = chain.retry_delay(ctx, ctx.retries_left) if ctx.retries_left > 0 else None
         if ctx.retries_left <= 0:
-            then = "dead-lettered" if self.options.deadletter else "discarded (deadletter=False)"
+            then = self._buried()
         else:
             then = f"retrying in {delay.total_seconds():g}s" if delay is not None else "retrying at once"
         event = ("task_timeout" if isinstance(error, TaskTimeout) else
@@ -217,6 +219,14 @@ class Runner:
         if chain.after_task:
             chain.after_task(ctx, FAILED, None, error)
         self.ledger.failed(task, _failure(task, error, duration_ms, delay_ms=_delay_ms(delay)))
+
+    def _buried(self) -> str:
+        """What becomes of a task that fails for good, for the log line that says so."""
+        if not self.options.deadletter:
+            return "discarded (Options.deadletter is off)"
+        if not self.options.deadletter_schedules:       # (a worker cannot tell a schedule's run apart)
+            return "dead-lettered (a schedule's run: discarded, Options.deadletter_schedules)"
+        return "dead-lettered"
 
     def _check(self, task: Task) -> None:
         """Signature, tenant, target policy and size: before anything is decoded or imported.

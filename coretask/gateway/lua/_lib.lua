@@ -494,12 +494,12 @@ local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsc
   redis.call('HINCRBY', stats, 'failed', 1)
   if deadletter == '1' then
     redis.call('HINCRBY', stats, 'dead', 1)
-    redis.call('HSET', tkey, 'st', 'dead', 'et', etype, 'em', emsg, 'etb', etb, 'da', now, 'fa', now,
+    redis.call('HSET', tkey, 'st', 'dead', 'r', '0', 'et', etype, 'em', emsg, 'etb', etb, 'da', now, 'fa', now,
                'du', dur_ms or 0)
     redis.call('RPUSH', P .. ':dead:' .. queue, id)
     notify_done(P, id, tf[3])
   else
-    finish(P, id, 'failed', now, dur_ms, tf[3], tf[4], {'et', etype, 'em', emsg, 'etb', etb})
+    finish(P, id, 'failed', now, dur_ms, tf[3], tf[4], {'r', '0', 'et', etype, 'em', emsg, 'etb', etb})
   end
   settle_batch(P, batch, 'failed', 0, now)
 end
@@ -527,8 +527,7 @@ local function retry_or_bury(P, id, queue, tenant, batch, delay_ms, deadletter, 
     else push_ready(P, queue, tenant, id, false) end
     return 1
   end
-  redis.call('HSET', tkey, 'r', 0)
-  bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched, dur_ms)
+  bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched, dur_ms)   -- (r = 0 there)
   return 2
 end
 
