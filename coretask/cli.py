@@ -178,10 +178,12 @@ def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         return NOT_FOUND
     before = p.get_tenant_shard(a.tenant)
     moved, kept = p.rebalance_tenant(a.tenant, a.to)
+    why = "tasks of batches stay with their batch" + (
+        "" if p.options.signing_key else "; signed tasks stay unless the rebalance runs with Options.signing_key")
     return _said(out, {"tenant": a.tenant, "from": before, "to": a.to, "moved": moved, "left_in_batches": kept},
                  f"tenant {a.tenant}: new work goes to shard {a.to} (was {before}); {moved} queued or delayed "
-                 f"tasks moved, {kept} tasks of batches left with their batch; resume the tenant when ready "
-                 f"(python -m coretask resume --tenant {a.tenant})")
+                 f"tasks moved, {kept} left where they are ({why}); resume the tenant when ready "
+                 f"(python -m coretask --app APP resume --tenant {a.tenant})")
 
 
 def _said(out: Out, obj: dict[str, Any], text: str) -> int:

@@ -130,6 +130,16 @@ class Signer:
         mac = _mac(self._keys[0], SCHEDULE, schedule_id, tenant, queue, enc.serializer, enc.target, enc.payload)
         return f"{SCHEDULE}:{mac}:{schedule_id}"
 
+    def task_moved(self, signature: str, old_id: str, new_id: str, tenant: str, queue: str, serializer: str,
+                   target: str, payload: bytes) -> str:
+        """The signature of a task that rebalance moves to a new id: verified under the old id
+        (TaskRefused when it does not verify: nothing unsigned is ever vouched for), then made
+        for the new one. A schedule's signature names the schedule, not the run, and stays."""
+        if signature.partition(":")[0] != TASK:
+            return signature
+        self.verify(signature, old_id, tenant, queue, serializer, target, payload)
+        return f"{TASK}:{_mac(self._keys[0], TASK, new_id, tenant, queue, serializer, target, payload)}"
+
     def verify(self, signature: str, task_id: str, tenant: str, queue: str, serializer: str, target: str,
                payload: bytes) -> None:
         """TaskRefused unless ``signature`` is a valid signature of these fields by one of the keys."""

@@ -230,8 +230,9 @@ class TenantAdmin:
         queued and delayed tasks move there task by task, each move atomic and finished by a
         later call if this one is cut short (docs/scale-out.md). A moved task gets a new id;
         the old one still finds it (get_task, get_result, cancel_task) for Options.retention.
-        Tasks of batches stay with their batch and run where they are. Returns (tasks moved,
-        tasks of batches left in place). Resume the tenant afterwards."""
+        Tasks of batches stay with their batch and run where they are; so do signed tasks when
+        this processor has no Options.signing_key to sign them again under their new id.
+        Returns (tasks moved, tasks left in place). Resume the tenant afterwards."""
         return self.gateway.rebalance(check_tenant(tenant), shard)
 
     def get_paused_tenants(self) -> list[str]:

@@ -239,7 +239,7 @@ def test_rebalance_moves_a_paused_tenants_work_under_load_nothing_lost_or_double
     feeder = threading.Thread(target=stream, daemon=True)
     feeder.start()
     # and a move cut short: two tasks taken out of their shard and not stored anywhere yet
-    cut = p.gateway.shards[home].move_out(tenant, queued[:2])
+    cut, _ = p.gateway.shards[home].move_out(tenant, queued[:2], False)
     assert [i for i, _ in cut] == queued[:2] and p.get_task(queued[0]) is not None
     try:
         # When the tenant is rebalanced to another shard while all that runs
@@ -273,6 +273,56 @@ def test_rebalance_moves_a_paused_tenants_work_under_load_nothing_lost_or_double
     assert not any(v.startswith("l") for v in runs)
     assert p.wait_for_batch(batch, 20).state == "succeeded"
     assert p.get_tenant_stats(tenant).queued == {"default": 0}
+
+
+def test_dead_letters_of_every_shard_are_retried_and_discarded_all_at_once(sharded, embedded_worker, r, prefix):
+    # Given a dead task on each of the three shards
+    p = sharded(retries=1)
+    for tenant in PLACED:
+        p.enqueue_task("default", tenant, tasks.always_fail, "planned")
+    embedded_worker(p)
+    wait_until(lambda: p.get_queue("default").dead == 3, 10, "three dead letters")
+    p.pause()
+    # When all of them are retried (no count): every shard's, not none; then all discarded
+    assert p.retry_dead_tasks("default") == 3 and p.get_queue("default").queued == 3
+    p.resume()
+    wait_until(lambda: p.get_queue("default").dead == 3, 10, "dead again")
+    assert p.discard_dead_tasks("default") == 3 and p.get_queue("default").dead == 0
+
+
+KEY = "a-signing-key-of-32-characters-or-more"
+
+
+def test_rebalance_signs_a_moved_task_again_and_leaves_signed_tasks_it_cannot_sign(make_processor, embedded_worker,
+                                                                                   r, prefix):
+    # Given a signed deployment of three shards, and tenant "mover" paused with queued, delayed
+    # and batch work on shard 0 (its delayed batch task too)
+    p = make_processor(shards=3, shard_map=None, signing_key=KEY)
+    out = prefix + ":out"
+    home = p.gateway.tenant_shard("mover")
+    target = (home + 1) % 3
+    p.pause_tenant("mover")
+    queued = [p.enqueue_task("default", "mover", tasks.record, out, f"q{i}") for i in range(5)]
+    soon = p.enqueue_task("default", "mover", tasks.record, out, "soon", delay_until=timedelta(seconds=1))
+    batch = p.enqueue_batch("default", "mover", lambda b: (b.enqueue(tasks.record, out, "b0"),
+                                                          b.enqueue(tasks.record, out, "b1", delay_until=timedelta(seconds=1))))
+    # When a process without the signing key rebalances it: every signed task stays where it is
+    # (under a new id its signature would not verify) and is counted as left, with the batch's two
+    unsigned = make_processor(shards=3, shard_map=None)
+    assert unsigned.rebalance_tenant("mover", target) == (0, 8)
+    assert all(shard_of_id(t, 3) == home and p.get_task(t).state == "queued" for t in queued)
+    # When one with the key rebalances it back and forth: each moved task is signed again
+    assert p.rebalance_tenant("mover", home) == (0, 0)       # (only its new work's shard changed: back)
+    assert p.rebalance_tenant("mover", target) == (6, 2)
+    assert all(shard_of_id(p.gateway.forwarded(t) or t, 3) == target and p.get_task(t).state == "queued"
+               for t in queued)
+    # Then, resumed, every task runs once (a worker refuses a task whose signature does not verify)
+    p.resume_tenant("mover")
+    embedded_worker(p)
+    want = {f"q{i}" for i in range(5)} | {"soon", "b0", "b1"}
+    wait_until(lambda: {v.decode() for v in r.lrange(out, 0, -1)} == want, 15, "every task of the tenant")
+    assert r.llen(out) == len(want) and p.get_queue("default").dead == 0
+    assert p.wait_for_batch(batch, 10).state == "succeeded" and p.get_task(soon) is None
 
 
 def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, server, prefix):

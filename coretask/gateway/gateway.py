@@ -130,12 +130,13 @@ class Gateway(OneShard):
         new = self._redis.get(self.keys.forward(task_id))
         return new.decode() if new is not None else None
 
-    def move_out(self, tenant: str, task_ids: Sequence[str]) -> list[tuple[str, list[Any]]]:
-        """move_out.lua: of ``task_ids``, the tenant's queued and delayed tasks of no batch,
-        taken out of this prefix's queues: (id, flat field/value list) each."""
+    def move_out(self, tenant: str, task_ids: Sequence[str], can_sign: bool) -> tuple[list[tuple[str, list[Any]]], int]:
+        """move_out.lua: of ``task_ids``, the tenant's queued and delayed tasks of no batch (and,
+        unless ``can_sign``, not signed under their id), taken out of this prefix's queues:
+        (id, flat field/value list) each; and how many of the tenant's were left in place."""
         k = self.keys
-        reply = self.transport.run("move_out", [k.moving], [k.prefix, tenant, *task_ids])
-        return [(reply[i].decode(), reply[i + 1]) for i in range(0, len(reply), 2)]
+        reply = self.transport.run("move_out", [k.moving], [k.prefix, tenant, _flag(can_sign), *task_ids])
+        return [(reply[i].decode(), reply[i + 1]) for i in range(1, len(reply), 2)], int(reply[0])
 
     def move_in(self, task_id: str, fields: Sequence[Any]) -> int:
         """move_in.lua: store a task moved here under ``task_id``; -1 when it was already."""

@@ -30,8 +30,9 @@ from typing import Any, TypeVar, cast
 
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from ..errors import ConfigurationError, StoreUnavailable
+from ..errors import ConfigurationError, StoreUnavailable, TaskRefused
 from ..options import Options
+from ..signing import TASK, signer_for
 from .gateway import Gateway
 from .keys import Keys
 from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Failure, FetchReply, Outcomes,
@@ -187,6 +188,7 @@ class ShardedGateway:
         self.transport = first.transport
         self.url = first.url
         self.shard_map = dict(options.shard_map or {})
+        self.signer = signer_for(options)   # signs a moved task again: its signature names its id
         self._placed: dict[str, tuple[int, float]] = {}
         self._rotations: dict[str, _Rotation] = {}
         self._lock = threading.Lock()
@@ -248,30 +250,50 @@ class ShardedGateway:
                 for queue in g.queue_names():
                     n, k = self._move_list(g, shard, tenant, lambda lo, hi, q=queue: g.ready_ids(q, tenant, lo, hi))
                     moved_now, kept = moved_now + n, kept + k
-                n, _ = self._move_list(g, shard, tenant, lambda lo, hi: [i for i, _ in g.delayed_page(lo, hi)[0]])
-                moved_now += n
+                n, k = self._move_list(g, shard, tenant, lambda lo, hi: [i for i, _ in g.delayed_page(lo, hi)[0]])
+                moved_now, kept = moved_now + n, kept + k
             moved += moved_now
             if not moved_now:
                 return moved, kept
 
     def _move_list(self, g: Gateway, shard: int, tenant: str,
                    page: Callable[[int, int], list[str]]) -> tuple[int, int]:
-        """Move what move_out takes of a list read page by page; (moved, left in place)."""
-        moved = start = 0
+        """Move what move_out takes of a list read page by page; (moved, the tenant's left in place)."""
+        moved = kept = start = 0
         while True:
             ids = page(start, start + MOVE_CHUNK - 1)
             if not ids:
-                return moved, start
-            taken = g.move_out(tenant, ids)
+                return moved, kept
+            taken, left = g.move_out(tenant, ids, self.signer is not None)
             for old, fields in taken:
                 moved += self._move(g, old, fields, shard)
+            kept += left
             start += len(ids) - len(taken)      # what stayed is ahead of the next page
 
     def _move(self, source: Gateway, old: str, fields: list[Any], shard: int) -> int:
         new = with_shard(old.rpartition(".")[0] if shard_of_id(old, self.n) else old, shard)
-        self.shards[shard].move_in(new, fields)
+        self.shards[shard].move_in(new, self._signed_again(old, new, fields))
         source.move_done(old, new, int(self.options.retention.total_seconds() * 1000))
         return 1
+
+    def _signed_again(self, old: str, new: str, fields: list[Any]) -> list[Any]:
+        """A task's signature names its id (coretask/signing.py), so a moved task's is verified
+        under its old id and made again for the new one, with this process's signing_key
+        (move_out leaves such tasks in place when there is none). One that does not verify is
+        moved as it is: it was refused where it was, and is refused where it goes."""
+        f = {bytes(fields[i]): fields[i + 1] for i in range(0, len(fields), 2)}
+        sg = bytes(f.get(b"sg", b"")).decode(errors="replace")
+        if self.signer is None or not sg.startswith(TASK + ":"):
+            return fields
+        text = {name: bytes(f.get(name, b"")).decode(errors="replace") for name in (b"tn", b"q", b"s", b"tg")}
+        try:
+            again = self.signer.task_moved(sg, old, new, text[b"tn"], text[b"q"], text[b"s"], text[b"tg"],
+                                           bytes(f.get(b"p", b"")))
+        except TaskRefused:
+            return fields
+        out = list(fields)
+        out[next(i for i in range(0, len(out), 2) if bytes(out[i]) == b"sg") + 1] = again
+        return out
 
     def forwarded(self, task_id: str) -> str | None:
         return self.at(task_id).forwarded_id(task_id)
@@ -564,17 +586,18 @@ class ShardedGateway:
             g.set_tenant_limit(tenant, limit)
 
     def retry_dead(self, queue: str, retries: int, count: int) -> int:
+        """count 0: all of them, on every shard; else up to count in all."""
         done = 0
         for g in self.shards:
-            if done < count:
-                done += g.retry_dead(queue, retries, count - done)
+            if count == 0 or done < count:
+                done += g.retry_dead(queue, retries, count and count - done)
         return done
 
     def discard_dead(self, queue: str, count: int) -> int:
         done = 0
         for g in self.shards:
-            if done < count:
-                done += g.discard_dead(queue, count - done)
+            if count == 0 or done < count:
+                done += g.discard_dead(queue, count and count - done)
         return done
 
     def cleanup(self, retention_ms: int, limit: int) -> int:
