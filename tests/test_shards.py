@@ -207,6 +207,32 @@ def test_turning_sharding_on_moves_no_key(make_processor, embedded_worker, r, pr
     wait_until(lambda: r.llen(out) == 4, 10, "all four")
 
 
+def test_pauses_set_before_sharding_hold_on_every_shard_once_a_worker_starts(make_processor, embedded_worker, r,
+                                                                           prefix):
+    # Given a one-shard deployment paused (globally, and its queue "low", and tenant "old")
+    one = make_processor(queues=["default", "low"])
+    one.pause()
+    one.pause_queue("low")
+    one.pause_tenant("old")
+    # When it restarts with three shards, work lands on shards 1 and 2, and a worker starts
+    three = make_processor(queues=["default", "low"], shards=3, shard_map={"acme": 1, "old": 0, "globex": 2})
+    out = prefix + ":out"
+    for tenant, queue in (("acme", "default"), ("globex", "low"), ("old", "default")):
+        three.enqueue_task(queue, tenant, tasks.record, out, tenant)
+    embedded_worker(three)
+    # Then the worker wrote every flag to every shard before it fetched, and nothing ran
+    g = three.gateway
+    wait_until(lambda: all(s.is_paused() and s.paused_queues() == ["low"] and s.paused_tenants() == ["old"]
+                           for s in g.shards), 10, "the flags on every shard")
+    assert r.llen(out) == 0 and three.is_paused
+    # When the deployment resumes: acme runs; globex waits for its queue, old for its tenant
+    three.resume()
+    wait_until(lambda: r.lrange(out, 0, -1) == [b"acme"], 10, "acme's task")
+    three.resume_queue("low")
+    three.resume_tenant("old")
+    wait_until(lambda: sorted(r.lrange(out, 0, -1)) == [b"acme", b"globex", b"old"], 10, "the others")
+
+
 def test_rebalance_moves_a_paused_tenants_work_under_load_nothing_lost_or_doubled(make_processor, embedded_worker,
                                                                                  r, prefix):
     import threading

@@ -86,6 +86,11 @@ class OneShard:
     def tenant_shard(self, tenant: str) -> int:
         return 0
 
+    def carry_pauses(self) -> int:
+        """Write the pause flags one shard holds to the shards that lack them (one shard:
+        nothing to carry). Returns how many flags were written."""
+        return 0
+
     def forwarded(self, task_id: str) -> str | None:
         """The new id of a task that rebalance moved to another shard."""
         return None

@@ -689,6 +689,26 @@ class ShardedGateway:
 
     # ============================================================================== reads
 
+    def carry_pauses(self) -> int:
+        """A pause set while the deployment had fewer shards lives on shard 0 alone, and each
+        shard's fetch checks only its own flags: every worker process carries the flags any
+        shard holds to the shards that lack them before its first fetch, so that turning
+        sharding on never resumes what was paused. (A resume clears every shard; this adds.)"""
+        written = 0
+        if self.is_paused():
+            for g in self.shards:
+                if not g.is_paused():
+                    g.pause("all", True)
+                    written += 1
+        for scope, held in (("queue", [g.paused_queues() for g in self.shards]),
+                            ("tenant", [g.paused_tenants() for g in self.shards])):
+            for name in sorted(set().union(*held)):
+                for g, flags in zip(self.shards, held):
+                    if name not in flags:
+                        g.pause(scope, True, name)
+                        written += 1
+        return written
+
     def is_paused(self) -> bool:
         return any(g.is_paused() for g in self.shards)
 
