@@ -173,8 +173,7 @@ def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
-    if not p.gateway.tenant_known(a.tenant):
-        _err(f"tenant {a.tenant} not found")
+    if _unknown_tenant(p, a.tenant):
         return NOT_FOUND
     before = p.get_tenant_shard(a.tenant)
     moved, kept = p.rebalance_tenant(a.tenant, a.to)
@@ -194,6 +193,8 @@ def _said(out: Out, obj: dict[str, Any], text: str) -> int:
 def cmd_batches(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     batches = p.get_batches(a.tenant, a.skip, a.take)
     count = p.get_batches_count(a.tenant)
+    if not count and _unknown_tenant(p, a.tenant):
+        return NOT_FOUND
     if out.json:
         out.data({"tenant": a.tenant, "count": count, "batches": batches})
         return OK
@@ -381,6 +382,9 @@ def cmd_dead(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if not _known_queue(p, a.queue) and not queue.dead:
         _err(f"queue {a.queue} not found; the queues are: {', '.join(q.name for q in _queues(p))}")
         return NOT_FOUND
+    if a.retries is not None and a.retry is None and not a.retry_id:
+        _err("--retries goes with --retry or --retry-id (the retries granted to the tasks moved back)")
+        return USAGE
     if a.retry_id or a.discard_id:
         return _dead_by_id(p, a, out)
     if a.retry is not None:
@@ -418,6 +422,8 @@ def cmd_quarantine(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 def cmd_schedules(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     schedules = p.get_schedules(a.tenant, a.skip, a.take)
     count = p.get_schedules_count(a.tenant)
+    if not count and _unknown_tenant(p, a.tenant):
+        return NOT_FOUND
     if out.json:
         out.data({"count": count, "schedules": schedules})
         return OK
@@ -447,10 +453,17 @@ def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return OK
 
 
+def _unknown_tenant(p: TaskProcessor, tenant: str) -> bool:
+    """Says so when the tenant never had work (a misspelt name would list nothing and exit 0)."""
+    if p.gateway.tenant_known(tenant):
+        return False
+    _err(f"tenant {tenant} not found (no work of it was ever enqueued); the tenants: python -m coretask --app APP tenants")
+    return True
+
+
 def cmd_tenant(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     s = p.get_tenant_stats(a.id)
-    if not p.gateway.tenant_known(a.id):
-        _err(f"tenant {a.id} not found")
+    if _unknown_tenant(p, a.id):
         return NOT_FOUND
     if out.json:
         out.data(s)

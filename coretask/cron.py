@@ -184,6 +184,12 @@ class _Spec:
 def _load_zone(name: str) -> ZoneInfo:
     if not isinstance(name, str) or not name:
         raise TimezoneError(f"invalid timezone {name!r}: expected an IANA zone name")
+    if name == "localtime" or name.startswith(("posix/", "right/")):
+        # files of the tz database directory, not zone names: "localtime" is whatever zone each
+        # host is set to (producer and workers compute ticks on different hosts), "right/" zones
+        # count leap seconds; the zone name itself ("Europe/Berlin") means what is meant
+        raise TimezoneError(f"timezone {name!r} is not an IANA zone name: use the zone's own name, "
+                            f"such as 'Europe/Berlin' or 'UTC'")
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:

@@ -94,7 +94,8 @@ class Producer:
                 raise ConfigurationError("key_ttl is given without a key")
             return "", 0
         if not isinstance(key, str) or not key or len(key) > MAX_KEY:
-            raise ConfigurationError(f"key must be a non-empty string of at most {MAX_KEY} characters, got {key!r}")
+            raise ConfigurationError(f"key must be a non-empty string of at most {MAX_KEY} characters, got "
+                                     f"{key!r:.80}" + (f" ({len(key)} characters)" if isinstance(key, str) else ""))
         return key, _ms("key_ttl", key_ttl)
 
     @staticmethod

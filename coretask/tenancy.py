@@ -94,6 +94,37 @@ class TenantView:
     def discard_dead_task(self, task_id: str) -> bool:
         return self.processor.discard_dead_task(task_id, tenant=self.tenant)
 
+    def retry_dead_tasks(self, queue: str, retries: int | None = None, count: int | None = None) -> int:
+        """This tenant's dead letters in the queue back to work, oldest first: the oldest
+        ``count``, or all of them (None), with ``retries`` retries each. Returns how many moved."""
+        retries = self.processor.producer.retries(retries)
+        return self._dead_in_bulk(queue, count, lambda task_id: self.retry_dead_task(task_id, retries))
+
+    def discard_dead_tasks(self, queue: str, count: int | None = None) -> int:
+        """Delete this tenant's dead letters in the queue, oldest first: the oldest ``count``, or
+        all of them (None). Returns how many were deleted."""
+        return self._dead_in_bulk(queue, count, self.discard_dead_task)
+
+    def _dead_in_bulk(self, queue: str, count: int | None, act: Callable[[str], bool]) -> int:
+        """The dead list is shared by the queue's tenants: it is read page by page, the whole
+        of it if need be, and each of this tenant's entries is acted on by id (which checks the
+        tenant again)."""
+        p = self.processor
+        limit = p._dead_count(queue, count)     # validated; None: nothing to do, 0: all of them
+        if limit is None:
+            return 0
+        done = skip = 0
+        while not limit or done < limit:
+            page = p.get_dead_tasks(queue, skip, DEAD_SCAN)
+            if not page:
+                break
+            for t in page:
+                if t.tenant == self.tenant and (not limit or done < limit) and act(t.id):
+                    done += 1
+                else:
+                    skip += 1       # still in the list, ahead of the next page
+        return done
+
     def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
         """This tenant's ready tasks in the queue, FIFO."""
         p = self.processor

@@ -142,7 +142,7 @@ def test_batches_batch_and_cancel(processor, cli):
     assert cli("cancel", "no-such-batch").returncode == 1
     missing = cli("batch", "no-such-batch")
     assert missing.returncode == 1 and "not found" in missing.stderr
-    assert json.loads(ok(cli("batches", "nobody", "--json"))) == {"tenant": "nobody", "count": 0, "batches": []}
+    assert cli("batches", "nobody", "--json").returncode == 1       # a tenant that never had work: not found
 
 
 def test_batch_watch_shows_progress_until_finished(make_processor, embedded_worker, cli, r, prefix):
@@ -433,6 +433,13 @@ def test_an_empty_dead_list_and_an_unknown_tenant(cli):
     assert cli("dead", "nosuch").returncode == 1
     res = cli("rebalance", "nobody", "--to", "0")
     assert res.returncode == 1 and "tenant nobody not found" in res.stderr, res.stderr
+    # a misspelt tenant lists no batches or schedules and says so, as `tenant` does
+    for args in (("batches", "nobody"), ("schedules", "nobody"), ("tenant", "nobody")):
+        res = cli(*args)
+        assert res.returncode == 1 and "tenant nobody not found (no work of it was ever enqueued)" in res.stderr, args
+    # --retries without an action to take it is a usage error, not ignored
+    res = cli("dead", "default", "--retries", "3")
+    assert res.returncode == 2 and "--retries goes with --retry" in res.stderr, res.stderr
 
 
 def test_redis_password_is_never_printed(cli, tmp_path):

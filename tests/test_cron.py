@@ -96,7 +96,8 @@ def test_impossible_date_never_fires(expr: str) -> None:
         CronSchedule.parse(expr)
 
 
-@pytest.mark.parametrize("name", ["Mars/Olympus_Mons", "", "../etc/passwd", "/etc/localtime", "Europe", 5])
+@pytest.mark.parametrize("name", ["Mars/Olympus_Mons", "", "../etc/passwd", "/etc/localtime", "Europe", 5,
+                                  "localtime", "posix/Europe/Berlin", "right/UTC"])
 def test_invalid_timezone(name: object) -> None:
     with pytest.raises(TimezoneError) as info:
         CronSchedule.parse("* * * * *", name)  # type: ignore[arg-type]

@@ -197,3 +197,6 @@ def test_key_and_key_ttl_are_enqueue_options_and_call_passes_them_to_the_functio
                    {"key": "k", "key_ttl": -1.0}, {"key": "k", "key_ttl": "1h"}):
         with pytest.raises(ConfigurationError):
             processor.enqueue_task("default", "acme", tasks.record, out, 1, **kwargs)
+    with pytest.raises(ConfigurationError, match=r"\(10000 characters\)") as info:   # quoted in part
+        processor.enqueue_task("default", "acme", tasks.record, out, 1, key="x" * 10_000)
+    assert len(str(info.value)) < 300

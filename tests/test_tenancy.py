@@ -260,6 +260,27 @@ def test_a_canceled_batch_leaves_a_shared_queue_in_one_fetch_not_one_task_per_tu
     assert [t["tenant"] for t in fetch_as(p, "w1", 4)] == ["B", "A", "B", "B"]
 
 
+def test_a_tenant_view_retries_and_discards_only_its_own_dead_letters_in_bulk(processor, r):
+    p = processor
+    # Given dead letters of two tenants, interleaved in one queue's dead list
+    ids: dict[str, list[str]] = {"A": [], "B": []}
+    for i in range(6):
+        tenant = "AB"[i % 2]
+        ids[tenant].append(p.enqueue_task("default", tenant, tasks.count, "x"))
+    for t in fetch_as(p, "w1", 6):
+        assert fail(p, "w1", t, bury=True) == 2
+    assert p.get_queue("default").dead == 6
+    a = p.tenant("A")
+    # When A retries its oldest one, then discards the rest of its own
+    assert a.retry_dead_tasks("default", count=1) == 1
+    assert p.get_task(ids["A"][0]).state == "queued"
+    assert a.discard_dead_tasks("default") == 2
+    # Then B's three are untouched, and a count of 0 or another tenant's view changes nothing more
+    assert sorted(d.id for d in p.get_dead_tasks("default")) == sorted(ids["B"])
+    assert a.retry_dead_tasks("default") == 0 and p.tenant("B").discard_dead_tasks("default", count=0) == 0
+    assert p.tenant("B").retry_dead_tasks("default", retries=2) == 3 and p.get_queue("default").dead == 0
+
+
 # -------------------------------------------------------------------- concurrency limits
 
 def held(r, key: str, what: str, tenant: str) -> int:
