@@ -252,10 +252,12 @@ class Client(Introspection, Schedules, TenantAdmin):
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
             raise ConfigurationError(f"count must be a whole number of tasks >= 0, or None for all of them; "
                                      f"got {count!r}")
-        if queue not in self.options.queues and queue not in {q.name for q in self.get_queues()}:
-            known = ", ".join(dict.fromkeys([*self.options.queues, *(q.name for q in self.get_queues())]))
-            raise ConfigurationError(f"queue {queue!r} is not a queue of this deployment (not in Options.queues, "
-                                     f"never held work); the queues are: {known}")
+        if queue not in self.options.queues:
+            seen = [q.name for q in self.get_queues()]
+            if queue not in seen:
+                known = ", ".join(dict.fromkeys([*self.options.queues, *seen]))
+                raise ConfigurationError(f"queue {queue!r} is not a queue of this deployment (not in Options.queues, "
+                                         f"never held work); the queues are: {known}")
         if count == 0:
             return None
         return count or 0
