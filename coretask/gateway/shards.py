@@ -236,7 +236,7 @@ class ShardedGateway:
                                      f"change shard_map to {shard} in every process instead")
         if not self.is_tenant_paused(tenant):
             raise ConfigurationError(f"tenant {tenant!r} is not paused: pause it first (processor.pause_tenant"
-                                     f"({tenant!r}) or `python -m coretask pause --tenant {tenant}`), so that no "
+                                     f"({tenant!r}) or `python -m coretask --app APP pause --tenant {tenant}`), so that no "
                                      "worker takes a task while it moves; resume it afterwards")
         self.move_tenant(tenant, shard)
         moved = kept = 0
