@@ -661,6 +661,8 @@ def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix
         "delete_task": lambda: a.delete_task(b_task) is False and a.delete_task(leased["id"]) is False,
         "retry_dead_task": lambda: a.retry_dead_task(leased["id"]) is False,
         "discard_dead_task": lambda: a.discard_dead_task(leased["id"]) is False,
+        "retry_dead_tasks": lambda: a.retry_dead_tasks("low") == 0 == a.retry_dead_tasks("default"),
+        "discard_dead_tasks": lambda: a.discard_dead_tasks("low") == 0 == a.discard_dead_tasks("default"),
         "get_dead_tasks": lambda: a.get_dead_tasks("low") == [] == a.get_dead_tasks("default"),
         "get_stats": lambda: stats_of(a.get_stats()) == ("a", 0, 0, 0, 0, 0, 0),
         "is_paused": lambda: a.is_paused is False,
