@@ -23,9 +23,17 @@ def counts(p: Any, queue: str = "default") -> tuple[int, int, int, int]:
 
 
 def keyspace(client: Any, prefix: str) -> dict[bytes, Any]:
-    """Every key under the prefix with its full content: what a half-written call would change."""
+    """Every key under the prefix with its full content: what a half-written call would change.
+    Less what a live worker keeps moving whatever the call under test did: its heartbeat and
+    report (P:workers, P:wi:<worker>) and its leases' deadlines (P:leases is compared by member:
+    a renewal, every few seconds, may land between two snapshots)."""
     out: dict[bytes, Any] = {}
     for key in client.scan_iter(match=prefix + "*", count=1000):
+        if key == f"{prefix}:workers".encode() or key.startswith(f"{prefix}:wi:".encode()):
+            continue
+        if key == f"{prefix}:leases".encode():
+            out[key] = ("zset members", set(client.zrange(key, 0, -1)))
+            continue
         kind = client.type(key)
         if kind == b"hash":
             out[key] = ("hash", client.hgetall(key))
