@@ -507,8 +507,9 @@ end
 -- A task going back to work (a retry, a release, a recovered lease, a dead letter retried) sheds
 -- what described its last attempt: the worker, the lease start and the progress it reported,
 -- so that get_task and the dashboard do not show a queued task as started somewhere, 80% done.
-local function forget_attempt(tkey)
-  redis.call('HDEL', tkey, 'w', 'ls', 'pg', 'pt', 'pm')
+-- Further fields to drop in the same command may follow (a dead letter's error, when retried).
+local function forget_attempt(tkey, ...)
+  redis.call('HDEL', tkey, 'w', 'ls', 'pg', 'pt', 'pm', ...)
 end
 
 -- A failed attempt (or a lost lease) consumes one retry. Field r counts the attempts the task

@@ -52,7 +52,7 @@ while max == 0 or n < max do
       end
       redis.call('HINCRBY', P .. ':ts:' .. f[2], 'failed', -1)
       redis.call('HSET', tkey, 'r', ARGV[2])
-      redis.call('HDEL', tkey, 'et', 'em', 'etb', 'da', 'w', 'ls', 'pg', 'pt', 'pm')   -- (forget_attempt's too)
+      forget_attempt(tkey, 'et', 'em', 'etb', 'da')
       push_ready(P, f[1], f[2], id, false)
       n = n + 1
     end

@@ -34,6 +34,6 @@ if batch and batch ~= '' then
 end
 redis.call('HINCRBY', P .. ':ts:' .. tenant, 'failed', -1)
 redis.call('HSET', KEYS[1], 'r', ARGV[4])
-redis.call('HDEL', KEYS[1], 'et', 'em', 'etb', 'da', 'w', 'ls', 'pg', 'pt', 'pm')   -- (forget_attempt's too)
+forget_attempt(KEYS[1], 'et', 'em', 'etb', 'da')
 push_ready(P, queue, tenant, id, false)
 return 1
