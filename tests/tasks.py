@@ -82,8 +82,8 @@ def busy(seconds: float) -> None:
 
 def spin(key: str, seconds: float) -> None:
     """Pure-Python busy loop: abortable by an asynchronous exception."""
-    R().rpush(key + ":started", 1)
-    try:
+    try:    # the abort may land while the start is being recorded: the test saw it and canceled
+        R().rpush(key + ":started", 1)
         busy(seconds)
         R().rpush(key + ":finished", 1)
     finally:

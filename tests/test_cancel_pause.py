@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from datetime import timedelta
@@ -445,6 +446,32 @@ def test_the_subscription_reader_parses_frames_split_at_any_byte():
     # And a frame of a type a subscription never receives is reported, not skipped
     with pytest.raises(ConnectionError, match="unexpected reply"):
         Frames().feed(b"!5\r\nboom!\r\n")
+
+
+def test_the_control_thread_resyncs_only_once_the_server_confirmed_every_channel(processor):
+    # Given a worker's control thread reading a socket it was handed, before the server's
+    # confirmation of its two channels (redis-py's subscribe() returns once the command is sent)
+    w = WorkerProcess(processor)
+    seen: list[str] = []
+    w.control._resync = lambda: seen.append("resync")      # type: ignore[method-assign]
+    w.control.handle = lambda message, channel="": seen.append(message)   # type: ignore[method-assign]
+    ours, server = socket.socketpair()
+    reader = threading.Thread(target=w.control._read, args=(ours, {b"ct:e", b"ct:f"}), daemon=True)
+    reader.start()
+    try:
+        # When the first confirmation arrives: not subscribed yet, nothing re-read
+        server.sendall(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nct:e\r\n:1\r\n")
+        assert not w.control.subscribed.wait(0.2) and seen == []
+        # Then the second, and a message behind it: the state is re-read first, then the message
+        server.sendall(b"*3\r\n$9\r\nsubscribe\r\n$4\r\nct:f\r\n:2\r\n"
+                       b"*3\r\n$7\r\nmessage\r\n$4\r\nct:f\r\n$1\r\np\r\n")
+        assert w.control.subscribed.wait(10)
+        wait_until(lambda: seen == ["resync", "p"], 10, "resync, then the message")
+    finally:
+        w.control._stop.set()
+        server.close()
+        reader.join(10)
+    assert not reader.is_alive()
 
 
 # ------------------------------------------------------------- forged messages, every state

@@ -79,8 +79,6 @@ class Control:
                 sock.settimeout(None)     # see _read
                 if self._stop.is_set():
                     break
-                self.subscribed.set()
-                self._resync()
                 delay = 0.1
                 self._read(sock, {c.encode() for c in self.gateway.channels()})
             except Exception as exc:
@@ -109,6 +107,7 @@ class Control:
         view = memoryview(buf)
         frames = Frames()
         pending = getattr(sock, "pending", None)          # TLS: records already decrypted
+        unconfirmed = len(channels)
         while not self._stop.is_set():
             n = sock.recv_into(buf)
             if n == 0:
@@ -121,10 +120,17 @@ class Control:
             for frame in received:
                 if len(frame) == 3 and frame[0] == b"message" and frame[1] in channels:
                     self.handle(frame[2].decode(errors="replace"), frame[1].decode())
+                elif unconfirmed and len(frame) == 3 and frame[0] == b"subscribe" and frame[1] in channels:
+                    unconfirmed -= 1
+                    if not unconfirmed:     # from here on no message is missed: re-read what was
+                        self.subscribed.set()
+                        self._resync()
 
     def _resync(self) -> None:
         """Events published before the subscription was (re)established were missed: re-read
-        the state they would have announced, including a cancel of a running task or its batch."""
+        the state they would have announced, including a cancel of a running task or its batch.
+        Called once the server has confirmed every channel: redis-py's subscribe() only sends
+        the command, and a read on another connection could be served before it."""
         self.schedules.poke()
         for channel in self.gateway.channels():
             self.gateway.wake(self.worker_id, channel)
