@@ -446,9 +446,11 @@ def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if out.json:
         out.data({"count": count, "tenants": stats})
         return OK
-    out.table(["TENANT", "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELED", "DEAD", "PAUSED", "LIMIT"],
+    sharded = p.options.shards > 1
+    out.table(["TENANT", "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELED", "DEAD", "PAUSED", "LIMIT"]
+              + ["SHARD"] * sharded,
               [[s.tenant, sum(s.queued.values()), s.running, s.done, s.failed, s.canceled, s.dead, s.paused, s.limit]
-               for s in stats])
+               + [s.shard] * sharded for s in stats])
     print(f"{len(stats)} shown of {count} tenants")
     return OK
 
@@ -471,7 +473,7 @@ def cmd_tenant(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     for name in ("tenant", "paused", "limit", "running", "done", "failed", "canceled", "dead"):
         print(f"{name + ':':<10}{_cell(getattr(s, name))}")
     if p.options.shards > 1:
-        print(f"{'shard:':<10}{p.get_tenant_shard(a.id)}")
+        print(f"{'shard:':<10}{s.shard}")
     print(f"{'queued:':<10}{' '.join(f'{q}={n}' for q, n in s.queued.items()) or '-'}")
     print(f"{'batches:':<10}{' '.join(f'{st}={n}' for st, n in s.batches.items())}")
     return OK

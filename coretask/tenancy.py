@@ -33,7 +33,9 @@ DEAD_SCAN = 1000   # dead letters examined per call when filtering a shared dead
 @dataclasses.dataclass(frozen=True)
 class TenantStats:
     """A tenant's numbers, all read from counters the scripts maintain (no scans).
-    ``queued`` counts ready tasks per queue; ``batches`` counts batches by state."""
+    ``queued`` counts ready tasks per queue; ``batches`` counts batches by state; ``shard`` is
+    where its new work goes (always 0 with Options.shards 1; its counts are summed over every
+    shard, so a tenant rebalanced while it had work still shows all of it)."""
 
     tenant: str
     queued: dict[str, int]
@@ -45,6 +47,7 @@ class TenantStats:
     batches: dict[str, int]
     paused: bool
     limit: int | None
+    shard: int = 0
 
 
 class TenantView:
@@ -253,8 +256,9 @@ class TenantAdmin:
         return self.gateway.is_tenant_paused(check_tenant(tenant))
 
     def get_tenant_shard(self, tenant: str) -> int:
-        """The shard the tenant's new work goes to (0 with Options.shards 1)."""
-        return self.gateway.tenant_shard(check_tenant(tenant))
+        """The shard the tenant's new work goes to (0 with Options.shards 1). A read: for a
+        tenant not seen yet, the shard its first work would go to, nothing recorded."""
+        return self.gateway.tenant_shard(check_tenant(tenant), place=False)
 
     def rebalance_tenant(self, tenant: str, shard: int) -> tuple[int, int]:
         """Move a paused tenant to another shard: its new work goes there from now on, and its
@@ -282,4 +286,5 @@ class TenantAdmin:
             tenant=tenant, queued=queued, running=running,
             done=c.get("done", 0), failed=c.get("failed", 0), canceled=c.get("canceled", 0), dead=c.get("dead", 0),
             batches={s: c.get("b_" + s, 0) for s in ("running", "succeeded", "failed", "canceled")},
-            paused=paused, limit=limit or self.options.tenant_concurrency)
+            paused=paused, limit=limit or self.options.tenant_concurrency,
+            shard=self.gateway.tenant_shard(tenant, place=False))

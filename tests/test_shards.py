@@ -86,6 +86,8 @@ def test_work_lands_on_its_tenants_shard_and_every_task_runs_once(sharded, embed
     assert p.get_queue("default").queued == 30 + 12 + 15
     assert p.get_tenants(0, 100)[:3] == ["acme", "globex", "initech"] and p.get_tenants_count() == 15
     assert p.get_tenant_stats("globex").queued == {"default": 15}
+    assert [p.get_tenant_stats(t).shard for t in PLACED] == list(PLACED.values())
+    assert p.get_tenant_stats("tenant-0").shard == shard_of_id(others[0], 3)
 
     # When one worker runs
     embedded_worker(p)
@@ -209,11 +211,13 @@ def test_turning_sharding_on_moves_no_key(make_processor, embedded_worker, r, pr
 
 def test_pauses_set_before_sharding_hold_on_every_shard_once_a_worker_starts(make_processor, embedded_worker, r,
                                                                            prefix):
-    # Given a one-shard deployment paused (globally, and its queue "low", and tenant "old")
+    # Given a one-shard deployment paused (globally, and its queue "low", and tenant "old"), with
+    # a limit on tenant acme
     one = make_processor(queues=["default", "low"])
     one.pause()
     one.pause_queue("low")
     one.pause_tenant("old")
+    one.set_tenant_limit("acme", 2)
     # When it restarts with three shards, work lands on shards 1 and 2, and a worker starts
     three = make_processor(queues=["default", "low"], shards=3, shard_map={"acme": 1, "old": 0, "globex": 2})
     out = prefix + ":out"
@@ -225,6 +229,9 @@ def test_pauses_set_before_sharding_hold_on_every_shard_once_a_worker_starts(mak
     wait_until(lambda: all(s.is_paused() and s.paused_queues() == ["low"] and s.paused_tenants() == ["old"]
                            for s in g.shards), 10, "the flags on every shard")
     assert r.llen(out) == 0 and three.is_paused
+    # ... and the limit, which acme's shard now enforces
+    wait_until(lambda: [s.tenant_limits() for s in g.shards] == [{"acme": 2}] * 3, 10, "the limit on every shard")
+    assert three.get_tenant_stats("acme").limit == 2
     # When the deployment resumes: acme runs; globex waits for its queue, old for its tenant
     three.resume()
     wait_until(lambda: r.lrange(out, 0, -1) == [b"acme"], 10, "acme's task")
@@ -362,6 +369,8 @@ def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, ser
     p = make_processor(shards=3)
     tenant = "mover"
     home = p.get_tenant_shard(tenant)
+    # (a read: where its first work would go, nothing recorded for a tenant never seen)
+    assert home == stable_shard(tenant, 3) and p.gateway.shards[0].placement(tenant) is None
     ids = [p.enqueue_task("default", tenant, tasks.record, prefix + ":out", i) for i in range(5)]
     env = dict(os.environ, CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps({**FAST, "shards": 3}),
                PYTHONPATH=str(ROOT))
@@ -391,6 +400,9 @@ def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, ser
     assert cli("resume", "--tenant", tenant).returncode == 0 and not p.is_tenant_paused(tenant)
     tenant_out = cli("tenant", tenant)
     assert f"shard:    {target}" in tenant_out.stdout
+    assert json.loads(cli("tenant", tenant, "--json").stdout)["shard"] == target
+    header, row = cli("tenants").stdout.splitlines()[:2]
+    assert header.split()[-1] == "SHARD" and row.split()[0] == tenant and row.split()[-1] == str(target)
 
 
 def test_every_gateway_call_has_a_sharded_answer() -> None:
@@ -402,7 +414,7 @@ def test_every_gateway_call_has_a_sharded_answer() -> None:
     def public(cls: type) -> set[str]:
         return {n for n in dir(cls) if not n.startswith("_")}
     per_shard = {"forwarded_id", "move_done", "move_in", "move_out", "moving", "ping", "place", "placement",
-                 "tenant_has_history"}
+                 "tenant_has_history", "tenant_limits"}
     assert public(Gateway) - public(ShardedGateway) == per_shard
 
 
@@ -424,4 +436,7 @@ def test_the_dashboard_shows_a_sharded_deployment_as_one(sharded, prefix):
                  f"/dash/tasks/{tasks_of['globex']}", "/dash/workers", "/dash/schedules"):
         assert client.get(path).status_code == 200, path
     assert tasks_of["globex"][:12] in client.get(f"/dash/tasks/{tasks_of['globex']}").get_data(as_text=True)
+    tenants_page = client.get("/dash/tenants").get_data(as_text=True)
+    assert '<th class="num">shard</th>' in tenants_page
+    assert all(f'<td class="num">{shard}</td>' in tenants_page for shard in PLACED.values())
     assert client.get(f"/dash/search?q={batch}").headers["Location"].endswith(f"/dash/batches/{batch}")

@@ -704,7 +704,7 @@ def test_cli_tenants_and_tenant(make_processor, r, prefix):
     assert doc["count"] == 3 and [t["tenant"] for t in doc["tenants"]] == ["acme", "globex", "initech"]
     assert doc["tenants"][0] == dict(tenant="acme", queued={"default": 3, "low": 1}, running=1, done=0, failed=1,
                                      canceled=0, dead=1, paused=True, limit=4,
-                                     batches={"running": 1, "succeeded": 0, "failed": 0, "canceled": 0})
+                                     batches={"running": 1, "succeeded": 0, "failed": 0, "canceled": 0}, shard=0)
     paged = json.loads(ok(run_cli(prefix, "tenants", "--skip", "1", "--take", "1", "--json")))
     assert paged["count"] == 3 and [t["tenant"] for t in paged["tenants"]] == ["globex"]
     # When one tenant is shown

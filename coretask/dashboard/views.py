@@ -252,7 +252,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
         names, count = scope.tenants((page - 1) * PAGE, PAGE)
         stats = [scope.tenant_stats(n) for n in names]
         return render_template(T + "tenants.html", stats=stats, count=count, page=page, more=page * PAGE < count,
-                               live=url_for(".live_tenants", page=page))
+                               sharded=scope.processor.options.shards > 1, live=url_for(".live_tenants", page=page))
 
     @bp.get("/live/tenants")
     def live_tenants() -> ResponseReturnValue:

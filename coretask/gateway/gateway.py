@@ -83,12 +83,12 @@ class OneShard:
     def wake(self, worker_id: str, channel: str) -> None:
         """An event arrived on ``channel`` (one prefix: nothing to note, the loop fetches)."""
 
-    def tenant_shard(self, tenant: str) -> int:
+    def tenant_shard(self, tenant: str, place: bool = True) -> int:
         return 0
 
-    def carry_pauses(self) -> int:
-        """Write the pause flags one shard holds to the shards that lack them (one shard:
-        nothing to carry). Returns how many flags were written."""
+    def carry_controls(self) -> int:
+        """Write the pause flags and tenant limits one shard holds to the shards that lack them
+        (one shard: nothing to carry). Returns how many were written."""
         return 0
 
     def forwarded(self, task_id: str) -> str | None:
@@ -479,6 +479,10 @@ class Gateway(OneShard):
             pipe.hmget(self.keys.task(task_id), "a", "cx")
         return {task_id for (task_id, token), (a, cx) in zip(tasks, pipe.execute())
                 if cx is not None and a is not None and a.decode() == token}
+
+    def tenant_limits(self) -> dict[str, int]:
+        """Every tenant limit this prefix holds (P:tlim)."""
+        return {t.decode(): int(n) for t, n in self._redis.hgetall(self.keys.tlim).items()}
 
     def set_tenant_limit(self, tenant: str, limit: int | None) -> None:
         k = self.keys

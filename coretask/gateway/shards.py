@@ -196,8 +196,10 @@ class ShardedGateway:
 
     # ====================================================================== addresses
 
-    def tenant_shard(self, tenant: str) -> int:
-        """Where the tenant's new work goes (module docstring, placement)."""
+    def tenant_shard(self, tenant: str, place: bool = True) -> int:
+        """Where the tenant's new work goes (module docstring, placement). ``place=False`` for
+        a read (get_tenant_shard, the CLI): the shard its first work would go to, unrecorded,
+        so that looking up a misspelt name leaves nothing behind."""
         fixed = self.shard_map.get(tenant)
         if fixed is not None:
             return fixed
@@ -209,6 +211,8 @@ class ShardedGateway:
         shard = home.placement(tenant)
         if shard is None or shard >= self.n:
             guess = 0 if home.tenant_has_history(tenant) else stable_shard(tenant, self.n)
+            if not place:
+                return guess
             shard = home.place(tenant, guess)
         self._placed[tenant] = (shard, now + DIRECTORY_TTL)
         return shard
@@ -689,11 +693,12 @@ class ShardedGateway:
 
     # ============================================================================== reads
 
-    def carry_pauses(self) -> int:
-        """A pause set while the deployment had fewer shards lives on shard 0 alone, and each
-        shard's fetch checks only its own flags: every worker process carries the flags any
-        shard holds to the shards that lack them before its first fetch, so that turning
-        sharding on never resumes what was paused. (A resume clears every shard; this adds.)"""
+    def carry_controls(self) -> int:
+        """A pause or tenant limit set while the deployment had fewer shards lives on shard 0
+        alone, and each shard's fetch checks only its own: every worker process carries what
+        any shard holds to the shards that lack it before its first fetch, so that turning
+        sharding on never resumes what was paused nor lifts a limit. (A resume or a cleared
+        limit clears every shard; this only adds.)"""
         written = 0
         if self.is_paused():
             for g in self.shards:
@@ -707,6 +712,13 @@ class ShardedGateway:
                     if name not in flags:
                         g.pause(scope, True, name)
                         written += 1
+        limits = [g.tenant_limits() for g in self.shards]
+        for tenant in sorted(set().union(*limits)):
+            limit = next(held[tenant] for held in limits if tenant in held)
+            for g, held in zip(self.shards, limits):
+                if tenant not in held:
+                    g.set_tenant_limit(tenant, limit)
+                    written += 1
         return written
 
     def is_paused(self) -> bool:

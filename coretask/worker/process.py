@@ -106,12 +106,12 @@ class WorkerProcess:
             self.chain.on_worker_start(info)
         threading.Thread(target=lambda: (stop.wait(), ledger.wake.set()), daemon=True).start()
         try:
-            carried = self.gateway.carry_pauses()
+            carried = self.gateway.carry_controls()
             if carried:
-                log.warning("worker %s: %d pause flags held by some shards only (set before Options.shards "
-                            "grew) were written to the others", self.id, carried)
+                log.warning("worker %s: %d pause flags or tenant limits held by some shards only (set before "
+                            "Options.shards grew) were written to the others", self.id, carried)
         except Exception as exc:    # the loop waits for Redis as for any call; each shard still checks its own
-            log.warning("worker %s: could not compare the shards' pause flags: %s", self.id, exc)
+            log.warning("worker %s: could not compare the shards' pause flags and tenant limits: %s", self.id, exc)
         try:
             self.loop.run(stop)
         finally:
