@@ -7,6 +7,7 @@ for long. Staged data is invisible to workers until the commit; on any error it 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from .gateway import Gateway, InFlight
     from .producing import Producer
 
-__all__ = ["BatchBuilder"]
+__all__ = ["BatchBlock", "BatchBuilder"]
 
 CHUNK = 250                        # tasks per staging call (each call stays well under 50 ms)
 CHUNK_BYTES = 1024 * 1024          # payload bytes per staging call (large payloads flush sooner)
@@ -54,6 +55,7 @@ class BatchBuilder:
         self.tasks = 0
         self.continuations = 0
         self._messages: list[EnqueueMessage] = []   # for after_enqueue middleware, after the commit
+        self._closed: str | None = None     # why nothing more can be added (committed, discarded)
 
     def enqueue(self, fn: Callable[..., Any] | Call | TaskData, *args: Any, queue: str | None = None,
                 delay_until: datetime | timedelta | float | None = None, retries: int | None = None,
@@ -65,6 +67,10 @@ class BatchBuilder:
         that task's id is returned. A keyed task costs a round trip of its own. ``timeout`` and
         ``keep_result`` as for enqueue_task (a continuation can read the kept results:
         get_batch_results)."""
+        self._check_open()
+        self._pr.check_clash("batch.enqueue", fn, args, {"queue": queue, "delay_until": delay_until, "retries": retries,
+                                                   "key": key, "key_ttl": key_ttl, "timeout": timeout,
+                                                   "keep_result": keep_result})
         self.tasks += 1
         return self._add(fn, args, kwargs, queue, delay_until, retries, "", key, key_ttl,
                          self._pr.controls(timeout, keep_result))
@@ -73,10 +79,19 @@ class BatchBuilder:
                       on: str = "success", **kwargs: Any) -> str:
         """Run ``fn`` once the batch finishes: on="success" when every task succeeded,
         on="complete" when every task reached a final state. Runs at most once."""
+        self._check_open()
+        self._pr.check_clash("batch.continue_with", fn, args, {"queue": queue})
         if on not in CONTINUE_ON:
             raise ConfigurationError(f"continue_with(on=...) must be one of {', '.join(CONTINUE_ON)}, got {on!r}")
         self.continuations += 1
         return self._add(fn, args, kwargs, queue, None, None, on, controls=self._pr.controls())
+
+    def _check_open(self) -> None:
+        """A task added after the commit would get an id and never be stored: refused instead."""
+        if self._closed is not None:
+            raise ConfigurationError(
+                f"batch {self._batch_id} takes no more tasks: {self._closed}. Add tasks to a batch that "
+                f"exists with processor.append_batch({self.queue!r}, {self.tenant!r}, {self._batch_id!r}, build)")
 
     def _add(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any], queue: str | None,
              delay_until: Any, retries: int | None, on: str, key: str | None = None, key_ttl: Any = None,
@@ -150,6 +165,8 @@ class BatchBuilder:
     def _commit(self) -> bool:
         self._flush()
         self._staged_so_far()
+        self._closed = ("it was written when its `with` block (or its build function) ended" if self._mode == "create"
+                        else "this append was written when its build function returned")
         try:
             res = self._gw.commit_batch(self._batch_id, self._stage, self.tenant, self.queue, self._scope or "",
                                         self._mode, self.tasks, self.continuations, os.urandom(12).hex())
@@ -175,6 +192,10 @@ class BatchBuilder:
         return True
 
     def _abort(self) -> None:
+        if self._mode == "create":
+            self._closed = "its `with` block (or build function) raised, so nothing of it was enqueued"
+        else:
+            self._closed = "this append's build function raised, or the batch could not be appended to"
         self._chunk = []
         self._shapes = {}
         try:
@@ -183,3 +204,22 @@ class BatchBuilder:
             pass
         self._gw.abort_stage(self._batch_id, self._stage, CHUNK)
 
+
+
+class BatchBlock(contextlib.AbstractContextManager["BatchBuilder"]):
+    """What ``processor.batch(...)`` returns: a ``with`` block whose builder is committed when
+    the block ends. Used without ``with``, it says so instead of an AttributeError."""
+
+    def __init__(self, block: contextlib.AbstractContextManager[BatchBuilder]) -> None:
+        self._block = block
+
+    def __enter__(self) -> BatchBuilder:
+        return self._block.__enter__()
+
+    def __exit__(self, *exc: Any) -> bool | None:
+        return self._block.__exit__(*exc)
+
+    def __getattr__(self, name: str) -> Any:
+        raise ConfigurationError(f"processor.batch(...) is used in a with block: `with processor.batch(queue, tenant) "
+                                 f"as batch: batch.{name}...` (or processor.enqueue_batch(queue, tenant, build)), "
+                                 "so that the batch is written whole when the block ends")

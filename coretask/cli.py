@@ -547,6 +547,18 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
@@ -579,8 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--to", type=int, required=True, help="the shard number (0 .. shards - 1)")
     sp = cmd("batches", cmd_batches, "a tenant's batches, newest first")
     sp.add_argument("tenant")
-    sp.add_argument("--skip", type=int, default=0)
-    sp.add_argument("--take", type=int, default=25)
+    sp.add_argument("--skip", type=_at_least(0), default=0)
+    sp.add_argument("--take", type=_at_least(1), default=25)
     sp = cmd("batch", cmd_batch, "one batch's statistics")
     sp.add_argument("id")
     sp.add_argument("--watch", action="store_true", help="show a live progress bar until the batch finishes")
@@ -599,20 +611,20 @@ def build_parser() -> argparse.ArgumentParser:
     act.add_argument("--retry-id", metavar="ID", help="move the dead task ID back to work")
     act.add_argument("--discard-id", metavar="ID", help="delete the dead task ID")
     sp.add_argument("--retries", type=int, help="retries granted to tasks moved back (default Options.retries)")
-    sp.add_argument("--skip", type=int, default=0)
-    sp.add_argument("--take", type=int, default=25)
+    sp.add_argument("--skip", type=_at_least(0), default=0)
+    sp.add_argument("--take", type=_at_least(1), default=25)
     sp = cmd("quarantine", cmd_quarantine, "tasks whose records were too damaged to dead-letter (no readable "
              "queue), with the reason")
-    sp.add_argument("--skip", type=int, default=0)
-    sp.add_argument("--take", type=int, default=25)
+    sp.add_argument("--skip", type=_at_least(0), default=0)
+    sp.add_argument("--take", type=_at_least(1), default=25)
     sp = cmd("schedules", cmd_schedules, "a tenant's cron schedules with next and last run")
     sp.add_argument("tenant")
-    sp.add_argument("--skip", type=int, default=0)
-    sp.add_argument("--take", type=int, default=25)
+    sp.add_argument("--skip", type=_at_least(0), default=0)
+    sp.add_argument("--take", type=_at_least(1), default=25)
     cmd("trigger", cmd_trigger, "enqueue one run of a schedule now (the next tick does not move)").add_argument("id")
     sp = cmd("tenants", cmd_tenants, "tenants in name order with their counters, paused state and limit")
-    sp.add_argument("--skip", type=int, default=0)
-    sp.add_argument("--take", type=int, default=25)
+    sp.add_argument("--skip", type=_at_least(0), default=0)
+    sp.add_argument("--take", type=_at_least(1), default=25)
     cmd("tenant", cmd_tenant, "one tenant's statistics: queued per queue, running, done, failed, canceled, "
         "dead, batches by state").add_argument("id")
     sp = cmd("metrics", cmd_metrics, "serve Prometheus gauges read from Redis (queue depth by state, workers, "

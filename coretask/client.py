@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from .batch import BatchBuilder
+from .batch import BatchBlock, BatchBuilder
 from .encoding import Call, TaskData
 from .errors import ConfigurationError, ReplicationError
 from .gateway import Gateway
@@ -84,6 +84,8 @@ class Client(Introspection, Schedules, TenantAdmin):
         self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
         pr = self.producer
+        pr.check_clash("enqueue_task", fn, args, {"delay_until": delay_until, "retries": retries, "key": key,
+                                            "key_ttl": key_ttl, "timeout": timeout, "keep_result": keep_result})
         idem, key_ttl_ms = pr.idempotency(key, key_ttl)
         controls = pr.controls(timeout, keep_result)
         enc = pr.encode_call(fn, args, kwargs)
@@ -128,12 +130,16 @@ class Client(Introspection, Schedules, TenantAdmin):
         assert b.id is not None
         return b.id
 
-    @contextlib.contextmanager
-    def batch(self, queue: str, tenant: str, scope: str | None = None) -> Iterator[BatchBuilder]:
+    def batch(self, queue: str, tenant: str, scope: str | None = None) -> BatchBlock:
         """``with processor.batch(queue, tenant) as batch: batch.enqueue(...)``; ``batch.id`` is
-        set on exit. An exception inside the block enqueues nothing."""
+        set on exit. An exception inside the block enqueues nothing; after the block, the batch
+        takes no more tasks (append_batch adds to it)."""
         self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
+        return BatchBlock(self._batch_block(queue, tenant, scope))
+
+    @contextlib.contextmanager
+    def _batch_block(self, queue: str, tenant: str, scope: str | None) -> Iterator[BatchBuilder]:
         builder = BatchBuilder(self.gateway, self.producer, queue, tenant, self.gateway.new_id(tenant), scope, "create")
         yield from _staged(builder)
         if self._run_ready is not None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigurationError, ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
 from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
                      HistoryPoint, ShardInfo, ms_to_dt, to_int)
-from .options import Options, check_queue_name, check_tenant
+from .options import Options, check_page, check_queue_name, check_tenant
 from .results import decode_result
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ class Introspection:
 
     def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
         """Ready tasks of a queue, tenant by tenant (tenants in name order, FIFO within one)."""
+        check_page(skip, take)
         gw = self.gateway
         ids: list[str] = []
         tenants = gw.queue_tenants(check_queue_name(queue))
@@ -65,6 +66,7 @@ class Introspection:
         return [t for t in self._tasks(ids, TaskInfo) if t is not None]
 
     def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
+        check_page(skip, take)
         ids = self.gateway.dead_ids(check_queue_name(queue), skip, skip + take - 1)
         return [t for t in self._tasks(ids, DeadTask) if t is not None]
 
@@ -73,6 +75,7 @@ class Introspection:
         """Running tasks, soonest lease deadline first. Filtered by ``queue`` / ``tenant``, the
         filter looks at the first FILTER_SCAN running tasks past ``skip`` (running tasks are
         bounded by the workers' threads, so that is all of them in any usual deployment)."""
+        check_page(skip, take)
         if queue is None and tenant is None:
             ids, _ = self.gateway.leased_page(skip, skip + take - 1)
             return [t for t in self._tasks(ids, TaskInfo) if t is not None]
@@ -85,6 +88,7 @@ class Introspection:
     def get_delayed_tasks(self, skip: int = 0, take: int = 25, queue: str | None = None,
                           tenant: str | None = None) -> list[TaskInfo]:
         """Delayed and retrying tasks, soonest due first (filtered as get_running_tasks does)."""
+        check_page(skip, take)
         if queue is None and tenant is None:
             rows, _ = self.gateway.delayed_page(skip, skip + take - 1)
             return [t for t in self._tasks([i for i, _ in rows], TaskInfo) if t is not None]
@@ -104,6 +108,7 @@ class Introspection:
     def get_quarantined(self, skip: int = 0, take: int = 25) -> list[QuarantinedTask]:
         """Tasks taken out of circulation because their records were damaged beyond a dead
         letter (not even the queue readable), oldest first, each with the reason."""
+        check_page(skip, take)
         return [QuarantinedTask(id=i, reason=why) for i, why in self.gateway.quarantined(skip, take)]
 
     def get_quarantined_count(self) -> int:
@@ -140,6 +145,7 @@ class Introspection:
     def get_batch_results(self, batch_id: str, skip: int = 0, take: int = 100) -> list[TaskOutcome]:
         """The finished tasks of a batch whose tasks keep their results, in the order they
         finished (a continuation reads them page by page); values of expired records are gone."""
+        check_page(skip, take)
         ids = self.gateway.batch_result_ids(batch_id, skip, skip + take - 1)
         out = []
         for task_id, h in zip(ids, self.gateway.task_hashes(ids)):
@@ -198,6 +204,7 @@ class Introspection:
     def get_batch_continuations(self, batch_id: str, tenant: str | None = None, take: int = 100) -> list[TaskInfo]:
         """The batch's continuations that have not been released yet (they run once it
         finishes); [] when unknown or (with ``tenant``) another tenant's."""
+        check_page(0, take)
         if self.get_batch(batch_id, tenant) is None:
             return []
         ids = self.gateway.continuation_ids(batch_id, 0, take - 1)
@@ -209,6 +216,7 @@ class Introspection:
         running, dead, or finished and kept), ``skip``/``take`` over that order; a task whose
         record is gone (finished and not kept, or deleted) is left out, so a page may hold
         fewer than ``take``. [] when unknown or (with ``tenant``) another tenant's."""
+        check_page(skip, take)
         if self.get_batch(batch_id, tenant) is None:
             return []
         ids, _ = self.gateway.batch_task_ids(batch_id, skip, skip + take - 1)
@@ -216,6 +224,7 @@ class Introspection:
 
     def get_batches(self, tenant: str, skip: int = 0, take: int = 25) -> list[BatchInfo]:
         """A tenant's batches, newest first."""
+        check_page(skip, take)
         return [BatchInfo.from_hash(b, h) for b, h in self.gateway.batch_page(check_tenant(tenant), skip, take)]
 
     def get_batches_count(self, tenant: str) -> int:

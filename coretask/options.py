@@ -323,9 +323,19 @@ def check_queue_name(name: object, what: str = "queue") -> str:
 
 
 def check_tenant(tenant: object) -> str:
-    if not isinstance(tenant, str) or not tenant or len(tenant) > 200 or any(c.isspace() for c in tenant):
+    if not isinstance(tenant, str):
+        raise ConfigurationError(f"a tenant is a string, got {type(tenant).__name__} {tenant!r}")
+    if not tenant or len(tenant) > 200 or any(c.isspace() for c in tenant):
         raise ConfigurationError(f"tenant {tenant!r} is not allowed; use 1-200 characters without whitespace")
     return tenant
+
+
+def check_page(skip: object, take: object) -> None:
+    """A page of a list read: a ``take`` of 0 or below would read every entry (Redis counts a
+    negative stop from the end), a negative ``skip`` nothing; both refused."""
+    for name, value, low in (("skip", skip, 0), ("take", take, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigurationError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_int(name: str, value: object, low: int) -> None:

@@ -3,6 +3,8 @@ into a checked, encoded, signed task description. Pure Python, no Redis: the cal
 result to the gateway."""
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import time
 from datetime import datetime, timedelta
@@ -59,6 +61,25 @@ class Producer:
 
     def encode_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Encoded:
         return self.encode(self.as_call(fn, args, kwargs))
+
+    @staticmethod
+    def check_clash(call: str, fn: Any, args: tuple[Any, ...], options: dict[str, Any]) -> None:
+        """Refuse an enqueue option passed to a call whose task has a parameter of that name
+        that ``args`` leave unfilled (``timeout``, most often): which of the two was meant cannot
+        be told, and taking the option would run the task with its own default without a word."""
+        passed = [name for name, value in options.items() if value is not None]
+        if not passed or isinstance(fn, (Call, TaskData)):
+            return
+        positional, keywords = _parameters(fn)
+        clash = [name for name in passed if name in keywords and name not in positional[:len(args)]]
+        if clash:
+            name = getattr(fn, "__qualname__", None) or repr(fn)
+            names = " and ".join(repr(n) for n in clash)
+            raise ConfigurationError(
+                f"{name} has a parameter named {names}, which {call} also takes as its own option "
+                f"({', '.join(n + '=' for n in clash)}): which one was meant cannot be told. To pass it to the task, "
+                f"wrap the call: {call}(..., coretask.call({name}, ..., {clash[0]}=...)); the enqueue's own "
+                "options go after the call")
 
     def sign(self, task_id: str, tenant: str, queue: str, enc: Encoded) -> str:
         """The task's signature (field sg), or "" when Options.signing_key is not set."""
@@ -153,3 +174,23 @@ def _ms(name: str, value: timedelta | float | None) -> int:
     if not math.isfinite(seconds) or seconds <= 0:
         raise ConfigurationError(f"{name} must be positive, got {value!r}")
     return max(math.ceil(seconds * 1000), 1)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parameter_names(fn: Any) -> tuple[tuple[str, ...], frozenset[str]]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):         # built-ins Python cannot read: no names to clash with
+        return (), frozenset()
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return (tuple(p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, kinds[0])),
+            frozenset(p.name for p in params if p.kind in kinds))
+
+
+def _parameters(fn: Any) -> tuple[tuple[str, ...], frozenset[str]]:
+    """``fn``'s positional parameters in order, and the names it takes as keywords (cached:
+    read on every enqueue that passes an option)."""
+    try:
+        return _parameter_names(fn)
+    except TypeError:                        # unhashable callable
+        return _parameter_names.__wrapped__(fn)

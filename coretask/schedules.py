@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .cron import parse_cron
 from .errors import ConfigurationError
 from .models import ms_to_dt
-from .options import check_tenant
+from .options import check_page, check_tenant
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -168,6 +168,7 @@ class Schedules:
 
     def get_schedules(self, tenant: str, skip: int = 0, take: int = 25) -> list[ScheduleInfo]:
         """A tenant's schedules ordered by id."""
+        check_page(skip, take)
         return [_info(sid, h, score) for sid, h, score in self.gateway.schedules(check_tenant(tenant), skip, take)]
 
     def get_schedules_count(self, tenant: str | None = None) -> int:

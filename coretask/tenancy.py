@@ -8,16 +8,15 @@ check cannot race with the change.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError
-from .options import check_queue_name, check_tenant
+from .options import check_page, check_queue_name, check_tenant
 
 if TYPE_CHECKING:
-    from .batch import BatchBuilder
+    from .batch import BatchBlock, BatchBuilder
     from .client import Client
     from .gateway import Gateway
     from .options import Options
@@ -130,6 +129,7 @@ class TenantView:
 
     def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
         """This tenant's ready tasks in the queue, FIFO."""
+        check_page(skip, take)
         p = self.processor
         ids = p.gateway.ready_ids(check_queue_name(queue), self.tenant, skip, skip + take - 1)
         return [t for t in p._tasks(ids, _task_info()) if t is not None]
@@ -137,6 +137,7 @@ class TenantView:
     def get_dead_tasks(self, queue: str, skip: int = 0, take: int = 25) -> list[DeadTask]:
         """This tenant's dead letters in the queue, oldest first (the dead list is shared by the
         queue's tenants, so this filters at most DEAD_SCAN entries past ``skip``)."""
+        check_page(skip, take)
         p = self.processor
         mine = [t for t in p.get_dead_tasks(queue, 0, skip + DEAD_SCAN) if t.tenant == self.tenant]
         return mine[skip:skip + take]
@@ -154,10 +155,8 @@ class TenantView:
     def enqueue_batch(self, queue: str, build: Callable[[BatchBuilder], Any], scope: str | None = None) -> str:
         return self.processor.enqueue_batch(queue, self.tenant, build, scope=scope)
 
-    @contextmanager
-    def batch(self, queue: str, scope: str | None = None) -> Iterator[BatchBuilder]:
-        with self.processor.batch(queue, self.tenant, scope=scope) as b:
-            yield b
+    def batch(self, queue: str, scope: str | None = None) -> BatchBlock:
+        return self.processor.batch(queue, self.tenant, scope=scope)
 
     def append_batch(self, queue: str, batch_id: str, build: Callable[[BatchBuilder], Any]) -> bool:
         return self.processor.append_batch(queue, self.tenant, batch_id, build)
@@ -275,6 +274,7 @@ class TenantAdmin:
 
     def get_tenants(self, skip: int = 0, take: int = 25) -> list[str]:
         """Tenants with work or history, in name order."""
+        check_page(skip, take)
         return self.gateway.tenant_page(skip, take)
 
     def get_tenants_count(self) -> int:

@@ -20,6 +20,11 @@ def options_like(key: str, retries: int, delay_until: str) -> None:
                                "types": [type(retries).__name__, type(delay_until).__name__]}))
 
 
+def fetch_like(key: str, timeout: int = 3) -> None:
+    """A parameter named like the enqueue option ``timeout``, with a default."""
+    R().rpush(key, timeout)
+
+
 def record_ctx(key: str, ctx: TaskContext) -> None:
     """Records what the task knew about itself, and when it started (epoch seconds)."""
     R().rpush(key, json.dumps({"id": ctx.task_id, "attempt": ctx.attempt, "retries_left": ctx.retries_left,

@@ -110,6 +110,36 @@ def test_exception_inside_build_leaves_nothing(processor, r, prefix, form):
     assert processor.get_batches_count("acme") == 0 and processor.get_queues() == []
 
 
+def test_a_batch_takes_no_task_after_it_was_written_and_says_how_to_add_one(processor, r, prefix):
+    # Given a batch written by its with block, a kept builder of enqueue_batch, and an append
+    with processor.batch("default", "acme") as b:
+        b.enqueue(tasks.record, prefix + ":out", 1)
+    kept = []
+    processor.enqueue_batch("default", "acme", kept.append)
+    appended = []
+    processor.append_batch("default", "acme", b.id, lambda a: (a.enqueue(tasks.record, prefix + ":out", 2),
+                                                               appended.append(a)))
+    # When a task or continuation is added to any of them afterwards, it is refused with the fix
+    for builder in (b, kept[0], appended[0]):
+        with pytest.raises(ConfigurationError, match=r"takes no more tasks.*processor.append_batch\('default', 'acme'"):
+            builder.enqueue(tasks.record, prefix + ":out", 3)
+        with pytest.raises(ConfigurationError, match="takes no more tasks"):
+            builder.continue_with(tasks.record, prefix + ":out", "late")
+    # ... and so after a block that raised
+    with pytest.raises(KeyError), processor.batch("default", "acme") as failed:
+        raise KeyError("boom")
+    with pytest.raises(ConfigurationError, match="raised, so nothing of it was enqueued"):
+        failed.enqueue(tasks.record, prefix + ":out", 4)
+    # Then the batch holds exactly what was added in time
+    assert processor.get_batch(b.id).total == 2 and processor.get_batches_count("acme") == 2
+    # And processor.batch(...) used without `with` says how to use it
+    with pytest.raises(ConfigurationError, match="with processor.batch"):
+        processor.batch("default", "acme").enqueue(tasks.record, prefix + ":out", 5)
+    with pytest.raises(ConfigurationError, match="with processor.batch"):
+        processor.tenant("acme").batch("default").enqueue(tasks.record, prefix + ":out", 5)
+    assert processor.get_batches_count("acme") == 2
+
+
 @pytest.mark.parametrize("failing", [2, 3, "commit"])
 def test_redis_error_midway_leaves_nothing(processor, r, prefix, monkeypatch, failing):
     # Given a store whose n-th staging call (or the commit) fails as if the connection dropped

@@ -310,6 +310,27 @@ def test_call_passes_option_named_keywords_to_the_task(processor, embedded_worke
     assert isinstance(coretask.call(tasks.record, "k"), Call)
 
 
+def test_an_option_named_like_an_unfilled_task_parameter_is_refused_with_the_fix(processor, embedded_worker, r,
+                                                                                 prefix):
+    key = prefix + ":out"
+    # Given a task fetch_like(key, timeout=3): enqueued with timeout=10, which was meant cannot be told
+    with pytest.raises(ConfigurationError, match=r"fetch_like has a parameter named 'timeout'.*coretask.call\("
+                                                 r"fetch_like, \.\.\., timeout=\.\.\.\)"):
+        processor.enqueue_task("default", "acme", tasks_extra.fetch_like, key, timeout=10)
+    with pytest.raises(ConfigurationError, match="batch.enqueue also takes as its own option"):
+        processor.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_extra.fetch_like, key, timeout=10))
+    assert processor.get_queue("default").queued == 0 and processor.get_batches_count("acme") == 0
+    # When the task's argument goes through coretask.call and the option after it, both hold
+    tid = processor.enqueue_task("default", "acme", coretask.call(tasks_extra.fetch_like, key, timeout=10),
+                                 timeout=5)
+    assert processor.get_task(tid).timeout == 5.0
+    # ... and an option whose parameter the positional arguments fill is the enqueue's
+    tid2 = processor.enqueue_task("default", "acme", tasks_extra.fetch_like, key, 7, timeout=6)
+    assert processor.get_task(tid2).timeout == 6.0
+    embedded_worker(processor)
+    wait_until(lambda: sorted(values(r, key)) == ["10", "7"], 10, "both ran with their own arguments")
+
+
 # ------------------------------------------------------------ values and callables end to end
 
 def test_dict_keys_come_back_as_their_annotation_names_them(processor, embedded_worker, r, prefix):

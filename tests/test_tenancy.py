@@ -722,3 +722,39 @@ def test_cli_tenants_and_tenant(make_processor, r, prefix):
     p.set_tenant_limit("newcomer", 2)      # no work yet, but a limit: known
     assert json.loads(ok(run_cli(prefix, "tenant", "newcomer", "--json")))["limit"] == 2
     assert json.loads(ok(run_cli(prefix, "tenants", "--json", "--skip", "5")))["tenants"] == []
+
+
+def test_every_paged_read_refuses_a_page_that_would_read_everything_or_nothing(processor):
+    # Given a tenant with a batch and queued work (a take of 0 or -1 would be a Redis stop of
+    # -1: every entry)
+    batch = processor.enqueue_batch("default", "acme", lambda b: [b.enqueue(tasks.count, "k") for _ in range(3)])
+    view = processor.tenant("acme")
+    reads = {
+        "get_tasks_in_queue": lambda s, t: processor.get_tasks_in_queue("default", s, t),
+        "get_dead_tasks": lambda s, t: processor.get_dead_tasks("default", s, t),
+        "get_running_tasks": lambda s, t: processor.get_running_tasks(s, t),
+        "get_delayed_tasks": lambda s, t: processor.get_delayed_tasks(s, t, tenant="acme"),
+        "get_quarantined": lambda s, t: processor.get_quarantined(s, t),
+        "get_batch_results": lambda s, t: processor.get_batch_results(batch, s, t),
+        "get_batch_tasks": lambda s, t: processor.get_batch_tasks(batch, skip=s, take=t),
+        "get_batches": lambda s, t: processor.get_batches("acme", s, t),
+        "get_schedules": lambda s, t: processor.get_schedules("acme", s, t),
+        "get_tenants": lambda s, t: processor.get_tenants(s, t),
+        "view.get_tasks_in_queue": lambda s, t: view.get_tasks_in_queue("default", s, t),
+        "view.get_dead_tasks": lambda s, t: view.get_dead_tasks("default", s, t),
+        "view.get_batches": lambda s, t: view.get_batches(s, t),
+    }
+    for name, read in reads.items():
+        # When a page is asked with take 0 or below, a negative skip, or no number: refused, named
+        for skip, take, said in ((0, 0, "take"), (0, -1, "take"), (-1, 5, "skip"), (0, "5", "take"), (True, 5, "skip")):
+            with pytest.raises(ConfigurationError, match=f"{said} must be an integer >= "):
+                read(skip, take)
+        # And a proper page reads as before
+        assert isinstance(read(0, 2), list), name
+    assert len(processor.get_tasks_in_queue("default", 0, 2)) == 2 and len(processor.get_batch_tasks(batch, take=1)) == 1
+    assert processor.get_batch_continuations(batch, take=1) == []
+    with pytest.raises(ConfigurationError, match="take must be an integer >= 1"):
+        processor.get_batch_continuations(batch, take=0)
+    # (and a tenant that is not a string says so)
+    with pytest.raises(ConfigurationError, match="a tenant is a string, got int 5"):
+        processor.enqueue_task("default", 5, tasks.count, "k")
