@@ -7,6 +7,7 @@ script. A producer never needs a running worker, and a client is cheap to share 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from .gateway import Gateway
 from .introspection import Introspection
 from .middleware import Chain, EnqueueMessage
 from .models import BatchInfo
-from .options import Options, check_queue_name, check_tenant
+from .options import Options, check_queue_name, check_tenant, wait_seconds
 from .producing import Producer
 from .schedules import Schedules
 from .tenancy import TenantAdmin
@@ -213,7 +214,20 @@ class Client(Introspection, Schedules, TenantAdmin):
         return self.gateway.is_paused()
 
     def pause_queue(self, queue: str) -> None:
-        self._pause("queue", True, check_queue_name(queue))
+        """Pause one queue on every worker. A name that is neither in Options.queues nor ever
+        held work is refused (a misspelt name would pause nothing), unless strict_queues is off
+        (a producer that feeds another deployment's queues)."""
+        name = check_queue_name(queue)
+        if self.options.strict_queues and name not in self.options.queues:
+            seen = [q.name for q in self.get_queues()]
+            if name not in seen:
+                known = list(dict.fromkeys([*self.options.queues, *seen]))
+                close = difflib.get_close_matches(name, known, n=1)
+                raise ConfigurationError(
+                    f"queue {name!r} is not a queue of this deployment (not in Options.queues, never held work)"
+                    + (f"; did you mean {close[0]!r}?" if close else f"; the queues are: {', '.join(known)}")
+                    + " To pause a queue another deployment serves, use a processor with Options(strict_queues=False)")
+        self._pause("queue", True, name)
 
     def resume_queue(self, queue: str) -> None:
         self._pause("queue", False, check_queue_name(queue))
@@ -270,9 +284,9 @@ class Client(Introspection, Schedules, TenantAdmin):
 
     # ------------------------------------------------------------------------------ waiting
 
-    def wait_for_batch(self, batch_id: str, timeout: float = 60.0, poll: float = 0.05) -> BatchInfo:
+    def wait_for_batch(self, batch_id: str, timeout: timedelta | float = 60.0, poll: float = 0.05) -> BatchInfo:
         """Block until the batch is finished (or canceled and drained); TimeoutError otherwise."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + wait_seconds("timeout", timeout)
         while True:
             info = self.get_batch(batch_id)
             if info is not None and info.finished and info.remaining == 0:

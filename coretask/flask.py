@@ -74,6 +74,7 @@ def _from_text(field: str, value: Any) -> Any:
 def options_from_config(config: Any, **overrides: Any) -> Options:
     """Options from the ``CORETASK_*`` keys of a Flask config (keyword overrides win)."""
     given: dict[str, Any] = {}
+    source: dict[str, str] = {}         # field -> the key that set it
     unknown: list[str] = []
     for key, value in config.items():
         if not key.startswith(CONFIG_PREFIX):
@@ -85,9 +86,12 @@ def options_from_config(config: Any, **overrides: Any) -> Options:
         if field not in _FIELDS:
             unknown.append(key)
             continue
+        if field in source:     # CORETASK_THREADS and CORETASK_MAX_WORKERS: which one holds would be chance
+            raise ConfigurationError(f"{source[field]} and {key} both set Options.{field}: keep one of them")
         if field == "queues" and isinstance(value, str):
             value = [q.strip() for q in value.split(",") if q.strip()]
         given[field] = _from_text(field, value)
+        source[field] = key
     if unknown:
         keys = sorted(f"{CONFIG_PREFIX}{n.upper()}" for n in _FIELDS) + [CONFIG_PREFIX + a for a in ALIASES]
         hints = []

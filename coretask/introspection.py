@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
 from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
                      HistoryPoint, ShardInfo, ms_to_dt, to_int)
-from .options import Options, check_page, check_queue_name, check_tenant
+from .options import Options, check_page, check_queue_name, check_tenant, wait_seconds
 from .results import decode_result
 
 if TYPE_CHECKING:
@@ -120,13 +120,13 @@ class Introspection:
         when unknown or no longer kept. A dead task reads as a DeadTask."""
         return self._tasks([task_id], None)[0]
 
-    def get_result(self, task_id: str, wait: float | None = None, tenant: str | None = None) -> Any:
+    def get_result(self, task_id: str, wait: timedelta | float | None = None, tenant: str | None = None) -> Any:
         """The return value of a task that keeps its result (``keep_result=`` or
         ``Options.result_ttl``). Raises TaskFailed (its last error), TaskCanceled or TaskTimeout
         for those outcomes; ResultPending while it has not finished (with ``wait`` seconds:
         after blocking that long, woken the moment it finishes); ResultUnavailable when the task
         is unknown (or another ``tenant``'s), its result was not kept, or has expired."""
-        deadline = None if wait is None else time.monotonic() + wait
+        deadline = None if wait is None else time.monotonic() + wait_seconds("wait", wait)
         while True:
             (h,) = self.gateway.task_hashes([task_id])
             if isinstance(h, str) or not h or (tenant is not None and h.get(b"tn", b"").decode() != tenant):
@@ -310,9 +310,17 @@ def _progress(s: dict[str, Any]) -> Progress | None:
     if "pg" not in s:
         return None
     try:
-        return Progress(float(s["pg"]), float(s["pt"]) if s.get("pt") else None, s.get("pm") or None)
+        return Progress(_number(s["pg"]), _number(s["pt"]) if s.get("pt") else None, s.get("pm") or None)
     except ValueError:
         return None
+
+
+def _number(text: str) -> float:
+    """A progress figure as the task gave it: set_progress(8, 20) reads back 8 and 20, not 8.0."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def _is_int(text: str) -> bool:

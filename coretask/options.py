@@ -330,6 +330,16 @@ def check_tenant(tenant: object) -> str:
     return tenant
 
 
+def wait_seconds(name: str, value: object) -> float:
+    """How long a call may block (get_result's ``wait``, wait_for_batch's ``timeout``): a
+    timedelta or seconds, 0 or more, as every duration of the API takes it."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds >= 0 \
+            or seconds == float("inf"):
+        raise ConfigurationError(f"{name} must be a timedelta or a number of seconds >= 0, got {value!r}")
+    return float(seconds)
+
+
 def check_page(skip: object, take: object) -> None:
     """A page of a list read: a ``take`` of 0 or below would read every entry (Redis counts a
     negative stop from the end), a negative ``skip`` nothing; both refused."""

@@ -75,7 +75,7 @@ class TenantView:
         info = self.processor.get_task(task_id)
         return info if info is not None and info.tenant == self.tenant else None
 
-    def get_result(self, task_id: str, wait: float | None = None) -> Any:
+    def get_result(self, task_id: str, wait: timedelta | float | None = None) -> Any:
         """As TaskProcessor.get_result; another tenant's task reads as unknown."""
         return self.processor.get_result(task_id, wait, tenant=self.tenant)
 
@@ -179,7 +179,7 @@ class TenantView:
     def get_batches_count(self) -> int:
         return self.processor.get_batches_count(self.tenant)
 
-    def wait_for_batch(self, batch_id: str, timeout: float = 60.0) -> BatchInfo:
+    def wait_for_batch(self, batch_id: str, timeout: timedelta | float = 60.0) -> BatchInfo:
         if self.get_batch(batch_id) is None:
             raise ConfigurationError(f"batch {batch_id} is not a batch of tenant {self.tenant!r}")
         return self.processor.wait_for_batch(batch_id, timeout)

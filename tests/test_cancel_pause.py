@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 
-from coretask import TaskCanceled
+from coretask import ConfigurationError, TaskCanceled
 from coretask.worker.control import Frames
 from coretask.worker.process import WorkerProcess
 from tests import tasks, tasks_batch
@@ -312,6 +312,22 @@ def test_workers_started_while_paused_start_paused(processor, embedded_worker, r
     assert r.llen(out) == 0 and processor.get_queue("default").queued == 5
     processor.resume()
     wait_until(lambda: r.llen(out) == 5, 10, "tasks after resume")
+
+
+def test_pause_queue_refuses_a_queue_the_deployment_does_not_have(make_processor, r, prefix):
+    p = make_processor(queues=["default", "low"])
+    # A misspelt name is refused with the queue it resembles; nothing is paused
+    with pytest.raises(ConfigurationError, match="queue 'defualt' is not a queue of this deployment.*did you mean "
+                                                 "'default'"):
+        p.pause_queue("defualt")
+    assert p.get_paused_queues() == []
+    # A queue that held work (fed by another deployment's producer) can be paused, as can a configured one
+    make_processor(strict_queues=False).enqueue_task("elsewhere", "acme", tasks.record, prefix + ":x", 1)
+    p.pause_queue("elsewhere")
+    p.pause_queue("low")
+    # ... and any name by a producer that feeds other deployments (strict_queues off)
+    make_processor(strict_queues=False).pause_queue("theirs")
+    assert p.get_paused_queues() == ["elsewhere", "low", "theirs"]
 
 
 def test_pause_queue_stops_only_that_queue(make_processor, embedded_worker, r, prefix):

@@ -48,6 +48,12 @@ def test_config_keys_map_to_options_and_a_typo_names_the_key_meant():
     assert (text.timeout.total_seconds(), text.result_ttl.total_seconds()) == (30, 2.5)
     with pytest.raises(ConfigurationError, match="Options.cluster must be True or False, got 'maybe'"):
         options_from_config({"CORETASK_CLUSTER": "maybe"})
+    # And two keys for one option (an alias and the name) are refused, not decided by their order
+    with pytest.raises(ConfigurationError, match="CORETASK_THREADS and CORETASK_MAX_WORKERS both set "
+                                                 "Options.max_workers: keep one of them"):
+        options_from_config({"CORETASK_THREADS": 4, "CORETASK_MAX_WORKERS": 8})
+    with pytest.raises(ConfigurationError, match="both set Options.redis"):
+        options_from_config({"CORETASK_REDIS": "redis://a:1/0", "CORETASK_REDIS_URL": "redis://b:1/0"})
 
 
 def _app(url: str, prefix: str, cluster: bool, **config) -> Flask:

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 import redis
 
-from coretask import (PayloadTooLarge, Progress, ResultPending, ResultUnavailable, ScheduleData, TaskCanceled,
+from coretask import (ConfigurationError, PayloadTooLarge, Progress, ResultPending, ResultUnavailable, ScheduleData, TaskCanceled,
                       TaskFailed, TaskTimeout)
 from tests import tasks, tasks_batch, tasks_control
 from tests.conftest import wait_until
@@ -173,6 +173,11 @@ def test_many_waiters_all_wake_and_wait_ends_with_result_pending(processor, embe
     wait_until(lambda: r.llen(key + ":started"), 10, "the task running")
     with pytest.raises(ResultPending, match="running"):
         processor.get_result(tid, wait=0.2)
+    with pytest.raises(ResultPending, match="running"):           # a timedelta, as every duration takes
+        processor.get_result(tid, wait=timedelta(milliseconds=200))
+    for bad in ("1", -1, float("nan")):
+        with pytest.raises(ConfigurationError, match="wait must be a timedelta or a number of seconds >= 0"):
+            processor.get_result(tid, wait=bad)
     r.set(key + ":end", 1)
     for t in waiters:
         t.join(15)
@@ -290,7 +295,9 @@ def test_a_finished_task_shows_its_last_progress_report(processor, embedded_work
     embedded_worker(processor)
     processor.get_result(tid, wait=20)
     # Then its record shows the last report (the throttle held it back; it is written as the task ends)
-    assert processor.get_task(tid).progress == Progress(500, 500, None)
+    progress = processor.get_task(tid).progress
+    assert progress == Progress(500, 500, None)
+    assert type(progress.done) is int and type(progress.total) is int      # as reported, not 500.0
 
 
 def test_set_progress_refuses_what_is_not_a_number(processor):

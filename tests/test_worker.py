@@ -448,6 +448,18 @@ def test_cli_flags_override_the_app_options(make_processor, start_manager, r, pr
     assert m.terminate() == 0
 
 
+def test_a_misspelt_queue_to_serve_is_named_at_start(make_processor, start_manager, prefix):
+    # Given a deployment whose queue "default" has held work
+    processor = make_processor()
+    processor.enqueue_task("default", "acme", tw.add, prefix + ":default", 1)
+    # When a manager starts on --queues defualt
+    m = start_manager(queues="defualt")
+    # Then it says at start that the queue never held work and names the one that has
+    wait_until(lambda: "queue 'defualt' has never held work" in m.log(), 20, "the warning")
+    assert "serves 'default', which has" in m.log()
+    assert m.terminate() == 0
+
+
 @pytest.mark.parametrize("app, message", [
     ("no_such_module_xyz:processor", "module 'no_such_module_xyz' cannot be imported"),
     ("tests.app", "must look like MODULE:ATTRIBUTE"),

@@ -12,6 +12,7 @@ shutdown_timeout, handing the rest back; a second signal forces it.
 from __future__ import annotations
 
 import ctypes
+import difflib
 import logging
 import multiprocessing
 import os
@@ -163,6 +164,19 @@ class Manager:
         except Exception:
             log.exception("manager: on_child_exit(%d) failed", pid)
 
+    def _warn_misspelt_queues(self) -> None:
+        """A queue served here that never held work, named like one that has (``--queues
+        defualt``): the workers would wait on it forever, so say it at start."""
+        try:
+            seen = self.leases.gateway.queue_names()
+        except Exception:       # Redis not up yet: the workers wait for it; nothing to compare
+            return
+        for queue in self.options.queues:
+            close = [q for q in difflib.get_close_matches(queue, seen, n=1) if q not in self.options.queues]
+            if queue not in seen and close:
+                log.warning("manager %d: queue %r has never held work and no worker of this manager serves %r, "
+                            "which has: a misspelt --queues or Options.queues?", os.getpid(), queue, close[0])
+
     def _all(self) -> list[Child]:
         return self.children + ([self.isolation] if self.isolation is not None else [])
 
@@ -172,6 +186,7 @@ class Manager:
         n = self.options.processes
         log.info("manager %d: %d processes x %d threads, queues %s, redis %s", os.getpid(), n,
                  self.options.max_workers, ",".join(self.options.queues), self.url)
+        self._warn_misspelt_queues()
         self.children = [self._spawn() for _ in range(n)]
         self._isolate_if_waiting()          # crashed tasks a previous manager left isolated
         renew_every = self.leases.timings.renew_every

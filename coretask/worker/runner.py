@@ -225,7 +225,7 @@ class Runner:
         if not self.options.deadletter:
             return "discarded (Options.deadletter is off)"
         if not self.options.deadletter_schedules:       # (a worker cannot tell a schedule's run apart)
-            return "dead-lettered (a schedule's run: discarded, Options.deadletter_schedules)"
+            return "dead-lettered (unless it is a schedule's run: those are discarded, Options.deadletter_schedules)"
         return "dead-lettered"
 
     def _check(self, task: Task) -> None:
