@@ -218,15 +218,9 @@ class Client(Introspection, Schedules, TenantAdmin):
         held work is refused (a misspelt name would pause nothing), unless strict_queues is off
         (a producer that feeds another deployment's queues)."""
         name = check_queue_name(queue)
-        if self.options.strict_queues and name not in self.options.queues:
-            seen = [q.name for q in self.get_queues()]
-            if name not in seen:
-                known = list(dict.fromkeys([*self.options.queues, *seen]))
-                close = difflib.get_close_matches(name, known, n=1)
-                raise ConfigurationError(
-                    f"queue {name!r} is not a queue of this deployment (not in Options.queues, never held work)"
-                    + (f"; did you mean {close[0]!r}?" if close else f"; the queues are: {', '.join(known)}")
-                    + " To pause a queue another deployment serves, use a processor with Options(strict_queues=False)")
+        if self.options.strict_queues:
+            self._check_known_queue(name, ". To pause a queue another deployment serves, use a processor with "
+                                          "Options(strict_queues=False)")
         self._pause("queue", True, name)
 
     def resume_queue(self, queue: str) -> None:
@@ -263,21 +257,28 @@ class Client(Introspection, Schedules, TenantAdmin):
         n = self._dead_count(queue, count)
         return 0 if n is None else self.gateway.discard_dead(queue, n)
 
+    def _check_known_queue(self, name: str, fix: str = "") -> None:
+        """Refuse a queue that is neither in Options.queues nor ever held work: a misspelt name
+        would change nothing and say so quietly."""
+        if name in self.options.queues:
+            return
+        seen = [q.name for q in self.get_queues()]
+        if name not in seen:
+            known = list(dict.fromkeys([*self.options.queues, *seen]))
+            close = difflib.get_close_matches(name, known, n=1)
+            raise ConfigurationError(
+                f"queue {name!r} is not a queue of this deployment (not in Options.queues, never held work)"
+                + (f"; did you mean {close[0]!r}?" if close else f"; the queues are: {', '.join(known)}") + fix)
+
     def _dead_count(self, queue: str, count: int | None) -> int | None:
         """The scripts' count for a bulk dead-letter call (0 = all), or None when ``count`` is 0
-        (nothing to do: a computed ``min(n, limit)`` must never read as "all"). A queue that
-        is neither configured nor ever held work is refused: a misspelt name would change
-        nothing and say so quietly."""
+        (nothing to do: a computed ``min(n, limit)`` must never read as "all"). An unknown
+        queue is refused (_check_known_queue)."""
         check_queue_name(queue)
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
             raise ConfigurationError(f"count must be a whole number of tasks >= 0, or None for all of them; "
                                      f"got {count!r}")
-        if queue not in self.options.queues:
-            seen = [q.name for q in self.get_queues()]
-            if queue not in seen:
-                known = ", ".join(dict.fromkeys([*self.options.queues, *seen]))
-                raise ConfigurationError(f"queue {queue!r} is not a queue of this deployment (not in Options.queues, "
-                                         f"never held work); the queues are: {known}")
+        self._check_known_queue(queue)
         if count == 0:
             return None
         return count or 0
