@@ -440,3 +440,15 @@ def test_the_dashboard_shows_a_sharded_deployment_as_one(sharded, prefix):
     assert '<th class="num">shard</th>' in tenants_page
     assert all(f'<td class="num">{shard}</td>' in tenants_page for shard in PLACED.values())
     assert client.get(f"/dash/search?q={batch}").headers["Location"].endswith(f"/dash/batches/{batch}")
+
+
+def test_closing_never_fails_on_a_shard_found_down(sharded):
+    # Given a processor whose shard 0 was found unreachable (marked down: calls to it are refused
+    # at once while it is probed in the background)
+    p = sharded()
+    p.gateway._health.down[0] = True
+    from coretask import StoreUnavailable
+    with pytest.raises(StoreUnavailable, match="shard 0"):
+        p.get_queues()
+    # When it is closed (the CLI's exit, an app's shutdown), then nothing is raised
+    p.close()

@@ -413,6 +413,13 @@ def test_task_killing_its_own_process_is_dead_lettered_after_max_crashes(process
     wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
     wait_until(lambda: len(live_children(m)) == 2, 10, "two worker processes (the isolation one ended)")
     assert m.log().count("died (exit code 17)") == len(pids)
+    # And a lone crash is logged as the culprit's, not also as tasks going back uncharged
+    assert m.log().count("go back uncharged") == len(pids) - 2
+    # When its dead letter is sent back to work, it gets its crash budget back: two more crashes
+    assert processor.retry_dead_task(killer) is True
+    wait_until(lambda: r.llen(key) == len(pids) + 2 and processor.get_queue("default").dead == 1, 30,
+               "crashed twice more, dead-lettered again")
+    assert "charged a crash, to run again alone" in m.log()
     assert m.terminate() == 0
 
 

@@ -339,7 +339,7 @@ class MemoryGateway(MemoryReads, Gateway):
                 b["state"] = "running"
                 b.pop("ended", None)
         stats["failed"] -= 1
-        for name in ("et", "em", "etb", "da", "fa", "du"):
+        for name in ("et", "em", "etb", "da", "fa", "du", "cr"):
             t.pop(name, None)
         self._forget_attempt(t)
         t.update(r=retries, st="queued")

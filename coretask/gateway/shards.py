@@ -347,7 +347,9 @@ class ShardedGateway:
         return [g.keys.events for g in self.shards]
 
     def close(self) -> None:
-        self.shards[0].close()          # one client serves every shard
+        """Never refused: closing is what a caller does after a shard failed (the CLI, an app's
+        shutdown), so it goes to shard 0's plain gateway, past the health guard."""
+        self._health.shards[0].close()          # one client serves every shard
 
     def publish(self, message: str) -> None:
         for g in self.shards:

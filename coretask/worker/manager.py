@@ -257,12 +257,14 @@ class Manager:
         except Exception as exc:
             log.error("manager: could not recover tasks of %s (%s); their leases will expire", child.worker_id, exc)
             return
+        uncharged = res.requeued
         if culprit is not None:
             log.error("manager: task %s was the only one running: %s", culprit,
                       "dead-lettered as WorkerLost" if res.buried else "charged a crash, to run again alone")
-        if res.requeued:
+            uncharged -= 0 if res.buried else 1         # the culprit is isolated too, but charged
+        if uncharged:
             log.warning("manager: %d tasks of %s go back uncharged and run one at a time, each alone in "
-                        "an isolation process, to find which one crashes it", res.requeued, child.worker_id)
+                        "an isolation process, to find which one crashes it", uncharged, child.worker_id)
         if res.canceled:
             log.info("manager: %d tasks of %s belonged to canceled batches", res.canceled, child.worker_id)
         self._isolate_if_waiting()

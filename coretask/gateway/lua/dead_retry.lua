@@ -1,6 +1,6 @@
 -- dead_retry.lua: move dead-lettered tasks of one queue back to work, oldest first, with a
--- fresh retry budget. A task of a batch re-opens the batch (failed -1, remaining +1), so a
--- success continuation that has not run yet runs once the batch then succeeds. Tasks of a
+-- fresh retry budget and crash budget (field cr). A task of a batch re-opens the batch
+-- (failed -1, remaining +1), so a success continuation that has not run yet runs once the batch then succeeds. Tasks of a
 -- canceled batch are discarded instead. A task whose batch was deleted meanwhile (retention)
 -- goes back to work as a task of no batch.
 -- A damaged dead letter (_lib.lua read_task: its q is not this queue, no usable tn) cannot go
@@ -52,7 +52,7 @@ while max == 0 or n < max do
       end
       redis.call('HINCRBY', P .. ':ts:' .. f[2], 'failed', -1)
       redis.call('HSET', tkey, 'r', ARGV[2])
-      forget_attempt(tkey, 'et', 'em', 'etb', 'da')
+      forget_attempt(tkey, 'et', 'em', 'etb', 'da', 'cr')
       push_ready(P, f[1], f[2], id, false)
       n = n + 1
     end
