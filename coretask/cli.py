@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -499,6 +500,18 @@ def cmd_metrics(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         server.shutdown()
 
 
+def _bind_problem(host: str, port: int) -> str:
+    """Why (host, port) cannot be bound: the port in use, an address not this machine's..."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(infos[0][4])
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return "the server refused it (see above)"
+
+
 def cmd_dashboard(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     """Serve the web dashboard until interrupted (coretask/dashboard/server.py)."""
     try:
@@ -511,8 +524,8 @@ def cmd_dashboard(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     try:
         srv = server.make_server(server.create_app(p, read_only=a.read_only, password=password), a.host, a.port)
     except (OSError, SystemExit) as exc:
-        # a port in use: Werkzeug prints why and exits; an address not this machine's: OSError
-        reason = "the port is in use" if isinstance(exc, SystemExit) else str(exc)
+        # Werkzeug prints why it could not bind and exits: the reason is asked of the OS again
+        reason = _bind_problem(a.host, a.port) if isinstance(exc, SystemExit) else str(exc)
         _err(f"cannot serve the dashboard on {a.host}:{a.port}: {reason}; choose another --port or --host")
         return USAGE
     auth = "password (HTTP basic auth)" if password else "no password"

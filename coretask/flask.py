@@ -36,7 +36,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from .appload import refuse_eager
 from .errors import ConfigurationError
 from .middleware import Middleware
-from .options import Options
+from .options import Options, queue_list
 from .processor import TaskProcessor
 
 __all__ = ["CoreTask", "AppContextMiddleware", "options_from_config"]
@@ -213,9 +213,12 @@ def _cli_group(ext: CoreTask) -> click.Group:
         from .worker.__main__ import run
 
         info = ctx.ensure_object(ScriptInfo)
+        try:
+            names = queue_list(queues)
+        except ConfigurationError as exc:
+            raise click.UsageError(str(exc)) from None
         load = functools.partial(_load_with_overrides, info.app_import_path,
-                                 {"max_workers": threads, "processes": processes,
-                                  "queues": queues.split(",") if queues else None})
+                                 {"max_workers": threads, "processes": processes, "queues": names})
         ctx.exit(run(load, log_level=getattr(logging, log_level), log_format=log_format, metrics_port=metrics_port,
                      metrics_addr=metrics_addr, metrics_dir=metrics_dir))
 

@@ -181,7 +181,7 @@ class Introspection:
         that is damaged (or a key of the wrong type) is named in ``problem``, never raised.
         ``cls`` None: DeadTask for a dead task, TaskInfo for any other."""
         out = []
-        for i, h in zip(ids, self.gateway.task_hashes(ids)):
+        for i, h in self.gateway.tasks_as_they_are(ids):    # a task rebalance moved: its new id
             if isinstance(h, str):          # the key holds another Redis type
                 out.append((cls or TaskInfo)(id=i, queue="", tenant="", target="", args_preview="", retries_left=0,
                                enqueued_at=None, state="unreadable", problem=h))

@@ -340,6 +340,17 @@ def wait_seconds(name: str, value: object) -> float:
     return float(seconds)
 
 
+def queue_list(text: str | None) -> list[str] | None:
+    """A worker's ``--queues`` (comma-separated, priority order): None when not given. Given
+    empty, refused: it would quietly serve Options.queues instead."""
+    if text is None:
+        return None
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    if not names:
+        raise ConfigurationError(f"--queues needs at least one queue name (comma-separated), got {text!r}")
+    return names
+
+
 def check_page(skip: object, take: object) -> None:
     """A page of a list read: a ``take`` of 0 or below would read every entry (Redis counts a
     negative stop from the end), a negative ``skip`` nothing; both refused."""

@@ -423,7 +423,11 @@ def test_a_dashboard_port_in_use_is_a_usage_error(cli):
         taken.listen()
         res = cli("dashboard", "--port", str(taken.getsockname()[1]))
     assert res.returncode == 2 and "cannot serve the dashboard on 127.0.0.1" in res.stderr, res.stderr
-    assert "choose another --port" in res.stderr
+    assert "Address already in use; choose another --port" in res.stderr
+    # ... and an address that is not this machine's says so, not that a port is in use
+    res = cli("dashboard", "--host", "192.0.2.1", "--port", "0", "--no-auth")
+    assert res.returncode == 2 and "cannot serve the dashboard on 192.0.2.1:0: Cannot assign requested address" \
+        in res.stderr, res.stderr
 
 
 def test_an_empty_dead_list_and_an_unknown_tenant(cli):

@@ -325,6 +325,12 @@ def test_a_bad_tenant_limit_is_refused_with_a_message(processor: TaskProcessor) 
     assert processor.get_tenant_stats("acme").limit == 2
     client.post("/dash/do/tenant/acme/limit", data={"csrf_token": csrf, "limit": ""})
     assert processor.get_tenant_stats("acme").limit == processor.options.tenant_concurrency
+    # A tenant that never had work (a made-up or misspelt URL) is neither limited nor paused
+    for action, form in (("limit", {"limit": "4"}), ("pause", {})):
+        answer = client.post(f"/dash/do/tenant/acme2/{action}", data={"csrf_token": csrf, **form},
+                             follow_redirects=True)
+        assert "Tenant acme2 not found" in answer.get_data(as_text=True), action
+    assert processor.get_paused_tenants() == [] and processor.get_tenant_stats("acme2").limit is None
 
 
 def test_redis_down_answers_503_with_the_url_masked(processor_on: Callable[..., TaskProcessor]) -> None:

@@ -397,6 +397,10 @@ def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, ser
     assert [s.queued for s in p.get_shards()] == [5 if s == target else 0 for s in range(3)]
     # (the directory says so at once; this process's copy of it is trusted for 5 s more)
     assert p.get_task(ids[0]).state == "queued" and p.gateway.shards[0].placement(tenant) == target
+    # (the old id finds the task, which shows the id it has now: its new shard's)
+    assert shard_of_id(p.get_task(ids[0]).id, 3) == target and p.get_task(ids[0]).id != ids[0]
+    task_out = json.loads(cli("task", ids[0], "--json").stdout)
+    assert task_out["id"] == p.get_task(ids[0]).id
     assert cli("resume", "--tenant", tenant).returncode == 0 and not p.is_tenant_paused(tenant)
     tenant_out = cli("tenant", tenant)
     assert f"shard:    {target}" in tenant_out.stdout

@@ -494,6 +494,11 @@ def test_cli_bad_flag_value_exits_2(server, prefix):
     # Then it exits with code 2 and names the option
     assert res.returncode == 2, res.stderr
     assert "processes" in res.stderr and "Traceback" not in res.stderr
+    # And so for --queues given empty (it would otherwise serve Options.queues instead)
+    res = subprocess.run([sys.executable, "-m", "coretask.worker", "--app", "tests.app:processor",
+                          "--queues", " , "], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30,
+                         check=False)
+    assert res.returncode == 2 and "--queues needs at least one queue name" in res.stderr, res.stderr
 
 
 def test_cli_help():

@@ -109,6 +109,10 @@ def add_actions(bp: Blueprint, scope: Scope, read_only: bool) -> None:
     def tenant_action(tenant: str, action: str) -> ResponseReturnValue:
         if not scope.owns_tenant(tenant):
             abort(404)
+        p = scope.processor
+        if not scope.scoped and not p.gateway.tenant_known(tenant) and tenant not in p.get_paused_tenants():
+            # the pages link known tenants only: a made-up name would pause or limit nothing visible
+            return back(f"Tenant {tenant} not found (no work of it was ever enqueued): nothing changed.", "error")
         if action in ("pause", "resume"):
             if scope.scoped:
                 scope.set_paused(action == "pause")

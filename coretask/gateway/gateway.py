@@ -706,6 +706,11 @@ class Gateway(OneShard):
         return [f"the task's key is not a hash: {res}" if isinstance(res, Exception) else res
                 for res in pipe.execute(raise_on_error=False)]
 
+    def tasks_as_they_are(self, task_ids: Sequence[str]) -> list[tuple[str, dict[bytes, bytes] | str]]:
+        """(id, hash) per task, as task_hashes reads them, with the id a task has now: with
+        shards, a task that rebalance moved answers under its new id."""
+        return list(zip(task_ids, self.task_hashes(task_ids)))
+
     def batch_result_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
         """Ids of a batch's finished tasks that keep their results (P:b:<id>:r), in order."""
         return _decoded(self._redis.lrange(self.keys.batch_results(batch_id), start, stop))

@@ -789,13 +789,16 @@ class ShardedGateway:
 
     def task_hashes(self, task_ids: Sequence[str]) -> list[dict[bytes, bytes] | str]:
         """In order; a task that rebalance moved reads as it is under its new id."""
-        hashes = self._per_id(task_ids, lambda g, ids: g.task_hashes(ids))
-        for i, h in enumerate(hashes):
+        return [h for _, h in self.tasks_as_they_are(task_ids)]
+
+    def tasks_as_they_are(self, task_ids: Sequence[str]) -> list[tuple[str, dict[bytes, bytes] | str]]:
+        out = list(zip(task_ids, self._per_id(task_ids, lambda g, ids: g.task_hashes(ids))))
+        for i, (task_id, h) in enumerate(out):
             if not h:
-                new = self.forwarded(task_ids[i])
+                new = self.forwarded(task_id)
                 if new is not None:
-                    hashes[i] = self.at(new).task_hashes([new])[0]
-        return hashes
+                    out[i] = (new, self.at(new).task_hashes([new])[0])
+        return out
 
     def batch_result_ids(self, batch_id: str, start: int, stop: int) -> list[str]:
         return self.at(batch_id).batch_result_ids(batch_id, start, stop)

@@ -11,6 +11,7 @@ from ..appload import app_loader
 from ..cli import port_number
 from ..errors import ConfigurationError
 from ..logs import LOG_FORMATS, configure
+from ..options import queue_list
 from .manager import Manager
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         load = app_loader(args.app, max_workers=args.threads, processes=args.processes,
-                          queues=args.queues.split(",") if args.queues else None)
+                          queues=queue_list(args.queues))
     except ConfigurationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
