@@ -109,6 +109,9 @@ def _parse_field(expr: str, text: str, name: str, lo: int, wild_hi: int, hi: int
             end = max(start, wild_hi) if slash else start
         else:
             raise fail(f"has an empty item in {text!r}")
+        if slash and start < end < start + step:    # */61 in minutes: it would match its start alone
+            raise fail(f"step {step} in {item!r} goes past the end of {start}-{end} at once, so it matches "
+                       f"{start} alone: write {start} if that is meant")
         out.update(range(start, end + 1, step))
     if name == "day-of-week":
         out = {v % 7 for v in out}  # 7 is Sunday too

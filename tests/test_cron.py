@@ -64,6 +64,9 @@ def next_local(expr: str, tz: str, after: datetime, **kw: bool) -> datetime:
         ("-1 * * * *", False, "field 'minute' value '' is not a number"),
         ("*/0 * * * *", False, "field 'minute' step '0' in '*/0' must be a positive integer"),
         ("0 */x * * *", False, "field 'hour' step 'x' in '*/x' must be a positive integer"),
+        ("*/61 * * * *", False, "field 'minute' step 61 in '*/61' goes past the end of 0-59 at once, so it "
+                                "matches 0 alone: write 0 if that is meant"),
+        ("10-20/15 * * * *", False, "step 15 in '10-20/15' goes past the end of 10-20 at once"),
         ("0 5-3 * * *", False, "field 'hour' range '5-3' is reversed"),
         ("0 0 1,,2 * *", False, "field 'day-of-month' has an empty item"),
         ("0 0 * * SAT-SUN", False, "field 'day-of-week' range 'SAT-SUN' is reversed"),
