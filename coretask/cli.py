@@ -435,10 +435,12 @@ def cmd_schedules(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_trigger(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
-    if not p.trigger_schedule(a.id):
+    task_id = p.trigger_schedule(a.id)
+    if task_id is None:
         _err(f"schedule {a.id} not found")
         return NOT_FOUND
-    return _said(out, {"triggered": a.id}, f"schedule {a.id}: one run enqueued now")
+    return _said(out, {"triggered": a.id, "task_id": task_id},
+                 f"schedule {a.id}: one run enqueued now, task {task_id} (python -m coretask --app APP task {task_id})")
 
 
 def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:

@@ -152,15 +152,16 @@ class Schedules:
         stay queued."""
         return self.gateway.cancel_schedule(schedule_id, tenant)
 
-    def trigger_schedule(self, schedule_id: str, tenant: str | None = None) -> bool:
-        """Enqueue a run now, without moving the next tick; False for an unknown schedule (or,
-        with ``tenant``, another tenant's: checked inside the script). A
-        manual run is never skipped by ``unique`` or a pause (a paused processor just holds
-        it queued), but it counts as the previous run for the next ``unique`` tick."""
-        enqueued = self.gateway.trigger_schedule(schedule_id, uuid.uuid4().hex, tenant).code == 1
+    def trigger_schedule(self, schedule_id: str, tenant: str | None = None) -> str | None:
+        """Enqueue a run now, without moving the next tick; returns the run's task id (follow it
+        with get_task / get_result), None for an unknown schedule (or, with ``tenant``, another
+        tenant's: checked inside the script). A manual run is never skipped by ``unique`` or a
+        pause (a paused processor just holds it queued), but it counts as the previous run for
+        the next ``unique`` tick."""
+        res = self.gateway.trigger_schedule(schedule_id, uuid.uuid4().hex, tenant)
         if self._run_ready is not None:      # eager mode runs it now (coretask/eager.py)
             self._run_ready()
-        return enqueued
+        return res.task_id or None
 
     def get_schedule(self, schedule_id: str) -> ScheduleInfo | None:
         h, score = self.gateway.schedule(schedule_id)

@@ -202,7 +202,7 @@ class TenantView:
         info = self.processor.get_schedule(schedule_id)
         return info if info is not None and info.tenant == self.tenant else None
 
-    def trigger_schedule(self, schedule_id: str) -> bool:
+    def trigger_schedule(self, schedule_id: str) -> str | None:
         return self.processor.trigger_schedule(schedule_id, tenant=self.tenant)
 
     def get_schedules(self, skip: int = 0, take: int = 25) -> list[ScheduleInfo]:

@@ -484,4 +484,6 @@ def test_schedules_trigger_and_schedule_count_in_status(processor, cli, prefix):
     assert as_json["count"] == 2 and {s["id"] for s in as_json["schedules"]} == {"s-hourly", "s-daily"}
     assert triggered.returncode == 0 and missing.returncode == 1
     assert processor.get_queue("default").queued == 1
+    run = processor.get_schedule("s-daily").last_task_id
+    assert f"one run enqueued now, task {run}" in triggered.stdout
     assert status["schedules"] == 2

@@ -216,7 +216,7 @@ def test_trigger_a_schedule(dash: Dash, processor: TaskProcessor) -> None:
     assert processor.get_schedule("hourly-sync").last_run is None
     page = dash.go("/schedules?tenant=acme")
     page.get_by_role("button", name="Trigger now").click()
-    expect(page.locator(".flash")).to_contain_text("Schedule hourly-sync: one run enqueued now")
+    expect(page.locator(".flash")).to_contain_text("Schedule hourly-sync: one run enqueued now (task ")
     info = processor.get_schedule("hourly-sync")
     assert info.last_run is not None and info.last_task_id is not None
     expect(page.locator(f"a[href$='/tasks/{info.last_task_id}']")).to_be_visible()

@@ -191,7 +191,7 @@ def test_cancel(make_processor, embedded_worker, r, prefix):
     assert p.cancel_schedule("c", "acme") is False
     assert p.get_schedule("c") is None and p.get_schedules_count("acme") == 0
     assert r.zscore(f"{prefix}:sdue", "c") is None and not r.exists(f"{prefix}:s:c")
-    assert p.trigger_schedule("c") is False
+    assert p.trigger_schedule("c") is None
 
 
 def test_trigger_runs_now_without_moving_the_next_tick(make_processor, embedded_worker, r, prefix):
@@ -199,11 +199,12 @@ def test_trigger_runs_now_without_moving_the_next_tick(make_processor, embedded_
     key = prefix + ":runs"
     p.upsert_schedule(ScheduleData("t", "acme", "default", None, YEARLY), tasks_sched.record_tick, key, prefix)
     before = p.get_schedule("t")
-    assert p.trigger_schedule("t") is True
-    assert p.trigger_schedule("missing") is False
+    run = p.trigger_schedule("t")
+    assert p.trigger_schedule("missing") is None
     after = p.get_schedule("t")
     assert after.next_run == before.next_run
-    assert after.last_task_id and after.last_run is not None
+    # the id returned is the run's: it is the schedule's last task and can be followed
+    assert run == after.last_task_id and p.get_task(run).state == "queued" and after.last_run is not None
     assert p.get_queue("default").queued == 1
     embedded_worker(p)
     wait_until(lambda: r.llen(key) == 1, 10, "the triggered run")

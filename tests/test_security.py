@@ -238,7 +238,7 @@ def test_signed_tasks_run_on_every_path(make_processor, embedded_worker, r, pref
     for tid in ids + [dead_then_retried]:
         assert r.hget(k.task(tid), "sg").startswith(b"t1:"), tid
     assert r.hget(f"{prefix}:s:sig-sched", "sg").decode().endswith(":sig-sched")
-    assert p.trigger_schedule("sig-sched") is True
+    assert p.trigger_schedule("sig-sched") is not None
     run = p.get_schedule("sig-sched").last_task_id
     assert r.hget(k.task(run), "sg") == r.hget(f"{prefix}:s:sig-sched", "sg")   # the run carries it
     # When workers that verify signatures run them (and the schedule ticks)
@@ -347,7 +347,7 @@ def test_key_rotation_old_key_verifies_new_key_signs(make_processor, embedded_wo
     assert r.hget(k.task(by_old), "sg") != r.hget(k.task(by_new), "sg")
     # When a worker holding [new, old] runs them
     embedded_worker(rotating)
-    assert rotating.trigger_schedule("rot") is True
+    assert rotating.trigger_schedule("rot") is not None
     wait_until(lambda: len(values(r, out)) == 3, 10, "three runs")
     assert sorted(values(r, out)) == ["by-new|acme|default", "by-old|acme|default", "sched-by-old|acme|default"]
     # And, once the old key is retired, a worker holding only the new key runs new signatures
@@ -641,7 +641,7 @@ def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix
         "get_batches": lambda: a.get_batches() == [] and a.get_batches_count() == 0,
         "get_batches_count": lambda: a.get_batches_count() == 0,
         "get_schedule": lambda: a.get_schedule("b-sched") is None,
-        "trigger_schedule": lambda: a.trigger_schedule("b-sched") is False,
+        "trigger_schedule": lambda: a.trigger_schedule("b-sched") is None,
         "cancel_schedule": lambda: a.cancel_schedule("b-sched") is False,
         "upsert_schedule": lambda: (
             raises(lambda: a.upsert_schedule(ScheduleData("b-sched", "", "default", None, YEARLY), tasks.record, out),

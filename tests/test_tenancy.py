@@ -540,7 +540,7 @@ def test_tenant_view_cannot_see_or_change_another_tenants_work(make_processor, r
     with pytest.raises(ConfigurationError, match="not a batch of tenant 'acme'"):
         acme.wait_for_batch(gb, timeout=0.1)
     assert acme.get_schedule("globex-sched") is None
-    assert acme.trigger_schedule("globex-sched") is False
+    assert acme.trigger_schedule("globex-sched") is None
     assert acme.cancel_schedule("globex-sched") is False
     with pytest.raises(ConfigurationError, match="another tenant"):
         acme.upsert_schedule(sched("globex-sched"), tt.step, out, "intruder")
@@ -549,7 +549,7 @@ def test_tenant_view_cannot_see_or_change_another_tenants_work(make_processor, r
     assert p.append_batch("default", "acme", gb, lambda b: b.enqueue(tt.step, out, "intruder")) is False
     assert p.cancel_batch(gb, tenant="acme") is False
     assert p.get_batch(gb, tenant="acme") is None
-    assert p.trigger_schedule("globex-sched", tenant="acme") is False
+    assert p.trigger_schedule("globex-sched", tenant="acme") is None
     assert p.cancel_schedule("globex-sched", "acme") is False
     # And lists what it can see
     assert [b.id for b in acme.get_batches()] == [ids["acme"]["batch"]] and acme.get_batches_count() == 1
@@ -577,7 +577,7 @@ def test_tenant_view_cannot_see_or_change_another_tenants_work(make_processor, r
         assert view.get_batch(mine).tenant == t and view.get_schedule(f"{t}-sched").tenant == t
         assert view.append_batch("default", mine, lambda b, t=t: b.enqueue(tt.step, out, f"{t}-appended")) is True
         assert view.get_batch(mine).total == 2
-        assert view.trigger_schedule(f"{t}-sched") is True
+        assert view.trigger_schedule(f"{t}-sched") is not None
         run = view.get_schedule(f"{t}-sched").last_task_id
         assert p.get_task(run).tenant == t
         assert view.cancel_schedule(f"{t}-sched") is True and view.get_schedules_count() == 0

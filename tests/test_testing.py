@@ -326,7 +326,7 @@ def test_schedules_are_stored_not_run_and_trigger_runs_one_now() -> None:
     (info,) = p.get_schedules("acme")
     assert (info.cron, info.target, info.next_run is not None) == ("0 * * * *", "tests.tasks_eager:add", True)
     assert SEEN["add"] == [] and p.get_schedules_count() == 1
-    assert p.trigger_schedule("hourly") is True
+    assert p.trigger_schedule("hourly") is not None
     assert SEEN["add"] == [(4, 4)] and p.get_schedule("hourly").last_task_id is not None
     assert p.cancel_schedule("hourly", "acme") is True and p.get_schedules_count() == 0
 

@@ -100,8 +100,9 @@ def add_actions(bp: Blueprint, scope: Scope, read_only: bool) -> None:
         if info is None or action not in ("trigger", "cancel"):
             abort(404)
         if action == "trigger":
-            return outcome(bool(scope.api.trigger_schedule(schedule_id)),
-                           f"Schedule {schedule_id}: one run enqueued now.", f"Schedule {schedule_id} is gone.")
+            task_id = scope.api.trigger_schedule(schedule_id)
+            return outcome(task_id is not None, f"Schedule {schedule_id}: one run enqueued now (task {task_id}).",
+                           f"Schedule {schedule_id} is gone.")
         return outcome(scope.cancel_schedule(info), f"Schedule {schedule_id} canceled.",
                        f"Schedule {schedule_id} is gone.")
 

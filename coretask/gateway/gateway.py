@@ -590,7 +590,7 @@ class Gateway(OneShard):
         k = self.keys
         code, now, score = self.transport.run("schedule_tick", self._tick_keys(schedule_id, task_id),
                                               [k.prefix, schedule_id, "trigger", task_id, 0, 0, 0, tenant or ""])
-        return TickResult(int(code), int(now), int(score))
+        return TickResult(int(code), int(now), int(score), task_id if int(code) == 1 else "")
 
     def upsert_schedule(self, schedule_id: str, tenant: str, queue: str, scope: str, cron: str, timezone: str,
                         seconds: bool, unique: bool, expire_ms: int, payload: bytes, serializer: str, target: str,

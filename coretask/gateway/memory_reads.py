@@ -92,6 +92,9 @@ class MemoryReads(MemoryState):
         with self._lock:
             return [as_hash(self._tasks[t]) if t in self._tasks else {} for t in task_ids]
 
+    def tasks_as_they_are(self, task_ids: Sequence[str]) -> list[tuple[str, dict[bytes, bytes] | str]]:
+        return list(zip(task_ids, self.task_hashes(task_ids)))      # one store: no task moves
+
     def task_places(self, task_ids: Sequence[str]) -> list[tuple[str, str]]:
         with self._lock:
             return [(str(self._tasks[t].get("q", "")), str(self._tasks[t].get("tn", ""))) if t in self._tasks
@@ -209,7 +212,7 @@ class MemoryReads(MemoryState):
             t.update(sch=schedule_id, sk=now)
             s.update(lt=task_id, lr=now)
             self._push(task_id)
-            return TickResult(1, now, s["next"])
+            return TickResult(1, now, s["next"], task_id)
 
     def schedule(self, schedule_id: str) -> tuple[dict[bytes, bytes], float | None]:
         with self._lock:

@@ -335,8 +335,9 @@ class DueSchedules:
 class TickResult:
     """schedule_tick.lua's answer: code 1 enqueued, 2 skipped (unique), 3 skipped (expired),
     0 lost the compare-and-set, -1 paused, -2 unknown schedule; ``score_ms`` the schedule's
-    next tick after the call (-1: none)."""
+    next tick after the call (-1: none); ``task_id`` the run a trigger enqueued ("" otherwise)."""
 
     code: int
     now_ms: int
     score_ms: int
+    task_id: str = ""
