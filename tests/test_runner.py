@@ -70,10 +70,11 @@ def test_every_outcome_is_reported_once_whenever_aborts_land():
         sys.setswitchinterval(interval)
 
     # Then every task reported exactly one outcome, none of the aborts escaped the runner or
-    # stayed pending, and the storm really did land inside bodies (some 1,500 aborts here, half
-    # of them inside a body, the rest just after it returned)
+    # stayed pending, and the storm really did land inside bodies (usually some 1,500 aborts
+    # here, half of them inside a body; how many land depends on how the OS schedules the two
+    # threads: 94 in one CI run on a loaded machine, so the bound only says the path was taken)
     assert not escaped, escaped[:3]
     assert len(outcomes) == len(tasks)
     assert set(outcomes) <= {"ok", "TaskCanceled"}
-    assert outcomes.count("TaskCanceled") > 100, (aborts, outcomes.count("TaskCanceled"))
+    assert outcomes.count("TaskCanceled") > 20, (aborts, outcomes.count("TaskCanceled"))
     assert runner.current is None and not runner.raising

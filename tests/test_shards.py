@@ -355,7 +355,8 @@ def test_rebalance_signs_a_moved_task_again_and_leaves_signed_tasks_it_cannot_si
     want = {f"q{i}" for i in range(5)} | {"soon", "b0", "b1"}
     wait_until(lambda: {v.decode() for v in r.lrange(out, 0, -1)} == want, 15, "every task of the tenant")
     assert r.llen(out) == len(want) and p.get_queue("default").dead == 0
-    assert p.wait_for_batch(batch, 10).state == "succeeded" and p.get_task(soon) is None
+    assert p.wait_for_batch(batch, 10).state == "succeeded"
+    wait_until(lambda: p.get_task(soon) is None, 10, "the delayed task acknowledged")
 
 
 def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, server, prefix):

@@ -114,7 +114,7 @@ def test_a_task_holding_the_gil_past_its_limit_is_ended_by_the_manager(processor
     assert dead.duration is not None and dead.duration >= 2.0    # it ran its limit and the grace, at least
     wait_until(lambda: r.llen(sib + ":finished"), 20, "the sibling finishes")
     assert [json.loads(x)[:2] for x in r.lrange(sib + ":started", 0, -1)] == [[1, 0], [2, 0]]
-    assert processor.get_task(s) is None
+    wait_until(lambda: processor.get_task(s) is None, 10, "the sibling acknowledged")
 
 
 # ------------------------------------------------------------------------------------ results
