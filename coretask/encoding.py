@@ -157,6 +157,38 @@ class JsonSerializer:
         raise NotImplementedError("the JSON payload is decoded by decode()")
 
 
+def _sets_listed(ref: str, call: Call) -> Call | None:
+    """``call`` with each set or frozenset argument whose parameter is annotated as one written
+    as a (sorted) list, which revive turns back into the set at run time; None when there is
+    none. A set for any other parameter stays refused: it would arrive as a list."""
+    try:
+        target = resolve(ref)
+        bound = target.signature.bind_partial(*call.args, **call.kwargs).arguments
+    except Exception:
+        return None
+    listed = {name: _as_list(value) for name, value in bound.items()
+              if isinstance(value, (set, frozenset)) and _names_a_set(target.hints.get(name))}
+    if not listed:
+        return None
+    names = list(bound)
+    args = tuple(listed.get(names[i], a) for i, a in enumerate(call.args))
+    return Call(call.fn, args, {k: listed.get(k, v) for k, v in call.kwargs.items()})
+
+
+def _names_a_set(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_names_a_set(member) for member in typing.get_args(hint))
+    return hint in (set, frozenset) or origin in (set, frozenset)
+
+
+def _as_list(value: set[Any] | frozenset[Any]) -> list[Any]:
+    try:
+        return sorted(value)             # the same set is written the same way
+    except TypeError:
+        return list(value)
+
+
 def _blame(ref: str, call: Call) -> None:
     """Find the argument JSON cannot carry and raise an error that names it."""
     try:
@@ -168,9 +200,10 @@ def _blame(ref: str, call: Call) -> None:
         try:
             _dumps(value)
         except (TypeError, ValueError) as exc:
+            hint = ", annotate the parameter set[...]" if isinstance(value, (set, frozenset)) else ""
             raise SerializationError(
                 f"argument {name!r} of {ref} cannot be serialized as JSON: {exc} "
-                f"(value {value!r:.80}); pass plain data, or use Options(serializer='dill')") from None
+                f"(value {value!r:.80}); pass plain data{hint}, or use Options(serializer='dill')") from None
 
 
 class DillSerializer:
@@ -236,8 +269,14 @@ def encode(call: Call | TaskData, serializer: Serializer, max_bytes: int,
             try:
                 payload = _dumps({"t": target, "a": call.args, "k": call.kwargs}).encode()
             except (TypeError, ValueError):
-                _blame(target, call)
-                raise
+                listed = _sets_listed(target, call)       # a set whose parameter says set[...]
+                try:
+                    if listed is None:
+                        raise
+                    payload = _dumps({"t": target, "a": listed.args, "k": listed.kwargs}).encode()
+                except (TypeError, ValueError):
+                    _blame(target, listed or call)
+                    raise
         else:
             payload = serializer.dumps(call)
             try:

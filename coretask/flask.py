@@ -102,7 +102,13 @@ def options_from_config(config: Any, **overrides: Any) -> Options:
             f"unknown coretask config key(s): {', '.join(hints)}; a CORETASK_<NAME> key sets "
             f"Options.<name> (see coretask.Options), plus CORETASK_REDIS_URL and CORETASK_THREADS")
     given.update(overrides)
-    return Options(**given)
+    try:
+        return Options(**given)
+    except ConfigurationError as exc:      # name the config key the value came from
+        keys = [key for field, key in source.items() if field not in overrides and f"Options.{field} " in str(exc)]
+        if keys:
+            raise ConfigurationError(f"{keys[0]}: {exc}") from None
+        raise
 
 
 class AppContextMiddleware(Middleware):

@@ -201,7 +201,7 @@ class Introspection:
             return None
         return BatchInfo.from_hash(batch_id, h)
 
-    def get_batch_continuations(self, batch_id: str, tenant: str | None = None, take: int = 100) -> list[TaskInfo]:
+    def get_batch_continuations(self, batch_id: str, take: int = 100, *, tenant: str | None = None) -> list[TaskInfo]:
         """The batch's continuations that have not been released yet (they run once it
         finishes); [] when unknown or (with ``tenant``) another tenant's."""
         check_page(0, take)
@@ -210,8 +210,8 @@ class Introspection:
         ids = self.gateway.continuation_ids(batch_id, 0, take - 1)
         return [t for t in self._tasks(ids, TaskInfo) if t is not None]
 
-    def get_batch_tasks(self, batch_id: str, tenant: str | None = None, skip: int = 0,
-                        take: int = 25) -> list[TaskInfo]:
+    def get_batch_tasks(self, batch_id: str, skip: int = 0, take: int = 25, *,
+                        tenant: str | None = None) -> list[TaskInfo]:
         """The batch's tasks in the order they were published to their queues (queued, delayed,
         running, dead, or finished and kept), ``skip``/``take`` over that order; a task whose
         record is gone (finished and not kept, or deleted) is left out, so a page may hold

@@ -20,6 +20,12 @@ def options_like(key: str, retries: int, delay_until: str) -> None:
                                "types": [type(retries).__name__, type(delay_until).__name__]}))
 
 
+def collections(key: str, tags: set[str], frozen: frozenset[int], pair: tuple[int, str]) -> None:
+    """Records the types and values its set, frozenset and tuple arrived as."""
+    R().rpush(key, json.dumps([type(tags).__name__, sorted(tags), type(frozen).__name__, sorted(frozen),
+                               type(pair).__name__, list(pair)]))
+
+
 def fetch_like(key: str, timeout: int = 3) -> None:
     """A parameter named like the enqueue option ``timeout``, with a default."""
     R().rpush(key, timeout)

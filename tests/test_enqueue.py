@@ -368,6 +368,18 @@ def test_values_round_trip_by_annotation(processor, embedded_worker, r, prefix):
     assert sorted(got) == sorted([first, second])
 
 
+def test_sets_and_tuples_come_back_as_their_annotation_names_them(processor, embedded_worker, r, prefix):
+    key = prefix + ":out"
+    # Given a set, a frozenset and a tuple as arguments (JSON carries them as lists)
+    tid = processor.enqueue_task("default", "acme", tasks_extra.collections, key, {"b", "a"}, frozenset({3, 1}),
+                                 (7, "x"))
+    assert json.loads(processor.get_task(tid).args_preview)["args"][1:] == [["a", "b"], [1, 3], [7, "x"]]
+    # When a worker runs the task, then each arrives as the type its annotation names
+    embedded_worker(processor)
+    wait_until(lambda: r.llen(key) == 1, 10, "the task ran")
+    assert json.loads(values(r, key)[0]) == ["set", ["a", "b"], "frozenset", [1, 3], "tuple", [7, "x"]]
+
+
 def test_instance_method_is_resolved_again_at_run_time(make_processor, embedded_worker, r, prefix):
     key = prefix + ":out"
     resolved: list[type] = []

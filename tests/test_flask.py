@@ -38,7 +38,7 @@ def test_config_keys_map_to_options_and_a_typo_names_the_key_meant():
     with pytest.raises(ConfigurationError, match=r"CORETASK_RETRYS \(did you mean CORETASK_RETRIES\?\)"):
         options_from_config({"CORETASK_RETRYS": 3})
     # And a bad value fails as Options would, naming the option
-    with pytest.raises(ConfigurationError, match="Options.processes"):
+    with pytest.raises(ConfigurationError, match="CORETASK_PROCESSES: Options.processes"):
         options_from_config({"CORETASK_PROCESSES": 0})
     # And values read from the environment as text are taken as what they say
     text = options_from_config({"CORETASK_CLUSTER": "false", "CORETASK_DEADLETTER": "no", "CORETASK_EAGER": "True",
