@@ -197,7 +197,11 @@ def object_refusal(obj: Any, allowed: tuple[str, ...] | None = None) -> str | No
     Options.allowed_modules, re-exported under an allowed name (``from shutil import rmtree``)."""
     real = getattr(obj, "__module__", None)
     if not isinstance(real, str):
-        return None
+        # a built-in method bound to some object (a module global's CONFIG.update): no module
+        # defines it, so neither list can judge it, and no task is one
+        owner = getattr(obj, "__self__", None)
+        what = f"a built-in method of a {type(owner).__name__} object" if owner is not None else repr(obj)[:80]
+        return f"it is {what}, which no module defines; a task is a function, or a method of a class"
     name = f"{real}.{getattr(obj, '__qualname__', '?')}"
     if _denied(real):
         return f"it is {name}, in module {real} (coretask's deny-list)"

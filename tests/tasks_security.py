@@ -10,6 +10,8 @@ from tests.tasks_extra import record_json as reexported_record  # noqa: F401  a 
 from coretask import TaskContext
 from tests.tasks import R
 
+SETTINGS = {"webhook": "https://example.invalid/hook"}   # a module global whose methods are no task
+
 
 def note(key: str, value: str, ctx: TaskContext) -> None:
     """Appends ``value|tenant|queue`` to ``key``: which task ran, and as whom."""

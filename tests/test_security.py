@@ -392,6 +392,9 @@ def test_refused_targets_in_redis_are_dead_lettered_without_importing(make_proce
         # reaching through a module attribute, or a dunder, of an allowed module
         inject(p, "acme", "tests.tasks:os.system", [f"touch {f[7]}"]): "os is a module",
         inject(p, "acme", "tests.tasks:record.__globals__", []): "dunder",
+        # a built-in method of a module global (no module defines it: neither list can judge it)
+        inject(p, "acme", "tests.tasks_security:SETTINGS.update", [{"webhook": "https://attacker.invalid/"}]):
+            "built-in method of a dict object",
         # a harmless target field over a payload naming a refused one
         inject(p, "acme", "posix:system", [f"touch {f[0]}"], tg="tests.tasks:record"): "module posix",
         # the canary, on the deny-list for this test
@@ -409,6 +412,7 @@ def test_refused_targets_in_redis_are_dead_lettered_without_importing(make_proce
     assert values(r, out) == ["control"] and control not in dead
     assert not any(x.exists() for x in f)
     assert not canary_imported(r)
+    assert ts.SETTINGS == {"webhook": "https://example.invalid/hook"}
 
 
 def test_allowed_modules_bound_what_is_enqueued_and_imported(make_processor, embedded_worker, r, prefix):
