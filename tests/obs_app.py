@@ -55,7 +55,7 @@ def _make() -> TaskProcessor:
         middleware.append(TracingMiddleware())
     if "prometheus" in wanted:
         from coretask.contrib.prometheus import PrometheusMiddleware
-        middleware.append(PrometheusMiddleware())
+        middleware.append(PrometheusMiddleware(max_tenants=int(os.environ.get("CORETASK_TEST_MAX_TENANTS", "50"))))
     return TaskProcessor(Options(redis=os.environ["CORETASK_TEST_URL"],
                                  cluster=bool(os.environ.get("CORETASK_TEST_CLUSTER")),
                                  prefix=os.environ["CORETASK_TEST_PREFIX"], middleware=middleware, **opts))

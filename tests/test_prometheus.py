@@ -161,6 +161,50 @@ def test_manager_serves_worker_counts_across_recycling(server: Target, prefix: s
         m.terminate()
 
 
+def test_tenant_labels_stay_bounded_across_recycled_processes(server: Target, prefix: str, processor: TaskProcessor,
+                                                             tmp_path: Path) -> None:
+    # Given a manager serving metrics with max_tenants=3, whose worker processes recycle every 2 tasks
+    port = free_port()
+    m = spawn_worker(tmp_path / "worker.log", prefix, "--metrics-port", str(port), "--metrics-dir",
+                     str(tmp_path / "metrics"), app="tests.obs_app:processor",
+                     env={"CORETASK_TEST_OBS": "prometheus", "CORETASK_TEST_MAX_TENANTS": "3"}, max_tasks_per_process=2)
+    try:
+        # When 12 tasks of 12 tenants run, one after another, in at least 6 processes
+        for i in range(12):
+            processor.enqueue_task("default", f"tenant-{i}", tasks.record_pid, f"{prefix}:pids", i)
+        finished = "coretask_tasks_finished_total"
+        counted = wait_until(lambda: (s := scrape(port)) and sum(v for (name, _), v in s.items() if name == finished)
+                             == 12 and s, 60, lambda: f"12 counted\n{m.log()[-2000:]}")
+        pids = {v.decode().split(":")[1] for v in tasks.R().lrange(f"{prefix}:pids", 0, -1)}
+        assert len(pids) >= 6, pids
+        # Then the processes shared one list of admitted names: 3 tenants keep theirs, 9 count as other
+        labels = {dict(lb)["tenant"]: v for (name, lb), v in counted.items() if name == finished}
+        assert len(labels) == 4 and labels.pop("other") == 9 and all(v == 1 for v in labels.values()), labels
+    finally:
+        m.terminate()
+
+
+def test_a_metrics_directory_another_live_manager_serves_is_refused(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from coretask.contrib.prometheus_server import ENV, OWNER_FILE, WorkerMetricsServer
+
+    monkeypatch.setenv(ENV, str(tmp_path / "unused"))      # prepare() exports the directory: undone after
+    directory = tmp_path / "metrics"
+    directory.mkdir()
+    (directory / "counter_123.db").write_bytes(b"")
+    (directory / OWNER_FILE).write_text(str(os.getppid()))     # a live process: "another manager"
+    with pytest.raises(ConfigurationError, match=f"in use by the manager with pid {os.getppid()}: give each manager"):
+        WorkerMetricsServer(0, directory=str(directory)).prepare()
+    assert (directory / "counter_123.db").exists() and (directory / OWNER_FILE).read_text() == str(os.getppid())
+    # A directory whose manager is gone is taken over (and emptied)
+    (directory / OWNER_FILE).write_text("999999999")
+    server = WorkerMetricsServer(0, directory=str(directory))
+    server.prepare()
+    assert not (directory / "counter_123.db").exists() and (directory / OWNER_FILE).read_text() == str(os.getpid())
+    server.close()
+    assert not (directory / OWNER_FILE).exists()
+
+
 def test_metrics_command_serves_redis_gauges(server: Target, prefix: str, processor: TaskProcessor) -> None:
     # Given 3 queued tasks, 1 delayed and a paused queue, no worker
     for i in range(3):

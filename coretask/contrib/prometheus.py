@@ -28,12 +28,17 @@ Worker processes are many and replaced under recycling: ``python -m coretask.wor
 the manager (coretask/contrib/prometheus_server.py, docs/observability.md).
 
 **Tenant labels** are bounded: ``tenant_label=False`` drops the label; else the first
-``max_tenants`` tenants a process sees keep their names and the others count as "other"; or
+``max_tenants`` tenants keep their names and the others count as "other"; or
 ``tenant_label=fn`` maps a tenant to its label (``lambda t: t if t in PAYING else "other"``),
-the same in every process.
+the same in every process. "First" is per process, except in multiprocess mode (worker
+processes under ``--metrics-port``), where the processes of one manager, replaced ones included,
+share one list of admitted names (a file in the metrics directory, appended under a lock): each
+process would otherwise admit its own first ``max_tenants``, and the counts of ended processes
+keep their labels, so recycling would grow the series without bound.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,12 +53,37 @@ __all__ = ["PrometheusMiddleware", "RedisCollector", "OUTCOMES", "DEFAULT_MAX_TE
 OUTCOMES = ("succeeded", "failed", "retried", "dead", "canceled", "timeout")
 DEFAULT_MAX_TENANTS = 50
 OTHER = "other"          # the tenant label of tenants past max_tenants
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+TENANTS_FILE = "tenants.txt"     # in the multiprocess directory: the admitted tenant names, one a line
 DURATION_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 WAIT_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
 HEARTBEAT_FRESH = 60.0   # seconds: a worker whose heartbeat is older does not count as up
 
 _METRICS: dict[tuple[int, bool], dict[str, Any]] = {}     # per registry and label set: defined once
 _METRICS_LOCK = threading.Lock()
+
+
+class _SharedTenants:
+    """The admitted tenant names of every process of one manager (module docstring): a file
+    read and appended under an exclusive lock, once per tenant a process has not decided yet."""
+
+    def __init__(self, path: str, limit: int) -> None:
+        self.path = path
+        self.limit = limit
+
+    def admit(self, tenant: str) -> bool:
+        import fcntl
+
+        with open(self.path, "a+", encoding="utf-8") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)       # released when the file closes
+            f.seek(0)
+            names = f.read().split()
+            if tenant in names:
+                return True
+            if len(names) >= self.limit:
+                return False
+            f.write(tenant + "\n")              # tenant names hold no whitespace (check_tenant)
+            return True
 
 
 def _prometheus() -> Any:
@@ -113,7 +143,10 @@ class PrometheusMiddleware(Middleware):
         self._label_of = tenant_label if callable(tenant_label) and not isinstance(tenant_label, bool) else None
         self.max_tenants = max_tenants
         self._tenants: set[str] = set()
+        self._others: set[str] = set()       # decided "other": final, the admitted list only grows
         self._tenants_lock = threading.Lock()
+        directory = os.environ.get(MULTIPROC_ENV)
+        self._shared = _SharedTenants(os.path.join(directory, TENANTS_FILE), max_tenants) if directory else None
         self._local = threading.local()      # per task thread: start time and fate of the attempt
         m = _define(self.registry, self.with_tenant, tuple(duration_buckets), tuple(wait_buckets))
         self._enqueued, self._finished = m["enqueued"], m["finished"]
@@ -129,11 +162,15 @@ class PrometheusMiddleware(Middleware):
             return str(self._label_of(tenant))
         if tenant in self._tenants:
             return tenant
+        if tenant in self._others:
+            return OTHER
         with self._tenants_lock:
-            if len(self._tenants) < self.max_tenants:
-                self._tenants.add(tenant)
-                return tenant
-        return OTHER
+            if self._shared is not None:
+                admitted = self._shared.admit(tenant)
+            else:
+                admitted = len(self._tenants) < self.max_tenants
+            (self._tenants if admitted else self._others).add(tenant)
+        return tenant if admitted else OTHER
 
     def _labels(self, queue: str, tenant: str) -> tuple[str, ...]:
         return (queue, self.tenant(tenant)) if self.with_tenant else (queue,)

@@ -19,7 +19,9 @@ the manager once it has seen the process gone):
 
 The directory is emptied when the manager starts: a new manager starts from zero, which
 Prometheus handles as a counter reset. A directory of its own is made (and removed at exit)
-unless ``--metrics-dir`` or ``PROMETHEUS_MULTIPROC_DIR`` names one.
+unless ``--metrics-dir`` or ``PROMETHEUS_MULTIPROC_DIR`` names one. A directory another live
+manager serves is refused (its pid is in ``manager.pid``): emptying it would wipe that manager's
+counts, and both endpoints would then sum each other's processes.
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import ConfigurationError
 from . import require
+from .prometheus import TENANTS_FILE
 
 __all__ = ["WorkerMetricsServer", "ENV"]
 
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 ARCHIVED = ("counter", "histogram")      # types whose totals outlive the process that counted
+OWNER_FILE = "manager.pid"               # the manager that serves the directory
 
 
 class _Locked:
@@ -67,6 +72,7 @@ class WorkerMetricsServer:
         self._own_dir = not self.directory
         self._lock = threading.Lock()
         self._server: Any = None
+        self._claimed = False
 
     def prepare(self) -> str:
         """Create (or empty) the directory and export it to the processes spawned from now on."""
@@ -74,10 +80,28 @@ class WorkerMetricsServer:
         if self._own_dir:
             self.directory = tempfile.mkdtemp(prefix="coretask-metrics-")
         os.makedirs(self.directory, exist_ok=True)
-        for path in glob.glob(os.path.join(self.directory, "*.db")):
-            os.remove(path)
+        self._claim()
+        for path in glob.glob(os.path.join(self.directory, "*.db")) + [os.path.join(self.directory, TENANTS_FILE)]:
+            if os.path.exists(path):
+                os.remove(path)
         os.environ[ENV] = self.directory
         return self.directory
+
+    def _claim(self) -> None:
+        """Write this manager's pid into the directory, unless another live manager's is there."""
+        owner = os.path.join(self.directory, OWNER_FILE)
+        try:
+            with open(owner, encoding="utf-8") as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and pid != os.getpid() and _alive(pid):
+            raise ConfigurationError(f"the metrics directory {self.directory} is in use by the manager with pid {pid}: "
+                                     "give each manager a directory of its own (--metrics-dir, or leave it and "
+                                     f"{ENV} unset for a private one)")
+        with open(owner, "w", encoding="utf-8") as f:
+            f.write(str(os.getpid()))
+        self._claimed = True
 
     def start(self) -> None:
         pc = require("prometheus_client", "prometheus", "python -m coretask.worker --metrics-port")
@@ -135,3 +159,18 @@ class WorkerMetricsServer:
             self._server = None
         if self._own_dir and self.directory:
             shutil.rmtree(self.directory, ignore_errors=True)
+        elif self._claimed:
+            try:
+                os.remove(os.path.join(self.directory, OWNER_FILE))
+            except OSError:
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:          # another user's process: alive
+        return True
+    return True
