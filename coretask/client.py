@@ -7,6 +7,7 @@ script. A producer never needs a running worker, and a client is cheap to share 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import logging
 import time
@@ -105,8 +106,10 @@ class Client(Introspection, Schedules, TenantAdmin):
                 holder = self.gateway.enqueue_keyed(task_id, queue, tenant, enc.payload, enc.serializer, enc.target,
                                                     n_retries, due_ms, pr.sign(task_id, tenant, queue, enc), idem,
                                                     key_ttl_ms, controls)
-                if holder is not None:     # the key is held: nothing enqueued, nor after_enqueue
+                if holder is not None:     # the key is held: nothing enqueued
                     log.debug("key %r of tenant %s is held by task %s; nothing enqueued", idem, tenant, holder)
+                    if message is not None and chain.after_enqueue:
+                        chain.after_enqueue(dataclasses.replace(message, held_by=holder))
                     return holder
             else:
                 self.gateway.enqueue(task_id, queue, tenant, enc.payload, enc.serializer, enc.target, n_retries,

@@ -110,6 +110,8 @@ class EnqueueMessage:
     headers: string headers a ``before_enqueue`` may add (W3C trace context): they travel in the
     task's JSON envelope, covered by its signature, and a worker shows them as ``ctx.headers``
     (other serializers carry none). Written to only in before_enqueue.
+    held_by: in after_enqueue, None when the task was written; the id of the task that holds
+    the enqueue's idempotency key when nothing was written (a single task's enqueue_task).
     """
 
     task_id: str
@@ -121,6 +123,7 @@ class EnqueueMessage:
     retries: int = 0
     continue_on: str | None = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    held_by: str | None = None
 
     @property
     def due(self) -> datetime | None:
@@ -153,7 +156,9 @@ class Middleware:
         """In the producer, before the task is written (for a batch: as each task is added)."""
 
     def after_enqueue(self, message: EnqueueMessage) -> None:
-        """In the producer, after the task is written (for a batch: after the commit, per task)."""
+        """In the producer, after the task is written (for a batch: after the commit, per task),
+        or after enqueue_task found its idempotency key held and wrote nothing
+        (``message.held_by`` names the holder), so that what before_enqueue opened is closed."""
 
     def before_task(self, ctx: Any) -> None:
         """In the task's thread, before the task is loaded and run (ctx: TaskContext)."""

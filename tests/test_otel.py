@@ -91,10 +91,30 @@ def test_spans_link_producer_and_consumer_in_process(make_processor: Callable[..
     assert consumers[single]["status"] == "UNSET" and consumers[single]["attributes"]["coretask.outcome"] == "succeeded"
     bad = consumers[failing]
     assert bad["status"] == "ERROR" and bad["attributes"]["coretask.outcome"] == "failed"
+    assert bad["attributes"]["error.type"] == "builtins.ValueError"
     exception = [e for e in bad["events"] if e["name"] == "exception"]
     assert exception and exception[0]["attributes"]["exception.type"] == "ValueError"
     assert exception[0]["attributes"]["exception.message"] == "boom"
     assert any(e["name"] == "coretask.dead" for e in bad["events"])
+
+
+def test_a_send_whose_idempotency_key_is_held_ends_at_once_naming_the_holder(
+        make_processor: Callable[..., TaskProcessor], prefix: str) -> None:
+    # Given tracing and Prometheus on a producer, and a task holding the key "k1"
+    from prometheus_client import CollectorRegistry
+
+    from coretask.contrib.prometheus import PrometheusMiddleware
+    provider, exporter = sdk()
+    registry = CollectorRegistry()
+    p = make_processor(middleware=[TracingMiddleware(tracer_provider=provider), PrometheusMiddleware(registry=registry)])
+    first = p.enqueue_task("default", "acme", tasks.record, f"{prefix}:s", 1, key="k1")
+    # When the same key is enqueued again (nothing is written)
+    assert p.enqueue_task("default", "acme", tasks.record, f"{prefix}:s", 2, key="k1") == first
+    # Then its send span has ended already, naming the holder, and only the first counts as enqueued
+    sends = [s for s in spans(exporter) if s["name"] == "send default"]
+    assert len(sends) == 2 and sends[1]["attributes"]["coretask.held_by"] == first
+    assert "coretask.held_by" not in sends[0]["attributes"]
+    assert registry.get_sample_value("coretask_tasks_enqueued_total", {"queue": "default", "tenant": "acme"}) == 1
 
 
 def test_tampered_trace_context_fails_the_signature(make_processor: Callable[..., TaskProcessor],

@@ -114,6 +114,8 @@ class TracingMiddleware(Middleware):
         with self._lock:
             entry = self._pending.pop(message.task_id, None)
         if entry is not None:
+            if message.held_by is not None:     # nothing written: the key's holder is the task
+                entry[0].set_attribute("coretask.held_by", message.held_by)
             entry[0].end()
 
     # -------------------------------------------------------------------------------- worker
@@ -164,6 +166,7 @@ class TracingMiddleware(Middleware):
             span.set_attribute("coretask.outcome", outcome)
             if outcome == FAILED and error is not None:
                 span.record_exception(error)
+                span.set_attribute("error.type", f"{type(error).__module__}.{type(error).__qualname__}")
                 span.set_status(self._Status(self._Code.ERROR, f"{type(error).__name__}: {_text(error)}"))
             span.end()
         finally:

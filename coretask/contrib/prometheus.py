@@ -194,7 +194,8 @@ class PrometheusMiddleware(Middleware):
     # ------------------------------------------------------------------------------ producer
 
     def after_enqueue(self, message: EnqueueMessage) -> None:
-        self._counter(self._enqueued, self._labels(message.queue, message.tenant)).inc()
+        if message.held_by is None:         # a held idempotency key wrote nothing
+            self._counter(self._enqueued, self._labels(message.queue, message.tenant)).inc()
 
     # -------------------------------------------------------------------------------- worker
 
