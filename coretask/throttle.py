@@ -27,13 +27,15 @@ class LogThrottle:
         self.burst = burst
         self.clock = clock
         self._lock = threading.Lock()     # runner threads and the loop thread log at once
-        self._kinds: dict[Hashable, list[Any]] = {}   # key -> [window start, seen, level, what]
+        self._kinds: dict[Hashable, list[Any]] = {}   # key -> [window start, seen, level, what, summary]
 
     def log(self, key: Hashable, level: int, what: str, msg: str, *args: Any,
-            extra: Callable[[], dict[str, Any]] | None = None) -> None:
+            extra: Callable[[], dict[str, Any]] | None = None, summary: dict[str, Any] | None = None) -> None:
         """Log ``msg % args`` unless ``burst`` records of ``key`` were logged in this window;
         ``what`` names the kind in the summary line ("tasks of myapp.tasks:send failed").
-        ``extra``: builds the record's structured fields, called only for a record logged."""
+        ``extra``: builds the record's structured fields, called only for a record logged.
+        ``summary``: the structured fields of the summary line (the event and target the
+        records shared), to which ``suppressed`` is added: how many were not logged one by one."""
         now = self.clock()
         with self._lock:
             entry = self._kinds.get(key)
@@ -41,7 +43,7 @@ class LogThrottle:
                 self._summarise(entry)
                 entry = None
             if entry is None:
-                entry = self._kinds[key] = [now, 0, level, what]
+                entry = self._kinds[key] = [now, 0, level, what, summary]
             entry[1] += 1
             shown = entry[1] <= self.burst
         if shown:
@@ -57,7 +59,8 @@ class LogThrottle:
                     del self._kinds[key]
 
     def _summarise(self, entry: list[Any]) -> None:
-        start, seen, level, what = entry
+        start, seen, level, what, summary = entry
         if seen > self.burst:
             self.logger.log(level, "%d more: %s (%d in %.0fs, the first %d shown above)",
-                            seen - self.burst, what, seen, self.window, self.burst)
+                            seen - self.burst, what, seen, self.window, self.burst,
+                            extra={**summary, "suppressed": seen - self.burst} if summary else None)

@@ -15,7 +15,7 @@ import pytest
 
 from coretask import TaskProcessor
 from coretask.logs import TASK_FIELDS, JsonFormatter, configure
-from tests import tasks
+from tests import tasks, tasks_control
 from tests.conftest import FAST, ROOT, ManagerProcess, Target, wait_until
 
 
@@ -85,12 +85,14 @@ def test_worker_json_logs_carry_every_task_event(server: Target, prefix: str, pr
         ok = processor.enqueue_task("default", "acme", tasks.record, f"{prefix}:k", 1)
         with processor.batch("default", "acme") as b:
             bad = b.enqueue(tasks.always_fail, "nope", retries=2)
+        # (and one returns a value that cannot be kept: dead at once)
+        unkept = processor.enqueue_task("default", "acme", tasks_control.unstorable, keep_result=60)
 
         def events() -> dict[tuple[str, str], dict[str, Any]]:
             return {(r["task_id"], r["event"]): r for r in records(m) if "event" in r}
 
-        wait_until(lambda: (bad, "task_dead") in events() and (ok, "task_succeeded") in events(), 30,
-                   lambda: f"task events in the log:\n{m.log()[-3000:]}")
+        wait_until(lambda: (bad, "task_dead") in events() and (ok, "task_succeeded") in events()
+                   and (unkept, "task_dead") in events(), 30, lambda: f"task events in the log:\n{m.log()[-3000:]}")
         # and a running task is canceled, and another runs past its time limit
         spinning = processor.enqueue_task("default", "acme", tasks.spin, f"{prefix}:spin", 30)
         wait_until(lambda: processor.get_task(spinning).state == "running", 20, "the spinning task to start")
@@ -121,6 +123,8 @@ def test_worker_json_logs_carry_every_task_event(server: Target, prefix: str, pr
     dead = found[(bad, "task_dead")]
     assert dead["attempt"] == 2 and dead["retries_left"] == 0 and "dead-lettered" in dead["message"]
     assert set(TASK_FIELDS) <= set(dead)
+    not_kept = found[(unkept, "task_dead")]
+    assert not_kept["level"] == "ERROR" and "cannot be kept" in not_kept["message"] and set(TASK_FIELDS) <= set(not_kept)
     canceled = found[(spinning, "task_canceled")]
     assert canceled["level"] == "INFO" and canceled["duration_ms"] >= 0 and canceled["tenant"] == "acme"
     back = found[(paused, "task_handed_back")]

@@ -42,6 +42,13 @@ def test_throttle_logs_a_burst_then_one_summary_per_window(caplog):
         # And a new window logs afresh
         throttle.log("a", logging.WARNING, "a events", "a again")
         assert caplog.records[-1].getMessage() == "a again"
+        # And a summary carries the fields its kind was given, with the count suppressed
+        for i in range(5):
+            throttle.log("c", logging.WARNING, "c events", "c %d", i, summary={"event": "task_dead", "target": "m:f"})
+        clock.now += 10
+        throttle.flush()
+        last = caplog.records[-1]
+        assert (last.event, last.target, last.suppressed) == ("task_dead", "m:f", 2)
 
 
 def test_a_thousand_poison_tasks_log_a_few_lines_and_a_count(make_processor, embedded_worker, r, prefix, caplog):
@@ -63,6 +70,10 @@ def test_a_thousand_poison_tasks_log_a_few_lines_and_a_count(make_processor, emb
     summaries = [m for m in lines if "more:" in m]
     assert len(singles) == 3
     assert sum(int(m.split(" more:")[0]) for m in summaries) == 197
+    # And the summaries carry the event, target and count as fields, for log-based alerting
+    fields = [(rec.event, rec.target, rec.error_type, rec.suppressed) for rec in caplog.records
+              if "more:" in rec.getMessage() and target in rec.getMessage()]
+    assert {f[:3] for f in fields} == {("task_dead", target, "TaskLoadError")} and sum(f[3] for f in fields) == 197
 
 
 def test_a_dataset_that_vanishes_is_reported_once(make_processor, embedded_worker, r, prefix, caplog):

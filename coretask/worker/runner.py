@@ -143,8 +143,10 @@ class Runner:
             THROTTLE.log(("unloadable", task.target), logging.ERROR, f"tasks of {task.target} could not be loaded",
                          "task %s %s cannot be loaded: %s; failed for good, no retry: %s", task.id, task.target,
                          load_error, self._buried(),
-                         extra=lambda: task_fields(task, "task_dead", duration_ms, retries_left=0,
-                                                   error_type=type(load_error).__name__))
+                         extra=lambda: task_fields(task, "task_dead", duration_ms, retries_left=0, next_delay_ms=None,
+                                                   error_type=type(load_error).__name__),
+                         summary={"event": "task_dead", "target": task.target,
+                                  "error_type": type(load_error).__name__})
             if chain.on_dead:
                 chain.on_dead(ctx, load_error)
             if chain.after_task:
@@ -160,7 +162,9 @@ class Runner:
                     result = encode_result(task.id, task.target, task.result, self.options)
                 except (SerializationError, PayloadTooLarge) as exc:   # same value on every run: no retry
                     log.error("task %s %s returned a result that cannot be kept (%s): the task failed for good, "
-                              "no retry: %s", task.id, task.target, exc, self._buried())
+                              "no retry: %s", task.id, task.target, exc, self._buried(),
+                              extra=task_fields(task, "task_dead", duration_ms, retries_left=0, next_delay_ms=None,
+                                                error_type=type(exc).__name__))
                     if chain.on_dead:       # buried below: a failed attempt gets on_retry or on_dead
                         chain.on_dead(ctx, exc)
                     if chain.after_task:
@@ -203,14 +207,16 @@ class Runner:
             then = f"retrying in {delay.total_seconds():g}s" if delay is not None else "retrying at once"
         event = ("task_timeout" if isinstance(error, TaskTimeout) else
                  "task_failed" if ctx.retries_left > 0 else "task_dead")
-        THROTTLE.log(("failed", task.target, type(error).__name__), logging.WARNING,
-                     f"tasks of {task.target} failed with {type(error).__name__}",
+        what = "were dead-lettered" if event == "task_dead" else "failed"
+        THROTTLE.log(("failed", task.target, type(error).__name__, event), logging.WARNING,
+                     f"tasks of {task.target} {what} with {type(error).__name__}",
                      "task %s %s failed on attempt %d after %d ms: %s: %s; %d retries left, %s", task.id,
                      task.target, ctx.attempt, duration_ms, type(error).__name__, _message(error),
                      ctx.retries_left, then,
                      extra=lambda: task_fields(task, event, duration_ms, retries_left=ctx.retries_left,
                                                next_delay_ms=_delay_ms(delay) if ctx.retries_left > 0 else None,
-                                               error_type=type(error).__name__))
+                                               error_type=type(error).__name__),
+                     summary={"event": event, "target": task.target, "error_type": type(error).__name__})
         if ctx.retries_left > 0:
             if chain.on_retry:
                 chain.on_retry(ctx, error, delay)
