@@ -101,6 +101,31 @@ def test_unique_counts_skipped_ticks_and_frees_after_the_run(make_processor, emb
     stop.set()
 
 
+@pytest.mark.parametrize("scope", ["queue", "tenant"])
+def test_a_paused_queue_or_tenant_holds_at_most_one_run_of_a_schedule(make_processor, embedded_worker, r, prefix,
+                                                                       scope):
+    # Given a per-second schedule (not unique) whose queue, or tenant, is paused
+    p = make_processor(use_cron_seconds=True)
+    key = prefix + ":runs"
+    p.upsert_schedule(ScheduleData("every", "acme", "default", None, "* * * * * *"), tasks_sched.record_tick, key,
+                      prefix)
+    pause, resume = ((lambda: p.pause_queue("default"), lambda: p.resume_queue("default")) if scope == "queue"
+                     else (lambda: p.pause_tenant("acme"), lambda: p.resume_tenant("acme")))
+    pause()
+    stop = embedded_worker(p)
+    # When ticks come due while it is paused, then they move on but one run waits, not one per tick
+    wait_until(lambda: (p.get_schedule("every").skipped_unique or 0) >= 3, 15, "3 ticks held")
+    assert p.get_queue("default").queued == 1 and r.llen(key) == 0
+    # And after resume that one run runs, and ticks enqueue runs again, one per tick
+    resume()
+    wait_until(lambda: r.llen(key) >= 3, 15, "runs after the resume")
+    stop.set()
+    # (the held run's tick, then the ticks after resume, one run each: the held ones are skipped)
+    ts = [t for t, _ in ticks(r, key)]
+    assert len(set(ts)) == len(ts) and ts[1] - ts[0] >= 3000, ts
+    assert all(b - a == 1000 for a, b in zip(ts[1:], ts[2:])), ts
+
+
 def test_expire_skips_a_tick_older_than_expire_after_an_outage(make_processor, embedded_worker, r, prefix):
     p = make_processor()
     key = prefix + ":runs"

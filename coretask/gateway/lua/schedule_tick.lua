@@ -12,6 +12,9 @@
 --   queued, delayed or running (unique), 3 = tick skipped because it is older than expire,
 --   0 = lost the compare-and-set (another process claimed it, or the schedule was replaced),
 --   -1 = globally paused (tick left in place), -2 = no such schedule.
+--   While the schedule's queue or tenant is paused (P:pausedq, P:pausedt) ticks move on, but a
+--   run is enqueued only if the last one is not still waiting (queued or delayed), so a pause
+--   holds at most one run, as a global pause does (code 2, counted in nu like unique).
 --
 -- Claiming is a compare-and-set: the schedule moves from this tick to the next
 -- only if its score still equals this tick and its version is the one the caller read, and the
@@ -53,15 +56,17 @@ if score() ~= tick or redis.call('HGET', KEYS[2], 'v') ~= ARGV[6] then return {0
 redis.call('ZADD', KEYS[1], nxt, id)
 redis.call('HSET', KEYS[2], 'lk', tick)
 
-local f = redis.call('HMGET', KEYS[2], 'x', 'u', 'lt')
+local f = redis.call('HMGET', KEYS[2], 'x', 'u', 'lt', 'q', 'tn')
 local expire = tonumber(f[1] or '0')
 if expire > 0 and now - tick > expire then
   redis.call('HINCRBY', KEYS[2], 'nx', 1)
   return {3, now, nxt}
 end
-if f[2] == '1' and f[3] then
+local held = redis.call('SISMEMBER', P .. ':pausedq', f[4] or '') == 1
+  or redis.call('SISMEMBER', P .. ':pausedt', f[5] or '') == 1
+if (f[2] == '1' or held) and f[3] then
   local st = redis.pcall('HGET', P .. ':t:' .. f[3], 'st')   -- a damaged last run does not block the tick
-  if st == 'queued' or st == 'delayed' or st == 'running' then
+  if st == 'queued' or st == 'delayed' or (st == 'running' and f[2] == '1') then
     redis.call('HINCRBY', KEYS[2], 'nu', 1)
     return {2, now, nxt}
   end
