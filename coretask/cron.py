@@ -36,6 +36,7 @@ The implementation assumes an offset change is never followed by another within
 
 from __future__ import annotations
 
+import difflib
 from bisect import bisect_left
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone as _timezone
@@ -196,7 +197,18 @@ def _load_zone(name: str) -> ZoneInfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
-        raise TimezoneError(f"unknown timezone {name!r}: not an IANA zone name") from exc
+        raise TimezoneError(f"unknown timezone {name!r}: not an IANA zone name{_zone_hint(name)}") from exc
+
+
+def _zone_hint(name: str) -> str:
+    """" (did you mean 'UTC'?)" for a zone name off by case or a letter or two."""
+    from zoneinfo import available_timezones
+
+    zones = available_timezones()
+    by_case = {z.lower(): z for z in zones}
+    close = [by_case[name.lower()]] if name.lower() in by_case else \
+        difflib.get_close_matches(name, sorted(zones), n=1, cutoff=0.8)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 class CronSchedule:

@@ -94,10 +94,11 @@ def _check_id(schedule_id: object) -> str:
 def _expire_ms(expire: object) -> int:
     if expire is None:
         return 0
+    given = expire
     if isinstance(expire, (int, float)) and not isinstance(expire, bool):
         expire = timedelta(seconds=expire)
     if not isinstance(expire, timedelta) or expire <= timedelta(0):
-        raise ConfigurationError(f"ScheduleData.expire must be a positive timedelta, seconds or None, got {expire!r}")
+        raise ConfigurationError(f"ScheduleData.expire must be a positive timedelta, seconds or None, got {given!r}")
     return int(expire.total_seconds() * 1000)
 
 

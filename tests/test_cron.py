@@ -108,6 +108,13 @@ def test_invalid_timezone(name: object) -> None:
     assert isinstance(info.value, ValueError)
 
 
+@pytest.mark.parametrize("name, meant", [("utc", "UTC"), ("europe/berlin", "Europe/Berlin"),
+                                         ("Europe/Berln", "Europe/Berlin")])
+def test_a_zone_name_off_by_case_or_a_letter_names_the_zone_meant(name: str, meant: str) -> None:
+    with pytest.raises(TimezoneError, match=f"did you mean '{meant}'"):
+        CronSchedule.parse("* * * * *", name)
+
+
 def test_attributes_str_eq_hash() -> None:
     a = CronSchedule.parse("  0   *  * * *|30 2 * * *", "Europe/Berlin")
     assert a.expression == str(a) == "0 * * * * | 30 2 * * *"

@@ -288,7 +288,7 @@ def test_invalid_zone_and_target_raise_at_upsert(make_processor):
         p.upsert_schedule(ScheduleData("bad", "acme", "default", None, "* * * * *"), lambda: None)
     with pytest.raises(SerializationError, match="'value'"):
         p.upsert_schedule(ScheduleData("bad", "acme", "default", None, "* * * * *"), tasks.record, "k", object())
-    with pytest.raises(ConfigurationError, match="expire"):
+    with pytest.raises(ConfigurationError, match="expire must be a positive timedelta, seconds or None, got -1$"):
         p.upsert_schedule(ScheduleData("bad", "acme", "default", None, "* * * * *", expire=-1), tasks.record, "k")
     with pytest.raises(ConfigurationError, match="queue name"):
         p.upsert_schedule(ScheduleData("bad", "acme", "no queue", None, "* * * * *"), tasks.record, "k")
