@@ -163,16 +163,15 @@ def _sets_listed(ref: str, call: Call) -> Call | None:
     none. A set for any other parameter stays refused: it would arrive as a list."""
     try:
         target = resolve(ref)
-        bound = target.signature.bind_partial(*call.args, **call.kwargs).arguments
+        bound = target.signature.bind_partial(*call.args, **call.kwargs)
     except Exception:
         return None
-    listed = {name: _as_list(value) for name, value in bound.items()
+    listed = {name: _as_list(value) for name, value in bound.arguments.items()
               if isinstance(value, (set, frozenset)) and _names_a_set(target.hints.get(name))}
     if not listed:
         return None
-    names = list(bound)
-    args = tuple(listed.get(names[i], a) for i, a in enumerate(call.args))
-    return Call(call.fn, args, {k: listed.get(k, v) for k, v in call.kwargs.items()})
+    bound.arguments.update(listed)
+    return Call(call.fn, bound.args, bound.kwargs)
 
 
 def _names_a_set(hint: Any) -> bool:
