@@ -32,6 +32,7 @@ CHUNK = 250                        # tasks per staging call (each call stays wel
 CHUNK_BYTES = 1024 * 1024          # payload bytes per staging call (large payloads flush sooner)
 STAGE_TTL_MS = 3600 * 1000         # a batch must be built within an hour
 CONTINUE_ON = ("success", "complete")
+BATCH_OPTIONS = ("queue", "delay_until", "retries", "key", "key_ttl", "timeout", "keep_result")
 
 
 class BatchBuilder:
@@ -68,9 +69,9 @@ class BatchBuilder:
         ``keep_result`` as for enqueue_task (a continuation can read the kept results:
         get_batch_results)."""
         self._check_open()
-        self._pr.check_clash("batch.enqueue", fn, args, {"queue": queue, "delay_until": delay_until, "retries": retries,
-                                                   "key": key, "key_ttl": key_ttl, "timeout": timeout,
-                                                   "keep_result": keep_result})
+        options = (queue, delay_until, retries, key, key_ttl, timeout, keep_result)
+        if options != (None,) * 7:          # the check costs a microsecond: not paid when none is given
+            self._pr.check_clash("batch.enqueue", fn, args, dict(zip(BATCH_OPTIONS, options)))
         self.tasks += 1
         return self._add(fn, args, kwargs, queue, delay_until, retries, "", key, key_ttl,
                          self._pr.controls(timeout, keep_result))
@@ -80,7 +81,8 @@ class BatchBuilder:
         """Run ``fn`` once the batch finishes: on="success" when every task succeeded,
         on="complete" when every task reached a final state. Runs at most once."""
         self._check_open()
-        self._pr.check_clash("batch.continue_with", fn, args, {"queue": queue})
+        if queue is not None:
+            self._pr.check_clash("batch.continue_with", fn, args, {"queue": queue})
         if on not in CONTINUE_ON:
             raise ConfigurationError(f"continue_with(on=...) must be one of {', '.join(CONTINUE_ON)}, got {on!r}")
         self.continuations += 1

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from .batch import BatchBlock, BatchBuilder
+from .batch import BATCH_OPTIONS, BatchBlock, BatchBuilder
 from .encoding import Call, TaskData
 from .errors import ConfigurationError, ReplicationError
 from .gateway import Gateway
@@ -86,8 +86,9 @@ class Client(Introspection, Schedules, TenantAdmin):
         self.options.check_enqueue_queue(queue)
         check_tenant(tenant)
         pr = self.producer
-        pr.check_clash("enqueue_task", fn, args, {"delay_until": delay_until, "retries": retries, "key": key,
-                                            "key_ttl": key_ttl, "timeout": timeout, "keep_result": keep_result})
+        options = (delay_until, retries, key, key_ttl, timeout, keep_result)
+        if options != (None,) * 6:          # the check costs a microsecond: not paid when none is given
+            pr.check_clash("enqueue_task", fn, args, dict(zip(BATCH_OPTIONS[1:], options)))
         idem, key_ttl_ms = pr.idempotency(key, key_ttl)
         controls = pr.controls(timeout, keep_result)
         enc = pr.encode_call(fn, args, kwargs)
