@@ -408,6 +408,26 @@ def test_dead_task_retried_reopens_batch_and_runs_pending_success_continuation(p
     assert (int(r.get(prefix + ":ok")), int(r.get(prefix + ":all"))) == (1, 1)
 
 
+@pytest.mark.parametrize("how", ["by id", "in bulk"])
+def test_a_dead_letter_whose_batch_was_deleted_runs_again_as_a_task_of_no_batch(make_processor, embedded_worker, r,
+                                                                                prefix, how):
+    # Given a batch whose task failed for good, and the batch deleted after its retention
+    p = make_processor(retention=1, cleanup_frequency=0.2)
+    flag, out = prefix + ":flag", prefix + ":out"
+    r.set(flag, 1)
+    batch_id = p.enqueue_batch("default", "acme", lambda b: b.enqueue(tasks_batch.fail_while_flag, out, flag,
+                                                                      retries=0))
+    embedded_worker(p)
+    wait_until(lambda: p.get_queue("default").dead == 1 and p.get_batch(batch_id) is None, 15,
+               "dead-lettered, then the batch deleted")
+    [dead] = p.get_dead_tasks("default")
+    # When it is retried (the cause fixed), then it runs, as a task of no batch
+    r.delete(flag)
+    assert (p.retry_dead_task(dead.id) if how == "by id" else p.retry_dead_tasks("default") == 1) is True
+    wait_until(lambda: r.llen(out) == 1, 10, "the retried task ran")
+    assert p.get_queue("default").dead == 0
+
+
 def test_append_batch(processor, make_processor, embedded_worker, r, prefix):
     key = prefix + ":out"
     # Given a batch with a success continuation, appended to while nobody runs it

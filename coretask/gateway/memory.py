@@ -338,6 +338,8 @@ class MemoryGateway(MemoryReads, Gateway):
                 self._count_batch(t["tn"], b["state"], "running")
                 b["state"] = "running"
                 b.pop("ended", None)
+        else:
+            t.pop("b", None)        # its batch was deleted (retention)
         stats["failed"] -= 1
         for name in ("et", "em", "etb", "da", "fa", "du", "cr"):
             t.pop(name, None)

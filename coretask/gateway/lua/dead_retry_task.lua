@@ -30,6 +30,8 @@ if batch and batch ~= '' then
       redis.call('HDEL', bkey, 'ended')
       redis.call('ZREM', P .. ':bend', batch)
     end
+  else
+    redis.call('HDEL', KEYS[1], 'b')    -- its batch was deleted (retention): fetch refuses a task naming none
   end
 end
 redis.call('HINCRBY', P .. ':ts:' .. tenant, 'failed', -1)
