@@ -32,9 +32,10 @@ class LeaseExtender(Protocol):
 class TaskContext:
     """Passed to a task parameter annotated ``TaskContext`` (or named ``ctx``) and to hooks.
 
-    ``cancelled`` is set the moment the task's batch is canceled (or the task is being handed
-    back); long loops in C-free code can poll it to stop at a clean point before coretask
-    raises :class:`TaskCanceled` in the thread. ``batch`` holds the batch's statistics as they
+    ``cancelled`` is set the moment the task is being aborted (canceled, its batch canceled, or
+    handed back), with :class:`TaskCanceled` raised in its thread right after: clean-up belongs
+    in ``try/finally``; waiting on it (``ctx.cancelled.wait(5)`` instead of ``time.sleep(5)``)
+    ends a wait that C code would otherwise sit out. ``batch`` holds the batch's statistics as they
     were when the task was fetched. ``attempt`` counts the times the task was fetched (1 on the
     first run). ``retries_left`` is what remains should this attempt fail: the value
     ``on_task_failed_delay`` is then asked with, 0 on the last attempt (with ``retries=3``: 2, 1,
