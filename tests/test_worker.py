@@ -196,6 +196,44 @@ def test_worker_killed_mid_task_redelivers_it_alone_without_consuming_a_retry(pr
     assert m.terminate() == 0
 
 
+@pytest.mark.parametrize("hold", ["tenant paused", "queue paused", "tenant at its limit"])
+def test_an_isolated_task_held_back_waits_in_one_isolation_process(make_processor, start_manager, r, prefix, hold):
+    # Given a task running alone in a worker process, whose tenant (or queue) is then paused, or
+    # whose tenant a task running under another manager (queue "other") keeps at its limit of 1
+    processor = make_processor(strict_queues=False)
+    key = prefix + ":slow"
+    m = start_manager(processes=1, threads=2)
+    processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 1.0)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+    [(_, _, pid1)] = runs(r, key + ":started")
+    if hold == "tenant paused":
+        processor.pause_tenant("acme")
+    elif hold == "queue paused":
+        processor.pause_queue("default")
+    else:
+        start_manager(processes=1, threads=1, queues="other")
+        processor.enqueue_task("other", "acme", tw.sleep_with_context, prefix + ":blocker", 4.0)
+        wait_until(lambda: r.llen(prefix + ":blocker:started") == 1, 20, "the blocker running")
+        processor.set_tenant_limit("acme", 1)
+    # When its worker process is killed, and the task goes to isolation behind the hold
+    os.kill(pid1, signal.SIGKILL)
+    wait_until(lambda: "started isolation process" in m.log(), 20, "an isolation process")
+    # Then one isolation process waits for it: none is started again and again meanwhile
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline:
+        assert m.log().count("started isolation process") == 1, m.log()[-2000:]
+        time.sleep(0.1)
+    assert r.llen(key + ":finished") == 0
+    # And once the hold ends, the task runs there
+    if hold == "tenant paused":
+        processor.resume_tenant("acme")
+    elif hold == "queue paused":
+        processor.resume_queue("default")
+    wait_until(lambda: r.llen(key + ":finished") == 1, 30, "the isolated task ran")
+    assert m.log().count("started isolation process") == 1
+    assert m.terminate() == 0
+
+
 # ------------------------------------------------------------------------ 4. SIGTERM, graceful
 
 def test_sigterm_lets_a_running_task_finish_and_exits_0(processor, start_manager, r, prefix):

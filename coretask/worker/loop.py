@@ -151,7 +151,7 @@ class Loop:
             if self.recycling is not None and self.recycling.reason is not None and ledger.drained():
                 return                            # recycling: every task done and acknowledged
             if self.isolation and not got and not reply.paused and ledger.drained():
-                return                            # isolation: nothing left to run alone
+                return                            # isolation: nothing left to run alone (none held back)
             registered_ms = self.gateway.idle_registered(reply, idle_ms) if idle_ms else 0
             if registered_ms > 0:
                 self._await_handoff(registered_ms / 1000 + HANDOFF_SLACK, tick_at)

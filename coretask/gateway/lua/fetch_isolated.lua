@@ -4,7 +4,10 @@
 -- KEYS[6]  P:tlim
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] lease ms   ARGV[4] tasks wanted (0 or 1)
 -- ARGV[5]  default tenant concurrency limit (0 = unlimited)   ARGV[6..] queue names
--- Reply: as fetch.lua's ({paused, -1, now_ms, then at most one task's 13 values}).
+-- Reply: as fetch.lua's ({paused, -1, now_ms, then at most one task's 13 values}); paused is 2
+--   when nothing was leased but isolated tasks wait behind a queue or tenant pause or a tenant
+--   limit: the isolation worker then waits for them instead of ending (and being started again
+--   by its manager, twice a second, for as long as they wait).
 -- A paused processor or queue leases nothing; a task of a paused tenant, or of a tenant at its
 -- concurrency limit, goes to the back of the list and waits like a queued task.
 local P, worker, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -17,10 +20,13 @@ local function at_limit(tenant)
   local limit = tonumber(redis.call('HGET', KEYS[6], tenant) or deflim)
   return limit > 0 and tonumber(redis.call('HGET', KEYS[5], tenant) or '0') >= limit
 end
+local held = false
 for qi = 6, #ARGV do
   local queue = ARGV[qi]
   local list = P .. ':iso:' .. queue
-  if redis.call('SISMEMBER', P .. ':pausedq', queue) == 0 then
+  if redis.call('SISMEMBER', P .. ':pausedq', queue) == 1 then
+    held = held or redis.call('LLEN', list) > 0
+  else
     for _ = 1, redis.call('LLEN', list) do
       local id = redis.call('LPOP', list)
       local tkey = P .. ':t:' .. id
@@ -38,6 +44,7 @@ for qi = 6, #ARGV do
         if not f[1] then redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1) end
       elseif redis.call('SISMEMBER', KEYS[2], f[9]) == 1 or at_limit(f[9]) then
         redis.call('RPUSH', list, id)
+        held = true
       else
         redis.call('HINCRBY', P .. ':qs:' .. queue, 'ready', -1)
         if batch_canceled(P, f[4]) then
@@ -66,4 +73,5 @@ for qi = 6, #ARGV do
     end
   end
 end
+if held then out[1] = 2 end
 return out
