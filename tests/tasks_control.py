@@ -2,6 +2,7 @@
 them by reference)."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -95,3 +96,17 @@ def wait_for(key: str) -> None:
     deadline = time.monotonic() + 30
     while not R().exists(key + ":end") and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+async def awaiting(key: str, seconds: float) -> None:
+    """Awaits asyncio.sleep: idle in the event loop's select, where no thread exception lands.
+    Records its start, and how it left (the CancelledError its await raised, in a finally)."""
+    R().rpush(key + ":started", time.time())
+    outcome = "returned"
+    try:
+        await asyncio.sleep(seconds)
+    except BaseException as exc:
+        outcome = type(exc).__name__
+        raise
+    finally:
+        R().rpush(key + ":left", json.dumps({"at": time.time(), "outcome": outcome}))

@@ -15,7 +15,7 @@ import pytest
 
 from coretask.gateway import Leased
 from coretask.worker.ledger import Ledger, Task
-from tests import tasks, tasks_batch, tasks_ops
+from tests import tasks, tasks_batch, tasks_control, tasks_ops
 from tests.conftest import wait_until
 
 HOUR = timedelta(hours=1)
@@ -114,6 +114,30 @@ def test_cancel_running_task_aborts_it_within_a_second_and_counts_it_canceled(pr
     assert processor.get_tenant_stats("acme").running == 0
     # And a second cancel, now that it has ended, returns False
     assert processor.cancel_task(task_id) is False
+
+
+def test_a_coroutine_task_awaiting_is_canceled_and_timed_out_the_asyncio_way(processor, embedded_worker, r, prefix):
+    # Given a coroutine task idle in asyncio.sleep(60), and another with a 0.5 s time limit
+    key, late = prefix + ":await", prefix + ":late"
+    task_id = processor.enqueue_task("default", "acme", tasks_control.awaiting, key, 60, retries=3)
+    timed = processor.enqueue_task("default", "acme", tasks_control.awaiting, late, 60, retries=1, timeout=0.5)
+    embedded_worker(processor)
+    wait_until(lambda: r.llen(key + ":started") and r.llen(late + ":started"), 10, "both awaiting")
+    # When the first is canceled
+    t0 = time.time()
+    assert processor.cancel_task(task_id) is True
+    # Then its await raises CancelledError within a second (its finally runs), and it counts canceled
+    wait_until(lambda: r.llen(key + ":left"), 5, "the coroutine left its await")
+    left = json.loads(r.lindex(key + ":left", 0))
+    assert left["outcome"] == "CancelledError" and left["at"] - t0 < 1.0, left
+    wait_until(lambda: tstats(processor)[2] == 1, 5, "counted canceled")
+    # And the other is ended at its time limit the same way, and dead-lettered as TaskTimeout
+    wait_until(lambda: processor.get_queue("default").dead == 1, 10, "the timed-out coroutine dead-lettered")
+    [dead] = processor.get_dead_tasks("default")
+    assert dead.id == timed and dead.error_type == "TaskTimeout"
+    assert json.loads(r.lindex(late + ":left", 0))["outcome"] == "CancelledError"
+    # And no process was ended for them: both ended within the grace
+    assert r.llen(key + ":started") == 1
 
 
 def test_cancel_running_task_of_a_batch_counts_it_canceled_in_the_batch(processor, embedded_worker, r, prefix):

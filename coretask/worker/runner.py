@@ -72,6 +72,7 @@ class Runner:
         self.current: str | None = None      # task id while its body runs
         self.raising = False
         self.abort_lock = threading.Lock()    # serialises aborters, never taken by the runner
+        self._coroutine: tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]] | None = None  # a coroutine task's
 
     # ------------------------------------------------------------------------ called by aborters
 
@@ -83,6 +84,16 @@ class Runner:
             try:
                 if self.current != task_id:
                     return False
+                running = self._coroutine
+                if running is not None:
+                    # a coroutine waits in the event loop's select, where no exception lands:
+                    # it is cancelled the asyncio way (CancelledError at its await), and its
+                    # outcome is read as the abort's (execute: task.abort_reason)
+                    try:
+                        running[0].call_soon_threadsafe(running[1].cancel)
+                        return True
+                    except RuntimeError:        # the loop just closed: the body is returning
+                        pass
                 _set_async_exc(self.thread_id, exc)
                 return True
             finally:
@@ -305,13 +316,21 @@ class Runner:
                 raise TaskCanceled(task.abort_reason)
             result = fn(*args, **kwargs)
             if coroutine or asyncio.iscoroutine(result):
-                result = asyncio.run(result)
+                result = asyncio.run(self._awaited(result))
             task.result = result
         except BaseException as exc:
             self.current = None
             return exc
         self.current = None
         return None
+
+    async def _awaited(self, coroutine: Any) -> Any:
+        """Run a coroutine task where abort() can cancel it."""
+        self._coroutine = (asyncio.get_running_loop(), asyncio.current_task())   # type: ignore[assignment]
+        try:
+            return await coroutine
+        finally:
+            self._coroutine = None
 
     def _settle(self) -> None:
         """Wait out a raise in progress, then pass a checkpoint where a pending one is delivered."""
