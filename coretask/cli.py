@@ -143,7 +143,7 @@ def _queue_table(out: Out, queues: list[Any]) -> None:
 
 def _known_queue(p: TaskProcessor, name: str) -> bool:
     """A queue of this deployment: in Options.queues, or one that has held work."""
-    return name in p.options.queues or name in {q.name for q in p.get_queues()}
+    return name in p.options.queues or name in p.gateway.queue_names()
 
 
 def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:

@@ -266,7 +266,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         would change nothing and say so quietly."""
         if name in self.options.queues:
             return
-        seen = [q.name for q in self.get_queues()]
+        seen = self.gateway.queue_names()     # names only: get_queues would read every count too
         if name not in seen:
             known = list(dict.fromkeys([*self.options.queues, *seen]))
             close = difflib.get_close_matches(name, known, n=1)
