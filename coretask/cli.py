@@ -148,9 +148,18 @@ def _known_queue(p: TaskProcessor, name: str) -> bool:
 
 def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     pause = a.command == "pause"
-    if a.queue and a.tenant:
-        _err("give a queue or --tenant, not both")
+    if sum(1 for given in (a.queue, a.tenant, a.schedule) if given) > 1:
+        _err("give one of a queue, --tenant or --schedule")
         return USAGE
+    if getattr(a, "requeue_running", False) and (a.queue or a.tenant or a.schedule):
+        _err("--requeue-running goes with pausing everything (no queue, --tenant or --schedule)")
+        return USAGE
+    if a.schedule:
+        if not (p.pause_schedule if pause else p.resume_schedule)(a.schedule):
+            _err(f"schedule {a.schedule} not found (python -m coretask --app APP schedules --tenant TENANT lists them)")
+            return NOT_FOUND
+        return _said(out, {"paused": pause, "schedule": a.schedule},
+                     f"{a.command}d schedule {a.schedule}" + (": its ticks enqueue nothing until resumed" if pause else ""))
     # a misspelt name would pause (or resume) nothing and say it did (an invalid one: usage error)
     if a.queue:
         check_queue_name(a.queue, a.command)
@@ -428,8 +437,9 @@ def cmd_schedules(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if out.json:
         out.data({"count": count, "schedules": schedules})
         return OK
-    out.table(["ID", "CRON", "TIMEZONE", "NEXT RUN", "LAST RUN", "UNIQUE", "QUEUE", "SCOPE"],
-              [[s.id, s.cron, s.timezone, s.next_run, s.last_run, s.unique, s.queue, s.scope] for s in schedules])
+    out.table(["ID", "CRON", "TIMEZONE", "NEXT RUN", "LAST RUN", "UNIQUE", "QUEUE", "SCOPE", "PAUSED SINCE"],
+              [[s.id, s.cron, s.timezone, s.next_run, s.last_run, s.unique, s.queue, s.scope, s.paused_since]
+               for s in schedules])
     print(f"{len(schedules)} shown of {count} schedules")
     return OK
 
@@ -592,14 +602,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd("status", cmd_status, "queues with counts, workers with heartbeat age, paused state")
     cmd("queues", cmd_queues, "queues with queued, in-flight, delayed and dead counts")
-    sp = cmd("pause", cmd_pause, "pause everything, one queue, or one tenant (--tenant)")
+    sp = cmd("pause", cmd_pause, "pause everything, one queue, one tenant (--tenant) or one schedule (--schedule)")
     sp.add_argument("queue", nargs="?")
     sp.add_argument("--tenant", help="pause this tenant's work only")
+    sp.add_argument("--schedule", metavar="ID", help="pause this cron schedule only: its ticks enqueue nothing "
+                    "until resumed (upserting it again keeps the pause)")
     sp.add_argument("--requeue-running", action="store_true",
                     help="also abort running tasks and hand them back (no retry consumed)")
-    sp = cmd("resume", cmd_pause, "resume everything, one queue, or one tenant (--tenant)")
+    sp = cmd("resume", cmd_pause, "resume everything, one queue, one tenant (--tenant) or one schedule (--schedule)")
     sp.add_argument("queue", nargs="?")
     sp.add_argument("--tenant", help="resume this tenant's work only")
+    sp.add_argument("--schedule", metavar="ID", help="resume this cron schedule only")
     sp = cmd("rebalance", cmd_rebalance, "move a paused tenant to another shard (Options.shards): its new work "
              "goes there, its queued and delayed tasks move there task by task")
     sp.add_argument("tenant")

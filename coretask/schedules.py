@@ -66,7 +66,8 @@ class ScheduleData:
 @dataclasses.dataclass(frozen=True)
 class ScheduleInfo:
     """A schedule as stored. ``last_run`` is when its latest run was enqueued (tick or
-    trigger); ``skipped_unique`` / ``skipped_expired`` count ticks that enqueued nothing."""
+    trigger); ``skipped_unique`` / ``skipped_expired`` / ``skipped_paused`` count ticks that
+    enqueued nothing; ``paused_since`` is set while the schedule is paused (pause_schedule)."""
 
     id: str
     tenant: str
@@ -82,6 +83,12 @@ class ScheduleInfo:
     last_task_id: str | None
     skipped_unique: int
     skipped_expired: int
+    paused_since: datetime | None = None
+    skipped_paused: int = 0
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_since is not None
 
 
 def _check_id(schedule_id: object) -> str:
@@ -153,6 +160,27 @@ class Schedules:
         stay queued."""
         return self.gateway.cancel_schedule(schedule_id, tenant)
 
+    def pause_schedule(self, schedule_id: str, tenant: str | None = None) -> bool:
+        """Stop a schedule's ticks from enqueuing runs until resume_schedule; False for an
+        unknown schedule (or, with ``tenant``, another tenant's). The ticks keep moving while
+        paused (each one is counted in ``skipped_paused``), so resuming runs the next tick and
+        never a backlog. The pause survives upsert_schedule: an application that registers its
+        schedules at every start does not undo an operator's pause. trigger_schedule still runs
+        a paused schedule on demand. True also when it was paused already."""
+        return self._pause_schedule(schedule_id, True, tenant)
+
+    def resume_schedule(self, schedule_id: str, tenant: str | None = None) -> bool:
+        """Undo pause_schedule: the next tick enqueues its run. False for an unknown schedule
+        (or another tenant's); True also when it was not paused."""
+        return self._pause_schedule(schedule_id, False, tenant)
+
+    def _pause_schedule(self, schedule_id: str, on: bool, tenant: str | None) -> bool:
+        code = self.gateway.pause_schedule(_check_id(schedule_id), on, None if tenant is None else check_tenant(tenant))
+        if code == 1:
+            log.info("schedule %s %s", schedule_id, "paused: its ticks enqueue nothing until resume_schedule"
+                     if on else "resumed")
+        return code >= 0
+
     def trigger_schedule(self, schedule_id: str, tenant: str | None = None) -> str | None:
         """Enqueue a run now, without moving the next tick; returns the run's task id (follow it
         with get_task / get_result), None for an unknown schedule (or, with ``tenant``, another
@@ -186,4 +214,5 @@ def _info(schedule_id: str, h: dict[bytes, bytes], score: float | None) -> Sched
         next_run=ms_to_dt(int(score)) if score is not None else None, last_run=ms_to_dt(h.get(b"lr")),
         unique=h.get(b"u") == b"1", expire=timedelta(milliseconds=expire) if expire else None,
         last_task_id=_s(h.get(b"lt")) or None, skipped_unique=int(h.get(b"nu", b"0")),
-        skipped_expired=int(h.get(b"nx", b"0")))
+        skipped_expired=int(h.get(b"nx", b"0")), paused_since=ms_to_dt(h.get(b"ps")),
+        skipped_paused=int(h.get(b"np", b"0")))

@@ -205,6 +205,12 @@ class TenantView:
     def trigger_schedule(self, schedule_id: str) -> str | None:
         return self.processor.trigger_schedule(schedule_id, tenant=self.tenant)
 
+    def pause_schedule(self, schedule_id: str) -> bool:
+        return self.processor.pause_schedule(schedule_id, tenant=self.tenant)
+
+    def resume_schedule(self, schedule_id: str) -> bool:
+        return self.processor.resume_schedule(schedule_id, tenant=self.tenant)
+
     def get_schedules(self, skip: int = 0, take: int = 25) -> list[ScheduleInfo]:
         return self.processor.get_schedules(self.tenant, skip, take)
 

@@ -487,3 +487,14 @@ def test_schedules_trigger_and_schedule_count_in_status(processor, cli, prefix):
     run = processor.get_schedule("s-daily").last_task_id
     assert f"one run enqueued now, task {run}" in triggered.stdout
     assert status["schedules"] == 2
+    # And one schedule pauses and resumes by id; an unknown id and a mixed scope are refused
+    paused = cli("pause", "--schedule", "s-hourly")
+    assert paused.returncode == 0 and "paused schedule s-hourly" in paused.stdout
+    assert processor.get_schedule("s-hourly").paused and not processor.get_schedule("s-daily").paused
+    listed = json.loads(ok(cli("--json", "schedules", "acme")))
+    assert {s["id"]: s["paused_since"] is not None for s in listed["schedules"]} == {"s-hourly": True, "s-daily": False}
+    missing = cli("pause", "--schedule", "nope")
+    assert missing.returncode == 1 and "schedule nope not found" in missing.stderr
+    both = cli("pause", "default", "--schedule", "s-hourly")
+    assert both.returncode == 2 and "give one of" in both.stderr
+    assert ok(cli("resume", "--schedule", "s-hourly")) and not processor.get_schedule("s-hourly").paused

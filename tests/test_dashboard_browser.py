@@ -221,6 +221,15 @@ def test_trigger_a_schedule(dash: Dash, processor: TaskProcessor) -> None:
     assert info.last_run is not None and info.last_task_id is not None
     expect(page.locator(f"a[href$='/tasks/{info.last_task_id}']")).to_be_visible()
     assert processor.get_task(info.last_task_id).state == "queued"
+    # When it is paused, Then the page and the store say so, and Resume undoes it
+    page.get_by_role("button", name="Pause", exact=True).click()
+    expect(page.locator(".flash")).to_contain_text("Schedule hourly-sync paused")
+    expect(page.locator("#schedule-1")).to_contain_text("paused")
+    assert processor.get_schedule("hourly-sync").paused
+    page.get_by_role("button", name="Resume", exact=True).click()
+    expect(page.locator(".flash")).to_contain_text("Schedule hourly-sync resumed")
+    expect(page.locator("#schedule-1")).to_contain_text("active")
+    assert not processor.get_schedule("hourly-sync").paused
     # When it is canceled, Then it is gone (its run stays queued)
     page.get_by_role("button", name="Cancel").click()
     expect(page.locator(".flash")).to_contain_text("Schedule hourly-sync canceled")

@@ -181,6 +181,44 @@ def test_pause_holds_ticks_and_resume_catches_up_once(make_processor, embedded_w
     assert len({t for t, _ in runs}) == len(runs)
 
 
+def test_a_paused_schedule_skips_its_ticks_keeps_its_pause_through_upsert_and_resumes_without_a_backlog(
+        make_processor, embedded_worker, r, prefix):
+    p = make_processor(use_cron_seconds=True)
+    key = prefix + ":runs"
+    data = ScheduleData("nightly", "acme", "default", None, "* * * * * *")
+    p.upsert_schedule(data, tasks_sched.record_tick, key, prefix)
+    assert p.pause_schedule("nightly") is True
+    paused = p.get_schedule("nightly")
+    assert paused.paused and paused.paused_since is not None
+    assert p.pause_schedule("nightly") is True and p.get_schedule("nightly").paused_since == paused.paused_since
+    assert p.pause_schedule("missing") is False and p.resume_schedule("missing") is False
+    assert p.pause_schedule("nightly", tenant="other") is False        # another tenant's: unknown
+    embedded_worker(p)
+    # the ticks move on while paused, each counted, and none enqueues a run
+    wait_until(lambda: p.get_schedule("nightly").skipped_paused >= 2, 10, "2 ticks skipped while paused")
+    held = p.get_schedule("nightly")
+    assert held.next_run > paused.next_run
+    assert r.llen(key) == 0 and p.get_queue("default").queued == 0 and held.last_task_id is None
+    # an application upserting its schedules at start keeps the operator's pause
+    assert p.upsert_schedule(data, tasks_sched.record_tick, key, prefix) is False
+    assert p.get_schedule("nightly").paused_since == paused.paused_since
+    # a trigger is an explicit request: it runs a paused schedule
+    assert p.trigger_schedule("nightly") is not None
+    triggered = int(p.get_schedule("nightly").last_run.timestamp() * 1000)
+    wait_until(lambda: r.llen(key) == 1, 10, "the triggered run")
+    resumed = server_ms(p)
+    assert p.resume_schedule("nightly", tenant="acme") is True
+    info = p.get_schedule("nightly")
+    assert not info.paused and info.paused_since is None and info.skipped_paused >= 2
+    wait_until(lambda: r.llen(key) >= 3, 10, "runs after resume")
+    p.cancel_schedule("nightly", "acme")
+    runs = ticks(r, key)
+    assert [t for t, _ in runs].count(triggered) == 1
+    ticked = [t for t, _ in runs if t != triggered]
+    assert len(ticked) >= 2 and len(set(ticked)) == len(ticked)
+    assert min(ticked) >= resumed - 1000, f"ticks missed while paused were run after resume: {runs}"
+
+
 # ------------------------------------------------------------------------------------ API
 
 def test_upsert_replaces_cron_and_target(make_processor, embedded_worker, r, prefix):

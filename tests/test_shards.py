@@ -185,9 +185,15 @@ def test_a_schedule_ticks_once_per_tick_on_its_tenants_shard(sharded, embedded_w
     assert r.exists(f"{shard_prefix}:s:every-second") and not r.exists(f"{p.gateway.prefixes[0]}:s:every-second")
     assert p.get_schedule("every-second").tenant == "initech"
     wait_until(lambda: r.llen(key) >= 4, 15, "4 ticks")
+    # a pause by id alone finds the schedule's shard; its ticks there enqueue nothing
+    assert p.pause_schedule("every-second") is True
+    assert r.hexists(f"{shard_prefix}:s:every-second", "ps")
+    runs = r.llen(key)
+    wait_until(lambda: p.get_schedule("every-second").skipped_paused >= 2, 15, "2 ticks skipped while paused")
+    assert r.llen(key) <= runs + 1            # at most a tick claimed as the pause landed
     assert p.cancel_schedule("every-second", "initech")
     assert_one_run_per_tick(ticks(r, key), 4)
-    assert p.get_schedule("every-second") is None
+    assert p.get_schedule("every-second") is None and p.pause_schedule("every-second") is False
 
 
 def test_turning_sharding_on_moves_no_key(make_processor, embedded_worker, r, prefix):

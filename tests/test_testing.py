@@ -328,7 +328,13 @@ def test_schedules_are_stored_not_run_and_trigger_runs_one_now() -> None:
     assert SEEN["add"] == [] and p.get_schedules_count() == 1
     assert p.trigger_schedule("hourly") is not None
     assert SEEN["add"] == [(4, 4)] and p.get_schedule("hourly").last_task_id is not None
+    # a pause is stored as on a server, and an upsert keeps it
+    assert p.pause_schedule("hourly") is True and p.get_schedule("hourly").paused
+    p.upsert_schedule(ScheduleData("hourly", "acme", "default", "mail", "0 * * * *"), T.add, 4, 4)
+    assert p.get_schedule("hourly").paused and p.pause_schedule("hourly", tenant="other") is False
+    assert p.resume_schedule("hourly") is True and not p.get_schedule("hourly").paused
     assert p.cancel_schedule("hourly", "acme") is True and p.get_schedules_count() == 0
+    assert p.pause_schedule("hourly") is False
 
 
 def test_delay_until_is_recorded_and_not_waited() -> None:

@@ -97,12 +97,17 @@ def add_actions(bp: Blueprint, scope: Scope, read_only: bool) -> None:
     @bp.post("/do/schedule/<schedule_id>/<action>")
     def schedule_action(schedule_id: str, action: str) -> ResponseReturnValue:
         info = scope.schedule(schedule_id)
-        if info is None or action not in ("trigger", "cancel"):
+        if info is None or action not in ("trigger", "cancel", "pause", "resume"):
             abort(404)
         if action == "trigger":
             task_id = scope.api.trigger_schedule(schedule_id)
             return outcome(task_id is not None, f"Schedule {schedule_id}: one run enqueued now (task {task_id}).",
                            f"Schedule {schedule_id} is gone.")
+        if action in ("pause", "resume"):
+            call = scope.api.pause_schedule if action == "pause" else scope.api.resume_schedule
+            return outcome(call(schedule_id), f"Schedule {schedule_id} {action}d" + (
+                ": its ticks enqueue nothing until it is resumed." if action == "pause" else "."),
+                f"Schedule {schedule_id} is gone.")
         return outcome(scope.cancel_schedule(info), f"Schedule {schedule_id} canceled.",
                        f"Schedule {schedule_id} is gone.")
 

@@ -608,6 +608,12 @@ class Gateway(OneShard):
         return bool(self.transport.run("schedule_cancel", [k.schedule(schedule_id), k.sdue],
                                        [k.prefix, schedule_id, tenant]))
 
+    def pause_schedule(self, schedule_id: str, on: bool, tenant: str | None) -> int:
+        """1 changed, 0 already so, -2 unknown (or, with ``tenant``, another tenant's)."""
+        code, _ = self.transport.run("schedule_pause", [self.keys.schedule(schedule_id)],
+                                     [schedule_id, _flag(on), tenant or ""])
+        return int(code)
+
     def schedule(self, schedule_id: str) -> tuple[dict[bytes, bytes], float | None]:
         pipe = self._redis.pipeline(transaction=False)
         pipe.hgetall(self.keys.schedule(schedule_id))

@@ -186,7 +186,7 @@ class MemoryReads(MemoryState):
                        v=(s or {}).get("v", 0) + 1, next=next_ms, cd=(s or {}).get("cd", now))
             for name, value in zip(("to", "kr", "kt"), controls.argv()):
                 new[name] = value
-            for kept in ("lt", "lr", "nu", "nx"):
+            for kept in ("lt", "lr", "nu", "nx", "np", "ps"):
                 if s is not None and kept in s:
                     new[kept] = s[kept]
             self._schedules[schedule_id] = new
@@ -199,6 +199,20 @@ class MemoryReads(MemoryState):
                 return False
             del self._schedules[schedule_id]
             return True
+
+    def pause_schedule(self, schedule_id: str, on: bool, tenant: str | None) -> int:
+        """As schedule_pause.lua: the field ps (paused since ms), kept by upsert_schedule."""
+        with self._lock:
+            s = self._schedules.get(schedule_id)
+            if s is None or (tenant and s["tn"] != tenant):
+                return -2
+            if on == ("ps" in s):
+                return 0
+            if on:
+                s["ps"] = now_ms()
+            else:
+                del s["ps"]
+            return 1
 
     def trigger_schedule(self, schedule_id: str, task_id: str, tenant: str | None) -> TickResult:
         """A run now, as schedule_tick.lua's "trigger" enqueues it (eager.py then runs it)."""

@@ -682,6 +682,10 @@ class ShardedGateway:
         s = self._schedule_shard(schedule_id)
         return s is not None and self.shards[s].cancel_schedule(schedule_id, tenant)
 
+    def pause_schedule(self, schedule_id: str, on: bool, tenant: str | None) -> int:
+        s = self._schedule_shard(schedule_id)
+        return -2 if s is None else self.shards[s].pause_schedule(schedule_id, on, tenant)
+
     def schedule(self, schedule_id: str) -> tuple[dict[bytes, bytes], float | None]:
         s = self._schedule_shard(schedule_id)
         return self.shards[s].schedule(schedule_id) if s is not None else ({}, None)

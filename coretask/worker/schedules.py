@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 DUE_PER_CALL = 100       # due schedules handled per round trip; more are taken on the next turn
 ERROR_RETRY = 1.0        # seconds before the timer tries again after a Redis error
+SKIPPED = {2: "previous run still active", 3: "expired", 4: "schedule paused"}   # schedule_tick.lua codes
 
 
 class ScheduleTimer:
@@ -78,9 +79,8 @@ class ScheduleTimer:
         for (d, _, _), res in zip(claims, results):
             if res.code == 1:   # debug: a per-second schedule would flood an info log
                 log.debug("schedule %s: enqueued the run of tick %s", d.id, ms_to_dt(d.tick_ms))
-            elif res.code in (2, 3):
-                log.debug("schedule %s: tick %s skipped (%s)", d.id, ms_to_dt(d.tick_ms),
-                          "previous run still active" if res.code == 2 else "expired")
+            elif res.code in SKIPPED:
+                log.debug("schedule %s: tick %s skipped (%s)", d.id, ms_to_dt(d.tick_ms), SKIPPED[res.code])
             if res.score_ms >= 0:
                 earliest = res.score_ms if earliest < 0 else min(earliest, res.score_ms)
         if len(due.due) >= DUE_PER_CALL and claims:

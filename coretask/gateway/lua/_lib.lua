@@ -68,8 +68,9 @@
 --   P:s:<id>            hash   cron schedule: tn, q, sc scope, cr cron, tz zone, sec ("1" = six
 --                              fields), u unique, x expire ms, p/s/tg/r as a task, v version
 --                              (bumped by every upsert), cd/up created/updated ms, lt last run's
---                              task id, lr last run ms, lk last tick ms, nu/nx ticks skipped
---                              (unique / expired)
+--                              task id, lr last run ms, lk last tick ms, nu/nx/np ticks skipped
+--                              (unique / expired / paused), ps paused since ms (schedule_pause.lua;
+--                              absent = running)
 --   P:sdue              zset   schedule ids, score = next tick ms (moved by compare-and-set)
 --   P:sched:<tenant>    zset   the tenant's schedule ids, score 0 (ordered by id)
 --   P:marker            string a random token a worker sets when absent: if it changes under a

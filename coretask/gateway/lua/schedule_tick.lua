@@ -11,7 +11,9 @@
 --   has none). code 1 = run enqueued, 2 = tick skipped because the previous run is still
 --   queued, delayed or running (unique), 3 = tick skipped because it is older than expire,
 --   0 = lost the compare-and-set (another process claimed it, or the schedule was replaced),
---   -1 = globally paused (tick left in place), -2 = no such schedule.
+--   -1 = globally paused (tick left in place), -2 = no such schedule, 4 = tick skipped because
+--   the schedule itself is paused (field ps, schedule_pause.lua; counted in np: the tick moves on,
+--   so resuming never enqueues the ticks missed).
 --   While the schedule's queue or tenant is paused (P:pausedq, P:pausedt) ticks move on, but a
 --   run is enqueued only if the last one is not still waiting (queued or delayed), so a pause
 --   holds at most one run, as a global pause does (code 2, counted in nu like unique).
@@ -56,7 +58,11 @@ if score() ~= tick or redis.call('HGET', KEYS[2], 'v') ~= ARGV[6] then return {0
 redis.call('ZADD', KEYS[1], nxt, id)
 redis.call('HSET', KEYS[2], 'lk', tick)
 
-local f = redis.call('HMGET', KEYS[2], 'x', 'u', 'lt', 'q', 'tn')
+local f = redis.call('HMGET', KEYS[2], 'x', 'u', 'lt', 'q', 'tn', 'ps')
+if f[6] then
+  redis.call('HINCRBY', KEYS[2], 'np', 1)
+  return {4, now, nxt}
+end
 local expire = tonumber(f[1] or '0')
 if expire > 0 and now - tick > expire then
   redis.call('HINCRBY', KEYS[2], 'nx', 1)
