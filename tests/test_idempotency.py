@@ -132,6 +132,40 @@ def test_every_end_of_a_keyed_task_gives_its_key_up(processor, embedded_worker, 
     assert processor.cancel_task(fresh) and r.exists(keys.idempotency("acme", "k")) == 0
 
 
+@pytest.mark.parametrize("how", ["one", "queue"])
+def test_a_retried_dead_letter_takes_its_key_back_unless_another_task_holds_it(processor, embedded_worker, r,
+                                                                              prefix, how):
+    # Given two keyed tasks that died (no key_ttl: both keys were freed when they were buried),
+    # and one whose key_ttl keeps its key naming it
+    keys = processor.gateway.keys
+    a = processor.enqueue_task("default", "acme", tasks.always_fail, "x", retries=0, key="a")
+    b = processor.enqueue_task("default", "acme", tasks.always_fail, "x", retries=0, key="b")
+    c = processor.enqueue_task("default", "acme", tasks.always_fail, "x", retries=0, key="c", key_ttl=HOUR)
+    stop = embedded_worker(processor)
+    wait_until(lambda: state(processor, a) == state(processor, b) == state(processor, c) == "dead", 10, "all dead")
+    stop.set()
+    assert r.exists(keys.idempotency("acme", "a"), keys.idempotency("acme", "b")) == 0
+    assert r.get(keys.idempotency("acme", "c")) == f"f:{c}".encode()
+    # And key "b" was claimed meanwhile by a new task
+    processor.pause()
+    other = processor.enqueue_task("default", "acme", tasks.record, prefix + ":out", 1, key="b")
+    # When both dead letters are moved back to work
+    if how == "one":
+        assert processor.retry_dead_task(a) and processor.retry_dead_task(b) and processor.retry_dead_task(c)
+    else:
+        assert processor.retry_dead_tasks("default") == 3
+    assert state(processor, a) == state(processor, b) == state(processor, c) == "queued"
+    # Then the retried task holds its free key again: enqueuing with it returns the retried task
+    assert r.get(keys.idempotency("acme", "a")) == a.encode() and r.get(keys.idempotency("acme", "c")) == c.encode()
+    assert processor.enqueue_task("default", "acme", tasks.record, prefix + ":out", 2, key="a") == a
+    # And the key another task claimed meanwhile stays with that task
+    assert r.get(keys.idempotency("acme", "b")) == other.encode()
+    assert processor.enqueue_task("default", "acme", tasks.record, prefix + ":out", 3, key="b") == other
+    assert counts(processor) == (4, 0, 0, 0)
+    # And once the retried task ends, its key is given up as any keyed task's is
+    assert processor.cancel_task(a) and r.exists(keys.idempotency("acme", "a")) == 0
+
+
 def test_a_canceled_running_keyed_task_keeps_its_key_for_key_ttl(processor, embedded_worker, r, prefix):
     spin = prefix + ":spin"
     task_id = processor.enqueue_task("default", "acme", tasks_batch.spin_ctx, spin, 30, key="k", key_ttl=HOUR)

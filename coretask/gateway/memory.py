@@ -344,6 +344,7 @@ class MemoryGateway(MemoryReads, Gateway):
         for name in ("et", "em", "etb", "da", "fa", "du", "cr"):
             t.pop(name, None)
         self._forget_attempt(t)
+        self._reclaim_key(task_id)
         t.update(r=retries, st="queued")
         self._push(task_id)
         return True

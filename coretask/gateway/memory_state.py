@@ -128,6 +128,7 @@ class MemoryState:
             self._ready_list(t).append(f.task_id)                         # eager.py runs it again at once
             return
         t["r"] = 0
+        held = t.get("ik"), t.get("ikt", 0)
         self._release_key(f.task_id)
         stats = self._stats[t["tn"]]
         stats["failed"] += 1
@@ -137,6 +138,8 @@ class MemoryState:
             stats["dead"] += 1
             now = now_ms()
             t.update(st="dead", da=now, fa=now, du=f.duration_ms, **error)
+            if held[0] is not None:
+                t.update(xk=held[0], xkt=held[1])       # _reclaim_key, on a retry
             self._dead.setdefault(t["q"], []).append(f.task_id)
             self._notify_done(f.task_id, t)
         else:
@@ -289,6 +292,19 @@ class MemoryState:
                 return holder
         self._idem[name] = (task_id, None)
         return None
+
+    def _reclaim_key(self, task_id: str) -> None:
+        """reclaim_key (_lib.lua): a retried dead letter takes back its key when it is free or
+        still names it (key_ttl); a key another task holds meanwhile stays with that task."""
+        t = self._tasks[task_id]
+        name, ttl = t.pop("xk", None), t.pop("xkt", 0)
+        if name is None:
+            return
+        if self._idem.get(name, ("",))[0] == task_id:
+            self._idem[name] = (task_id, None)
+        elif self._claim(name, task_id) is not None:
+            return
+        t.update(ik=name, ikt=ttl)
 
     def _release_key(self, task_id: str, forget: bool = False) -> None:
         t = self._tasks.get(task_id) or {}

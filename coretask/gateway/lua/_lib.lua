@@ -14,6 +14,7 @@
 --                              sg signature (Options.signing_key; see coretask/signing.py),
 --                              cx ms of cancel_task's mark on a running task (told to stop),
 --                              ik / ikt its idempotency key's name and key_ttl ms (release_key),
+--                              xk / xkt the same, kept by a dead letter for a retry (reclaim_key),
 --                              cr crashes it was the culprit of (crashed.lua),
 --                              cb (continuations) the batch it continues,
 --                              to time limit ms, kr keep-result ms, kt retention ms (set_controls),
@@ -487,9 +488,9 @@ end
 -- counts it as failed. A run enqueued by a schedule (field sch) is governed by dlsched
 -- (Options.deadletter_schedules) instead: the next tick runs it again anyway.
 local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsched, dur_ms)
-  release_key(P, id)
   local tkey = P .. ':t:' .. id
-  local tf = redis.call('HMGET', tkey, 'sch', 'tn', 'kr', 'kt')
+  local tf = redis.call('HMGET', tkey, 'sch', 'tn', 'kr', 'kt', 'ik', 'ikt')
+  release_key(P, id)
   if tf[1] then deadletter = dlsched end
   local stats = P .. ':ts:' .. tf[2]
   redis.call('HINCRBY', stats, 'failed', 1)
@@ -498,6 +499,7 @@ local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsc
     redis.call('HSET', tkey, 'st', 'dead', 'r', '0', 'et', etype, 'em', emsg, 'etb', etb, 'da', now, 'fa', now,
                'du', dur_ms or 0)
     redis.call('RPUSH', P .. ':dead:' .. queue, id)
+    if tf[5] then redis.call('HSET', tkey, 'xk', tf[5], 'xkt', tf[6] or '0') end   -- reclaim_key, on a retry
     notify_done(P, id, tf[3])
   else
     finish(P, id, 'failed', now, dur_ms, tf[3], tf[4], {'r', '0', 'et', etype, 'em', emsg, 'etb', etb})
@@ -546,6 +548,20 @@ local function claim_key(P, kname, id)
   end
   redis.call('SET', kname, id)
   return nil
+end
+
+-- A dead letter moved back to work takes back the idempotency key it held before it was buried
+-- (fields xk, xkt: bury) when the key is free, or still names it ("f:<id>", key_ttl): the retried
+-- task then holds it again while it waits and runs, as it did before. A key that another task
+-- claimed meanwhile stays with that task (claim_key's rules), and the retried task runs unkeyed.
+local function reclaim_key(P, id)
+  local tkey = P .. ':t:' .. id
+  local f = redis.call('HMGET', tkey, 'xk', 'xkt')
+  if not f[1] then return end
+  redis.call('HDEL', tkey, 'xk', 'xkt')
+  if redis.call('GET', f[1]) == 'f:' .. id then redis.call('SET', f[1], id)
+  elseif claim_key(P, f[1], id) then return end
+  redis.call('HSET', tkey, 'ik', f[1], 'ikt', f[2])
 end
 
 -- True when a running task was told to stop: cancel_task marked it (field cx) or its batch was

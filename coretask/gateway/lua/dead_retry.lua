@@ -2,7 +2,8 @@
 -- fresh retry budget and crash budget (field cr). A task of a batch re-opens the batch
 -- (failed -1, remaining +1), so a success continuation that has not run yet runs once the batch then succeeds. Tasks of a
 -- canceled batch are discarded instead. A task whose batch was deleted meanwhile (retention)
--- goes back to work as a task of no batch.
+-- goes back to work as a task of no batch. A keyed task takes back its idempotency key when that
+-- key is free or still names it (_lib.lua reclaim_key).
 -- A damaged dead letter (_lib.lua read_task: its q is not this queue, no usable tn) cannot go
 -- back to work: it stays in the list, at the head, with et = CorruptTask and the reason in em;
 -- a key that is missing or not a hash leaves the list for P:quarantine.
@@ -53,6 +54,7 @@ while max == 0 or n < max do
       redis.call('HINCRBY', P .. ':ts:' .. f[2], 'failed', -1)
       redis.call('HSET', tkey, 'r', ARGV[2])
       forget_attempt(tkey, 'et', 'em', 'etb', 'da', 'cr')
+      reclaim_key(P, id)
       push_ready(P, f[1], f[2], id, false)
       n = n + 1
     end

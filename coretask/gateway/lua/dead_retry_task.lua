@@ -1,8 +1,8 @@
 -- dead_retry_task.lua: move one dead-lettered task back to work with a fresh retry budget and
 -- crash budget (field cr), as dead_retry.lua does for a queue's oldest: a task of a batch
 -- re-opens the batch (failed -1, remaining +1) and counts no longer as failed for its tenant.
--- A task of a canceled batch is discarded instead. Its idempotency key is not taken back (the
--- key was released when the task was buried).
+-- A task of a canceled batch is discarded instead. It takes back the idempotency key it held
+-- when that key is free or still names it (_lib.lua reclaim_key).
 -- KEYS[1]  P:t:<id>
 -- ARGV[1]  P   ARGV[2] task id   ARGV[3] tenant the caller claims ("" = any)
 -- ARGV[4]  retries to grant
@@ -37,5 +37,6 @@ end
 redis.call('HINCRBY', P .. ':ts:' .. tenant, 'failed', -1)
 redis.call('HSET', KEYS[1], 'r', ARGV[4])
 forget_attempt(KEYS[1], 'et', 'em', 'etb', 'da', 'cr')
+reclaim_key(P, id)
 push_ready(P, queue, tenant, id, false)
 return 1
