@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["TenantView", "TenantStats"]
 
 DEAD_SCAN = 1000   # dead letters examined per call when filtering a shared dead list by tenant
+BULK_PASSES = 3    # passes over a shared dead list by one bulk retry or discard (_dead_in_bulk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,22 +111,31 @@ class TenantView:
     def _dead_in_bulk(self, queue: str, count: int | None, act: Callable[[str], bool]) -> int:
         """The dead list is shared by the queue's tenants: it is read page by page, the whole
         of it if need be, and each of this tenant's entries is acted on by id (which checks the
-        tenant again)."""
+        tenant again). The position in the list assumes that only this call removes entries;
+        when someone else removes one meanwhile (another tenant's retry, a discard), the pages
+        move under it and an entry can be passed over, so a pass that acted is followed by
+        another one (at most BULK_PASSES), which acts only on ids it has not acted on before: a
+        retried task that dies again at once is not retried twice by one call."""
         p = self.processor
         limit = p._dead_count(queue, count)     # validated; None: nothing to do, 0: all of them
         if limit is None:
             return 0
-        done = skip = 0
-        while not limit or done < limit:
-            page = p.get_dead_tasks(queue, skip, DEAD_SCAN)
-            if not page:
+        acted: set[str] = set()
+        for _ in range(BULK_PASSES):
+            before, skip = len(acted), 0
+            while not limit or len(acted) < limit:
+                page = p.get_dead_tasks(queue, skip, DEAD_SCAN)
+                if not page:
+                    break
+                for t in page:
+                    if (t.tenant == self.tenant and t.id not in acted and (not limit or len(acted) < limit)
+                            and act(t.id)):
+                        acted.add(t.id)
+                    else:
+                        skip += 1       # still in the list, ahead of the next page
+            if len(acted) == before or (limit and len(acted) >= limit):
                 break
-            for t in page:
-                if t.tenant == self.tenant and (not limit or done < limit) and act(t.id):
-                    done += 1
-                else:
-                    skip += 1       # still in the list, ahead of the next page
-        return done
+        return len(acted)
 
     def get_tasks_in_queue(self, queue: str, skip: int = 0, take: int = 25) -> list[TaskInfo]:
         """This tenant's ready tasks in the queue, FIFO."""

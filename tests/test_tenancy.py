@@ -19,6 +19,7 @@ import pytest
 
 from coretask import ConfigurationError, ScheduleData, TaskProcessor
 from coretask.gateway import Ack, Failure, Release
+import coretask.tenancy
 from coretask.tenancy import TenantStats, TenantView
 from tests import tasks
 from tests import tasks_tenancy as tt
@@ -279,6 +280,34 @@ def test_a_tenant_view_retries_and_discards_only_its_own_dead_letters_in_bulk(pr
     assert sorted(d.id for d in p.get_dead_tasks("default")) == sorted(ids["B"])
     assert a.retry_dead_tasks("default") == 0 and p.tenant("B").discard_dead_tasks("default", count=0) == 0
     assert p.tenant("B").retry_dead_tasks("default", retries=2) == 3 and p.get_queue("default").dead == 0
+
+
+def test_a_bulk_retry_misses_none_of_its_dead_letters_when_another_hand_removes_entries_meanwhile(
+        processor, monkeypatch):
+    p = processor
+    monkeypatch.setattr(coretask.tenancy, "DEAD_SCAN", 2)     # pages of two: the race within a few entries
+    # Given a dead list B, B, A, A, A
+    order = ["B", "B", "A", "A", "A"]
+    ids = [p.enqueue_task("default", tenant, tasks.count, "x") for tenant in order]
+    leased = {t["id"]: t for t in fetch_as(p, "w1", 5)}
+    for task_id in ids:
+        assert fail(p, "w1", leased[task_id], bury=True) == 2
+    assert [d.id for d in p.get_dead_tasks("default")] == ids
+    # When A retries all of its own while an operator discards B's first entry in the middle of it
+    a = p.tenant("A")
+    own = a.retry_dead_task
+    raced: list[bool] = []
+
+    def retry_and_race(task_id: str, retries: int | None = None) -> bool:
+        if not raced:
+            raced.append(p.discard_dead_task(ids[0]))     # the pages move under the scan
+        return own(task_id, retries)
+
+    monkeypatch.setattr(a, "retry_dead_task", retry_and_race)
+    # Then every one of A's three is back at work, and B's other entry is untouched
+    assert a.retry_dead_tasks("default") == 3 and raced == [True]
+    assert [p.get_task(i).state for i in ids[2:]] == ["queued"] * 3
+    assert [d.id for d in p.get_dead_tasks("default")] == [ids[1]]
 
 
 # -------------------------------------------------------------------- concurrency limits
