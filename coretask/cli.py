@@ -27,8 +27,8 @@ from typing import Any
 from .appload import load_processor
 from .processor import TaskProcessor
 from .errors import ConfigurationError, CoreTaskError, StoreUnavailable
-from .models import BatchInfo, DeadTask, Progress
-from .options import check_queue_name, check_tenant, redact_url
+from .models import BatchInfo, DeadTask, Progress, worker_scopes
+from .options import check_queue_name, check_tenant, check_worker, redact_url
 
 OK, NOT_FOUND, USAGE, UNAVAILABLE = 0, 1, 2, 3
 SETTLE_MARGIN = 3.0     # seconds past cancel_grace a watch waits for a canceled batch's last counts
@@ -95,21 +95,23 @@ def _err(message: str) -> None:
 
 def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     queues, paused, paused_queues = _queues(p), p.is_paused, p.get_paused_queues()
-    paused_tenants = p.get_paused_tenants()
-    workers = sorted(p.get_workers().items())
+    paused_tenants, paused_workers = p.get_paused_tenants(), p.get_paused_workers()
+    workers = p.get_worker_states()
     quarantined = p.get_quarantined_count()
     shards = p.get_shards() if p.options.shards > 1 else []
     if out.json:
         out.data({"redis": redact_url(p.options.redis), "prefix": p.options.prefix, "paused": paused,
                   "shards": [dataclasses.asdict(s) for s in shards],
-                  "paused_queues": paused_queues, "paused_tenants": paused_tenants, "queues": queues, "schedules": p.get_schedules_count(),
-                  "quarantined": quarantined,
-                  "workers": [{"id": w, "heartbeat_age": round(age, 3)} for w, age in workers]})
+                  "paused_queues": paused_queues, "paused_tenants": paused_tenants, "paused_workers": paused_workers,
+                  "queues": queues, "schedules": p.get_schedules_count(), "quarantined": quarantined,
+                  "workers": [{"id": w.id, "heartbeat_age": round(w.heartbeat_age, 3), "paused": w.paused}
+                              for w in workers]})
         return OK
     print(f"redis:  {redact_url(p.options.redis)}  prefix {p.options.prefix}")
     print(f"paused: {'yes (everything)' if paused else 'no'}"
           f"{'; queues paused: ' + ', '.join(paused_queues) if paused_queues else ''}"
-          f"{'; tenants paused: ' + ', '.join(paused_tenants) if paused_tenants else ''}")
+          f"{'; tenants paused: ' + ', '.join(paused_tenants) if paused_tenants else ''}"
+          f"{'; workers paused: ' + ', '.join(paused_workers) if paused_workers else ''}")
     print(f"schedules: {p.get_schedules_count()}  tenants: {p.get_tenants_count()}")
     if quarantined:
         print(f"quarantined: {quarantined} damaged task records (python -m coretask quarantine)")
@@ -120,7 +122,7 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         out.table(["SHARD", "PREFIX", "QUEUED", "IN FLIGHT", "DELAYED", "DEAD"],
                   [[s.index, s.prefix, s.queued, s.in_flight, s.delayed, s.dead] for s in shards])
     print()
-    out.table(["WORKER", "HEARTBEAT AGE (s)"], [[w, age] for w, age in workers])
+    out.table(["WORKER", "HEARTBEAT AGE (s)", "PAUSED"], [[w.id, w.heartbeat_age, w.paused] for w in workers])
     return OK
 
 
@@ -148,12 +150,14 @@ def _known_queue(p: TaskProcessor, name: str) -> bool:
 
 def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     pause = a.command == "pause"
-    if sum(1 for given in (a.queue, a.tenant, a.schedule) if given) > 1:
-        _err("give one of a queue, --tenant or --schedule")
+    if sum(1 for given in (a.queue, a.tenant, a.schedule, a.worker) if given) > 1:
+        _err("give one of a queue, --tenant, --schedule or --worker")
         return USAGE
-    if getattr(a, "requeue_running", False) and (a.queue or a.tenant or a.schedule):
-        _err("--requeue-running goes with pausing everything (no queue, --tenant or --schedule)")
+    if getattr(a, "requeue_running", False) and (a.queue or a.tenant or a.schedule or a.worker):
+        _err("--requeue-running goes with pausing everything (no queue, --tenant, --schedule or --worker)")
         return USAGE
+    if a.worker:
+        return _pause_worker(p, a, out, pause)
     if a.schedule:
         if not (p.pause_schedule if pause else p.resume_schedule)(a.schedule):
             _err(f"schedule {a.schedule} not found (python -m coretask --app APP schedules --tenant TENANT lists them)")
@@ -180,6 +184,26 @@ def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     else:
         p.pause(requeue_running=getattr(a, "requeue_running", False)) if pause else p.resume()
     return _said(out, {"paused": pause, "queue": a.queue}, f"{a.command}d {'queue ' + a.queue if a.queue else 'everything'}")
+
+
+def _pause_worker(p: TaskProcessor, a: argparse.Namespace, out: Out, pause: bool) -> int:
+    name = check_worker(a.worker)
+    live = p.get_worker_states()
+    matched = [w.id for w in live if name in worker_scopes(w.id)]
+    if pause and not matched and name not in p.get_paused_workers():
+        # a misspelt name would pause nothing now and say it did; ahead of a start: the API
+        known = sorted({s for w in live for s in worker_scopes(w.id) if s})
+        _err(f"no live worker process runs on host or manager {name!r}; the hosts and managers are: "
+             f"{', '.join(known) or '(none)'}; to pause one ahead of its start, use the API: "
+             f"processor.pause_worker({name!r})")
+        return NOT_FOUND
+    if not pause and name not in p.get_paused_workers():
+        _err(f"worker {name!r} is not paused; paused: {', '.join(p.get_paused_workers()) or '(none)'}")
+        return NOT_FOUND
+    (p.pause_worker if pause else p.resume_worker)(name)
+    return _said(out, {"paused": pause, "worker": name, "processes": matched},
+                 f"{a.command}d worker {name} ({len(matched)} live processes)"
+                 + (": they finish their running tasks and start no other until resumed" if pause else ""))
 
 
 def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
@@ -602,17 +626,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmd("status", cmd_status, "queues with counts, workers with heartbeat age, paused state")
     cmd("queues", cmd_queues, "queues with queued, in-flight, delayed and dead counts")
-    sp = cmd("pause", cmd_pause, "pause everything, one queue, one tenant (--tenant) or one schedule (--schedule)")
+    sp = cmd("pause", cmd_pause, "pause everything, one queue, one tenant (--tenant), one schedule (--schedule) or "
+             "one host's or manager's workers (--worker)")
     sp.add_argument("queue", nargs="?")
     sp.add_argument("--tenant", help="pause this tenant's work only")
     sp.add_argument("--schedule", metavar="ID", help="pause this cron schedule only: its ticks enqueue nothing "
                     "until resumed (upserting it again keeps the pause)")
+    sp.add_argument("--worker", metavar="HOST[:PID]", help="pause the worker processes of one host, or of one "
+                    "manager (host:pid, as status shows them): they finish their running tasks and start no other")
     sp.add_argument("--requeue-running", action="store_true",
                     help="also abort running tasks and hand them back (no retry consumed)")
-    sp = cmd("resume", cmd_pause, "resume everything, one queue, one tenant (--tenant) or one schedule (--schedule)")
+    sp = cmd("resume", cmd_pause, "resume everything, one queue, one tenant (--tenant), one schedule (--schedule) "
+             "or one host's or manager's workers (--worker)")
     sp.add_argument("queue", nargs="?")
     sp.add_argument("--tenant", help="resume this tenant's work only")
     sp.add_argument("--schedule", metavar="ID", help="resume this cron schedule only")
+    sp.add_argument("--worker", metavar="HOST[:PID]", help="resume one host's or manager's worker processes")
     sp = cmd("rebalance", cmd_rebalance, "move a paused tenant to another shard (Options.shards): its new work "
              "goes there, its queued and delayed tasks move there task by task")
     sp.add_argument("tenant")

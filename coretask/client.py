@@ -21,8 +21,8 @@ from .errors import ConfigurationError, ReplicationError
 from .gateway import Gateway
 from .introspection import Introspection
 from .middleware import Chain, EnqueueMessage
-from .models import BatchInfo
-from .options import Options, check_queue_name, check_tenant, wait_seconds
+from .models import BatchInfo, worker_scopes
+from .options import Options, check_queue_name, check_tenant, check_worker, wait_seconds
 from .producing import Producer
 from .schedules import Schedules
 from .tenancy import TenantAdmin
@@ -238,6 +238,27 @@ class Client(Introspection, Schedules, TenantAdmin):
 
     def resume_tenant(self, tenant: str) -> None:
         self._pause("tenant", False, check_tenant(tenant))
+
+    def pause_worker(self, worker: str) -> int:
+        """Stop one host's or one worker manager's processes from starting tasks, as pause()
+        does for all of them: effective once this returns; their running tasks finish, and the
+        other workers take the work (drain a machine before maintenance, or take a misbehaving
+        one out without stopping it). ``worker`` is a host name ("web-1"), a manager
+        ("web-1:4242": host and manager pid, as get_worker_states shows them) or a worker
+        process id (its manager is paused). Returns how many live worker processes it holds
+        now; 0 when none matches, and the pause then holds any that starts later on that host
+        or manager."""
+        name = check_worker(worker)
+        self._pause("worker", True, name)
+        return sum(1 for w in self.gateway.worker_heartbeats() if name in worker_scopes(w))
+
+    def resume_worker(self, worker: str) -> None:
+        """Undo pause_worker (the same name, or a process id of that manager)."""
+        self._pause("worker", False, check_worker(worker))
+
+    def get_paused_workers(self) -> list[str]:
+        """The hosts and managers paused by pause_worker."""
+        return self.gateway.paused_workers()
 
     def _pause(self, scope: str, on: bool, name: str) -> None:
         self.gateway.pause(scope, on, name)

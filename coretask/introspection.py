@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
 from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
-                     HistoryPoint, ShardInfo, ms_to_dt, to_int)
+                     HistoryPoint, ShardInfo, ms_to_dt, to_int, worker_scopes)
 from .options import Options, check_page, check_queue_name, check_tenant, wait_seconds
 from .results import decode_result
 
@@ -236,17 +236,19 @@ class Introspection:
         host's processes sit together)."""
         beats = sorted(self.gateway.worker_heartbeats().items())
         details = self.gateway.worker_details([w for w, _ in beats])
+        paused = set(self.gateway.paused_workers())
         now = time.time() * 1000
         out = []
         for (wid, hb), (running, info) in zip(beats, details):
-            host, _, rest = wid.partition(":")
-            pid = info.get("pid") or rest.partition(":")[0]
+            host, manager = worker_scopes(wid)
+            pid = info.get("pid") or (manager or "").rpartition(":")[2]
             out.append(WorkerState(
                 id=wid, host=info.get("host") or host, pid=int(pid) if pid.isdigit() else None, running=running,
                 heartbeat_age=max(now - hb, 0) / 1000, last_heartbeat=ms_to_dt(hb),
                 threads=to_int(info["threads"]) if "threads" in info else None,
                 queues=tuple(q for q in info.get("queues", "").split(",") if q),
-                started=ms_to_dt(info.get("started")), memory=to_int(info["rss"]) if "rss" in info else None))
+                started=ms_to_dt(info.get("started")), memory=to_int(info["rss"]) if "rss" in info else None,
+                manager=manager, paused=host in paused or manager in paused))
         return out
 
     def get_history(self, minutes: int = 60, step: int = 1, queue: str | None = None) -> list[HistoryPoint]:

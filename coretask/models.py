@@ -184,7 +184,9 @@ class WorkerState:
     ``running`` is how many tasks it holds now, ``heartbeat_age`` the seconds since its last
     heartbeat (renewed every lease renewal; a worker past ``Options.invisibility`` is gone).
     ``threads``, ``queues``, ``started`` and ``memory`` (resident bytes) are what the process
-    last reported about itself every few seconds; None (empty) until its first report."""
+    last reported about itself every few seconds; None (empty) until its first report.
+    ``manager`` is "<host>:<manager pid>" from its id (None for an id of another form), what
+    pause_worker takes besides the host; ``paused``: its host or its manager is paused."""
 
     id: str
     host: str
@@ -196,6 +198,19 @@ class WorkerState:
     queues: tuple[str, ...] = ()
     started: datetime | None = None
     memory: int | None = None
+    manager: str | None = None
+    paused: bool = False
+
+
+def worker_scopes(worker_id: str) -> tuple[str, str | None]:
+    """The host and the manager ("<host>:<pid>") of a worker process id
+    "<host>:<manager pid>:<suffix>": what pause_worker can name (_lib.lua worker_paused reads
+    an id the same way); (id, None) for an id of another form."""
+    host, sep, rest = worker_id.rpartition(":")
+    host, sep2, pid = host.rpartition(":")
+    if not sep or not sep2 or not host or not pid.isdigit():
+        return worker_id, None
+    return host, f"{host}:{pid}"
 
 
 @dataclasses.dataclass(frozen=True)

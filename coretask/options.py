@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigurationError, UnknownOption
 from .middleware import check_middleware
+from .models import worker_scopes
 
 if TYPE_CHECKING:
     from .context import TaskContext
@@ -328,6 +329,16 @@ def check_tenant(tenant: object) -> str:
     if not tenant or len(tenant) > 200 or any(c.isspace() for c in tenant):
         raise ConfigurationError(f"tenant {tenant!r} is not allowed; use 1-200 characters without whitespace")
     return tenant
+
+
+def check_worker(worker: object) -> str:
+    """What pause_worker holds: a host name, a manager ("<host>:<pid>"), or the manager of a
+    worker process id ("<host>:<pid>:<suffix>")."""
+    if not isinstance(worker, str) or not worker or len(worker) > 255 or any(c.isspace() for c in worker):
+        raise ConfigurationError(f"worker {worker!r} is not a worker name; give a host name ('web-1'), a manager "
+                                 "('web-1:4242', as get_worker_states shows host and pid) or a worker process id")
+    host, manager = worker_scopes(worker)
+    return manager if manager is not None else host
 
 
 def wait_seconds(name: str, value: object) -> float:

@@ -299,6 +299,50 @@ def test_pause_stops_every_worker_and_resume_runs_all(processor, start_manager, 
     wait_until(lambda: r.llen(out) == 51, 20, "all 50 tasks")
 
 
+def test_a_paused_manager_takes_nothing_while_other_workers_take_its_share(processor, start_manager,
+                                                                           embedded_worker, r, prefix):
+    # Given a worker manager of 2 processes, and a worker in this process (another manager)
+    out, host = prefix + ":out", socket.gethostname()
+    m = start_manager(processes=2, threads=2)
+    m.wait_children(2)
+    wait_until(lambda: len(processor.get_workers()) == 2, 10, "2 worker heartbeats")
+    manager = f"{host}:{m.pid}"
+    # When that manager is paused (by a process id of it: its manager is what pauses)
+    child = next(w.id for w in processor.get_worker_states() if w.manager == manager)
+    assert processor.pause_worker(child) == 2
+    assert processor.get_paused_workers() == [manager]
+    states = processor.get_worker_states()
+    assert [w.paused for w in states] == [True, True] and {w.manager for w in states} == {manager}
+    stop = embedded_worker(processor)
+    for i in range(30):
+        processor.enqueue_task("default", "acme", tasks.record_pid, out, i)
+    # Then every task runs in the other worker
+    wait_until(lambda: r.llen(out) == 30, 20, "30 tasks")
+    assert {v.decode().split(":")[1] for v in r.lrange(out, 0, -1)} == {str(os.getpid())}
+    # And a whole host pauses every manager on it: a fetch as any process there leases nothing
+    assert processor.pause_worker(host) == 3
+    processor.enqueue_task("default", "acme", tasks.record_pid, out, "held")
+    held = processor.gateway.fetch(f"{host}:1:x", 4, 60_000, 0, ["default"])
+    assert held.paused and held.tasks == []
+    processor.resume_worker(host)
+    # When the manager is resumed and the other worker stopped, the manager runs the rest
+    stop.set()
+    processor.resume_worker(manager)
+    assert processor.get_paused_workers() == [] and not any(w.paused for w in processor.get_worker_states())
+    for i in range(10):
+        processor.enqueue_task("default", "acme", tasks.record_pid, out, 100 + i)
+    wait_until(lambda: r.llen(out) == 41, 20, "the held task and 10 more")
+    children = {str(c.pid) for c in m.children()}
+    assert {v.decode().split(":")[1] for v in r.lrange(out, 30, -1)} <= children
+
+
+def test_pause_worker_refuses_a_name_that_is_no_worker_name(processor):
+    for bad in ("", "web 1", 7):
+        with pytest.raises(ConfigurationError, match="is not a worker name"):
+            processor.pause_worker(bad)
+    assert processor.pause_worker("web-9") == 0 and processor.get_paused_workers() == ["web-9"]
+
+
 def test_workers_started_while_paused_start_paused(processor, embedded_worker, r, prefix):
     # Given a paused processor with queued tasks
     out = prefix + ":out"

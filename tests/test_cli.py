@@ -5,6 +5,7 @@ import json
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import time
@@ -89,6 +90,27 @@ def test_status_and_queues(make_processor, embedded_worker, cli, prefix):
     q = {x["name"]: x for x in json.loads(ok(cli("queues", "--json")))}
     assert (q["low"]["queued"], q["default"]["dead"]) == (3, 1)
     columns_aligned(ok(cli("queues")).splitlines(), "QUEUE ")
+
+
+def test_pause_and_resume_one_host_or_manager(processor, embedded_worker, cli):
+    # Given a worker in this process: host and manager (this pid) as status shows them
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_workers(), 10, "a heartbeat")
+    host, manager = socket.gethostname(), f"{socket.gethostname()}:{os.getpid()}"
+    # When a misspelt host is paused, Then it is refused with the names there are
+    missing = cli("pause", "--worker", "no-such-host")
+    assert missing.returncode == 1 and f"the hosts and managers are: {host}, {manager}" in missing.stderr
+    assert processor.get_paused_workers() == []
+    # When the manager is paused, Then status shows it, as text and JSON
+    said = json.loads(ok(cli("pause", "--worker", manager, "--json")))
+    assert said["paused"] is True and said["worker"] == manager and len(said["processes"]) == 1
+    doc = json.loads(ok(cli("status", "--json")))
+    assert doc["paused_workers"] == [manager] and [w["paused"] for w in doc["workers"]] == [True]
+    assert f"workers paused: {manager}" in ok(cli("status"))
+    # And a resume of a name that is not paused says so; the manager's resumes
+    assert cli("resume", "--worker", host).returncode == 1
+    assert "resumed worker" in ok(cli("resume", "--worker", manager))
+    assert processor.get_paused_workers() == [] and not processor.get_worker_states()[0].paused
 
 
 def test_pause_and_resume(processor, cli):

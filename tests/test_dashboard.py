@@ -6,6 +6,7 @@ standalone server refuses a non-loopback bind without a password."""
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -142,10 +143,11 @@ def test_a_tenant_dashboard_cannot_see_or_steer_another_tenants_work(processor: 
         assert client.get(path).status_code == 404, path
     for path in (f"/dash/do/task/{dead_task}/retry", f"/dash/do/task/{dead_task}/discard",
                  f"/dash/do/batch/{acme_batch}/cancel", "/dash/do/schedule/acme-job/trigger",
-                 "/dash/do/schedule/acme-job/cancel", "/dash/do/schedule/acme-job/pause", "/dash/do/tenant/acme/pause"):
+                 "/dash/do/schedule/acme-job/cancel", "/dash/do/schedule/acme-job/pause", "/dash/do/tenant/acme/pause",
+                 f"/dash/do/worker/{socket.gethostname()}/pause"):
         assert client.post(path, data={"csrf_token": csrf}).status_code == 404, path
     assert processor.get_task(dead_task).state == "dead" and processor.get_schedule("acme-job") is not None
-    assert not processor.get_schedule("acme-job").paused
+    assert not processor.get_schedule("acme-job").paused and processor.get_paused_workers() == []
     assert not processor.is_tenant_paused("acme")
     # and no page lists them
     for path in ("/dash/queues/default", "/dash/batches?tenant=acme", "/dash/schedules", "/dash/tenants"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -235,6 +236,29 @@ def test_trigger_a_schedule(dash: Dash, processor: TaskProcessor) -> None:
     expect(page.locator(".flash")).to_contain_text("Schedule hourly-sync canceled")
     assert processor.get_schedule("hourly-sync") is None
     assert processor.get_task(info.last_task_id).state == "queued"
+
+
+def test_pause_and_resume_a_workers_manager(dash: Dash, processor: TaskProcessor,
+                                            embedded_worker: Callable[..., Any]) -> None:
+    # Given a worker in this process (its manager: this host and pid)
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_workers(), 10, "a heartbeat")
+    manager = f"{socket.gethostname()}:{os.getpid()}"
+    page = dash.go("/workers")
+    # When its manager is paused on the workers page
+    page.get_by_role("button", name="Pause manager").click()
+    expect(page.locator(".flash")).to_contain_text(f"Worker {manager} paused: its 1 processes finish")
+    # Then the store and the page say so, and a fetch of it leases nothing
+    assert processor.get_paused_workers() == [manager] and processor.get_worker_states()[0].paused
+    expect(page.locator("#paused-workers")).to_contain_text(manager)
+    expect(page.locator("tbody tr").first).to_contain_text("paused")
+    # When it is resumed there, Then it runs work again
+    page.get_by_role("button", name=f"Resume {manager}").click()
+    expect(page.locator(".flash")).to_contain_text(f"Worker {manager} resumed")
+    assert processor.get_paused_workers() == []
+    expect(page.locator("#paused-workers")).to_have_count(0)
+    task_id = processor.enqueue_task("default", "acme", td.noop)
+    wait_until(lambda: processor.get_tenant_stats("acme").done == 1, 10, f"task {task_id} ran")
 
 
 def test_tenant_limit_and_pause(dash: Dash, processor: TaskProcessor) -> None:

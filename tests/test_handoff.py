@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import uuid
 
 import pytest
@@ -105,7 +106,12 @@ def test_a_queue_with_tasks_waiting_is_served_by_fetches_in_turn(processor, embe
 
 HOLDS = {"pause": (lambda p: p.pause(), lambda p: p.resume()),
          "pause_queue": (lambda p: p.pause_queue("default"), lambda p: p.resume_queue("default")),
-         "pause_tenant": (lambda p: p.pause_tenant("acme"), lambda p: p.resume_tenant("acme"))}
+         "pause_tenant": (lambda p: p.pause_tenant("acme"), lambda p: p.resume_tenant("acme")),
+         # the embedded worker runs in this process: its host, or its manager (this pid)
+         "pause_worker host": (lambda p: p.pause_worker(socket.gethostname()),
+                               lambda p: p.resume_worker(socket.gethostname())),
+         "pause_worker manager": (lambda p: p.pause_worker(f"{socket.gethostname()}:{os.getpid()}"),
+                                  lambda p: p.resume_worker(f"{socket.gethostname()}:{os.getpid()}"))}
 
 
 @pytest.mark.parametrize("hold_by", sorted(HOLDS))

@@ -647,6 +647,8 @@ def test_tenant_view_reaches_nothing_of_another_tenant(make_processor, r, prefix
         "get_schedule": lambda: a.get_schedule("b-sched") is None,
         "trigger_schedule": lambda: a.trigger_schedule("b-sched") is None,
         "cancel_schedule": lambda: a.cancel_schedule("b-sched") is False,
+        "pause_schedule": lambda: a.pause_schedule("b-sched") is False,
+        "resume_schedule": lambda: a.resume_schedule("b-sched") is False,
         "upsert_schedule": lambda: (
             raises(lambda: a.upsert_schedule(ScheduleData("b-sched", "", "default", None, YEARLY), tasks.record, out),
                    "another tenant")

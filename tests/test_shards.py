@@ -132,6 +132,12 @@ def test_pause_holds_on_every_shard_when_the_call_returns(sharded, embedded_work
     assert b"globex-paused" not in r.lrange(out, 0, -1) and p.is_tenant_paused("globex")
     p.resume_tenant("globex")
     wait_until(lambda: b"globex-paused" in r.lrange(out, 0, -1), 10, "globex after resume")
+    # And a worker's pause: every shard's fetch refuses that host
+    p.pause_worker("web-7")
+    assert [g.paused_workers() for g in p.gateway.shards] == [["web-7"]] * 3
+    assert all(g.fetch("web-7:1:x", 4, 60_000, 0, ["default"]).paused for g in p.gateway.shards)
+    p.resume_worker("web-7")
+    assert p.get_paused_workers() == []
 
 
 def test_calls_about_an_id_find_its_shard(sharded, embedded_worker, r, prefix):
@@ -223,6 +229,7 @@ def test_pauses_set_before_sharding_hold_on_every_shard_once_a_worker_starts(mak
     one.pause()
     one.pause_queue("low")
     one.pause_tenant("old")
+    one.pause_worker("web-7")
     one.set_tenant_limit("acme", 2)
     # When it restarts with three shards, work lands on shards 1 and 2, and a worker starts
     three = make_processor(queues=["default", "low"], shards=3, shard_map={"acme": 1, "old": 0, "globex": 2})
@@ -233,7 +240,7 @@ def test_pauses_set_before_sharding_hold_on_every_shard_once_a_worker_starts(mak
     # Then the worker wrote every flag to every shard before it fetched, and nothing ran
     g = three.gateway
     wait_until(lambda: all(s.is_paused() and s.paused_queues() == ["low"] and s.paused_tenants() == ["old"]
-                           for s in g.shards), 10, "the flags on every shard")
+                           and s.paused_workers() == ["web-7"] for s in g.shards), 10, "the flags on every shard")
     assert r.llen(out) == 0 and three.is_paused
     # ... and the limit, which acme's shard now enforces
     wait_until(lambda: [s.tenant_limits() for s in g.shards] == [{"acme": 2}] * 3, 10, "the limit on every shard")

@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("coretask.dashboard needs Flask: pip install 'coretask[dashboard]'") from exc
 
 from ..errors import ConfigurationError
+from ..models import worker_scopes
 from .scope import Scope
 from .security import check_csrf
 
@@ -68,6 +69,23 @@ def add_actions(bp: Blueprint, scope: Scope, read_only: bool) -> None:
         if action == "discard-dead":
             return back(f"{scope.discard_all_dead(name)} dead tasks of queue {name} discarded.")
         abort(404)
+
+    @bp.post("/do/worker/<name>/<action>")
+    def worker_action(name: str, action: str) -> ResponseReturnValue:
+        p = scope.processor
+        if scope.scoped or action not in ("pause", "resume"):
+            abort(404)          # workers serve every tenant: the operator's, not a tenant's
+        paused = p.get_paused_workers()
+        if action == "resume":
+            if name not in paused:
+                return back(f"Worker {name} is not paused: nothing changed.", "error")
+            p.resume_worker(name)
+            return back(f"Worker {name} resumed.")
+        if not any(name in worker_scopes(w.id) for w in p.get_worker_states()) and name not in paused:
+            return back(f"No live worker process runs on host or manager {name}: nothing changed.", "error")
+        n = p.pause_worker(name)
+        return back(f"Worker {name} paused: its {n} processes finish their running tasks and start no other "
+                    "until you resume it.")
 
     task_calls: dict[str, Callable[[str], bool]] = {
         "cancel": lambda i: bool(scope.api.cancel_task(i)), "delete": lambda i: bool(scope.api.delete_task(i)),

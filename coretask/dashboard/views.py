@@ -272,7 +272,7 @@ def add_pages(bp: Blueprint, scope: Scope) -> None:
         if scope.scoped:
             abort(404)          # workers serve every tenant: the operator's page, not a tenant's
         return render_template(T + "workers.html", workers=scope.processor.get_worker_states(),
-                               live=url_for(".live_workers"))
+                               paused_workers=scope.processor.get_paused_workers(), live=url_for(".live_workers"))
 
     @bp.get("/live/workers")
     def live_workers() -> ResponseReturnValue:

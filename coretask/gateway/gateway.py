@@ -221,14 +221,15 @@ class Gateway(OneShard):
         k = self.keys
         if isolated:
             calls = self._outcome_calls(worker_id, outcomes)
-            calls.append(("fetch_isolated", [k.paused, k.pausedt, k.leases, k.worker(worker_id), k.trun, k.tlim],
+            calls.append(("fetch_isolated", [k.paused, k.pausedt, k.leases, k.worker(worker_id), k.trun, k.tlim,
+                                             k.pausedw],
                           [k.prefix, worker_id, lease_ms, min(free, 1), default_limit, *queues]))
         else:
             # the acknowledgements ride in the fetch (one script call: its in-flight and running
             # counts written once, net; docs/decisions.md); releases and failures go before it
             calls = self._outcome_calls(worker_id, dataclasses.replace(outcomes, acks=[]))
             calls.append(("fetch", [k.paused, k.pausedq, k.pausedt, k.delayed, k.leases, k.worker(worker_id),
-                                    k.trun, k.tlim],
+                                    k.trun, k.tlim, k.pausedw],
                           [k.prefix, worker_id, free, lease_ms, default_limit, idle_ms, len(outcomes.acks),
                            *_ack_args(outcomes.acks), *queues]))
         return parse_fetch_reply(self.transport.run_many(calls)[-1])
@@ -436,10 +437,10 @@ class Gateway(OneShard):
     # ============================================================================ control
 
     def pause(self, scope: str, on: bool, name: str = "", *, requeue: bool = False) -> bool:
-        """scope "all" | "queue" | "tenant"; True when the state changed. ``requeue`` (scope
-        all): the pause also asks workers to hand their running tasks back."""
+        """scope "all" | "queue" | "tenant" | "worker"; True when the state changed. ``requeue``
+        (scope all): the pause also asks workers to hand their running tasks back."""
         k = self.keys
-        return bool(self.transport.run("pause", [k.paused, k.pausedq, k.pausedt, k.queues],
+        return bool(self.transport.run("pause", [k.paused, k.pausedq, k.pausedt, k.queues, k.pausedw],
                                        [k.prefix, scope, _flag(on), name, _flag(requeue)]))
 
     def cancel_batch(self, batch_id: str, tenant: str | None) -> bool:
@@ -648,6 +649,9 @@ class Gateway(OneShard):
 
     def paused_tenants(self) -> list[str]:
         return sorted(_decoded(self._redis.smembers(self.keys.pausedt)))
+
+    def paused_workers(self) -> list[str]:
+        return sorted(_decoded(self._redis.smembers(self.keys.pausedw)))
 
     def is_tenant_paused(self, tenant: str) -> bool:
         return bool(self._redis.sismember(self.keys.pausedt, tenant))

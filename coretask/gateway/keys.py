@@ -12,7 +12,7 @@ __all__ = ["Keys"]
 class Keys:
     """Key and channel names under one prefix; see lua/_lib.lua for what each holds."""
 
-    __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt",
+    __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt", "pausedw",
                  "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "marker", "quarantine",
                  "quarantine_why", "migration_guard", "tenant_shards", "moving")
 
@@ -26,6 +26,7 @@ class Keys:
         self.paused = f"{p}:paused"
         self.pausedq = f"{p}:pausedq"
         self.pausedt = f"{p}:pausedt"
+        self.pausedw = f"{p}:pausedw"                 # paused hosts and managers (pause_worker)
         self.bend = f"{p}:bend"
         self.bended = f"{p}:bended"
         self.publishing = f"{p}:publishing"

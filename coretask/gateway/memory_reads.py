@@ -41,6 +41,10 @@ class MemoryReads(MemoryState):
     def is_tenant_paused(self, tenant: str) -> bool:
         return ("tenant", tenant) in self._paused
 
+    def paused_workers(self) -> list[str]:
+        with self._lock:
+            return sorted(n for s, n in self._paused if s == "worker")
+
     def set_tenant_limit(self, tenant: str, limit: int | None) -> None:
         with self._lock:
             if limit is None:

@@ -712,7 +712,8 @@ class ShardedGateway:
                     g.pause("all", True)
                     written += 1
         for scope, held in (("queue", [g.paused_queues() for g in self.shards]),
-                            ("tenant", [g.paused_tenants() for g in self.shards])):
+                            ("tenant", [g.paused_tenants() for g in self.shards]),
+                            ("worker", [g.paused_workers() for g in self.shards])):
             for name in sorted(set().union(*held)):
                 for g, flags in zip(self.shards, held):
                     if name not in flags:
@@ -741,6 +742,9 @@ class ShardedGateway:
 
     def is_tenant_paused(self, tenant: str) -> bool:
         return any(g.is_tenant_paused(tenant) for g in self.shards)
+
+    def paused_workers(self) -> list[str]:
+        return sorted({w for g in self.shards for w in g.paused_workers()})
 
     def queue_names(self) -> list[str]:
         return sorted({q for g in self.shards for q in g.queue_names()})

@@ -51,6 +51,9 @@
 --   P:quarantine:why    hash   task id -> why it was quarantined (names the field)
 --   P:paused            string "1" while everything is paused
 --   P:pausedq / P:pausedt set  paused queues / paused tenants
+--   P:pausedw           set    paused workers: host names ("web-1") and managers ("web-1:4242"),
+--                              matched against a worker process id "<host>:<manager pid>:<suffix>"
+--                              (worker_paused)
 --   P:b:<id>            hash   batch: tn, sc scope, q, total, done, failed, canceled, remaining,
 --                              run (in flight), dur (summed task ms), created, started, ended, state,
 --                              ck (cancel key: published by cancel_batch, see worker/control.py)
@@ -841,6 +844,14 @@ local function pack(v)
   return #v .. ':' .. v
 end
 
+-- Is worker process `worker` ("<host>:<manager pid>:<suffix>") paused by P:pausedw (`key`), by its
+-- host or by its manager ("<host>:<pid>")? An id of another form is matched as a whole.
+local function worker_paused(key, worker)
+  local host, pid = string.match(worker, '^(.*):(%d+):[^:]*$')
+  if not host then return redis.call('SISMEMBER', key, worker) == 1 end
+  return redis.call('SISMEMBER', key, host) == 1 or redis.call('SISMEMBER', key, host .. ':' .. pid) == 1
+end
+
 -- Idle worker processes (hand-off, docs/decisions.md): a process with every thread free whose
 -- fetch found nothing registers until `deadline` (server ms) and blocks on its inbox
 -- P:inbox:<worker>; enqueue.lua then leases a new task to it at once instead of waking it to
@@ -864,7 +875,8 @@ end
 -- The idle worker that takes a new ready task of `queue` and `tenant` at once, and its
 -- registration; nil when none may. Only while no other task of the queue is ready (its ring is
 -- empty: fetches serve those in turn), and under the rules a fetch leases by (fetch.lua): not
--- paused (everything, the queue or the tenant), the tenant under its concurrency limit. A
+-- paused (everything, the queue, the tenant, or the worker: worker_paused), the tenant under its
+-- concurrency limit. A
 -- registration past its deadline is dropped (that worker's wait ended: it fetches again, or
 -- it is gone).
 local function idle_taker(P, queue, tenant, now)
@@ -881,11 +893,13 @@ local function idle_taker(P, queue, tenant, now)
     if reg and deadline > now then
       -- the pause, paused queues and tenants, tenant limits: one EXISTS asks whether any exist
       -- at all (the usual answer is no), as fetch.lua's gate; only then is each asked
-      local gated = redis.call('EXISTS', P .. ':paused', P .. ':pausedq', P .. ':pausedt', P .. ':tlim') > 0
+      local gated = redis.call('EXISTS', P .. ':paused', P .. ':pausedq', P .. ':pausedt', P .. ':tlim',
+                               P .. ':pausedw') > 0
       local limit = tonumber(gated and redis.call('HGET', P .. ':tlim', tenant) or reg[2])
       if (not gated or (redis.call('EXISTS', P .. ':paused') == 0
                         and redis.call('SISMEMBER', P .. ':pausedq', queue) == 0
-                        and redis.call('SISMEMBER', P .. ':pausedt', tenant) == 0))
+                        and redis.call('SISMEMBER', P .. ':pausedt', tenant) == 0
+                        and not worker_paused(P .. ':pausedw', worker)))
           and (limit <= 0 or tonumber(redis.call('HGET', P .. ':trun', tenant) or '0') < limit) then
         return worker, reg
       end

@@ -2,6 +2,7 @@
 -- lease up to N ready tasks to it.
 -- KEYS[1]  P:paused     KEYS[2] P:pausedq    KEYS[3] P:pausedt    KEYS[4] P:delayed
 -- KEYS[5]  P:leases     KEYS[6] P:wl:<worker> KEYS[7] P:trun      KEYS[8] P:tlim
+-- KEYS[9]  P:pausedw (paused hosts and managers: _lib.lua worker_paused)
 -- ARGV[1]  P            ARGV[2] worker id    ARGV[3] max tasks to lease (0 = only promote)
 -- ARGV[4]  lease ms     ARGV[5] default tenant concurrency limit (0 = unlimited)
 -- ARGV[6]  idle ms: when > 0 and nothing is leased (and nothing paused), the worker registers as
@@ -11,7 +12,7 @@
 --          complete.lua takes them (_lib.lua acknowledge; their codes are not returned: a stale
 --          or repeated one changes nothing, a damaged record is taken out as there)
 -- ARGV[8 + 7n ..] queue names in priority order
--- Reply: {paused (0|1), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
+-- Reply: {paused (0|1: everything, or this worker's host or manager), next_due_ms (-1 = none; = now_ms when the call stopped after dropping
 --   500 tasks of canceled batches or damaged records, so the caller calls again at once), now_ms, task...} where each task is a flat
 --   run of 13 values: id, attempt (lease token), payload, serializer, target, queue, tenant,
 --   batch (for a continuation: the batch it continues), retries left, enqueued ms, and the
@@ -88,11 +89,13 @@ if #due > 0 then nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES') end
 local next_due = -1
 if nxt[2] then next_due = tonumber(nxt[2]) end
 
--- the pause, paused queues, paused tenants, tenant limits: one command asks whether any exist at
--- all (the usual answer is no), and only then is each asked (empty sets and hashes do not exist)
-local gated = redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3], KEYS[8]) > 0
+-- the pause, paused queues, tenants and workers, tenant limits: one command asks whether any exist
+-- at all (the usual answer is no), and only then is each asked (empty sets and hashes do not exist)
+local gated = redis.call('EXISTS', KEYS[1], KEYS[2], KEYS[3], KEYS[8], KEYS[9]) > 0
 local out = {0, next_due, now}
-if gated and redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; write_counts(); return out end
+if gated and (redis.call('EXISTS', KEYS[1]) == 1 or worker_paused(KEYS[9], worker)) then
+  out[1] = 1; write_counts(); return out
+end
 if want <= 0 then write_counts(); return out end
 
 local got = 0

@@ -1,19 +1,19 @@
 -- fetch_isolated.lua: lease one isolated task (see crashed.lua) to the manager's isolation
 -- worker, a process of one thread that runs nothing else meanwhile.
 -- KEYS[1]  P:paused   KEYS[2] P:pausedt   KEYS[3] P:leases   KEYS[4] P:wl:<worker>   KEYS[5] P:trun
--- KEYS[6]  P:tlim
+-- KEYS[6]  P:tlim       KEYS[7] P:pausedw
 -- ARGV[1]  P   ARGV[2] worker id   ARGV[3] lease ms   ARGV[4] tasks wanted (0 or 1)
 -- ARGV[5]  default tenant concurrency limit (0 = unlimited)   ARGV[6..] queue names
 -- Reply: as fetch.lua's ({paused, -1, now_ms, then at most one task's 13 values}); paused is 2
 --   when nothing was leased but isolated tasks wait behind a queue or tenant pause or a tenant
 --   limit: the isolation worker then waits for them instead of ending (and being started again
 --   by its manager, twice a second, for as long as they wait).
--- A paused processor or queue leases nothing; a task of a paused tenant, or of a tenant at its
+-- A paused processor, queue or worker (its host or manager) leases nothing; a task of a paused tenant, or of a tenant at its
 -- concurrency limit, goes to the back of the list and waits like a queued task.
 local P, worker, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local now = now_ms()
 local out = {0, -1, now}
-if redis.call('EXISTS', KEYS[1]) == 1 then out[1] = 1; return out end
+if redis.call('EXISTS', KEYS[1]) == 1 or worker_paused(KEYS[7], worker) then out[1] = 1; return out end
 if tonumber(ARGV[4]) <= 0 then return out end
 local deflim = tonumber(ARGV[5])
 local function at_limit(tenant)

@@ -1,9 +1,10 @@
--- pause.lua: pause or resume everything, one queue, or one tenant. The flag is state that the
+-- pause.lua: pause or resume everything, one queue, one tenant, or one worker (a host or manager). The flag is state that the
 -- fetch script reads; the PUBLISH only tells idle workers to re-read it, so a forged or lost
 -- message changes nothing by itself.
 -- KEYS[1]  P:paused   KEYS[2] P:pausedq   KEYS[3] P:pausedt   KEYS[4] P:queues
--- ARGV[1]  P   ARGV[2] scope ("all" | "queue" | "tenant")   ARGV[3] "1" pause, "0" resume
--- ARGV[4]  queue or tenant name (scopes queue and tenant)
+-- KEYS[5]  P:pausedw
+-- ARGV[1]  P   ARGV[2] scope ("all" | "queue" | "tenant" | "worker")   ARGV[3] "1" pause, "0" resume
+-- ARGV[4]  queue or tenant name, or a worker's host ("web-1") or manager ("web-1:4242")
 -- ARGV[5]  "1" = scope all, pause: also hand running tasks back (pause(requeue_running=True))
 -- Reply: 1 when the state changed, 0 when it already was so.
 --
@@ -25,6 +26,8 @@ if scope == 'all' then
   else changed = redis.call('DEL', KEYS[1]) end
 elseif scope == 'queue' then
   if on then changed = redis.call('SADD', KEYS[2], name) else changed = redis.call('SREM', KEYS[2], name) end
+elseif scope == 'worker' then
+  if on then changed = redis.call('SADD', KEYS[5], name) else changed = redis.call('SREM', KEYS[5], name) end
 else
   if on then changed = redis.call('SADD', KEYS[3], name)
   else
