@@ -1,6 +1,7 @@
 """Finding the user's TaskProcessor from a ``MODULE:ATTRIBUTE`` string (CLI and child processes)."""
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import os
@@ -33,6 +34,7 @@ def load_processor(app: str) -> TaskProcessor:
             obj = getattr(obj, part)
         except AttributeError:
             raise ConfigurationError(f"--app {app}: {module_name} has no attribute {attr!r}") from None
+    _refuse_flask(app, module_name, obj)
     if not isinstance(obj, TaskProcessor) and callable(obj):
         try:
             obj = obj()
@@ -41,9 +43,24 @@ def load_processor(app: str) -> TaskProcessor:
         except Exception as exc:
             raise ConfigurationError(f"--app {app}: calling {attr}() to build the TaskProcessor failed: "
                                      f"{type(exc).__name__}: {exc}") from exc
+        _refuse_flask(app, module_name, obj)      # an app factory
     if not isinstance(obj, TaskProcessor):
         raise ConfigurationError(f"--app {app} is a {type(obj).__name__}, not a TaskProcessor")
     return refuse_eager(obj, f"--app {app}", "point --app at a processor without eager=True")
+
+
+def _refuse_flask(app: str, module_name: str, obj: object) -> None:
+    """A Flask app or coretask's Flask extension (told by class, without importing Flask): its
+    worker starts through Flask's CLI, which builds the app and its config first."""
+    for cls in type(obj).__mro__:
+        kind = {("flask.app", "Flask"): "a Flask app",
+                ("coretask.flask", "CoreTask"): "coretask's Flask extension (CoreTask)"}.get(
+                    (cls.__module__, cls.__name__))
+        if kind is not None:
+            raise ConfigurationError(
+                f"--app {app} is {kind}: its worker and commands run through Flask's CLI (`flask --app "
+                f"{module_name} coretask worker`, `flask --app {module_name} coretask status`; docs/flask.md), "
+                "or point --app at a TaskProcessor (or a function returning one)")
 
 
 def refuse_eager(processor: TaskProcessor, what: str, fix: str) -> TaskProcessor:
@@ -63,7 +80,31 @@ def with_overrides(processor: TaskProcessor, **changes: object) -> TaskProcessor
     changes = {k: v for k, v in changes.items() if v is not None}
     if not changes:
         return processor
+    if "queues" in changes and processor.options.strict_queues:
+        _check_served_queues(processor, list(changes["queues"]))  # type: ignore[call-overload]
     return TaskProcessor(processor.options.replace(**changes))
+
+
+def _check_served_queues(processor: TaskProcessor, queues: list[str]) -> None:
+    """``--queues`` naming a queue that is neither in Options.queues nor ever held work: no
+    producer of this deployment can feed it (strict_queues refuses it at enqueue), so it is a
+    misspelling, refused before a worker waits on it forever. A queue another deployment feeds
+    has held work; one that has not yet: strict_queues=False."""
+    configured = list(processor.options.queues)
+    unknown = [q for q in queues if q not in configured]
+    if not unknown:
+        return
+    try:
+        seen = processor.gateway.queue_names()
+    except Exception:      # Redis not up: nothing to compare; the worker says so when it meets it
+        return
+    for queue in unknown:
+        if queue not in seen:
+            close = difflib.get_close_matches(queue, configured + seen, n=1)
+            raise ConfigurationError(
+                f"--queues {queue}: queue {queue!r} is not in Options.queues ({', '.join(configured)}) and has "
+                f"never held work" + (f"; did you mean {close[0]!r}?" if close else "") + " A queue that other "
+                "producers feed: set Options(strict_queues=False), or add it to Options.queues")
 
 
 def app_loader(app: str, **overrides: object) -> Callable[[], TaskProcessor]:

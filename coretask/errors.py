@@ -106,10 +106,13 @@ class StoreUnavailable(StoreError):
     - ``"loading"``, ``"busy"``, ``"misconf"``, ``"tryagain"``, ``"ask"``, ``"moved"``,
       ``"clusterdown"``, ``"masterdown"``: the server answered with that refusal (LOADING,
       BUSY, ...) for longer than ``Options.busy_timeout``; it did not run the call
-      (coretask/gateway/refusals.py explains each one).
+      (coretask/gateway/refusals.py explains each one);
+    - ``"auth"``: the server refused the client's credentials (a wrong or missing user name or
+      password in the URL): no retry mends it, so a worker manager that meets it at start
+      exits with the message instead of waiting.
 
-    ``url`` is the server's URL with its password masked. Transient by nature: a worker keeps
-    retrying on its own; a producer decides whether to try again."""
+    ``url`` is the server's URL with its password masked. Transient by nature otherwise: a
+    worker keeps retrying on its own; a producer decides whether to try again."""
 
     def __init__(self, message: str, *, url: str = "", reason: str = "unreachable") -> None:
         super().__init__(message)

@@ -583,10 +583,10 @@ def test_redis_password_never_appears_in_logs_output_or_errors(r, prefix, tmp_pa
             stop.set()
             thread.join(15)
             q.close()
-        # A manager with a wrong password: its Redis errors are logged, then it stops
+        # A manager with a wrong password ends at start with the reason (no retry mends it), exit 2
         m = manager(bad)
-        wait_until(lambda: "Redis call failed" in m.log() and "renewal" in m.log(), 30, "the failures logged")
-        m.terminate()
+        assert m.proc.wait(30) == 2
+        assert "refused this client's credentials" in m.log() and "user name or password" in m.log()
         # The admin CLI: right password, wrong password, unreachable server
         for url in (good, bad, unreachable):
             cli(url, "status")

@@ -211,7 +211,7 @@ def test_an_isolated_task_held_back_waits_in_one_isolation_process(make_processo
     elif hold == "queue paused":
         processor.pause_queue("default")
     else:
-        start_manager(processes=1, threads=1, queues="other")
+        start_manager(processes=1, threads=1, queues="other", strict_queues=False)   # a queue of no Options
         processor.enqueue_task("other", "acme", tw.sleep_with_context, prefix + ":blocker", 4.0)
         wait_until(lambda: r.llen(prefix + ":blocker:started") == 1, 20, "the blocker running")
         processor.set_tenant_limit("acme", 1)
@@ -475,7 +475,7 @@ def test_cli_flags_override_the_app_options(make_processor, start_manager, r, pr
 
     # When the manager starts with --queues other --processes 2 --threads 3
     # and twelve 0.7 s tasks arrive in "other"
-    m = start_manager(processes=2, threads=3, queues="other")
+    m = start_manager(processes=2, threads=3, queues="other", strict_queues=False)
     m.wait_children(2)
     wait_until(lambda: workers_started(m) == 2, 20, "both workers started")
     for _ in range(12):
@@ -493,15 +493,20 @@ def test_cli_flags_override_the_app_options(make_processor, start_manager, r, pr
     assert m.terminate() == 0
 
 
-def test_a_misspelt_queue_to_serve_is_named_at_start(make_processor, start_manager, prefix):
-    # Given a deployment whose queue "default" has held work
-    processor = make_processor()
-    processor.enqueue_task("default", "acme", tw.add, prefix + ":default", 1)
-    # When a manager starts on --queues defualt
-    m = start_manager(queues="defualt")
-    # Then it says at start that the queue never held work and names the one that has
-    wait_until(lambda: "queue 'defualt' has never held work" in m.log(), 20, "the warning")
-    assert "serves 'default', which has" in m.log()
+def test_a_misspelt_queue_to_serve_is_refused_or_named_at_start(make_processor, start_manager, prefix):
+    # Given a deployment (Options.queues ["default"]) whose queue "mail" has held work, fed by a
+    # producer that may feed queues of no Options (strict_queues off)
+    make_processor(strict_queues=False).enqueue_task("mail", "acme", tw.add, prefix + ":mail", 1)
+    # When a manager starts on --queues default,mial: a queue neither configured nor ever fed
+    m = start_manager(queues="default,mial")
+    # Then it ends at once, exit 2, naming the queue, the one meant and the way out
+    assert m.proc.wait(30) == 2
+    assert ("--queues mial: queue 'mial' is not in Options.queues (default) and has never held work; "
+            "did you mean 'mail'?") in m.log() and "strict_queues=False" in m.log()
+    # And with strict_queues off, it starts, and says the queue never held work while 'mail' has
+    m = start_manager(queues="default,mial", strict_queues=False)
+    wait_until(lambda: "queue 'mial' has never held work, and queue 'mail' has" in m.log(), 20, "the warning")
+    assert "is 'mial' a misspelling" in m.log()
     assert m.terminate() == 0
 
 
@@ -511,6 +516,8 @@ def test_a_misspelt_queue_to_serve_is_named_at_start(make_processor, start_manag
     ("tests.tasks:no_such_attribute", "has no attribute 'no_such_attribute'"),
     ("tests.app:processor", "not a TaskProcessor"),      # None without the test environment
     ("tests.tasks:record", "calling record() to build the TaskProcessor failed"),
+    ("tests.flask_factory_app:coretask", "is coretask's Flask extension (CoreTask): its worker and commands run "
+                                         "through Flask's CLI (`flask --app tests.flask_factory_app coretask worker`"),
 ])
 def test_cli_bad_app_exits_2_with_a_clear_message(app, message):
     # When the worker CLI is started with an --app that does not name a TaskProcessor

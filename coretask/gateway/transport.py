@@ -129,9 +129,23 @@ UNREACHABLE: tuple[type[Exception], ...] = (
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+# what servers answer a client whose credentials are wrong or missing (redis-py raises some as
+# AuthenticationError, a ConnectionError, and others as ResponseError, by version and command)
+AUTH_REFUSALS = ("WRONGPASS", "NOAUTH", "invalid username-password pair", "invalid password",
+                 "must be called with the client already authenticated", "Authentication required")
+
+
 def unavailable(url: str, exc: BaseException) -> StoreUnavailable:
     """redis-py's connection error as a StoreUnavailable that names the server (password masked)
-    and what to check."""
+    and what to check; reason "auth" when the server refused the credentials, which no retry
+    mends."""
+    text = redact_url(str(exc))
+    if isinstance(exc, redis.exceptions.AuthenticationError) or any(s in text for s in AUTH_REFUSALS):
+        return StoreUnavailable(
+            f"Redis at {url} refused this client's credentials ({type(exc).__name__}: {text}): the user name or "
+            "password in the URL (Options.redis) is wrong or missing; they go between the scheme and the host, "
+            "as USER:PASSWORD then @ (USER may be left out for the default user)", url=url,
+            reason="auth")
     return StoreUnavailable(
         f"Redis at {url} cannot be reached ({type(exc).__name__}: {redact_url(str(exc))}); check that "
         "the server is running and reachable from this machine (host, port, firewall), and the URL's "
@@ -154,7 +168,7 @@ def translated(method: _F) -> _F:
             reason = refusal(exc)
             if reason is not None:
                 raise refused(reason, self.url, method.__name__, None, exc) from exc
-            if isinstance(exc, UNREACHABLE):
+            if isinstance(exc, UNREACHABLE) or any(s in str(exc) for s in AUTH_REFUSALS):
                 raise unavailable(self.url, exc) from exc
             raise
 

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import ConfigurationError, StoreUnavailable
 from ..gateway import Failure, Outcomes, Overdue
 from ..logs import configure as configure_logs
 from ..signing import TaskGuard
@@ -164,18 +165,27 @@ class Manager:
         except Exception:
             log.exception("manager: on_child_exit(%d) failed", pid)
 
-    def _warn_misspelt_queues(self) -> None:
-        """A queue served here that never held work, named like one that has (``--queues
-        defualt``): the workers would wait on it forever, so say it at start."""
+    def _check_start(self) -> None:
+        """Before any child starts: credentials the server refuses end the manager with the
+        reason (ConfigurationError: the command exits 2), as no retry mends them; a server that
+        is not up yet is waited for by the workers. Then a queue served here that never held
+        work, named like one that has (``--queues defualt``): the workers would wait on it
+        forever, so say it at start."""
         try:
             seen = self.leases.gateway.queue_names()
-        except Exception:       # Redis not up yet: the workers wait for it; nothing to compare
+        except StoreUnavailable as exc:
+            if exc.reason == "auth":
+                raise ConfigurationError(str(exc)) from None
+            log.warning("manager %d: %s; the workers wait for it", os.getpid(), exc)
+            return
+        except Exception:       # nothing to compare: the workers meet it and say so
             return
         for queue in self.options.queues:
             close = [q for q in difflib.get_close_matches(queue, seen, n=1) if q not in self.options.queues]
             if queue not in seen and close:
-                log.warning("manager %d: queue %r has never held work and no worker of this manager serves %r, "
-                            "which has: a misspelt --queues or Options.queues?", os.getpid(), queue, close[0])
+                log.warning("manager %d: queue %r has never held work, and queue %r has but no worker of this "
+                            "manager serves it: is %r a misspelling in --queues or Options.queues?", os.getpid(),
+                            queue, close[0], queue)
 
     def _all(self) -> list[Child]:
         return self.children + ([self.isolation] if self.isolation is not None else [])
@@ -186,7 +196,7 @@ class Manager:
         n = self.options.processes
         log.info("manager %d: %d processes x %d threads, queues %s, redis %s", os.getpid(), n,
                  self.options.max_workers, ",".join(self.options.queues), self.url)
-        self._warn_misspelt_queues()
+        self._check_start()
         self.children = [self._spawn() for _ in range(n)]
         self._isolate_if_waiting()          # crashed tasks a previous manager left isolated
         renew_every = self.leases.timings.renew_every
