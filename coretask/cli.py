@@ -150,8 +150,8 @@ def _known_queue(p: TaskProcessor, name: str) -> bool:
 
 def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     pause = a.command == "pause"
-    if sum(1 for given in (a.queue, a.tenant, a.schedule, a.worker) if given) > 1:
-        _err("give one of a queue, --tenant, --schedule or --worker")
+    if sum(1 for given in (a.queue, a.tenant and not a.schedule, a.schedule, a.worker) if given) > 1:
+        _err("give one of a queue, --tenant, --schedule (with --tenant: that tenant's schedule) or --worker")
         return USAGE
     if getattr(a, "requeue_running", False) and (a.queue or a.tenant or a.schedule or a.worker):
         _err("--requeue-running goes with pausing everything (no queue, --tenant, --schedule or --worker)")
@@ -159,8 +159,9 @@ def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if a.worker:
         return _pause_worker(p, a, out, pause)
     if a.schedule:
-        if not (p.pause_schedule if pause else p.resume_schedule)(a.schedule):
-            _err(f"schedule {a.schedule} not found (python -m coretask --app APP schedules --tenant TENANT lists them)")
+        if not (p.pause_schedule if pause else p.resume_schedule)(a.schedule, a.tenant):
+            whose = f" of tenant {a.tenant}" if a.tenant else ""
+            _err(f"schedule {a.schedule}{whose} not found ({a.run_as} schedules TENANT lists a tenant's schedules)")
             return NOT_FOUND
         return _said(out, {"paused": pause, "schedule": a.schedule},
                      f"{a.command}d schedule {a.schedule}" + (": its ticks enqueue nothing until resumed" if pause else ""))
@@ -207,7 +208,7 @@ def _pause_worker(p: TaskProcessor, a: argparse.Namespace, out: Out, pause: bool
 
 
 def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
-    if _unknown_tenant(p, a.tenant):
+    if _unknown_tenant(p, a, a.tenant):
         return NOT_FOUND
     before = p.get_tenant_shard(a.tenant)
     moved, kept = p.rebalance_tenant(a.tenant, a.to)
@@ -216,7 +217,7 @@ def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return _said(out, {"tenant": a.tenant, "from": before, "to": a.to, "moved": moved, "left_in_batches": kept},
                  f"tenant {a.tenant}: new work goes to shard {a.to} (was {before}); {moved} queued or delayed "
                  f"tasks moved, {kept} left where they are ({why}); resume the tenant when ready "
-                 f"(python -m coretask --app APP resume --tenant {a.tenant})")
+                 f"({a.run_as} resume --tenant {a.tenant})")
 
 
 def _said(out: Out, obj: dict[str, Any], text: str) -> int:
@@ -227,7 +228,7 @@ def _said(out: Out, obj: dict[str, Any], text: str) -> int:
 def cmd_batches(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     batches = p.get_batches(a.tenant, a.skip, a.take)
     count = p.get_batches_count(a.tenant)
-    if not count and _unknown_tenant(p, a.tenant):
+    if not count and _unknown_tenant(p, a, a.tenant):
         return NOT_FOUND
     if out.json:
         out.data({"tenant": a.tenant, "count": count, "batches": batches})
@@ -456,13 +457,16 @@ def cmd_quarantine(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 def cmd_schedules(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     schedules = p.get_schedules(a.tenant, a.skip, a.take)
     count = p.get_schedules_count(a.tenant)
-    if not count and _unknown_tenant(p, a.tenant):
+    if not count and _unknown_tenant(p, a, a.tenant):
         return NOT_FOUND
     if out.json:
         out.data({"count": count, "schedules": schedules})
         return OK
-    out.table(["ID", "CRON", "TIMEZONE", "NEXT RUN", "LAST RUN", "UNIQUE", "QUEUE", "SCOPE", "PAUSED SINCE"],
-              [[s.id, s.cron, s.timezone, s.next_run, s.last_run, s.unique, s.queue, s.scope, s.paused_since]
+    out.table(["ID", "CRON", "TIMEZONE", "NEXT RUN", "LAST RUN", "UNIQUE", "QUEUE", "SCOPE", "PAUSED SINCE",
+               "SKIPPED U/E/P", "FAILED", "LAST FAILURE"],
+              [[s.id, s.cron, s.timezone, s.next_run, s.last_run, s.unique, s.queue, s.scope, s.paused_since,
+                f"{s.skipped_unique}/{s.skipped_expired}/{s.skipped_paused}", s.failures,
+                f"{_cell(s.last_failure)} {s.last_error}" if s.last_failure else None]
                for s in schedules])
     print(f"{len(schedules)} shown of {count} schedules")
     return OK
@@ -474,7 +478,7 @@ def cmd_trigger(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         _err(f"schedule {a.id} not found")
         return NOT_FOUND
     return _said(out, {"triggered": a.id, "task_id": task_id},
-                 f"schedule {a.id}: one run enqueued now, task {task_id} (python -m coretask --app APP task {task_id})")
+                 f"schedule {a.id}: one run enqueued now, task {task_id} ({a.run_as} task {task_id})")
 
 
 def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
@@ -492,17 +496,17 @@ def cmd_tenants(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     return OK
 
 
-def _unknown_tenant(p: TaskProcessor, tenant: str) -> bool:
+def _unknown_tenant(p: TaskProcessor, a: argparse.Namespace, tenant: str) -> bool:
     """Says so when the tenant never had work (a misspelt name would list nothing and exit 0)."""
     if p.gateway.tenant_known(tenant):
         return False
-    _err(f"tenant {tenant} not found (no work of it was ever enqueued); the tenants: python -m coretask --app APP tenants")
+    _err(f"tenant {tenant} not found (no work of it was ever enqueued); the tenants: {a.run_as} tenants")
     return True
 
 
 def cmd_tenant(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     s = p.get_tenant_stats(a.id)
-    if _unknown_tenant(p, a.id):
+    if _unknown_tenant(p, a, a.id):
         return NOT_FOUND
     if out.json:
         out.data(s)
@@ -730,6 +734,8 @@ def _main(argv: list[str] | None, given: TaskProcessor | None = None) -> int:
         return demo(argv[1:])
     ap = build_parser()
     args = ap.parse_args(argv)
+    # how the user runs a command, for the hints that name another one
+    args.run_as = "flask coretask" if given is not None else f"python -m coretask --app {args.app or 'APP'}"
     if given is not None:
         processor = given
     else:

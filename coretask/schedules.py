@@ -48,8 +48,8 @@ class ScheduleData:
     ``timezone`` (any IANA zone); with ``Options.use_cron_seconds`` it takes six fields.
     ``unique``: skip a tick while the previous run is still queued, delayed or running.
     ``expire``: skip a tick that could not be enqueued within this time after it was due.
-    ``timeout`` / ``keep_result``: every run's time limit and result keeping, as the keywords
-    of enqueue_task (default: the Options')."""
+    ``timeout`` / ``keep_result`` / ``retries``: every run's time limit, result keeping and
+    retries, as the keywords of enqueue_task (default: the Options')."""
 
     id: str
     tenant: str
@@ -61,13 +61,18 @@ class ScheduleData:
     expire: timedelta | float | None = None
     timeout: timedelta | float | None = None
     keep_result: timedelta | float | None = None
+    retries: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class ScheduleInfo:
     """A schedule as stored. ``last_run`` is when its latest run was enqueued (tick or
     trigger); ``skipped_unique`` / ``skipped_expired`` / ``skipped_paused`` count ticks that
-    enqueued nothing; ``paused_since`` is set while the schedule is paused (pause_schedule)."""
+    enqueued nothing; ``paused_since`` is set while the schedule is paused (pause_schedule).
+    ``failures`` counts its runs that failed for good (retries spent; a time limit or a crash
+    included), ``last_failure`` / ``last_error`` ("<type>: <message>") / ``last_failed_task_id``
+    describe the latest: a failed run is discarded by default (Options.deadletter_schedules),
+    so the schedule is where a broken job shows."""
 
     id: str
     tenant: str
@@ -85,6 +90,10 @@ class ScheduleInfo:
     skipped_expired: int
     paused_since: datetime | None = None
     skipped_paused: int = 0
+    failures: int = 0
+    last_failure: datetime | None = None
+    last_error: str | None = None
+    last_failed_task_id: str | None = None
 
     @property
     def paused(self) -> bool:
@@ -147,7 +156,7 @@ class Schedules:
         now = gw.server_time_ms()
         code = gw.upsert_schedule(sid, data.tenant, data.queue, data.scope or "", sched.expression, data.timezone,
                                   seconds, data.unique, expire_ms, enc.payload, enc.serializer, enc.target,
-                                  pr.retries(None), sched.next_after_ms(now),
+                                  pr.retries(data.retries), sched.next_after_ms(now),
                                   pr.sign_schedule(sid, data.tenant, data.queue, enc), controls)
         if code == -1:
             raise ConfigurationError(f"schedule id {sid!r} belongs to another tenant; pick another id")
@@ -215,4 +224,5 @@ def _info(schedule_id: str, h: dict[bytes, bytes], score: float | None) -> Sched
         unique=h.get(b"u") == b"1", expire=timedelta(milliseconds=expire) if expire else None,
         last_task_id=_s(h.get(b"lt")) or None, skipped_unique=int(h.get(b"nu", b"0")),
         skipped_expired=int(h.get(b"nx", b"0")), paused_since=ms_to_dt(h.get(b"ps")),
-        skipped_paused=int(h.get(b"np", b"0")))
+        skipped_paused=int(h.get(b"np", b"0")), failures=int(h.get(b"nf", b"0")), last_failure=ms_to_dt(h.get(b"lf")),
+        last_error=_s(h.get(b"le")) or None, last_failed_task_id=_s(h.get(b"lft")) or None)

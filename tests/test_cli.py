@@ -517,6 +517,10 @@ def test_schedules_trigger_and_schedule_count_in_status(processor, cli, prefix):
     assert {s["id"]: s["paused_since"] is not None for s in listed["schedules"]} == {"s-hourly": True, "s-daily": False}
     missing = cli("pause", "--schedule", "nope")
     assert missing.returncode == 1 and "schedule nope not found" in missing.stderr
+    assert "python -m coretask --app tests.app:processor schedules TENANT lists" in missing.stderr
+    # (with --tenant, another tenant's schedule reads as unknown)
+    assert cli("pause", "--schedule", "s-daily", "--tenant", "other").returncode == 1
+    assert not processor.get_schedule("s-daily").paused
     both = cli("pause", "default", "--schedule", "s-hourly")
     assert both.returncode == 2 and "give one of" in both.stderr
     assert ok(cli("resume", "--schedule", "s-hourly")) and not processor.get_schedule("s-hourly").paused

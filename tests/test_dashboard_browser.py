@@ -238,6 +238,21 @@ def test_trigger_a_schedule(dash: Dash, processor: TaskProcessor) -> None:
     assert processor.get_task(info.last_task_id).state == "queued"
 
 
+def test_a_schedules_failed_run_shows_on_its_row(dash: Dash, processor: TaskProcessor,
+                                                 embedded_worker: Callable[..., Any]) -> None:
+    # Given a schedule whose run failed for good (discarded, as schedule runs are by default)
+    processor.upsert_schedule(ScheduleData("broken-sync", "acme", "default", None, "0 * * * *", retries=0),
+                              td.fail, "the API said no")
+    run = processor.trigger_schedule("broken-sync")
+    embedded_worker(processor)
+    wait_until(lambda: processor.get_schedule("broken-sync").failures == 1, 10, "the run failed")
+    # When the schedules page is shown, Then its row says so, with the error and the run's id
+    page = dash.go("/schedules?tenant=acme")
+    row = page.locator("#schedule-1")
+    expect(row).to_contain_text("ValueError: the API said no")
+    expect(row.locator(f"a[href$='/tasks/{run}']")).to_have_count(2)     # last run, and last failed run
+
+
 def test_pause_and_resume_a_workers_manager(dash: Dash, processor: TaskProcessor,
                                             embedded_worker: Callable[..., Any]) -> None:
     # Given a worker in this process (its manager: this host and pid)

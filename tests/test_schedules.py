@@ -337,9 +337,11 @@ def test_invalid_zone_and_target_raise_at_upsert(make_processor):
 
 @pytest.mark.parametrize("deadletter_schedules", [False, True])
 def test_deadletter_schedules(make_processor, embedded_worker, r, prefix, deadletter_schedules):
-    p = make_processor(retries=2, deadletter=True, deadletter_schedules=deadletter_schedules)   # two attempts
+    p = make_processor(retries=5, deadletter=True, deadletter_schedules=deadletter_schedules)
     key = prefix + ":attempts"
-    p.upsert_schedule(ScheduleData("f", "acme", "default", None, YEARLY), tasks_sched.fail_always, key)
+    # two attempts: the schedule's own retries win over the Options'
+    p.upsert_schedule(ScheduleData("f", "acme", "default", None, YEARLY, retries=2), tasks_sched.fail_always, key)
+    assert p.get_schedule("f").failures == 0 and p.get_schedule("f").last_failure is None
     p.trigger_schedule("f")
     run_id = p.get_schedule("f").last_task_id
     plain_id = p.enqueue_task("default", "acme", tasks_sched.fail_always, key + ":plain", retries=2)
@@ -352,3 +354,7 @@ def test_deadletter_schedules(make_processor, embedded_worker, r, prefix, deadle
         assert run_id in dead and p.get_task(run_id).state == "dead"
     else:
         assert run_id not in dead and p.get_task(run_id) is None   # discarded
+    # Either way, the schedule tells its failed run: count, time, error and task
+    info = p.get_schedule("f")
+    assert (info.failures, info.last_failed_task_id) == (1, run_id) and info.last_failure is not None
+    assert info.last_error == "RuntimeError: scheduled run fails on purpose"

@@ -190,7 +190,7 @@ class MemoryReads(MemoryState):
                        v=(s or {}).get("v", 0) + 1, next=next_ms, cd=(s or {}).get("cd", now))
             for name, value in zip(("to", "kr", "kt"), controls.argv()):
                 new[name] = value
-            for kept in ("lt", "lr", "nu", "nx", "np", "ps"):
+            for kept in ("lt", "lr", "nu", "nx", "np", "ps", "nf", "lf", "le", "lft"):
                 if s is not None and kept in s:
                     new[kept] = s[kept]
             self._schedules[schedule_id] = new

@@ -134,6 +134,10 @@ class MemoryState:
         stats["failed"] += 1
         error = dict(et=f.error_type, em=f.message, etb=f.traceback)
         keep = self._deadletter_schedules if "sch" in t else self._deadletter
+        sched = self._schedules.get(t.get("sch", ""))
+        if sched is not None:      # bury (_lib.lua): the schedule tells its runs' failures
+            sched.update(nf=sched.get("nf", 0) + 1, lf=now_ms(), le=f"{f.error_type}: {f.message}"[:500],
+                         lft=f.task_id)
         if keep == "1":
             stats["dead"] += 1
             now = now_ms()

@@ -72,7 +72,9 @@
 --   P:s:<id>            hash   cron schedule: tn, q, sc scope, cr cron, tz zone, sec ("1" = six
 --                              fields), u unique, x expire ms, p/s/tg/r as a task, v version
 --                              (bumped by every upsert), cd/up created/updated ms, lt last run's
---                              task id, lr last run ms, lk last tick ms, nu/nx/np ticks skipped
+--                              task id, lr last run ms, lk last tick ms, nf runs failed for good,
+--                              lf/le/lft the last one's time ms, error and task id (bury),
+--                              nu/nx/np ticks skipped
 --                              (unique / expired / paused), ps paused since ms (schedule_pause.lua;
 --                              absent = running)
 --   P:sdue              zset   schedule ids, score = next tick ms (moved by compare-and-set)
@@ -494,7 +496,16 @@ local function bury(P, id, queue, batch, deadletter, etype, emsg, etb, now, dlsc
   local tkey = P .. ':t:' .. id
   local tf = redis.call('HMGET', tkey, 'sch', 'tn', 'kr', 'kt', 'ik', 'ikt')
   release_key(P, id)
-  if tf[1] then deadletter = dlsched end
+  if tf[1] then
+    deadletter = dlsched
+    -- a schedule's run that failed for good is told on its schedule (get_schedule's failures,
+    -- last_failure, last_error): discarded by default, it would show nowhere else
+    local skey = P .. ':s:' .. tf[1]
+    if redis.call('EXISTS', skey) == 1 then
+      redis.call('HINCRBY', skey, 'nf', 1)
+      redis.call('HSET', skey, 'lf', now, 'le', string.sub(etype .. ': ' .. (emsg or ''), 1, 500), 'lft', id)
+    end
+  end
   local stats = P .. ':ts:' .. tf[2]
   redis.call('HINCRBY', stats, 'failed', 1)
   if deadletter == '1' then
