@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import psutil  # type: ignore[import-untyped]
 import pytest
 
+from tests import tasks
 from tests import tasks_worker as tw
 from tests.conftest import ROOT, wait_until
 
@@ -276,6 +277,10 @@ def test_sigterm_hands_back_a_task_longer_than_shutdown_timeout_without_consumin
     assert (info.state, info.retries_left) == ("queued", 3)
     assert counters(processor) == (1, 0)
     assert r.llen(key + ":finished") == 0
+    # And the log names it: in the deadline's summary, and on a line of its own (blocked in a
+    # sleep, its abort could not land, so its runner never reported it)
+    assert f"handing them back: {task_id} (tests.tasks_worker:sleep_with_context)" in m.log()
+    assert f"task {task_id} tests.tasks_worker:sleep_with_context handed back at shutdown" in m.log()
 
     # When a new manager starts
     start_manager(processes=1, threads=2)
@@ -288,6 +293,22 @@ def test_sigterm_hands_back_a_task_longer_than_shutdown_timeout_without_consumin
     assert runs(r, key + ":finished") == [second]
     wait_until(lambda: counters(processor) == (0, 0), 5, "0 queued / 0 in flight")
     assert processor.get_task(task_id) is None
+
+
+def test_a_time_limit_still_holds_while_a_sigterm_drains(processor, start_manager, r, prefix):
+    # Given a manager with a long shutdown_timeout running a task with a 1.5 s time limit
+    key = prefix + ":spin"
+    m = start_manager(processes=1, threads=2, shutdown_timeout=30)
+    task_id = processor.enqueue_task("default", "acme", tasks.spin, key, 60, timeout=1.5, retries=1)
+    wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
+    # When the manager gets SIGTERM
+    m.proc.send_signal(signal.SIGTERM)
+    # Then the task is aborted at its time limit (failed: a timeout is no hand-back), and the
+    # manager exits then, not at the end of shutdown_timeout
+    assert m.proc.wait(15) == 0
+    assert processor.get_tenant_stats("acme").failed == 1 and r.llen(key + ":finished") == 0
+    assert "ran past its time limit of 1.5s" in m.log()
+    assert processor.get_task(task_id) is None or processor.get_task(task_id).state != "queued"
 
 
 def test_sigterm_acknowledges_a_task_that_returns_when_aborted_at_the_deadline(

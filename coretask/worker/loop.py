@@ -34,6 +34,7 @@ from .aborts import Aborts
 from .leases import Leases
 from .ledger import Ledger, Task
 from .maintenance import Maintenance
+from .runner import task_fields
 
 __all__ = ["Loop", "Recycling"]
 
@@ -44,6 +45,7 @@ HOLD_MAX = 0.05    # seconds the loop holds its round trip for short tasks to fi
 #                    what "short" means; a thread left free beside long tasks waits no longer
 ABORT_SETTLE = 0.5  # seconds shutdown waits for aborted tasks to report before handing them back
 SHUTDOWN_POLL = 0.05
+SHUTDOWN_NAMED = 20    # tasks named in the shutdown's summary line (each also logs its own line)
 HANDOFF_WAIT = 2.0   # seconds an idle registration lasts: a host that dies unseen takes no task after it
 HANDOFF_SLACK = 0.005  # the blocking pop outlasts the registration (server clock at both ends) by this much
 MIB = 1024 * 1024
@@ -311,11 +313,18 @@ class Loop:
                     log.warning("worker %s: lease renewal while stopping failed: %s", self.worker_id, exc)
                 next_renew = time.monotonic() + self.leases.timings.renew_every
             self.flush()
+            # time limits still hold while draining (the loop that checks them no longer turns),
+            # and a task that ignores its abort past cancel_grace still ends its process
+            self.aborts.check(time.monotonic())
             ledger.wake.wait(SHUTDOWN_POLL)
             ledger.wake.clear()
         if ledger.running:
-            log.warning("worker %s: %d tasks still running at the shutdown deadline; handing them back",
-                        self.worker_id, len(ledger.running))
+            running = ledger.running_of(None)
+            named = ", ".join(f"{t.id} ({t.target})" for t in running[:SHUTDOWN_NAMED])
+            more = f" and {len(running) - SHUTDOWN_NAMED} more" if len(running) > SHUTDOWN_NAMED else ""
+            log.warning("worker %s: %d tasks still running at the shutdown deadline (shutdown_timeout %gs); "
+                        "handing them back: %s%s", self.worker_id, len(running),
+                        self.options.shutdown_timeout.total_seconds(), named, more)
             self.aborts.abort(ledger.running_of(None), "shutdown")
             # each runner reports its task: handed back if the abort landed in the body, but
             # acknowledged if the body had returned already (or swallowed the abort), since a
@@ -324,7 +333,11 @@ class Loop:
             while ledger.running and time.monotonic() < settle:
                 ledger.wake.wait(0.01)
                 ledger.wake.clear()
-            ledger.release_running()       # blocked where an abort cannot reach (C code)
+            for task in ledger.release_running():       # blocked where an abort cannot reach (C code)
+                # the runner of such a task never reports it: said here, one line per task
+                log.warning("task %s %s handed back at shutdown: it did not stop within %gs of its abort (blocked "
+                            "in C code, e.g. a sleep or a socket read); it runs again from the start elsewhere",
+                            task.id, task.target, ABORT_SETTLE, extra=task_fields(task, "task_handed_back"))
         self.flush()
 
     def flush(self) -> None:
