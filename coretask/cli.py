@@ -104,8 +104,8 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
                   "shards": [dataclasses.asdict(s) for s in shards],
                   "paused_queues": paused_queues, "paused_tenants": paused_tenants, "paused_workers": paused_workers,
                   "queues": queues, "schedules": p.get_schedules_count(), "quarantined": quarantined,
-                  "workers": [{"id": w.id, "heartbeat_age": round(w.heartbeat_age, 3), "paused": w.paused}
-                              for w in workers]})
+                  "workers": [{"id": w.id, "host": w.host, "pid": w.pid, "manager": w.manager, "running": w.running,
+                               "heartbeat_age": round(w.heartbeat_age, 3), "paused": w.paused} for w in workers]})
         return OK
     print(f"redis:  {redact_url(p.options.redis)}  prefix {p.options.prefix}")
     print(f"paused: {'yes (everything)' if paused else 'no'}"
@@ -122,7 +122,8 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         out.table(["SHARD", "PREFIX", "QUEUED", "IN FLIGHT", "DELAYED", "DEAD"],
                   [[s.index, s.prefix, s.queued, s.in_flight, s.delayed, s.dead] for s in shards])
     print()
-    out.table(["WORKER", "HEARTBEAT AGE (s)", "PAUSED"], [[w.id, w.heartbeat_age, w.paused] for w in workers])
+    out.table(["WORKER", "HOST", "PID", "RUNNING", "HEARTBEAT AGE (s)", "PAUSED"],
+              [[w.id, w.host, w.pid, w.running, round(w.heartbeat_age, 1), w.paused] for w in workers])
     return OK
 
 

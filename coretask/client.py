@@ -223,7 +223,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         (a producer that feeds another deployment's queues)."""
         name = check_queue_name(queue)
         if self.options.strict_queues:
-            self._check_known_queue(name, ". To pause a queue another deployment serves, use a processor with "
+            self._check_known_queue(name, "To pause a queue another deployment serves, use a processor with "
                                           "Options(strict_queues=False)")
         self._pause("queue", True, name)
 
@@ -293,7 +293,8 @@ class Client(Introspection, Schedules, TenantAdmin):
             close = difflib.get_close_matches(name, known, n=1)
             raise ConfigurationError(
                 f"queue {name!r} is not a queue of this deployment (not in Options.queues, never held work)"
-                + (f"; did you mean {close[0]!r}?" if close else f"; the queues are: {', '.join(known)}") + fix)
+                + (f"; did you mean {close[0]!r}?" if close else f"; the queues are: {', '.join(known)}.")
+                + (" " + fix if fix else ""))
 
     def _dead_count(self, queue: str, count: int | None) -> int | None:
         """The scripts' count for a bulk dead-letter call (0 = all), or None when ``count`` is 0

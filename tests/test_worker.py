@@ -635,7 +635,6 @@ def test_a_free_thread_beside_long_tasks_starts_new_work_at_once_after_short_one
                                                                                   r, prefix):
     # Given a worker of 4 threads that has run short tasks (so it groups its round trips), whose
     # timers are the defaults (it sleeps up to 5 s without an event)
-    from tests import tasks
     p = make_processor(max_workers=4, base_frequency=5, pushback_frequency=5, cleanup_frequency=60)
     embedded_worker(p)
     for _ in range(30):

@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from ..context import TaskContext
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, StoreUnavailable
 from ..gateway import Failure, FetchReply, Gateway, Unreadable
 from ..options import Options
 from .aborts import Aborts
@@ -233,9 +233,14 @@ class Loop:
         return True
 
     def _failed(self, exc: Exception, stop: threading.Event | None) -> None:
-        """A round trip failed: say so, and back off before the next one (none at shutdown)."""
-        log.warning("worker %s: Redis call failed (%s: %s); retrying in %.1fs", self.worker_id,
-                    type(exc).__name__, exc, self.maintenance.delay)
+        """A round trip failed: say so, and back off before the next one (none at shutdown). A
+        server that cannot be reached is a warning (it comes back); anything else (refused
+        credentials, a script error, a command the server refuses) is an error: it repeats until
+        someone acts, and no task is fetched meanwhile."""
+        transient = isinstance(exc, StoreUnavailable) and exc.reason != "auth"
+        log.log(logging.WARNING if transient else logging.ERROR,
+                "worker %s: Redis call failed (%s: %s); retrying in %.1fs%s", self.worker_id, type(exc).__name__,
+                exc, self.maintenance.delay, "" if transient else "; this worker fetches nothing until it is mended")
         if stop is not None:
             self.maintenance.backoff(stop)
 

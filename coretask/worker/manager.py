@@ -246,6 +246,8 @@ class Manager:
             log.info("manager: signal %d, stopping workers (up to %gs)", signum,
                      self.options.shutdown_timeout.total_seconds())
             self.stopping = True
+        else:
+            log.info("manager: signal %d again: already stopping; the workers are told again", signum)
         for c in self._all():
             if c.process.is_alive() and c.process.pid:
                 try:
@@ -259,7 +261,10 @@ class Manager:
         code = child.process.exitcode
         reason = f"worker process {child.process.pid} died (exit code {code}"
         reason += ", MemoryError in a task)" if code == MEMORY_ERROR else ")"
-        if code not in (FORCED_EXIT, RECYCLE):
+        if code == FORCED_EXIT:
+            log.warning("manager: %s: it ended itself, as a task ignored its abort past cancel_grace; recovering "
+                        "its tasks and starting a new one", reason)
+        elif code != RECYCLE:
             log.error("manager: %s; recovering its tasks and starting a new one", reason)
         try:
             res, culprit = self.leases.crashed(child.worker_id, reason + " while running the task",
