@@ -14,7 +14,9 @@ which builds its own processor and server: no ``--app``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import socket
@@ -550,7 +552,7 @@ def _bind_problem(host: str, port: int) -> str:
             sock.bind(infos[0][4])
     except OSError as exc:
         return exc.strerror or str(exc)
-    return "the server refused it (see above)"
+    return "the server refused it"
 
 
 def cmd_dashboard(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
@@ -562,8 +564,10 @@ def cmd_dashboard(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         return USAGE
     password = server.password_from(a.password)
     server.check_bind(a.host, password, a.no_auth)      # ConfigurationError: exit 2 with its message
+    app = server.create_app(p, read_only=a.read_only, password=password)
     try:
-        srv = server.make_server(server.create_app(p, read_only=a.read_only, password=password), a.host, a.port)
+        with contextlib.redirect_stderr(io.StringIO()):    # Werkzeug's own words, said once below
+            srv = server.make_server(app, a.host, a.port)
     except (OSError, SystemExit) as exc:
         # Werkzeug prints why it could not bind and exits: the reason is asked of the OS again
         reason = _bind_problem(a.host, a.port) if isinstance(exc, SystemExit) else str(exc)
