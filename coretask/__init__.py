@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .context import TaskContext
     from .encoding import Call, Serializer, TaskData, call
     from .errors import (ConfigurationError, CoreTaskError, EnqueueError, LeaseLost, PayloadTooLarge,
-                         ReplicationError, ResultPending, ResultUnavailable, ScriptError, SerializationError,
+                         ReplicationError, ResultCanceled, ResultPending, ResultUnavailable, ScriptError, SerializationError,
                          StoreError, StoreFull, StoreUnavailable, TargetError, TaskCanceled, TaskFailed,
                          TaskLoadError, TaskRefused, TaskTimeout, UnknownOption)
     from .middleware import Middleware
@@ -44,7 +44,7 @@ __all__ = [
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
     "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption", "TaskTimeout", "TaskFailed",
-    "ResultUnavailable", "ResultPending",
+    "ResultUnavailable", "ResultPending", "ResultCanceled",
 ]
 
 # where each public name is defined (the errors: coretask.errors)

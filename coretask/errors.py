@@ -1,7 +1,9 @@
 """The one exception hierarchy of coretask.
 
 Everything coretask raises on purpose derives from :class:`CoreTaskError`, so callers can catch
-the library's errors in one clause. Errors about bad input also derive from the built-in
+the library's errors in one clause, except the abort raised inside a running task
+(:class:`TaskCanceled`), which is a ``BaseException`` so that ``except Exception`` in task code
+does not swallow it. Errors about bad input also derive from the built-in
 ``TypeError``/``ValueError`` they would be in plain Python, so ``except ValueError`` still works.
 
 ::
@@ -28,15 +30,18 @@ the library's errors in one clause. Errors about bad input also derive from the 
     │   └── ReplicationError              Options.wait_replicas: the write is on the master but
     │                                     fewer replicas than asked acknowledged it in time
     ├── LeaseLost                         the worker no longer holds the task (ctx.extend_lock)
-    ├── TaskCanceled                      control flow: raised inside a running task that (or
-    │   │                                 whose batch) was canceled or that is being handed back;
-    │   │                                 never retried, never dead-lettered
-    │   └── TaskTimeout                   raised inside a task past its time limit (timeout=);
-    │                                     unlike a cancel, the attempt counts as failed
     ├── TaskFailed                        get_result: the task failed for good (type, message
-    │                                     and traceback of its last error)
+    │                                     and traceback of its last error; a time-out too)
     └── ResultUnavailable (LookupError)   get_result: no result to give (unknown task, not kept,
-        └── ResultPending                 or expired); ResultPending: not finished yet
+        ├── ResultCanceled                or expired); ResultCanceled: the task was canceled;
+        └── ResultPending                 ResultPending: not finished yet
+
+    BaseException
+    └── TaskCanceled                      control flow: raised inside a running task that (or
+        │                                 whose batch) was canceled or that is being handed back;
+        │                                 never retried, never dead-lettered
+        └── TaskTimeout                   raised inside a task past its time limit (timeout=);
+                                          unlike a cancel, the attempt counts as failed
 
 Connection problems (redis-py's ``ConnectionError`` / ``TimeoutError``) surface as
 :class:`StoreUnavailable`, with redis-py's exception as its ``__cause__``: they are transient,
@@ -50,7 +55,7 @@ __all__ = [
     "CoreTaskError", "ConfigurationError", "EnqueueError", "SerializationError", "TargetError",
     "PayloadTooLarge", "TaskLoadError", "TaskRefused", "StoreError", "StoreFull", "ScriptError", "LeaseLost",
     "TaskCanceled", "ReplicationError", "StoreUnavailable", "UnknownOption", "TaskTimeout", "TaskFailed",
-    "ResultUnavailable", "ResultPending",
+    "ResultUnavailable", "ResultPending", "ResultCanceled",
 ]
 
 
@@ -147,15 +152,21 @@ class LeaseLost(CoreTaskError):
     """The task's lease expired or was taken over; this worker may no longer act for it."""
 
 
-class TaskCanceled(CoreTaskError):
-    """Raised inside a running task to abort it (batch canceled, or the task is handed back)."""
+class TaskCanceled(BaseException):
+    """Raised inside a running task to abort it: the task or its batch was canceled, a pause with
+    requeue or a shutdown hands it back. A ``BaseException``, as asyncio's ``CancelledError``
+    and ``KeyboardInterrupt`` are, so that the ``except Exception:`` of a loop that logs a bad
+    row and goes on does not swallow it: a swallowed abort ran on until ``cancel_grace`` ended
+    the whole worker process, handing back the other tasks it ran. Clean up in ``try/finally``
+    (or catch it by name and raise it again). Outside tasks, ``get_result`` answers a canceled
+    task with :class:`ResultCanceled`, an ordinary exception."""
 
 
 class TaskTimeout(TaskCanceled):
-    """Raised inside a task that ran past its time limit (``timeout=``), as a cancel aborts it;
-    also raised by ``get_result`` for a task whose last attempt timed out. A TaskCanceled, so a
-    task's clean-up for an abort runs for it too; unlike a cancel, the attempt counts as failed
-    and is retried or dead-lettered as any failure is."""
+    """Raised inside a task that ran past its time limit (``timeout=``), as a cancel aborts it:
+    clean-up written for an abort runs for it too. Unlike a cancel, the attempt counts as
+    failed and is retried or dead-lettered as any failure is; ``get_result`` then raises
+    :class:`TaskFailed` with ``error_type == "TaskTimeout"``."""
 
 
 class TaskFailed(CoreTaskError):
@@ -174,6 +185,11 @@ class TaskFailed(CoreTaskError):
 class ResultUnavailable(CoreTaskError, LookupError):
     """``get_result`` has nothing to return: the task is unknown, its record expired, or it was
     not asked to keep its result (``keep_result=`` / ``Options.result_ttl``)."""
+
+
+class ResultCanceled(ResultUnavailable):
+    """``get_result``: the task was canceled (by cancel_task, or with its batch); it has no
+    result."""
 
 
 class ResultPending(ResultUnavailable):

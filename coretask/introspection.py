@@ -10,7 +10,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError, ResultPending, ResultUnavailable, TaskCanceled, TaskFailed, TaskTimeout
+from .errors import ConfigurationError, ResultCanceled, ResultPending, ResultUnavailable, TaskFailed
 from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
                      HistoryPoint, ShardInfo, ms_to_dt, to_int, worker_scopes)
 from .options import Options, check_page, check_queue_name, check_tenant, wait_seconds
@@ -122,8 +122,8 @@ class Introspection:
 
     def get_result(self, task_id: str, wait: timedelta | float | None = None, tenant: str | None = None) -> Any:
         """The return value of a task that keeps its result (``keep_result=`` or
-        ``Options.result_ttl``). Raises TaskFailed (its last error), TaskCanceled or TaskTimeout
-        for those outcomes; ResultPending while it has not finished (with ``wait`` seconds:
+        ``Options.result_ttl``). Raises TaskFailed for a task that failed for good (its last
+        error; ``error_type == "TaskTimeout"`` for a time-out), ResultCanceled for a canceled one; ResultPending while it has not finished (with ``wait`` seconds:
         after blocking that long, woken the moment it finishes); ResultUnavailable when the task
         is unknown (or another ``tenant``'s), its result was not kept, or has expired."""
         deadline = None if wait is None else time.monotonic() + wait_seconds("wait", wait)
@@ -154,10 +154,10 @@ class Introspection:
             state = h.get(b"st", b"").decode()
             try:
                 out.append(TaskOutcome(task_id, state, self._outcome(task_id, state, h)))
-            except (TaskFailed, TaskCanceled) as exc:
-                error_type = exc.error_type if isinstance(exc, TaskFailed) else type(exc).__name__
-                message = exc.error_message if isinstance(exc, TaskFailed) else str(exc)
-                out.append(TaskOutcome(task_id, state, None, error_type, message))
+            except TaskFailed as exc:
+                out.append(TaskOutcome(task_id, state, None, exc.error_type, exc.error_message))
+            except ResultCanceled as exc:
+                out.append(TaskOutcome(task_id, state, None, "TaskCanceled", str(exc)))
             except ResultUnavailable as exc:
                 out.append(TaskOutcome(task_id, state, None, "ResultUnavailable", str(exc)))
         return out
@@ -169,10 +169,8 @@ class Introspection:
                 raise ResultUnavailable(f"task {task_id} succeeded; its result was not kept (keep_result=...)")
             return decode_result(task_id, h[b"rv"], self.options)
         if state == "canceled":
-            raise TaskCanceled(f"task {task_id} was canceled")
+            raise ResultCanceled(f"task {task_id} was canceled: it has no result")
         etype, message = h.get(b"et", b"").decode(errors="replace"), h.get(b"em", b"").decode(errors="replace")
-        if etype == "TaskTimeout":
-            raise TaskTimeout(message or f"task {task_id} timed out")
         raise TaskFailed(f"task {task_id} failed: {etype}: {message}", task_id=task_id, error_type=etype,
                          error_message=message, traceback=h.get(b"etb", b"").decode(errors="replace"))
 

@@ -110,3 +110,14 @@ async def awaiting(key: str, seconds: float) -> None:
         raise
     finally:
         R().rpush(key + ":left", json.dumps({"at": time.time(), "outcome": outcome}))
+
+
+def row_loop(key: str) -> None:
+    """A data job's loop that logs a bad row and goes on: ``except Exception`` around each row."""
+    R().rpush(key + ":started", 1)
+    for i in range(100_000):
+        try:
+            time.sleep(0.01)
+            R().set(key + ":row", i)
+        except Exception:                               # must not swallow the abort
+            R().rpush(key + ":swallowed", i)

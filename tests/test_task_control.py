@@ -10,8 +10,8 @@ from datetime import timedelta
 import pytest
 import redis
 
-from coretask import (ConfigurationError, PayloadTooLarge, Progress, ResultPending, ResultUnavailable, ScheduleData, TaskCanceled,
-                      TaskFailed, TaskTimeout)
+from coretask import (ConfigurationError, PayloadTooLarge, Progress, ResultCanceled, ResultPending, ResultUnavailable,
+                      ScheduleData, TaskFailed)
 from tests import tasks, tasks_batch, tasks_control
 from tests.conftest import wait_until
 from tests.test_cli import cli, ok   # noqa: F401  (the cli fixture)
@@ -82,8 +82,9 @@ def test_a_blocked_task_past_its_limit_ends_its_process_and_only_it_is_charged(p
     m.wait_ended(child, 20)
     new = wait_until(lambda: [c for c in m.children() if c.pid != child.pid], 20, "a replacement process")
     # And the blocked task's attempt is charged: dead-lettered (retries=0) as TaskTimeout
-    with pytest.raises(TaskTimeout, match="time limit of 1s"):
+    with pytest.raises(TaskFailed, match="time limit of 1s") as failed:
         processor.get_result(tid, wait=15)
+    assert failed.value.error_type == "TaskTimeout"
     assert r.llen(block + ":finished") == 0
     # And the siblings ran again, uncharged (retries=0: a charged attempt would be dead), once each
     wait_until(lambda: all(r.llen(f"{sib}{i}:finished") for i in range(2)), 20, "the siblings finish")
@@ -184,11 +185,31 @@ def test_many_waiters_all_wake_and_wait_ends_with_result_pending(processor, embe
     assert results == [None] * 4
 
 
+def test_an_abort_is_not_swallowed_by_except_exception_in_the_task(processor, embedded_worker, r, prefix):
+    # Given a running task whose loop catches Exception around each row, and a time-limited one
+    key = prefix + ":rows"
+    tid = processor.enqueue_task("default", "acme", tasks_control.row_loop, key, keep_result=60)
+    timed = processor.enqueue_task("default", "acme", tasks_control.row_loop, key + ":t", timeout=0.5, retries=0,
+                                   keep_result=60)
+    embedded_worker(processor)
+    wait_until(lambda: r.llen(key + ":started") and r.llen(key + ":t:started"), 10, "both running")
+    # When one is canceled
+    assert processor.cancel_task(tid)
+    # Then it ends at once, canceled: the abort went through its except Exception, not into it
+    with pytest.raises(ResultCanceled):
+        processor.get_result(tid, wait=5)
+    # And the other ends at its time limit, failed with TaskTimeout
+    with pytest.raises(TaskFailed) as failed:
+        processor.get_result(timed, wait=5)
+    assert failed.value.error_type == "TaskTimeout"
+    assert r.llen(key + ":swallowed") == 0 and r.llen(key + ":t:swallowed") == 0
+
+
 def test_canceled_and_unstorable_results(processor, embedded_worker, r, prefix):
     processor.pause()
     canceled = processor.enqueue_task("default", "acme", tasks_control.value, 1, keep_result=60)
     assert processor.cancel_task(canceled)
-    with pytest.raises(TaskCanceled):
+    with pytest.raises(ResultCanceled, match="was canceled: it has no result"):
         processor.get_result(canceled)
     too_big = processor.enqueue_task("default", "acme", tasks_control.big, 2_000_000, keep_result=60)
     unstorable = processor.enqueue_task("default", "acme", tasks_control.unstorable, keep_result=60)
