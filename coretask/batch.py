@@ -8,6 +8,7 @@ for long. Staged data is invisible to workers until the commit; on any error it 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import uuid
@@ -16,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from .encoding import Call, TaskData
-from .errors import ConfigurationError, ReplicationError, StoreError
+from .errors import ConfigurationError, EnqueueError, ReplicationError, StoreError
 from .gateway import NO_CONTROLS, Controls
 from .middleware import EnqueueMessage
 
@@ -179,7 +180,8 @@ class BatchBuilder:
             raise StoreError(f"batch {self._batch_id}: staged data expired before the commit "
                              "(building took over an hour); nothing was enqueued")
         if res == 0:
-            self._abort()
+            self._abort(EnqueueError(f"batch {self._batch_id} could not be appended to (unknown, another tenant's, "
+                                     "or canceled); nothing of this append was enqueued"))
             return False
         try:
             self._gw.publish_batch(self._batch_id, self._stage)
@@ -193,7 +195,14 @@ class BatchBuilder:
                 self._pr.chain.after_enqueue(message)
         return True
 
-    def _abort(self) -> None:
+    def _abort(self, error: BaseException) -> None:
+        """Nothing of it is enqueued: the staged data goes, and middleware that saw its tasks in
+        before_enqueue hears in after_enqueue that they were not written (``error``)."""
+        if self._messages:
+            messages, self._messages = self._messages, []
+            written = isinstance(error, ReplicationError)     # committed on the master, not yet replicated
+            for message in messages:
+                self._pr.chain.after_enqueue(message if written else dataclasses.replace(message, error=error))
         if self._mode == "create":
             self._closed = "its `with` block (or build function) raised, so nothing of it was enqueued"
         else:

@@ -117,6 +117,12 @@ class Client(Introspection, Schedules, TenantAdmin):
                                      due_ms, pr.sign(task_id, tenant, queue, enc), controls)
         except ReplicationError as exc:   # Options.wait_replicas: enqueued, not yet replicated
             exc.task_id = task_id
+            if message is not None and chain.after_enqueue:
+                chain.after_enqueue(message)          # written (on the master)
+            raise
+        except Exception as exc:
+            if message is not None and chain.after_enqueue:
+                chain.after_enqueue(dataclasses.replace(message, error=exc))
             raise
         # code -1 means the id exists: a retried call whose first attempt had landed
         log.debug("enqueued %s %s queue=%s tenant=%s", task_id, enc.target, queue, tenant)
@@ -160,8 +166,8 @@ class Client(Introspection, Schedules, TenantAdmin):
         try:
             build(builder)
             committed = builder._commit()
-        except BaseException:
-            builder._abort()
+        except BaseException as exc:
+            builder._abort(exc)
             raise
         if self._run_ready is not None:
             self._run_ready()
@@ -330,6 +336,6 @@ def _staged(builder: BatchBuilder) -> Iterator[BatchBuilder]:
     try:
         yield builder
         builder._commit()
-    except BaseException:
-        builder._abort()
+    except BaseException as exc:
+        builder._abort(exc)
         raise

@@ -112,6 +112,9 @@ class EnqueueMessage:
     (other serializers carry none). Written to only in before_enqueue.
     held_by: in after_enqueue, None when the task was written; the id of the task that holds
     the enqueue's idempotency key when nothing was written (a single task's enqueue_task).
+    error: in after_enqueue, None when the task was written (or its key was held); the
+    exception that kept it from being written (Redis unreachable, a batch whose block raised),
+    which the caller gets right after: a span opened in before_enqueue closes with it.
     """
 
     task_id: str
@@ -124,6 +127,7 @@ class EnqueueMessage:
     continue_on: str | None = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
     held_by: str | None = None
+    error: BaseException | None = None
 
     @property
     def due(self) -> datetime | None:

@@ -11,7 +11,9 @@ import threading
 import time
 from datetime import timedelta
 
-from coretask import BatchInfo, TaskCanceled, TaskRefused
+import pytest
+
+from coretask import BatchInfo, Options, StoreUnavailable, TaskCanceled, TaskProcessor, TaskRefused
 from coretask.middleware import EnqueueMessage, WorkerInfo
 from tests import tasks_middleware as tm
 from tests.conftest import wait_until
@@ -84,7 +86,22 @@ def test_a_batch_that_is_not_committed_is_never_confirmed(make_processor, prefix
             raise KeyError("abandon the batch")
     except KeyError:
         pass
-    assert [e["method"] for e in rec.calls()] == ["before_enqueue"]
+    # its task is announced, then told it was not written, with the error the caller got
+    assert [e["method"] for e in rec.calls()] == ["before_enqueue", "after_enqueue"]
+    (after,) = rec.calls("after_enqueue")
+    assert isinstance(after["message"].error, KeyError) and after["message"].held_by is None
+    assert p.get_task(after["message"].task_id) is None
+
+
+def test_an_enqueue_that_raises_closes_what_before_enqueue_opened(prefix):
+    rec = tm.Recorder()
+    p = TaskProcessor(Options(redis="redis://127.0.0.1:1/0", middleware=[rec]))     # nothing listens there
+    with pytest.raises(StoreUnavailable) as raised:
+        p.enqueue_task("default", "acme", tm.echo, prefix, 1)
+    p.close()
+    assert [e["method"] for e in rec.calls()] == ["before_enqueue", "after_enqueue"]
+    (after,) = rec.calls("after_enqueue")
+    assert after["message"].error is raised.value
 
 
 # ------------------------------------------------------------------------------------ worker

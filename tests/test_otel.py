@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from coretask import TaskProcessor
+from coretask import Options, StoreUnavailable, TaskProcessor
 from coretask.contrib.otel import TracingMiddleware
 from coretask.encoding import read_headers
 from coretask.errors import ConfigurationError
@@ -186,3 +186,18 @@ def test_trace_crosses_a_real_worker_process(server: Target, prefix: str, make_p
     assert [e["name"] for e in first["events"]] == ["coretask.retry", "exception"]
     assert first["events"][1]["attributes"]["exception.message"] == "kaput"
     assert [c["status"] for c in consumers if c["attributes"]["messaging.message.id"] == ok] == ["UNSET"]
+
+
+def test_an_enqueue_that_raises_ends_its_send_span_with_the_error() -> None:
+    # Given a producer whose Redis cannot be reached
+    provider, exporter = sdk()
+    p = TaskProcessor(Options(redis="redis://127.0.0.1:1/0", middleware=[TracingMiddleware(tracer_provider=provider)]))
+    # When an enqueue raises
+    with pytest.raises(StoreUnavailable):
+        p.enqueue_task("default", "acme", tasks.record, "k", 1)
+    p.close()
+    # Then its send span is ended at once, in error, with the exception the caller got
+    (send,) = spans(exporter)
+    assert send["name"] == "send default" and send["status"] == "ERROR"
+    assert send["attributes"]["error.type"] == "coretask.errors.StoreUnavailable"
+    assert any(e["name"] == "exception" for e in send["events"])

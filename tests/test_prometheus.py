@@ -16,7 +16,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from coretask import TaskProcessor
+from coretask import Options, StoreUnavailable, TaskProcessor
 from coretask.contrib import require
 from coretask.contrib.prometheus import PrometheusMiddleware, RedisCollector
 from coretask.errors import ConfigurationError
@@ -47,7 +47,9 @@ def samples(registry: CollectorRegistry, name: str) -> list[tuple[dict[str, str]
 
 
 def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
+    """The sum of the samples of ``name`` whose labels include ``labels`` (others, such as the
+    task label, summed over)."""
+    return sum(v for s, v in samples(registry, name) if labels.items() <= s.items())
 
 
 def test_missing_extra_names_the_pip_command() -> None:
@@ -79,10 +81,12 @@ def test_middleware_counts_every_outcome(make_processor: Callable[..., TaskProce
     wait_until(lambda: tasks.R().llen(f"{prefix}:spin:started"), 20, "spin to start")
     assert value(reg, "coretask_tasks_running", queue="default") >= 1
     assert p.cancel_task(spinning)
-    late = p.enqueue_task("default", "acme", tasks.spin, f"{prefix}:late", 30, timeout=0.3, retries=1)
+    late = p.enqueue_task("default", "acme", tasks.spin, f"{prefix}:late", 30, timeout=0.3, retries=2)
     finished = "coretask_tasks_finished_total"
+    # (a time-out that is retried counts "timeout"; the last one, dead-lettered, "dead", as Redis does)
     wait_until(lambda: value(reg, finished, queue="default", tenant="acme", outcome="timeout") == 1
-               and value(reg, finished, queue="default", tenant="acme", outcome="dead") == 1
+               and value(reg, finished, queue="default", tenant="acme", task="tests.tasks:spin", outcome="dead") == 1
+               and value(reg, finished, queue="default", tenant="acme", outcome="dead") == 2
                and value(reg, finished, queue="default", tenant="other-co", outcome="canceled") == 1
                and value(reg, finished, queue="default", tenant="acme", outcome="succeeded") == 3, 30,
                lambda: f"outcomes counted: {samples(reg, finished)}")
@@ -91,8 +95,9 @@ def test_middleware_counts_every_outcome(make_processor: Callable[..., TaskProce
     assert value(reg, finished, queue="default", tenant="acme", outcome="failed") == 0
     assert value(reg, "coretask_tasks_enqueued_total", queue="default", tenant="acme") == 5
     assert value(reg, "coretask_tasks_enqueued_total", queue="default", tenant="other-co") == 1
-    assert value(reg, "coretask_task_duration_seconds_count", queue="default") == 7   # 3 + 2 + 1 + 1 attempts
-    assert value(reg, "coretask_task_duration_seconds_sum", queue="default") >= 0.3    # the timed-out one ran 0.3s
+    assert value(reg, "coretask_task_duration_seconds_count", queue="default") == 8   # 3 + 2 + 1 + 2 attempts
+    assert value(reg, "coretask_task_duration_seconds_count", task="tests.tasks:record") == 3   # by task too
+    assert value(reg, "coretask_task_duration_seconds_sum", task="tests.tasks:spin") >= 0.6    # timed out twice
     assert value(reg, "coretask_task_wait_seconds_count", queue="default") == 6         # first attempts only
     assert value(reg, "coretask_tasks_running", queue="default") == 0
     assert value(reg, "coretask_worker_processes") == 1
@@ -143,13 +148,15 @@ def test_manager_serves_worker_counts_across_recycling(server: Target, prefix: s
         # When 10 tasks run, in at least 4 processes one after another
         for i in range(10):
             processor.enqueue_task("default", "acme", tasks.record_pid, f"{prefix}:pids", i)
-        ok = (("coretask_tasks_finished_total", (("outcome", "succeeded"), ("queue", "default"), ("tenant", "acme"))))
+        ok = (("coretask_tasks_finished_total", (("outcome", "succeeded"), ("queue", "default"),
+                                                 ("task", "tests.tasks:record_pid"), ("tenant", "acme"))))
         samples = wait_until(lambda: (s := scrape(port)).get(ok) == 10 and s, 60,
                              lambda: f"10 counted on the endpoint: {scrape(port).get(ok)}\n{m.log()[-2000:]}")
         pids = {v.decode().split(":")[1] for v in tasks.R().lrange(f"{prefix}:pids", 0, -1)}
         assert len(pids) >= 4, pids
         # Then no count was lost with the processes replaced, and their files were folded
-        assert samples[("coretask_task_duration_seconds_count", (("queue", "default"),))] == 10
+        assert samples[("coretask_task_duration_seconds_count",
+                        (("queue", "default"), ("task", "tests.tasks:record_pid")))] == 10
         wait_until(lambda: (directory / "counter_archive.db").exists(), 20, "the archive of ended processes")
         wait_until(lambda: scrape(port).get(("coretask_worker_processes", ())) == 1, 20,
                    "one live worker process counted")
@@ -244,3 +251,25 @@ def test_redis_collector_reports_redis_down() -> None:
         assert reg.get_sample_value("coretask_queue_tasks", {"queue": "default", "state": "queued"}) is None
     finally:
         p.close()
+
+
+def test_an_enqueue_that_raises_is_counted_as_an_error_not_as_enqueued() -> None:
+    reg = CollectorRegistry()
+    p = TaskProcessor(Options(redis="redis://127.0.0.1:1/0", middleware=[PrometheusMiddleware(registry=reg)]))
+    with pytest.raises(StoreUnavailable):
+        p.enqueue_task("default", "acme", tasks.record, "k", 1)
+    p.close()
+    assert value(reg, "coretask_enqueue_errors_total", queue="default", error="StoreUnavailable") == 1
+    assert value(reg, "coretask_tasks_enqueued_total") == 0
+
+
+def test_the_task_label_can_be_dropped(make_processor: Callable[..., TaskProcessor],
+                                       embedded_worker: Callable[[TaskProcessor], threading.Event],
+                                       prefix: str) -> None:
+    reg = CollectorRegistry()
+    p = make_processor(middleware=[PrometheusMiddleware(registry=reg, task_label=False)])
+    embedded_worker(p)
+    p.enqueue_task("default", "acme", tasks.record, f"{prefix}:ok", 1)
+    wait_until(lambda: value(reg, "coretask_tasks_finished_total", outcome="succeeded") == 1, 10, "counted")
+    assert all("task" not in labels for labels, _ in samples(reg, "coretask_tasks_finished_total"))
+    assert all("task" not in labels for labels, _ in samples(reg, "coretask_task_duration_seconds_count"))

@@ -114,9 +114,12 @@ class TracingMiddleware(Middleware):
         with self._lock:
             entry = self._pending.pop(message.task_id, None)
         if entry is not None:
+            span = entry[0]
             if message.held_by is not None:     # nothing written: the key's holder is the task
-                entry[0].set_attribute("coretask.held_by", message.held_by)
-            entry[0].end()
+                span.set_attribute("coretask.held_by", message.held_by)
+            if message.error is not None:       # nothing written: the caller gets this error
+                self._failed(span, message.error)
+            span.end()
 
     # -------------------------------------------------------------------------------- worker
 
@@ -155,7 +158,7 @@ class TracingMiddleware(Middleware):
     def on_dead(self, ctx: Any, error: BaseException) -> None:
         span = self._current()
         if span is not None:
-            span.add_event("coretask.dead", {"exception.type": type(error).__name__})
+            span.add_event("coretask.dead", {"exception.type": f"{type(error).__module__}.{type(error).__qualname__}"})
 
     def after_task(self, ctx: Any, outcome: str, result: Any, error: BaseException | None) -> None:
         stack = getattr(self._local, "stack", None)
@@ -165,12 +168,15 @@ class TracingMiddleware(Middleware):
         try:
             span.set_attribute("coretask.outcome", outcome)
             if outcome == FAILED and error is not None:
-                span.record_exception(error)
-                span.set_attribute("error.type", f"{type(error).__module__}.{type(error).__qualname__}")
-                span.set_status(self._Status(self._Code.ERROR, f"{type(error).__name__}: {_text(error)}"))
+                self._failed(span, error)
             span.end()
         finally:
             self._context.detach(token)
+
+    def _failed(self, span: Any, error: BaseException) -> None:
+        span.record_exception(error)
+        span.set_attribute("error.type", f"{type(error).__module__}.{type(error).__qualname__}")
+        span.set_status(self._Status(self._Code.ERROR, f"{type(error).__name__}: {_text(error)}"))
 
     def _current(self) -> Any:
         stack = getattr(self._local, "stack", None)

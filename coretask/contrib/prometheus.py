@@ -5,11 +5,13 @@ workers, and a collector of the Redis-side gauges.
 
 =====================================  =========  =============================================
 coretask_tasks_enqueued_total          counter    queue, tenant: tasks written (after_enqueue)
-coretask_tasks_finished_total          counter    queue, tenant, outcome: attempts that ended,
-                                                  outcome succeeded, failed, retried, dead,
-                                                  canceled or timeout (see :data:`OUTCOMES`)
-coretask_task_duration_seconds         histogram  queue: time of an attempt, middleware inside
-                                                  it included
+coretask_enqueue_errors_total          counter    queue, error: enqueues that raised and wrote
+                                                  nothing (error: the exception's class name)
+coretask_tasks_finished_total          counter    queue, tenant, task, outcome: attempts that
+                                                  ended, outcome succeeded, failed, retried,
+                                                  dead, canceled or timeout (:data:`OUTCOMES`)
+coretask_task_duration_seconds         histogram  queue, task: time of an attempt, middleware
+                                                  inside it included
 coretask_task_wait_seconds             histogram  queue: from due (enqueue, or delay_until) to
                                                   the first attempt's start (server clock)
 coretask_tasks_running                 gauge      queue: attempts running now
@@ -26,6 +28,9 @@ processes with a fresh heartbeat); ``coretask_quarantined_tasks``; ``coretask_re
 Worker processes are many and replaced under recycling: ``python -m coretask.worker
 --metrics-port P`` runs them in prometheus_client's multiprocess mode and serves their sum from
 the manager (coretask/contrib/prometheus_server.py, docs/observability.md).
+
+**Task labels** (``task``: the target, ``module:qualname``) are as many as the task functions
+the code has; ``task_label=False`` drops them.
 
 **Tenant labels** are bounded: ``tenant_label=False`` drops the label; else the first
 ``max_tenants`` tenants keep their names and the others count as "other"; or
@@ -50,12 +55,15 @@ from . import require
 
 __all__ = ["PrometheusMiddleware", "RedisCollector", "OUTCOMES", "DEFAULT_MAX_TENANTS", "OTHER"]
 
+# an attempt that ran past its time limit counts "timeout" when it is retried, "dead" (or
+# "failed" with Options.deadletter off) when it was the last: "dead" matches the dead letters
+# Redis counts
 OUTCOMES = ("succeeded", "failed", "retried", "dead", "canceled", "timeout")
 DEFAULT_MAX_TENANTS = 50
 OTHER = "other"          # the tenant label of tenants past max_tenants
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 TENANTS_FILE = "tenants.txt"     # in the multiprocess directory: the admitted tenant names, one a line
-DURATION_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
+DURATION_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 WAIT_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
 HEARTBEAT_FRESH = 60.0   # seconds: a worker whose heartbeat is older does not count as up
 
@@ -90,22 +98,25 @@ def _prometheus() -> Any:
     return require("prometheus_client", "prometheus", "coretask.contrib.prometheus")
 
 
-def _define(registry: Any, with_tenant: bool, duration_buckets: Sequence[float],
+def _define(registry: Any, with_tenant: bool, with_task: bool, duration_buckets: Sequence[float],
             wait_buckets: Sequence[float]) -> dict[str, Any]:
     """The metric objects for ``registry``: created once per process (prometheus_client refuses
     a name registered twice), shared by every middleware instance on that registry."""
     pc = _prometheus()
-    key = (id(registry), with_tenant)
+    key = (id(registry), with_tenant, with_task)
     with _METRICS_LOCK:
         if key in _METRICS:
             return _METRICS[key]
         tenant = ["tenant"] if with_tenant else []
+        task = ["task"] if with_task else []
         m = {
             "enqueued": pc.Counter("coretask_tasks_enqueued", "Tasks enqueued (written to Redis)",
                                    ["queue", *tenant], registry=registry),
+            "enqueue_errors": pc.Counter("coretask_enqueue_errors", "Enqueues that raised and wrote nothing",
+                                         ["queue", "error"], registry=registry),
             "finished": pc.Counter("coretask_tasks_finished", "Task attempts that ended, by outcome",
-                                   ["queue", *tenant, "outcome"], registry=registry),
-            "duration": pc.Histogram("coretask_task_duration_seconds", "Time of a task attempt", ["queue"],
+                                   ["queue", *tenant, *task, "outcome"], registry=registry),
+            "duration": pc.Histogram("coretask_task_duration_seconds", "Time of a task attempt", ["queue", *task],
                                      buckets=duration_buckets, registry=registry),
             "wait": pc.Histogram("coretask_task_wait_seconds", "From due to the start of the first attempt",
                                  ["queue"], buckets=wait_buckets, registry=registry),
@@ -123,13 +134,15 @@ class PrometheusMiddleware(Middleware):
 
     ``registry``: where the metrics live (default: prometheus_client's global REGISTRY, which
     its multiprocess mode and ``start_http_server`` use). ``tenant_label``: True (bounded by
-    ``max_tenants``), False (no tenant label) or a function tenant -> label.
+    ``max_tenants``), False (no tenant label) or a function tenant -> label. ``task_label``:
+    the ``task`` label (the target) on finished attempts and durations.
     ``duration_buckets`` / ``wait_buckets``: histogram bucket bounds in seconds.
 
     Thread-safe; per attempt it costs a few dictionary lookups and lock-protected increments."""
 
     def __init__(self, *, registry: Any = None, tenant_label: bool | Callable[[str], str] = True,
-                 max_tenants: int = DEFAULT_MAX_TENANTS, duration_buckets: Sequence[float] = DURATION_BUCKETS,
+                 max_tenants: int = DEFAULT_MAX_TENANTS, task_label: bool = True,
+                 duration_buckets: Sequence[float] = DURATION_BUCKETS,
                  wait_buckets: Sequence[float] = WAIT_BUCKETS) -> None:
         pc = _prometheus()
         if isinstance(max_tenants, bool) or not isinstance(max_tenants, int) or max_tenants < 0:
@@ -148,8 +161,9 @@ class PrometheusMiddleware(Middleware):
         directory = os.environ.get(MULTIPROC_ENV)
         self._shared = _SharedTenants(os.path.join(directory, TENANTS_FILE), max_tenants) if directory else None
         self._local = threading.local()      # per task thread: start time and fate of the attempt
-        m = _define(self.registry, self.with_tenant, tuple(duration_buckets), tuple(wait_buckets))
-        self._enqueued, self._finished = m["enqueued"], m["finished"]
+        self.with_task = bool(task_label)
+        m = _define(self.registry, self.with_tenant, self.with_task, tuple(duration_buckets), tuple(wait_buckets))
+        self._enqueued, self._finished, self._enqueue_errors = m["enqueued"], m["finished"], m["enqueue_errors"]
         self._duration, self._wait = m["duration"], m["wait"]
         self._running, self._workers = m["running"], m["workers"]
         # labelled children by label values: labels() takes a lock and builds a key per call
@@ -175,12 +189,11 @@ class PrometheusMiddleware(Middleware):
     def _labels(self, queue: str, tenant: str) -> tuple[str, ...]:
         return (queue, self.tenant(tenant)) if self.with_tenant else (queue,)
 
-    def _queue(self, queue: str) -> tuple[Any, Any, Any]:
-        """(running, duration, wait) of ``queue``, made once per queue."""
+    def _queue(self, queue: str) -> tuple[Any, Any]:
+        """(running, wait) of ``queue``, made once per queue."""
         found = self._per_queue.get(queue)
         if found is None:
-            found = self._per_queue[queue] = (self._running.labels(queue), self._duration.labels(queue),
-                                              self._wait.labels(queue))
+            found = self._per_queue[queue] = (self._running.labels(queue), self._wait.labels(queue))
         return found
 
     def _counter(self, metric: Any, labels: tuple[str, ...]) -> Any:
@@ -194,7 +207,9 @@ class PrometheusMiddleware(Middleware):
     # ------------------------------------------------------------------------------ producer
 
     def after_enqueue(self, message: EnqueueMessage) -> None:
-        if message.held_by is None:         # a held idempotency key wrote nothing
+        if message.error is not None:
+            self._counter(self._enqueue_errors, (message.queue, type(message.error).__name__)).inc()
+        elif message.held_by is None:       # a held idempotency key wrote nothing
             self._counter(self._enqueued, self._labels(message.queue, message.tenant)).inc()
 
     # -------------------------------------------------------------------------------- worker
@@ -203,7 +218,7 @@ class PrometheusMiddleware(Middleware):
         local = self._local
         local.start = time.perf_counter()
         local.fate = None
-        running, _, wait = self._queue(ctx.queue)
+        running, wait = self._queue(ctx.queue)
         running.inc()
         if ctx.due_ms:
             wait.observe(max(time.time() * 1000 - ctx.due_ms, 0) / 1000)
@@ -217,10 +232,11 @@ class PrometheusMiddleware(Middleware):
     def after_task(self, ctx: Any, outcome: str, result: Any, error: BaseException | None) -> None:
         local = self._local
         start = getattr(local, "start", None)
-        running, duration, _ = self._queue(ctx.queue)
+        running, _ = self._queue(ctx.queue)
         running.dec()
+        task = (ctx.target,) if self.with_task else ()
         if start is not None:
-            duration.observe(time.perf_counter() - start)
+            self._counter(self._duration, (ctx.queue, *task)).observe(time.perf_counter() - start)
             local.start = None
         if outcome == HANDED_BACK:          # not ended: it runs again, uncharged
             return
@@ -228,12 +244,12 @@ class PrometheusMiddleware(Middleware):
             label = "succeeded"
         elif outcome == CANCELED:
             label = "canceled"
-        elif isinstance(error, TaskTimeout):
+        elif isinstance(error, TaskTimeout) and getattr(local, "fate", None) == "retried":
             label = "timeout"
         else:
             label = getattr(local, "fate", None) or "failed"
         local.fate = None
-        self._counter(self._finished, (*self._labels(ctx.queue, ctx.tenant), label)).inc()
+        self._counter(self._finished, (*self._labels(ctx.queue, ctx.tenant), *task, label)).inc()
 
     def on_worker_start(self, worker: WorkerInfo) -> None:
         self._workers.inc()
