@@ -318,14 +318,19 @@ class Client(Introspection, Schedules, TenantAdmin):
     # ------------------------------------------------------------------------------ waiting
 
     def wait_for_batch(self, batch_id: str, timeout: timedelta | float = 60.0, poll: float = 0.05) -> BatchInfo:
-        """Block until the batch is finished (or canceled and drained); TimeoutError otherwise."""
+        """Block until the batch is finished (or canceled and drained); TimeoutError otherwise.
+        An id that names no batch is refused at once (ConfigurationError), not waited on."""
         deadline = time.monotonic() + wait_seconds("timeout", timeout)
         while True:
             info = self.get_batch(batch_id)
-            if info is not None and info.finished and info.remaining == 0:
+            if info is None:
+                raise ConfigurationError(f"batch {batch_id} is unknown (never created, or deleted after its "
+                                         "retention): nothing to wait for")
+            if info.finished and info.remaining == 0:
                 return info
             if time.monotonic() > deadline:
-                raise TimeoutError(f"batch {batch_id} not finished after {timeout}s: {info}")
+                raise TimeoutError(f"batch {batch_id} not finished after {timeout}s: {info.state}, {info.done} done, "
+                                   f"{info.failed} failed, {info.canceled} canceled, {info.remaining} remaining")
             time.sleep(poll)
 
     def close(self) -> None:

@@ -80,6 +80,11 @@ def test_callback_and_context_manager_forms_create_batches(processor, embedded_w
     assert [(d.state, d.done, d.failed, d.canceled, d.remaining) for d in done] == \
         [("succeeded", 5, 0, 0, 0), ("succeeded", 3, 0, 0, 0)]
     assert all(d.started and d.ended and d.ended >= d.started for d in done)
+    # And an id that names no batch is refused at once, not waited on for the timeout
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match="batch nope is unknown"):
+        processor.wait_for_batch("nope", 30)
+    assert time.monotonic() - started < 5
     assert sorted(int(x) for x in r.lrange(key, 0, -1)) == list(range(8))
 
 
