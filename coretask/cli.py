@@ -124,8 +124,8 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         out.table(["SHARD", "PREFIX", "QUEUED", "IN FLIGHT", "DELAYED", "DEAD"],
                   [[s.index, s.prefix, s.queued, s.in_flight, s.delayed, s.dead] for s in shards])
     print()
-    out.table(["WORKER", "HOST", "PID", "RUNNING", "HEARTBEAT AGE (s)", "PAUSED"],
-              [[w.id, w.host, w.pid, w.running, round(w.heartbeat_age, 1), w.paused] for w in workers])
+    out.table(["WORKER", "HOST", "PID", "MANAGER", "RUNNING", "HEARTBEAT AGE (s)", "PAUSED"],
+              [[w.id, w.host, w.pid, w.manager, w.running, round(w.heartbeat_age, 1), w.paused] for w in workers])
     return OK
 
 
@@ -213,12 +213,17 @@ def _pause_worker(p: TaskProcessor, a: argparse.Namespace, out: Out, pause: bool
 def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if _unknown_tenant(p, a, a.tenant):
         return NOT_FOUND
+    if p.options.shards > 1 and a.tenant not in p.get_paused_tenants():
+        _err(f"tenant {a.tenant} is not paused: pause it first ({a.run_as} pause --tenant {a.tenant}), so that no "
+             "worker takes a task while it moves; resume it afterwards")
+        return USAGE
     before = p.get_tenant_shard(a.tenant)
     moved, kept = p.rebalance_tenant(a.tenant, a.to)
     why = "tasks of batches stay with their batch" + (
         "" if p.options.signing_key else "; signed tasks stay unless the rebalance runs with Options.signing_key")
     return _said(out, {"tenant": a.tenant, "from": before, "to": a.to, "moved": moved, "left_in_batches": kept},
-                 f"tenant {a.tenant}: new work goes to shard {a.to} (was {before}); {moved} queued or delayed "
+                 f"tenant {a.tenant}: new work goes to shard {a.to} "
+                 f"({'as before' if before == a.to else f'was {before}'}); {moved} queued or delayed "
                  f"tasks moved, {kept} left where they are ({why}); resume the tenant when ready "
                  f"({a.run_as} resume --tenant {a.tenant})")
 
@@ -383,7 +388,8 @@ def cmd_delete_task(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 
 def _not_done(out: Out, task_id: str, field: str, what: str, info: Any) -> int:
     """A single-task command that changed nothing: say why (exit 1)."""
-    why = "not found" if info is None else f"is {info.state}"
+    why = ("not found" if info is None else
+           f"already {info.state}" if info.state in ("succeeded", "failed", "canceled") else f"is {info.state}")
     if out.json:
         out.data({"id": task_id, field: False, "reason": why})
     else:
@@ -642,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--schedule", metavar="ID", help="pause this cron schedule only: its ticks enqueue nothing "
                     "until resumed (upserting it again keeps the pause)")
     sp.add_argument("--worker", metavar="HOST[:PID]", help="pause the worker processes of one host, or of one "
-                    "manager (host:pid, as status shows them): they finish their running tasks and start no other")
+                    "manager (host:pid, the MANAGER column of status): they finish their running tasks and start no other")
     sp.add_argument("--requeue-running", action="store_true",
                     help="also abort running tasks and hand them back (no retry consumed)")
     sp = cmd("resume", cmd_pause, "resume everything, one queue, one tenant (--tenant), one schedule (--schedule) "
@@ -672,8 +678,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = cmd("dead", cmd_dead, "list dead-lettered tasks of a queue, or retry / discard them")
     sp.add_argument("queue")
     act = sp.add_mutually_exclusive_group()
-    act.add_argument("--retry", type=_count, metavar="N|all", help="move the N oldest back to work")
-    act.add_argument("--discard", type=_count, metavar="N|all", help="delete the N oldest")
+    act.add_argument("--retry", type=_count, metavar="N|all", help="move N back to work, oldest first (shard by shard, with Options.shards)")
+    act.add_argument("--discard", type=_count, metavar="N|all", help="delete N, oldest first (shard by shard, with Options.shards)")
     act.add_argument("--retry-id", metavar="ID", help="move the dead task ID back to work")
     act.add_argument("--discard-id", metavar="ID", help="delete the dead task ID")
     sp.add_argument("--retries", type=int, help="retries granted to tasks moved back (default Options.retries)")
@@ -751,9 +757,13 @@ def _main(argv: list[str] | None, given: TaskProcessor | None = None) -> int:
         except ConfigurationError as exc:
             _err(str(exc))
             return USAGE
+        except StoreUnavailable as exc:     # a cluster client reads the slot map as it is made
+            _err(redact_url(str(exc)))
+            return UNAVAILABLE
     import redis
 
     try:
+        processor.gateway.check_shard_count()   # views of another shard count would miss work
         return int(args.fn(processor, args, Out(args.json)))
     except ConfigurationError as exc:
         _err(str(exc))

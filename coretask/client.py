@@ -22,7 +22,7 @@ from .gateway import Gateway
 from .introspection import Introspection
 from .middleware import Chain, EnqueueMessage
 from .models import BatchInfo, worker_scopes
-from .options import Options, check_queue_name, check_tenant, check_worker, wait_seconds
+from .options import Options, check_id, check_queue_name, check_tenant, check_worker, wait_seconds
 from .producing import Producer
 from .schedules import Schedules
 from .tenancy import TenantAdmin
@@ -177,7 +177,7 @@ class Client(Introspection, Schedules, TenantAdmin):
         """Cancel a running batch at once: queued and delayed tasks never start, running ones are
         aborted, continuations never run. False when unknown, finished, or (with ``tenant``)
         another tenant's."""
-        return self.gateway.cancel_batch(batch_id, tenant)
+        return self.gateway.cancel_batch(check_id("batch", batch_id), tenant)
 
     # -------------------------------------------------------------------------- single tasks
 
@@ -186,27 +186,27 @@ class Client(Introspection, Schedules, TenantAdmin):
         batch cancel aborts its tasks (``ctx.cancelled``, then TaskCanceled). Counted canceled in
         its tenant's statistics and in its batch. False when unknown, finished (a task that
         returned first is done), dead, already canceled, or (with ``tenant``) another tenant's."""
-        return self.gateway.cancel_task(task_id, tenant)
+        return self.gateway.cancel_task(check_id("task", task_id), tenant)
 
     def delete_task(self, task_id: str, tenant: str | None = None) -> bool:
         """Delete a queued, delayed or dead task (or a continuation waiting for its batch),
         leaving no trace in the counters: it leaves its batch (total and remaining -1), a dead
         one stays counted failed. False when unknown, running (use cancel_task), finished, or
         (with ``tenant``) another tenant's."""
-        return self.gateway.delete_task(task_id, tenant)
+        return self.gateway.delete_task(check_id("task", task_id), tenant)
 
     def retry_dead_task(self, task_id: str, retries: int | None = None, tenant: str | None = None) -> bool:
         """Move one dead-lettered task back to work with ``retries`` retries (default
         Options.retries), as retry_dead_tasks does. False when it is not a dead task (of
         ``tenant``); a dead task of a canceled batch is discarded instead (False)."""
-        moved = self.gateway.retry_dead_task(task_id, tenant, self.producer.retries(retries))
+        moved = self.gateway.retry_dead_task(check_id("task", task_id), tenant, self.producer.retries(retries))
         if self._run_ready is not None:
             self._run_ready()
         return moved
 
     def discard_dead_task(self, task_id: str, tenant: str | None = None) -> bool:
         """Delete one dead-lettered task (its batch keeps counting it failed)."""
-        return self.gateway.delete_task(task_id, tenant, dead_only=True)
+        return self.gateway.delete_task(check_id("task", task_id), tenant, dead_only=True)
 
     # ------------------------------------------------------------------------- pause/resume
 

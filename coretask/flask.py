@@ -24,6 +24,7 @@ import difflib
 import functools
 import sys
 import threading
+import weakref
 from typing import Any
 
 try:
@@ -135,45 +136,70 @@ class AppContextMiddleware(Middleware):
             stack.pop().pop()
 
 
+PROCESSOR_KEY = "coretask.processor"    # app.extensions: the app's own TaskProcessor
+
+
 class CoreTask:
     """The Flask extension. ``coretask = CoreTask(app)``, or ``CoreTask()`` then ``init_app(app)``
     in an app factory.
 
-    It builds one TaskProcessor per app, kept in ``app.extensions["coretask"]``; attribute access
-    falls through to it, so ``coretask.enqueue_task(...)``, ``coretask.batch(...)`` and
-    ``coretask.get_batch(...)`` work as on a processor. Options given as keywords win over config.
+    It builds one TaskProcessor per app, kept on the app (``app.extensions``), never on the
+    extension: the extension is a module global that outlives the apps a test suite builds one
+    per test, and would keep each app, its processor and its connections alive. Attribute access
+    falls through to the processor, so ``coretask.enqueue_task(...)``, ``coretask.batch(...)``
+    and ``coretask.get_batch(...)`` work as on a processor. Options given as keywords win over
+    config.
     """
 
     def __init__(self, app: Flask | None = None, **options: Any) -> None:
         self._options = options
-        self._processors: dict[int, TaskProcessor] = {}
-        self._app: Flask | None = None
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
         options = options_from_config(app.config, **self._options)
         options = options.replace(middleware=[AppContextMiddleware(app), *options.middleware])
-        processor = TaskProcessor(options)
-        self._processors[id(app)] = processor
+        app.extensions[PROCESSOR_KEY] = TaskProcessor(options)
         app.extensions["coretask"] = self
-        if self._app is None:
-            self._app = app
+        self._apps.add(app)
         app.cli.add_command(_cli_group(self))
 
     def processor_for(self, app: Flask | None = None) -> TaskProcessor:
-        """The processor of ``app`` (default: the current app, else the one given at construction)."""
+        """The processor of ``app``; by default the current app's, or, outside an app context,
+        the one app this extension is bound to (with several, which one is ambiguous: refused)."""
         if app is None:
             from flask import current_app, has_app_context
 
-            app = current_app._get_current_object() if has_app_context() else self._app  # type: ignore[attr-defined]
-        if app is None or id(app) not in self._processors:
+            if has_app_context():
+                app = current_app._get_current_object()  # type: ignore[attr-defined]
+            else:
+                apps = list(self._apps)
+                if len(apps) > 1:
+                    raise ConfigurationError(
+                        f"CoreTask is bound to {len(apps)} apps and no app context is active, so which app's "
+                        "processor is meant is ambiguous: use coretask.processor_for(app), or run inside "
+                        "`with app.app_context():`")
+                app = apps[0] if apps else None
+        processor = app.extensions.get(PROCESSOR_KEY) if app is not None else None
+        if processor is None or app not in self._apps:
             raise ConfigurationError("CoreTask is not bound to this app: call CoreTask(app) or init_app(app) first")
-        return self._processors[id(app)]
+        return processor
 
     @property
     def processor(self) -> TaskProcessor:
         return self.processor_for()
+
+    def close(self, app: Flask | None = None) -> None:
+        """Close the processor of ``app`` (default: as ``processor_for``) and unbind the app: its
+        connections are released now rather than when the app is garbage-collected (a test
+        fixture's teardown)."""
+        processor = self.processor_for(app)
+        for bound in list(self._apps):
+            if bound.extensions.get(PROCESSOR_KEY) is processor:
+                self._apps.discard(bound)
+                del bound.extensions[PROCESSOR_KEY]
+        processor.close()
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):

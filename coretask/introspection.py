@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import ConfigurationError, ResultCanceled, ResultPending, ResultUnavailable, TaskFailed
 from .models import (BatchInfo, DeadTask, Progress, QuarantinedTask, QueueInfo, TaskInfo, TaskOutcome, WorkerState,
                      HistoryPoint, ShardInfo, ms_to_dt, to_int, worker_scopes)
-from .options import Options, check_page, check_queue_name, check_tenant, wait_seconds
+from .options import Options, check_id, check_page, check_queue_name, check_tenant, wait_seconds
 from .results import decode_result
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ class Introspection:
         """The task's state: queued, delayed, running (worker, started, attempt, progress),
         dead, or finished when its record is kept (Options.task_retention, keep_result); None
         when unknown or no longer kept. A dead task reads as a DeadTask."""
-        return self._tasks([task_id], None)[0]
+        return self._tasks([check_id("task", task_id)], None)[0]
 
     def get_result(self, task_id: str, wait: timedelta | float | None = None, tenant: str | None = None) -> Any:
         """The return value of a task that keeps its result (``keep_result=`` or
@@ -126,20 +126,23 @@ class Introspection:
         error; ``error_type == "TaskTimeout"`` for a time-out), ResultCanceled for a canceled one; ResultPending while it has not finished (with ``wait`` seconds:
         after blocking that long, woken the moment it finishes); ResultUnavailable when the task
         is unknown (or another ``tenant``'s), its result was not kept, or has expired."""
+        check_id("task", task_id)
         deadline = None if wait is None else time.monotonic() + wait_seconds("wait", wait)
         while True:
             (h,) = self.gateway.task_hashes([task_id])
             if isinstance(h, str) or not h or (tenant is not None and h.get(b"tn", b"").decode() != tenant):
-                raise ResultUnavailable(f"task {task_id} is unknown, or its record has expired")
+                raise ResultUnavailable(f"task {task_id} is unknown, or its record has expired (a task that "
+                                        "does not keep its result leaves no record once it finished: enqueue it "
+                                        "with keep_result=... or set Options.result_ttl)")
             state = h.get(b"st", b"").decode()
             if state in ("succeeded", "failed", "canceled", "dead"):
                 return self._outcome(task_id, state, h)
+            if not to_int(h.get(b"kr")):    # said while it runs: polling would end in "unknown"
+                raise ResultUnavailable(f"task {task_id} does not keep its result: enqueue it with keep_result=... "
+                                        "(or set Options.result_ttl) to read it with get_result")
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is None or remaining <= 0:
                 raise ResultPending(f"task {task_id} has not finished (it is {state or 'unknown'})")
-            if not to_int(h.get(b"kr")):
-                raise ResultUnavailable(f"task {task_id} does not keep its result: enqueue it with keep_result=... "
-                                        "(or set Options.result_ttl) to read it with get_result")
             self.gateway.wait_finished(task_id, min(remaining, WAIT_SLICE))
 
     def get_batch_results(self, batch_id: str, skip: int = 0, take: int = 100) -> list[TaskOutcome]:
@@ -167,6 +170,12 @@ class Introspection:
         if state == "succeeded":
             if b"rv" not in h:
                 raise ResultUnavailable(f"task {task_id} succeeded; its result was not kept (keep_result=...)")
+            # a record kept longer by Options.task_retention still holds the value: keep_result
+            # is its reader's promise, so the value reads as expired once keep_result has passed
+            kept_until = to_int(h.get(b"fa")) + to_int(h.get(b"kr"))
+            if kept_until < time.time() * 1000:
+                raise ResultUnavailable(f"task {task_id} succeeded; its result expired at "
+                                        f"{ms_to_dt(kept_until):%Y-%m-%d %H:%M:%S} UTC (keep_result)")
             return decode_result(task_id, h[b"rv"], self.options)
         if state == "canceled":
             raise ResultCanceled(f"task {task_id} was canceled: it has no result")
@@ -194,7 +203,7 @@ class Introspection:
 
     def get_batch(self, batch_id: str, tenant: str | None = None) -> BatchInfo | None:
         """The batch's statistics, or None when unknown (or, with ``tenant``, another tenant's)."""
-        h = self.gateway.batch_hash(batch_id)
+        h = self.gateway.batch_hash(check_id("batch", batch_id))
         if not h or b"tn" not in h or (tenant is not None and h[b"tn"].decode() != tenant):
             return None
         return BatchInfo.from_hash(batch_id, h)

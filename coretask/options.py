@@ -326,9 +326,19 @@ def check_queue_name(name: object, what: str = "queue") -> str:
 def check_tenant(tenant: object) -> str:
     if not isinstance(tenant, str):
         raise ConfigurationError(f"a tenant is a string, got {type(tenant).__name__} {tenant!r}")
-    if not tenant or len(tenant) > 200 or any(c.isspace() for c in tenant):
-        raise ConfigurationError(f"tenant {tenant!r} is not allowed; use 1-200 characters without whitespace")
+    if not tenant or len(tenant) > 200 or any(c.isspace() or not c.isprintable() for c in tenant):
+        shown = repr(tenant) if len(tenant) <= 60 else f"{tenant[:40]!r}... ({len(tenant)} characters)"
+        raise ConfigurationError(f"tenant {shown} is not allowed; use 1-200 printable characters without whitespace")
     return tenant
+
+
+def check_id(what: str, value: object) -> str:
+    """An id given to a lookup or an action (a task's, a batch's): the string an enqueue
+    returned. Anything else would reach Redis as a key part and fail there, unexplained."""
+    if not isinstance(value, str):
+        raise ConfigurationError(f"a {what} id is the string enqueue_{what} returned, got "
+                                 f"{type(value).__name__} {value!r}")
+    return value
 
 
 def check_worker(worker: object) -> str:
@@ -383,7 +393,8 @@ def _duration(name: str, value: object) -> timedelta:
         except (ValueError, OverflowError):  # nan, inf, out of timedelta's range
             value = None
     if not isinstance(value, timedelta) or value <= timedelta(0):
-        raise ConfigurationError(f"Options.{name} must be a positive timedelta or number of seconds, got {given!r}")
+        shown = f"{given.total_seconds():g} seconds" if isinstance(given, timedelta) else repr(given)
+        raise ConfigurationError(f"Options.{name} must be a positive timedelta or number of seconds, got {shown}")
     return value
 
 

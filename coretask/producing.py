@@ -172,7 +172,8 @@ def _ms(name: str, value: timedelta | float | None) -> int:
     else:
         raise ConfigurationError(f"{name} must be a timedelta or seconds, got {value!r}")
     if not math.isfinite(seconds) or seconds <= 0:
-        raise ConfigurationError(f"{name} must be positive, got {value!r}")
+        shown = f"{seconds:g} seconds" if isinstance(value, timedelta) else repr(value)   # not days=-1, ...
+        raise ConfigurationError(f"{name} must be positive, got {shown}")
     return max(math.ceil(seconds * 1000), 1)
 
 

@@ -80,10 +80,10 @@ def count_batch_end(info: BatchInfo) -> None:
 
 
 def _make() -> TaskProcessor:
-    opts = json.loads(os.environ.get("CORETASK_TEST_OPTIONS", "{}"))
+    from tests.app import options_from_env
     return TaskProcessor(Options(redis=os.environ["CORETASK_TEST_URL"],
                                  cluster=bool(os.environ.get("CORETASK_TEST_CLUSTER")),
-                                 prefix=_prefix(), on_batch_end=count_batch_end, **opts))
+                                 prefix=_prefix(), on_batch_end=count_batch_end, **options_from_env()))
 
 
 processor: Any = _make() if "CORETASK_TEST_PREFIX" in os.environ else None

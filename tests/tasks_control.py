@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
 import time
 
 from coretask import TaskContext
@@ -23,6 +24,14 @@ def sleeper(key: str, seconds: float) -> None:
     """Blocked in time.sleep: no asynchronous exception lands until it returns."""
     R().rpush(key + ":started", os.getpid())
     time.sleep(seconds)
+    R().rpush(key + ":finished", 1)
+
+
+def waits_for_child(key: str) -> None:
+    """Starts a child process and waits for it in C (waitpid): no asynchronous exception lands."""
+    child = subprocess.Popen(["sleep", "600"])
+    R().rpush(key + ":child", child.pid)
+    child.wait()
     R().rpush(key + ":finished", 1)
 
 

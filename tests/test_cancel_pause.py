@@ -324,9 +324,12 @@ def test_a_paused_manager_takes_nothing_while_other_workers_take_its_share(proce
     processor.enqueue_task("default", "acme", tasks.record_pid, out, "held")
     held = processor.gateway.fetch(f"{host}:1:x", 4, 60_000, 0, ["default"])
     assert held.paused and held.tasks == []
-    processor.resume_worker(host)
-    # When the manager is resumed and the other worker stopped, the manager runs the rest
+    # When the other worker has stopped (before the host resumes: it would take the held task)
+    # and the manager is resumed, the manager runs the rest
     stop.set()
+    stop.thread.join(20)
+    assert not stop.thread.is_alive()
+    processor.resume_worker(host)
     processor.resume_worker(manager)
     assert processor.get_paused_workers() == [] and not any(w.paused for w in processor.get_worker_states())
     for i in range(10):

@@ -2,6 +2,9 @@
 ``flask coretask`` commands, with a real Flask app, a real server and real workers."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import redis
 from flask import Flask, current_app
@@ -170,3 +173,44 @@ def test_flask_coretask_worker_runs_a_factory_app_that_imports_current_app(serve
         worker.terminate()
         out = worker.communicate(timeout=30)[0]
     assert worker.returncode == 0, out
+
+
+def test_an_app_built_per_test_is_freed_with_its_processor_and_close_releases_it_at_once(server, prefix):
+    # Given one module-level extension, as in an app factory, and apps built and dropped in turn
+    ext = CoreTask()
+    refs = []
+    for i in range(5):
+        app = _app(server.url, f"{prefix}{i}", server.cluster)
+        ext.init_app(app)
+        with app.app_context():
+            ext.enqueue_task("default", "acme", record_app_name, f"{prefix}:out")
+        refs.append((weakref.ref(app), weakref.ref(ext.processor_for(app))))
+        del app
+    # Then nothing keeps a dropped app, its processor or its connections alive (the extension
+    # held every app it was given, and its processor)
+    gc.collect()
+    assert [(a(), p()) for a, p in refs] == [(None, None)] * 5
+    # And close() releases an app's processor at once, and unbinds it
+    app = _app(server.url, prefix, server.cluster)
+    ext.init_app(app)
+    processor = ext.processor_for(app)
+    processor.get_queues()
+    ext.close(app)
+    with pytest.raises(ConfigurationError, match="not bound to this app"):
+        ext.processor_for(app)
+
+
+def test_outside_an_app_context_the_one_bound_app_is_used_and_two_are_refused(server, prefix):
+    ext = CoreTask()
+    first = _app(server.url, prefix + "a", server.cluster)
+    ext.init_app(first)
+    assert ext.processor.options.prefix == prefix + "a"
+    second = _app(server.url, prefix + "b", server.cluster)
+    ext.init_app(second)
+    with pytest.raises(ConfigurationError, match="bound to 2 apps and no app context is active.*processor_for\\(app\\)"):
+        ext.processor
+    with second.app_context():
+        assert ext.processor.options.prefix == prefix + "b"
+    assert ext.processor_for(first).options.prefix == prefix + "a"
+    ext.close(first)
+    ext.close(second)

@@ -242,3 +242,28 @@ def test_options_is_a_keyword_only_dataclass():
         Options("redis://localhost:6379/0")  # type: ignore[misc]
     names = {f.name for f in dataclasses.fields(Options)}
     assert {"redis", "queues", "processes", "max_workers", "retries", "invisibility", "serializer"} <= names
+
+
+@pytest.mark.parametrize("tenant", ["", "a b", "a\x00b", "tab\there", "x" * 201, " lead"])
+def test_a_tenant_name_with_whitespace_or_control_characters_is_refused_and_shown_short(tenant):
+    from coretask.options import check_tenant
+    with pytest.raises(ConfigurationError, match="use 1-200 printable characters without whitespace") as err:
+        check_tenant(tenant)
+    assert len(str(err.value)) < 160     # a 201-character name is not repeated whole
+
+
+@pytest.mark.parametrize("tenant", ["acme", "a:b", "{x", "a/b", "*", "zürich"])
+def test_a_tenant_name_of_printable_characters_is_accepted(tenant):
+    from coretask.options import check_tenant
+    assert check_tenant(tenant) == tenant
+
+
+def test_ids_given_to_lookups_and_actions_must_be_strings(processor):
+    for call in (processor.cancel_task, processor.get_task, processor.get_result, processor.delete_task,
+                 processor.discard_dead_task, processor.retry_dead_task):
+        with pytest.raises(ConfigurationError, match="a task id is the string enqueue_task returned, got NoneType"):
+            call(None)
+    for call in (processor.cancel_batch, processor.get_batch):
+        with pytest.raises(ConfigurationError, match="a batch id is the string enqueue_batch returned, got int 7"):
+            call(7)
+    assert processor.cancel_task("not an id") is False and processor.get_task("not an id") is None

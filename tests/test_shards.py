@@ -7,6 +7,7 @@ shard on another master, a failover that stops only its own shard) is in test_sh
 """
 from __future__ import annotations
 
+import threading
 import time
 from datetime import timedelta
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from coretask import ConfigurationError, Options, ScheduleData, TaskProcessor
+from coretask.cli import main as cli_main
 from coretask.gateway.shards import shard_of_id, shard_prefixes, stable_shard, with_shard
 from redis.crc import key_slot
 from tests import tasks, tasks_sched
@@ -219,6 +221,21 @@ def test_turning_sharding_on_moves_no_key(make_processor, embedded_worker, r, pr
     # and a worker of the sharded deployment runs the old tasks and the new one
     embedded_worker(three)
     wait_until(lambda: r.llen(out) == 4, 10, "all four")
+
+
+def test_a_shard_count_other_than_the_deployments_is_refused(make_processor, prefix):
+    # Given a deployment whose first worker ran with three shards (its start records the count)
+    three = make_processor(shards=3)
+    three.gateway.check_shard_count()
+    # Then a worker or a CLI command with any other count is refused, naming the count to set
+    # (the hash tags of shards 1 and up depend on it: their work would be unseen)
+    for other in (1, 2, 4):
+        p = make_processor(shards=other)
+        with pytest.raises(ConfigurationError, match=f"runs 3 shards .* Options.shards is {other}: .* "
+                                                     "Set Options.shards=3"):
+            p.run(threading.Event())
+        assert cli_main(["status"], processor=p) == 2
+    three.gateway.check_shard_count()       # the deployment's own count still passes
 
 
 def test_pauses_set_before_sharding_hold_on_every_shard_once_a_worker_starts(make_processor, embedded_worker, r,

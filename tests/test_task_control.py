@@ -7,13 +7,14 @@ import threading
 import time
 from datetime import timedelta
 
+import psutil
 import pytest
 import redis
 
 from coretask import (ConfigurationError, PayloadTooLarge, Progress, ResultCanceled, ResultPending, ResultUnavailable,
                       ScheduleData, TaskFailed)
 from tests import tasks, tasks_batch, tasks_control
-from tests.conftest import wait_until
+from tests.conftest import process_ended, wait_until
 from tests.test_cli import cli, ok   # noqa: F401  (the cli fixture)
 
 HOUR = timedelta(hours=1)
@@ -95,6 +96,30 @@ def test_a_blocked_task_past_its_limit_ends_its_process_and_only_it_is_charged(p
     assert processor.get_queue("default").dead == 1 and all(processor.get_task(s) is None for s in sibs)
 
 
+def test_a_stuck_timed_out_task_waits_its_retry_delay_and_its_child_process_ends_with_it(processor, start_manager,
+                                                                                        r, prefix):
+    # Given a task with a 1 s limit that waits in C for a child process it started (`sleep 600`),
+    # two attempts, and a worker whose on_task_failed_delay asks for 3 s
+    key = prefix + ":child"
+    m = start_manager(processes=1, threads=2, cancel_grace=1.0, retry_delay_s=3)
+    (first,) = m.wait_children(1)
+    tid = processor.enqueue_task("default", "acme", tasks_control.waits_for_child, key, timeout=1, retries=2)
+    child = psutil.Process(int(wait_until(lambda: r.lindex(key + ":child", 0), 20, "the child process")))
+    # Then the worker process ends after limit + grace, and the child process ends with it
+    m.wait_ended(first, 20)
+    wait_until(lambda: process_ended(child), 10, "the task's child process ended")
+    # And the failed attempt waits its retry delay (it was retried at once) and is logged as failed
+    wait_until(lambda: processor.get_task(tid).state == "delayed", 10, "the task delayed for its retry")
+    assert "failed on attempt 1" in m.log() and "retrying in 3s" in m.log()
+    # And the last attempt is dead-lettered with its run time (limit + grace; it read 0)
+    wait_until(lambda: processor.get_queue("default").dead == 1, 30, "the task dead-lettered")
+    dead = processor.get_task(tid)
+    assert dead.error_type == "TaskTimeout" and dead.attempt == 2
+    assert dead.duration is not None and dead.duration >= 2.0
+    assert r.llen(key + ":child") == 2 and r.llen(key + ":finished") == 0
+    assert "ended 1 process(es) its tasks had started (sleep[" in m.log()
+
+
 def test_a_task_holding_the_gil_past_its_limit_is_ended_by_the_manager(processor, start_manager, r, prefix):
     # Given a regex backtracking in C (it holds its process's GIL: nothing else there runs, not
     # even the process's own watch) with a 1 s limit, beside a sibling task
@@ -131,6 +156,10 @@ def test_results_values_errors_and_pending(processor, embedded_worker, r, prefix
         processor.get_result(ok_id)
     with pytest.raises(ResultPending):
         processor.get_result(ok_id, wait=0.2)
+    # but one that keeps nothing says so at once, not "pending" and then "unknown"
+    with pytest.raises(ResultUnavailable, match="does not keep its result: enqueue it with keep_result") as nothing:
+        processor.get_result(plain)
+    assert not isinstance(nothing.value, ResultPending)
     embedded_worker(processor)
     assert processor.get_result(ok_id, wait=10) == {"echo": "hi", "list": [1, 2.5, "three"], "none": None}
     with pytest.raises(TaskFailed) as info:
@@ -237,6 +266,19 @@ def test_result_ttl_option_and_batch_results_by_page(make_processor, embedded_wo
     (failed,) = [o for o in outcomes if o.state == "dead"]
     assert (failed.error_type, failed.error_message, failed.value) == ("RuntimeError", "no", None)
     assert p.tenant("other").get_batch_results(batch_id) == []
+
+
+def test_a_result_expires_at_keep_result_when_the_record_is_retained_longer(make_processor, embedded_worker):
+    # Given records retained an hour, and a task that keeps its result 1 s
+    p = make_processor(task_retention=3600)
+    tid = p.enqueue_task("default", "acme", tasks_control.value, 7, keep_result=1)
+    embedded_worker(p)
+    assert p.get_result(tid, wait=10)["echo"] == 7
+    # Then past keep_result the value reads as expired (it read on for the hour), while the
+    # record itself is still there for get_task
+    with pytest.raises(ResultUnavailable, match="result expired at .* UTC \\(keep_result\\)"):
+        wait_until(lambda: p.get_result(tid) and False, 10, "the result expired")
+    assert p.get_task(tid).state == "succeeded"
 
 
 # --------------------------------------------------------------------------- task state by id

@@ -91,6 +91,9 @@ class OneShard:
         (one shard: nothing to carry). Returns how many were written."""
         return 0
 
+    def check_shard_count(self) -> None:
+        """Refuse an Options.shards other than the deployment's (see Gateway's)."""
+
     def forwarded(self, task_id: str) -> str | None:
         """The new id of a task that rebalance moved to another shard."""
         return None
@@ -112,6 +115,24 @@ class Gateway(OneShard):
         self._redis = self.transport.redis
         self._deadletter = _flag(options.deadletter)
         self._deadletter_schedules = _flag(options.deadletter_schedules)
+
+    def check_shard_count(self, shards: int = 1) -> None:
+        """Refuse a shard count other than the deployment's: the hash tags of shards 1..N-1
+        depend on N (shards.shard_prefixes), so another count would leave their work unseen
+        and place tenants anew. The count is recorded on shard 0 (``P:shards``) the first time
+        a deployment of more than one shard checks it; a one-shard deployment writes nothing
+        (its layout stays as it was), so turning sharding on (1 -> N) is the change allowed."""
+        key = self.keys.shard_count
+        recorded = self._redis.get(key)
+        if recorded is None and shards > 1:
+            self._redis.set(key, shards, nx=True)      # of two first starts, one count wins
+            recorded = self._redis.get(key)
+        if recorded is not None and int(recorded) != shards:
+            raise ConfigurationError(
+                f"this deployment runs {int(recorded)} shards (recorded in {key} when it first ran with "
+                f"Options.shards={int(recorded)}), and Options.shards is {shards}: shards 1 and up live under "
+                f"hash tags that depend on their number, so their work would be unseen. Set "
+                f"Options.shards={int(recorded)}; the one change supported is from 1 to N (docs/scale-out.md)")
 
     def close(self) -> None:
         self._redis.close()

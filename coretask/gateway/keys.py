@@ -14,7 +14,7 @@ class Keys:
 
     __slots__ = ("prefix", "queues", "delayed", "leases", "trun", "tlim", "paused", "pausedq", "pausedt", "pausedw",
                  "bend", "bended", "publishing", "workers", "events", "tenants", "sdue", "marker", "quarantine",
-                 "quarantine_why", "migration_guard", "tenant_shards", "moving")
+                 "quarantine_why", "migration_guard", "tenant_shards", "shard_count", "moving")
 
     def __init__(self, prefix: str) -> None:
         p = self.prefix = prefix
@@ -39,6 +39,7 @@ class Keys:
         self.quarantine_why = f"{p}:quarantine:why"   # task id -> reason
         self.migration_guard = f"{p}:migration-guard"  # never written: see transport.py
         self.tenant_shards = f"{p}:tshard"            # tenant -> shard (shard 0 only: gateway/shards.py)
+        self.shard_count = f"{p}:shards"              # Options.shards, once above 1 (shard 0 only)
         self.moving = f"{p}:moving"                   # ids taken out by move_out.lua, not yet moved
 
     # ------------------------------------------------------------------------------ tasks

@@ -73,6 +73,9 @@ class MemoryGateway(MemoryReads, Gateway):
     def close(self) -> None:
         """Nothing to close: the memory goes with the processor."""
 
+    def check_shard_count(self, shards: int = 1) -> None:
+        """One process's memory: no deployment to compare with."""
+
     # ================================================================= what eager.py reads
 
     def take_ready(self) -> str | None:

@@ -62,7 +62,9 @@ _WHAT = {   # reason -> (what the server said, what to do)
     "ask": ("is migrating the hash slot of this prefix between cluster nodes (ASK)",
             "let the migration finish (redis-cli --cluster check / fix)"),
     "moved": ("kept answering that the hash slot of this prefix moved to another node (MOVED)",
-              "check that the cluster's nodes agree on the slot map (redis-cli --cluster check)"),
+              "with Options.cluster False, the server is a Redis Cluster node: set cluster=True (a "
+              "single-server client does not follow MOVED); with it True, check that the cluster's "
+              "nodes agree on the slot map (redis-cli --cluster check)"),
     "clusterdown": ("is down (CLUSTERDOWN): a hash slot has no reachable master, or this node "
                     "cannot reach a majority of the masters",
                     "restart the failed masters or let their replicas take over (redis-cli --cluster "

@@ -699,6 +699,9 @@ class ShardedGateway:
 
     # ============================================================================== reads
 
+    def check_shard_count(self) -> None:
+        self.shards[0].check_shard_count(self.n)
+
     def carry_controls(self) -> int:
         """A pause or tenant limit set while the deployment had fewer shards lives on shard 0
         alone, and each shard's fetch checks only its own: every worker process carries what

@@ -38,6 +38,7 @@ class Task:
     runner: Runner | None = None     # set by the runner before the body starts
     abort_reason: str | None = None  # "canceled" | "requeue" | "shutdown" | "timeout" once aborted
     result: Any = None               # what the body returned (for after_task middleware)
+    started: float = 0.0             # time.monotonic() as its runner took it up
 
     @property
     def token(self) -> str:

@@ -28,6 +28,7 @@ from ..errors import ConfigurationError, StoreUnavailable
 from ..gateway import Failure, Outcomes, Overdue
 from ..logs import configure as configure_logs
 from ..signing import TaskGuard
+from .descendants import DESCENDANTS_GRACE, SHOWN_DESCENDANTS, descendants_of, end_processes
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
 from ..throttle import LogThrottle
@@ -166,12 +167,14 @@ class Manager:
             log.exception("manager: on_child_exit(%d) failed", pid)
 
     def _check_start(self) -> None:
-        """Before any child starts: credentials the server refuses end the manager with the
-        reason (ConfigurationError: the command exits 2), as no retry mends them; a server that
+        """Before any child starts: credentials the server refuses, or an Options.shards other
+        than the deployment's, end the manager with the reason (ConfigurationError: the command
+        exits 2), as no retry mends them; a server that
         is not up yet is waited for by the workers. Then a queue served here that never held
         work, named like one that has (``--queues defualt``): the workers would wait on it
         forever, so say it at start."""
         try:
+            self.leases.gateway.check_shard_count()     # ConfigurationError: exit 2, with the count
             seen = self.leases.gateway.queue_names()
         except StoreUnavailable as exc:
             if exc.reason == "auth":
@@ -336,13 +339,22 @@ class Manager:
                       "handing its other tasks back", first.task_id, OVERDUE_WHY.get(first.why, first.why),
                       first.ms / 1000,
                       f" (and {len(overdue) - 1} more)" if len(overdue) > 1 else "", child.process.pid)
-            child.process.kill()
-            child.process.join(5)
+            self._kill(child)
             child.ended_by_manager = True
             self._reap(child)
             self._fail_timed_out(child, [o for o in overdue if o.why == "timeout"])
             self._recover(child)
             child.recovered = True
+
+    def _kill(self, child: Child) -> None:
+        """Kill a worker process and the processes its tasks started (worker/descendants.py)."""
+        procs = descendants_of(child.process.pid)      # listed while they still descend from it
+        child.process.kill()
+        child.process.join(5)
+        ended = end_processes(procs, DESCENDANTS_GRACE)
+        if ended:
+            log.warning("manager: ended %d process(es) the tasks of %s had started (%s)", len(ended),
+                        child.worker_id, ", ".join(ended[:SHOWN_DESCENDANTS]))
 
     def _fail_timed_out(self, child: Child, tasks: list[Overdue]) -> None:
         """Tasks past their time limit whose process had to be ended: each attempt counts as
@@ -387,8 +399,7 @@ class Manager:
         for c in self._all():
             if c.process.is_alive():
                 log.error("manager: worker %s did not stop in time; killing it", c.worker_id)
-                c.process.kill()
-                c.process.join(5)
+                self._kill(c)
             self._recover(c)
             self._reap(c)
         log.info("manager: stopped")

@@ -16,12 +16,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..encoding import serializer_for
-from ..gateway import Failure, Gateway
+from ..errors import StoreUnavailable
+from ..gateway import Gateway
 from ..middleware import Chain, WorkerInfo
 from ..options import Options
 from ..signing import TaskGuard
 from .aborts import Aborts
 from .control import Control
+from .descendants import DESCENDANTS_GRACE, SHOWN_DESCENDANTS, end_descendants
 from .leases import Leases
 from .ledger import Ledger
 from .loop import Loop, Recycling
@@ -91,6 +93,10 @@ class WorkerProcess:
 
     def run(self, stop: threading.Event) -> None:
         ledger = self.ledger
+        try:
+            self.gateway.check_shard_count()    # ConfigurationError: raised to the caller
+        except StoreUnavailable as exc:         # the loop waits for Redis (a manager checked first)
+            log.warning("worker %s: could not compare Options.shards with the deployment's: %s", self.id, exc)
         threads = [threading.Thread(target=r.loop, name=f"coretask-task-{i}", daemon=True)
                    for i, r in enumerate(self.runners)]
         for t in threads:
@@ -131,19 +137,22 @@ class WorkerProcess:
         ledger = self.ledger
         with ledger.lock:
             running = list(ledger.running.values())
-        outcomes = ledger.take_outcomes()
         for t in running:
-            if t.abort_reason == "timeout":     # its attempt failed: charged, never handed back
-                limit = t.leased.timeout_ms / 1000
-                outcomes.failures.append(Failure(
-                    t.id, t.token, "TaskTimeout", f"task {t.id} {t.target} ran past its time limit of {limit:g}s and "
-                    f"ignored the abort for cancel_grace; its worker process ended", "", 0, queue=t.leased.queue,
-                    tenant=t.leased.tenant))
-            else:
-                outcomes.releases.append(t.release())
+            if t.abort_reason == "timeout" and t.runner is not None:   # its attempt failed: charged
+                try:
+                    t.runner.fail_stuck(t)
+                except Exception:
+                    log.exception("worker %s: could not fail timed-out task %s", self.id, t.id)
+        outcomes = ledger.take_outcomes()
+        charged = {f.task_id for f in outcomes.failures}
+        outcomes.releases += [t.release() for t in running if t.id not in charged]
         try:
             self.gateway.send_outcomes(self.id, outcomes)
         except Exception:
             log.exception("worker %s: could not hand tasks back; their leases will expire", self.id)
+        ended = end_descendants(os.getpid(), DESCENDANTS_GRACE)
+        if ended:
+            log.warning("worker %s: ended %d process(es) its tasks had started (%s)", self.id, len(ended),
+                        ", ".join(ended[:SHOWN_DESCENDANTS]))
         if self.on_exit_request is not None:
             self.on_exit_request()

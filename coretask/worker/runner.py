@@ -127,7 +127,7 @@ class Runner:
         (so what it writes, a result or history, is in place when the task shows as done)."""
         chain = self.chain
         ctx = task.ctx
-        started = time.monotonic()
+        started = task.started = time.monotonic()
         error: BaseException | None = None
         load_error: TaskLoadError | None = None
         debug = log.isEnabledFor(logging.DEBUG)     # once per task: the fields are built only for DEBUG
@@ -187,7 +187,7 @@ class Runner:
             self.ledger.succeeded(task, duration_ms, result)
         elif task.abort_reason == "timeout":
             limit = task.leased.timeout_ms / 1000
-            timeout = TaskTimeout(f"task {task.id} {task.target} ran past its time limit of {limit:g}s")
+            timeout = TaskTimeout(f"ran past its time limit of {limit:g}s")   # the id and target are beside it
             timeout.__cause__ = error
             self._failed(task, timeout, duration_ms)
         elif isinstance(error, TaskCanceled) or task.abort_reason is not None:
@@ -206,6 +206,15 @@ class Runner:
             self.on_crash()
         else:
             self._failed(task, error, duration_ms)
+
+    def fail_stuck(self, task: Task) -> None:
+        """A timed-out task ignored its abort past cancel_grace, so its process is about to end
+        (called from the loop thread): its attempt is failed here as the task's own thread
+        would have failed it, with its run time, the retry delay, the log line and middleware."""
+        limit = task.leased.timeout_ms / 1000
+        self._failed(task, TaskTimeout(f"ran past its time limit of {limit:g}s and ignored the abort for "
+                                       "cancel_grace; its worker process ended"),
+                     int((time.monotonic() - task.started) * 1000))
 
     def _failed(self, task: Task, error: BaseException, duration_ms: int) -> None:
         chain = self.chain

@@ -100,6 +100,8 @@
 --   P:fw:<id>           string the new id of a task moved to another shard (expires: Options.retention)
 --   P:tshard            hash   tenant -> shard its new work goes to (Options.shards > 1; kept on
 --                              shard 0 only, written by Python: coretask/gateway/shards.py)
+--   P:shards            string Options.shards, recorded on shard 0 by the first check of a
+--                              deployment of more than one shard (Gateway.check_shard_count)
 --   P:migration-guard   (none)  never written nor read: in cluster mode the transport declares it
 --                              as the last KEYS entry of every call, so that while the slot is
 --                              being migrated Redis answers TRYAGAIN/ASK before any script starts
