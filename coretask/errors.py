@@ -116,13 +116,15 @@ class StoreUnavailable(StoreError):
       password in the URL): no retry mends it, so a worker manager that meets it at start
       exits with the message instead of waiting.
 
-    ``url`` is the server's URL with its password masked. Transient by nature otherwise: a
-    worker keeps retrying on its own; a producer decides whether to try again."""
+    ``url`` is the server's URL with its password masked; ``shard`` the shard that failed
+    (Options.shards above 1), None otherwise. Transient by nature otherwise: a worker keeps
+    retrying on its own; a producer decides whether to try again."""
 
-    def __init__(self, message: str, *, url: str = "", reason: str = "unreachable") -> None:
+    def __init__(self, message: str, *, url: str = "", reason: str = "unreachable", shard: int | None = None) -> None:
         super().__init__(message)
         self.url = url
         self.reason = reason
+        self.shard = shard
 
 
 class StoreFull(StoreError):

@@ -74,7 +74,7 @@ class Manager:
     (tests.app builds its processor from the CORETASK_TEST_* variables given here)."""
 
     def __init__(self, url: str, prefix: str, log_path: Path, *, cluster: bool = False,
-                 processes: int = 1, threads: int = 4, **options: Any) -> None:
+                 processes: int = 1, threads: int = 4, log_level: str = "INFO", **options: Any) -> None:
         env = dict(os.environ, CORETASK_TEST_URL=url, CORETASK_TEST_CLUSTER="1" if cluster else "",
                    CORETASK_TEST_PREFIX=prefix, CORETASK_TEST_OPTIONS=json.dumps(options),
                    PYTHONPATH=str(ROOT))
@@ -82,7 +82,7 @@ class Manager:
         with open(log_path, "wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "coretask.worker", "--app", "tests.app:processor",
-                 "--processes", str(processes), "--threads", str(threads)],
+                 "--processes", str(processes), "--threads", str(threads), "--log-level", log_level],
                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self) -> str:

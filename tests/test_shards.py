@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from coretask import ConfigurationError, Options, ScheduleData, TaskProcessor
+from coretask import ConfigurationError, Options, ScheduleData, StoreUnavailable, TaskProcessor
 from coretask.cli import main as cli_main
 from coretask.gateway.shards import shard_of_id, shard_prefixes, stable_shard, with_shard
 from redis.crc import key_slot
@@ -202,6 +202,24 @@ def test_a_schedule_ticks_once_per_tick_on_its_tenants_shard(sharded, embedded_w
     assert p.cancel_schedule("every-second", "initech")
     assert_one_run_per_tick(ticks(r, key), 4)
     assert p.get_schedule("every-second") is None and p.pause_schedule("every-second") is False
+
+
+def test_schedules_of_the_shards_that_answer_tick_while_another_shard_is_down(sharded, embedded_worker, r, prefix,
+                                                                               monkeypatch):
+    # Given a schedule of initech (shard 2), and shard 1 answering every schedule read with
+    # StoreUnavailable, as a master failing over does
+    p = sharded(use_cron_seconds=True)
+    key = prefix + ":runs"
+    p.upsert_schedule(ScheduleData("every-second", "initech", "default", None, "* * * * * *"),
+                      tasks_sched.record_tick, key, p.gateway.prefixes[2])
+
+    def down(limit: int) -> Any:
+        raise StoreUnavailable("shard 1 cannot be reached (simulated)")
+
+    monkeypatch.setattr(p.gateway.shards[1]._g, "schedule_due", down)
+    embedded_worker(p)
+    # Then the schedule ticks on its own shard (a down shard kept every shard's schedules still)
+    wait_until(lambda: r.llen(key) >= 3, 15, "3 ticks while shard 1 is down")
 
 
 def test_turning_sharding_on_moves_no_key(make_processor, embedded_worker, r, prefix):

@@ -604,25 +604,29 @@ def test_backoff_waits_the_current_delay_on_stop() -> None:
     assert waits == pytest.approx([0.1, 0.2, 0.1])
 
 
-def test_connected_logs_once_when_a_lost_connection_comes_back(caplog: pytest.LogCaptureFixture,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import coretask.worker.maintenance as maintenance
-    m, _ = make_maintenance()
+def test_an_outage_is_said_once_reminded_every_30s_and_its_end_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    from coretask.errors import StoreUnavailable
+    from coretask.throttle import OUTAGE_REMIND, Outage
     clock = [100.0]
-    monkeypatch.setattr(maintenance, "time", SimpleNamespace(monotonic=lambda: clock[0]))
-    stop = SimpleNamespace(wait=lambda delay: None)
-    with caplog.at_level(logging.INFO, logger="coretask.worker.maintenance"):
-        m.connected()                            # never lost: nothing to say
-        m.backoff(stop)                          # type: ignore[arg-type]
-        clock[0] += 2.5
-        m.backoff(stop)                          # type: ignore[arg-type]
-        clock[0] += 4.0
-        m.connected()                            # back after 6.5 s: one line
-        m.connected()
-        m.connected()
-    lines = [rec.getMessage() for rec in caplog.records if "connection back" in rec.getMessage()]
-    assert lines == ["worker w1: Redis connection back after 6.5s lost"]
-    assert all(rec.levelno == logging.INFO for rec in caplog.records if "connection back" in rec.getMessage())
+    outage = Outage(logging.getLogger("test.outage"), clock=lambda: clock[0])
+    down = StoreUnavailable("Redis at redis://h:1/0 cannot be reached (ConnectionError)")
+    with caplog.at_level(logging.WARNING, logger="test.outage"):
+        outage.reachable("w1")                   # never lost: nothing to say
+        for _ in range(100):                     # every part of a process fails, twice a second
+            outage.failed("w1", down)
+            clock[0] += 0.5
+        outage.reachable("w1")                   # back after 50 s: one line
+        outage.reachable("w1")
+    lines = [rec.getMessage() for rec in caplog.records]
+    assert lines[0].startswith("w1: Redis at redis://h:1/0 cannot be reached") and "retries on its own" in lines[0]
+    assert lines[1] == f"w1: Redis still cannot be reached after {OUTAGE_REMIND:.0f}s (60 more failed calls): {down}"
+    assert lines[2] == "w1: Redis answers again after 50.0s" and len(lines) == 3
+    # and only a server that cannot be reached is an outage: credentials, one shard of several,
+    # or any other error are logged where they happen
+    assert Outage.covers(down)
+    assert not Outage.covers(StoreUnavailable("refused", reason="auth"))
+    assert not Outage.covers(StoreUnavailable("shard 1 down", shard=1))
+    assert not Outage.covers(ConnectionError("down"))
 
 
 def test_backoff_makes_the_unreceived_timer_due_at_once(caplog: pytest.LogCaptureFixture) -> None:

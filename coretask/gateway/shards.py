@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import re
 import threading
@@ -40,6 +41,8 @@ from .records import (NO_CONTROLS, Ack, Controls, DueSchedule, DueSchedules, Fai
 from .transport import InFlight, Transport
 
 __all__ = ["ShardedGateway", "shard_prefixes", "shard_of_id", "stable_shard", "with_shard"]
+
+log = logging.getLogger(__name__)
 
 DIRECTORY_TTL = 5.0     # seconds a process trusts its copy of a tenant's directory entry
 BACKOFF_START = 0.1     # seconds before the first probe of a shard found down
@@ -110,18 +113,22 @@ class _Health:
         if self.down[shard]:
             g = self.shards[shard]
             raise StoreUnavailable(f"shard {shard} ({g.keys.prefix}) of Redis at {g.url} cannot be reached; it is "
-                                   "probed in the background and used again as soon as it answers", url=g.url)
+                                   "probed in the background and used again as soon as it answers", url=g.url,
+                                   shard=shard)
 
     def failed(self, shard: int) -> None:
         with self._lock:
             if self.down[shard]:
                 return
             self.down[shard] = True
+        g = self.shards[shard]
+        log.warning("shard %d (%s) of Redis at %s cannot be reached: skipped, and probed in the background "
+                    "until it answers; the other shards carry on", shard, g.keys.prefix, g.url)
         threading.Thread(target=self._probe, args=(shard,), name=f"coretask-shard-{shard}-probe",
                          daemon=True).start()
 
     def _probe(self, shard: int) -> None:
-        wait = BACKOFF_START
+        wait, since = BACKOFF_START, time.monotonic()
         while True:
             time.sleep(wait)
             try:
@@ -130,6 +137,8 @@ class _Health:
                 wait = min(wait * 2, PROBE_MAX)
                 continue
             self.down[shard] = False
+            log.warning("shard %d (%s) answers again after %.1fs", shard, self.shards[shard].keys.prefix,
+                        time.monotonic() - since)
             self.on_up(shard)
             return
 
@@ -150,7 +159,8 @@ class _Guarded:
             health.check(shard)
             try:
                 return method(*args, **kwargs)
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
+                exc.shard = shard
                 health.failed(shard)
                 raise
         return call
@@ -639,10 +649,22 @@ class ShardedGateway:
     # the shard it came from to its claim.
 
     def schedule_due(self, limit: int) -> DueSchedules:
-        replies = [g.schedule_due(limit) for g in self.shards]
-        nexts = [r.next_ms for r in replies if r.next_ms != -1]
-        due = [dataclasses.replace(d, shard=s) for s, r in enumerate(replies) for d in r.due]
-        return DueSchedules(now_ms=replies[0].now_ms, paused=any(r.paused for r in replies),
+        """The due schedules of every shard that answers: a shard that is down (failing over)
+        keeps only its own schedules from ticking, and is asked again within PROBE_MAX."""
+        replies, error = [], None
+        for s, g in enumerate(self.shards):
+            try:
+                replies.append((s, g.schedule_due(limit)))
+            except StoreUnavailable as exc:
+                error = error or exc
+        if not replies:
+            raise cast(StoreUnavailable, error)
+        now = replies[0][1].now_ms
+        nexts = [r.next_ms for _, r in replies if r.next_ms != -1]
+        if error is not None:
+            nexts.append(now + int(PROBE_MAX * 1000))
+        due = [dataclasses.replace(d, shard=s) for s, r in replies for d in r.due]
+        return DueSchedules(now_ms=now, paused=any(r.paused for _, r in replies),
                             next_ms=min(nexts) if nexts else -1, due=due)
 
     def server_time_ms(self) -> int:

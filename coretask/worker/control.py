@@ -25,6 +25,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ..throttle import OUTAGE
+
 if TYPE_CHECKING:
     from ..context import TaskContext
     from ..gateway import Gateway
@@ -85,8 +87,12 @@ class Control:
                 self.subscribed.clear()
                 if self._stop.is_set():
                     break
-                log.warning("worker %s: pub/sub connection lost (%s); reconnecting in %.1fs",
-                            self.worker_id, exc, delay)
+                if OUTAGE.covers(exc):      # said once for the process, then counted
+                    OUTAGE.failed(f"worker {self.worker_id}", exc)
+                    log.debug("worker %s: pub/sub connection lost; reconnecting in %.1fs", self.worker_id, delay)
+                else:
+                    log.warning("worker %s: pub/sub connection lost (%s); reconnecting in %.1fs",
+                                self.worker_id, exc, delay)
                 self._stop.wait(delay)
                 delay = min(delay * 2, BACKOFF_MAX)
             finally:

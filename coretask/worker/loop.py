@@ -30,6 +30,7 @@ from ..context import TaskContext
 from ..errors import ConfigurationError, StoreUnavailable
 from ..gateway import Failure, FetchReply, Gateway, Unreadable
 from ..options import Options
+from ..throttle import OUTAGE
 from .aborts import Aborts
 from .leases import Leases
 from .ledger import Ledger, Task
@@ -237,6 +238,12 @@ class Loop:
         server that cannot be reached is a warning (it comes back); anything else (refused
         credentials, a script error, a command the server refuses) is an error: it repeats until
         someone acts, and no task is fetched meanwhile."""
+        if OUTAGE.covers(exc):          # said once for the process, then counted
+            OUTAGE.failed(f"worker {self.worker_id}", exc)
+            log.debug("worker %s: Redis call failed; retrying in %.1fs", self.worker_id, self.maintenance.delay)
+            if stop is not None:
+                self.maintenance.backoff(stop)
+            return
         transient = isinstance(exc, StoreUnavailable) and exc.reason != "auth"
         log.log(logging.WARNING if transient else logging.ERROR,
                 "worker %s: Redis call failed (%s: %s); retrying in %.1fs%s", self.worker_id, type(exc).__name__,

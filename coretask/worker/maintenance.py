@@ -22,7 +22,7 @@ from .leases import Leases
 from .ledger import Ledger
 from .runner import THROTTLE
 from .schedules import ScheduleTimer
-from ..throttle import LogThrottle
+from ..throttle import OUTAGE, LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,11 @@ class Maintenance:
                 try:
                     getattr(self, "_" + name)()
                 except Exception as exc:
-                    self.throttle.log(("maintenance", name), logging.WARNING, f"maintenance {name} failures",
-                                      "worker %s: maintenance %s failed: %s", self.worker_id, name, exc)
+                    if OUTAGE.covers(exc):
+                        OUTAGE.failed(f"worker {self.worker_id}", exc)
+                    else:
+                        self.throttle.log(("maintenance", name), logging.WARNING, f"maintenance {name} failures",
+                                          "worker %s: maintenance %s failed: %s", self.worker_id, name, exc)
                 self.due[name] = now + self.intervals[name]
         self.throttle.flush()
         THROTTLE.flush()
@@ -94,10 +97,9 @@ class Maintenance:
         self.delay = min(self.delay * 2, BACKOFF_MAX)
 
     def connected(self) -> None:
-        """A call succeeded: after failures, one INFO line saying for how long Redis was lost."""
+        """A call succeeded: an outage ends (the one line that says so: throttle.Outage)."""
         if self.lost_since is not None:
-            log.info("worker %s: Redis connection back after %.1fs lost", self.worker_id,
-                     time.monotonic() - self.lost_since)
+            OUTAGE.reachable(f"worker {self.worker_id}")
             self.lost_since = None
         self.delay = BACKOFF_START
 

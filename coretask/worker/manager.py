@@ -31,7 +31,7 @@ from ..signing import TaskGuard
 from .descendants import DESCENDANTS_GRACE, SHOWN_DESCENDANTS, descendants_of, end_processes
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
-from ..throttle import LogThrottle
+from ..throttle import OUTAGE, LogThrottle
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,10 @@ class Manager:
         try:
             waiting = self.leases.gateway.isolated_count(self.options.queues)
         except Exception as exc:
-            log.warning("manager: could not read the isolation lists: %s", exc)
+            if OUTAGE.covers(exc):
+                OUTAGE.failed("manager", exc)
+            else:
+                log.warning("manager: could not read the isolation lists: %s", exc)
             return
         if waiting:
             self.isolation = self._spawn(isolation=True)
@@ -329,8 +332,11 @@ class Manager:
             try:
                 overdue = self.leases.gateway.overdue(child.worker_id, grace_ms)
             except Exception as exc:
-                self.throttle.log("overdue", logging.WARNING, "overdue checks failed",
-                                  "manager: overdue check for %s failed: %s", child.worker_id, exc)
+                if OUTAGE.covers(exc):
+                    OUTAGE.failed("manager", exc)
+                else:
+                    self.throttle.log("overdue", logging.WARNING, "overdue checks failed",
+                                      "manager: overdue check for %s failed: %s", child.worker_id, exc)
                 continue
             if not overdue:
                 continue
@@ -377,8 +383,13 @@ class Manager:
                 try:
                     self.leases.renew(c.worker_id)
                 except Exception as exc:
-                    self.throttle.log("renew", logging.WARNING, "lease renewals failed",
-                                      "manager: lease renewal for %s failed: %s", c.worker_id, exc)
+                    if OUTAGE.covers(exc):
+                        OUTAGE.failed("manager", exc)
+                    else:
+                        self.throttle.log("renew", logging.WARNING, "lease renewals failed",
+                                          "manager: lease renewal for %s failed: %s", c.worker_id, exc)
+                else:
+                    OUTAGE.reachable("manager")
 
     def _recover(self, child: Child) -> None:
         """Hand a child's tasks back without consuming a retry: the manager ended it (a task

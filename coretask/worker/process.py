@@ -21,6 +21,7 @@ from ..gateway import Gateway
 from ..middleware import Chain, WorkerInfo
 from ..options import Options
 from ..signing import TaskGuard
+from ..throttle import OUTAGE
 from .aborts import Aborts
 from .control import Control
 from .descendants import DESCENDANTS_GRACE, SHOWN_DESCENDANTS, end_descendants
@@ -96,7 +97,10 @@ class WorkerProcess:
         try:
             self.gateway.check_shard_count()    # ConfigurationError: raised to the caller
         except StoreUnavailable as exc:         # the loop waits for Redis (a manager checked first)
-            log.warning("worker %s: could not compare Options.shards with the deployment's: %s", self.id, exc)
+            if OUTAGE.covers(exc):
+                OUTAGE.failed(f"worker {self.id}", exc)
+            else:
+                log.warning("worker %s: could not compare Options.shards with the deployment's: %s", self.id, exc)
         threads = [threading.Thread(target=r.loop, name=f"coretask-task-{i}", daemon=True)
                    for i, r in enumerate(self.runners)]
         for t in threads:

@@ -16,6 +16,7 @@ from ..cron import parse_cron
 from ..gateway import DueSchedule, Gateway
 from ..models import ms_to_dt
 from ..options import Options
+from ..throttle import OUTAGE
 
 __all__ = ["ScheduleTimer"]
 
@@ -56,7 +57,10 @@ class ScheduleTimer:
         try:
             wait = self._run_once()
         except Exception as exc:
-            log.warning("worker %s: schedule timer failed: %s", self.worker_id, exc)
+            if OUTAGE.covers(exc):
+                OUTAGE.failed(f"worker {self.worker_id}", exc)
+            else:
+                log.warning("worker %s: schedule timer failed: %s", self.worker_id, exc)
             wait = ERROR_RETRY
         self.due = time.monotonic() + wait
 
