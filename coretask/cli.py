@@ -180,14 +180,24 @@ def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if a.queue and not _known_queue(p, a.queue) and a.queue not in p.get_paused_queues():
         _err(f"queue {a.queue} not found; the queues are: {', '.join(q.name for q in _queues(p))}")
         return NOT_FOUND
+    # said as it was found: "paused queue x" twice would read as two changes
     if a.tenant:
+        was = a.tenant in p.get_paused_tenants()
         (p.pause_tenant if pause else p.resume_tenant)(a.tenant)
-        return _said(out, {"paused": pause, "tenant": a.tenant}, f"{a.command}d tenant {a.tenant}")
+        return _said(out, {"paused": pause, "tenant": a.tenant, "changed": was != pause},
+                     _pause_said(a.command, f"tenant {a.tenant}", was == pause))
     if a.queue:
+        was = a.queue in p.get_paused_queues()
         (p.pause_queue if pause else p.resume_queue)(a.queue)
     else:
+        was = p.is_paused
         p.pause(requeue_running=getattr(a, "requeue_running", False)) if pause else p.resume()
-    return _said(out, {"paused": pause, "queue": a.queue}, f"{a.command}d {'queue ' + a.queue if a.queue else 'everything'}")
+    return _said(out, {"paused": pause, "queue": a.queue, "changed": was != pause},
+                 _pause_said(a.command, f"queue {a.queue}" if a.queue else "everything", was == pause))
+
+
+def _pause_said(command: str, what: str, unchanged: bool) -> str:
+    return f"{what} was already {command}d" if unchanged else f"{command}d {what}"
 
 
 def _pause_worker(p: TaskProcessor, a: argparse.Namespace, out: Out, pause: bool) -> int:

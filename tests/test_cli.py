@@ -118,9 +118,10 @@ def test_pause_and_resume(processor, cli):
     assert ok(cli("pause")).strip() == "paused everything"
     assert processor.is_paused
     assert json.loads(ok(cli("status", "--json")))["paused"] is True
-    assert json.loads(ok(cli("resume", "--json"))) == {"paused": False, "queue": None}
+    assert json.loads(ok(cli("resume", "--json"))) == {"paused": False, "queue": None, "changed": True}
     assert not processor.is_paused
     assert ok(cli("pause", "default")).strip() == "paused queue default"
+    assert ok(cli("pause", "default")).strip() == "queue default was already paused"   # not a second change
     assert processor.get_paused_queues() == ["default"] and not processor.is_paused
     assert "queues paused: default" in ok(cli("status"))
     ok(cli("resume", "default"))

@@ -437,7 +437,7 @@ def test_the_cli_shows_shards_and_rebalances_a_paused_tenant(make_processor, ser
     # A rebalance of a tenant that is not paused is refused with the fix
     target = (home + 1) % 3
     refused = cli("rebalance", tenant, "--to", str(target))
-    assert refused.returncode == 2 and f"pause --tenant {tenant}" in refused.stderr
+    assert refused.returncode == 2 and f"python -m coretask --app tests.app:processor pause --tenant {tenant}" in refused.stderr
     # Paused, it moves the tenant's queued tasks, and says so
     assert cli("pause", "--tenant", tenant).returncode == 0 and p.is_tenant_paused(tenant)
     moved = cli("rebalance", tenant, "--to", str(target))

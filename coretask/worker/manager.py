@@ -197,8 +197,9 @@ class Manager:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         n = self.options.processes
-        log.info("manager %d: %d processes x %d threads, queues %s, redis %s", os.getpid(), n,
-                 self.options.max_workers, ",".join(self.options.queues), self.url)
+        log.info("manager %d: %d processes x %d threads, queues %s, redis %s%s", os.getpid(), n,
+                 self.options.max_workers, ",".join(self.options.queues), self.url,
+                 f", {self.options.shards} shards" if self.options.shards > 1 else "")
         self._check_start()
         self.children = [self._spawn() for _ in range(n)]
         self._isolate_if_waiting()          # crashed tasks a previous manager left isolated
