@@ -94,6 +94,14 @@ class Outage:
         from .errors import StoreUnavailable
         return isinstance(exc, StoreUnavailable) and exc.reason == "unreachable" and exc.shard is None
 
+    def told(self, who: str, exc: BaseException) -> bool:
+        """Tell ``exc`` as part of the outage when it is one (see covers); False: the caller
+        logs it as before."""
+        if not self.covers(exc):
+            return False
+        self.failed(who, exc)
+        return True
+
     def failed(self, who: str, exc: BaseException) -> None:
         now = self.clock()
         with self._lock:

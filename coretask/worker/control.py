@@ -87,8 +87,7 @@ class Control:
                 self.subscribed.clear()
                 if self._stop.is_set():
                     break
-                if OUTAGE.covers(exc):      # said once for the process, then counted
-                    OUTAGE.failed(f"worker {self.worker_id}", exc)
+                if OUTAGE.told(f"worker {self.worker_id}", exc):      # said once for the process, then counted
                     log.debug("worker %s: pub/sub connection lost; reconnecting in %.1fs", self.worker_id, delay)
                 else:
                     log.warning("worker %s: pub/sub connection lost (%s); reconnecting in %.1fs",

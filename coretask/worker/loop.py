@@ -238,8 +238,7 @@ class Loop:
         server that cannot be reached is a warning (it comes back); anything else (refused
         credentials, a script error, a command the server refuses) is an error: it repeats until
         someone acts, and no task is fetched meanwhile."""
-        if OUTAGE.covers(exc):          # said once for the process, then counted
-            OUTAGE.failed(f"worker {self.worker_id}", exc)
+        if OUTAGE.told(f"worker {self.worker_id}", exc):      # said once for the process, then counted
             log.debug("worker %s: Redis call failed; retrying in %.1fs", self.worker_id, self.maintenance.delay)
             if stop is not None:
                 self.maintenance.backoff(stop)

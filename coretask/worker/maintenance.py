@@ -72,9 +72,7 @@ class Maintenance:
                 try:
                     getattr(self, "_" + name)()
                 except Exception as exc:
-                    if OUTAGE.covers(exc):
-                        OUTAGE.failed(f"worker {self.worker_id}", exc)
-                    else:
+                    if not OUTAGE.told(f"worker {self.worker_id}", exc):
                         self.throttle.log(("maintenance", name), logging.WARNING, f"maintenance {name} failures",
                                           "worker %s: maintenance %s failed: %s", self.worker_id, name, exc)
                 self.due[name] = now + self.intervals[name]

@@ -295,9 +295,7 @@ class Manager:
         try:
             waiting = self.leases.gateway.isolated_count(self.options.queues)
         except Exception as exc:
-            if OUTAGE.covers(exc):
-                OUTAGE.failed("manager", exc)
-            else:
+            if not OUTAGE.told("manager", exc):
                 log.warning("manager: could not read the isolation lists: %s", exc)
             return
         if waiting:
@@ -333,9 +331,7 @@ class Manager:
             try:
                 overdue = self.leases.gateway.overdue(child.worker_id, grace_ms)
             except Exception as exc:
-                if OUTAGE.covers(exc):
-                    OUTAGE.failed("manager", exc)
-                else:
+                if not OUTAGE.told("manager", exc):
                     self.throttle.log("overdue", logging.WARNING, "overdue checks failed",
                                       "manager: overdue check for %s failed: %s", child.worker_id, exc)
                 continue
@@ -384,9 +380,7 @@ class Manager:
                 try:
                     self.leases.renew(c.worker_id)
                 except Exception as exc:
-                    if OUTAGE.covers(exc):
-                        OUTAGE.failed("manager", exc)
-                    else:
+                    if not OUTAGE.told("manager", exc):
                         self.throttle.log("renew", logging.WARNING, "lease renewals failed",
                                           "manager: lease renewal for %s failed: %s", c.worker_id, exc)
                 else:

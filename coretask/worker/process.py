@@ -97,9 +97,7 @@ class WorkerProcess:
         try:
             self.gateway.check_shard_count()    # ConfigurationError: raised to the caller
         except StoreUnavailable as exc:         # the loop waits for Redis (a manager checked first)
-            if OUTAGE.covers(exc):
-                OUTAGE.failed(f"worker {self.id}", exc)
-            else:
+            if not OUTAGE.told(f"worker {self.id}", exc):
                 log.warning("worker %s: could not compare Options.shards with the deployment's: %s", self.id, exc)
         threads = [threading.Thread(target=r.loop, name=f"coretask-task-{i}", daemon=True)
                    for i, r in enumerate(self.runners)]

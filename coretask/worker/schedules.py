@@ -57,9 +57,7 @@ class ScheduleTimer:
         try:
             wait = self._run_once()
         except Exception as exc:
-            if OUTAGE.covers(exc):
-                OUTAGE.failed(f"worker {self.worker_id}", exc)
-            else:
+            if not OUTAGE.told(f"worker {self.worker_id}", exc):
                 log.warning("worker %s: schedule timer failed: %s", self.worker_id, exc)
             wait = ERROR_RETRY
         self.due = time.monotonic() + wait
