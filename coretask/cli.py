@@ -633,6 +633,26 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _command_of(argv: list[str]) -> str | None:
+    """The first word that is neither an option nor --app's value: the command."""
+    words = iter(argv)
+    for word in words:
+        if word == "--app":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+def _app_of(argv: list[str]) -> str | None:
+    for i, word in enumerate(argv):
+        if word == "--app" and i + 1 < len(argv):
+            return argv[i + 1]
+        if word.startswith("--app="):
+            return word.split("=", 1)[1]
+    return os.environ.get("CORETASK_APP")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
@@ -754,6 +774,11 @@ def _main(argv: list[str] | None, given: TaskProcessor | None = None) -> int:
 
         return demo(argv[1:])
     ap = build_parser()
+    if given is None and _command_of(argv) == "worker":     # the worker is a command of its own
+        app = _app_of(argv) or "MODULE:ATTRIBUTE"
+        _err(f"the worker is started by its own command: python -m coretask.worker --app {app} "
+             "[--processes N] [--threads N] [--queues a,b] (python -m coretask.worker --help)")
+        return USAGE
     args = ap.parse_args(argv)
     # how the user runs a command, for the hints that name another one
     args.run_as = "flask coretask" if given is not None else f"python -m coretask --app {args.app or 'APP'}"

@@ -202,7 +202,8 @@ def _blame(ref: str, call: Call) -> None:
             hint = ", annotate the parameter set[...]" if isinstance(value, (set, frozenset)) else ""
             raise SerializationError(
                 f"argument {name!r} of {ref} cannot be serialized as JSON: {exc} "
-                f"(value {value!r:.80}); pass plain data{hint}, or use Options(serializer='dill')") from None
+                f"(value {value!r:.80}); pass plain data{hint}, or use "
+                "Options(serializer='dill', signing_key=...)") from None
 
 
 class DillSerializer:
@@ -369,7 +370,7 @@ def _check_keys(ref: str, name: str, value: Any, hint: Any) -> None:
                         f"argument {name!r} of {ref} has a dict key {k!r} of type {type(k).__name__}: JSON "
                         f"writes every key as a string, so the task would get {str(k)!r}; use string keys, "
                         "annotate the parameter (dict[int, ...]) so that the keys come back, or use "
-                        "Options(serializer='dill')")
+                        "Options(serializer='dill', signing_key=...)")
                 if isinstance(item, _CONTAINERS):
                     stack.append(item)
         else:

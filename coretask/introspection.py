@@ -147,9 +147,13 @@ class Introspection:
 
     def get_batch_results(self, batch_id: str, skip: int = 0, take: int = 100) -> list[TaskOutcome]:
         """The finished tasks of a batch whose tasks keep their results, in the order they
-        finished (a continuation reads them page by page); values of expired records are gone."""
+        finished (a continuation reads them page by page); values of expired records are gone,
+        and tasks that keep no result are not listed. ResultUnavailable for a batch id that is
+        unknown (or expired): a mistyped id must not read as "no results yet"."""
         check_page(skip, take)
-        ids = self.gateway.batch_result_ids(batch_id, skip, skip + take - 1)
+        ids = self.gateway.batch_result_ids(check_id("batch", batch_id), skip, skip + take - 1)
+        if not ids and self.get_batch(batch_id) is None:
+            raise ResultUnavailable(f"batch {batch_id} is unknown, or its record has expired")
         out = []
         for task_id, h in zip(ids, self.gateway.task_hashes(ids)):
             if isinstance(h, str) or not h:

@@ -49,7 +49,7 @@ def encode_result(task_id: str, target: str, value: Any, options: Options) -> by
         except (TypeError, ValueError) as exc:
             raise SerializationError(
                 f"the return value of task {task_id} ({target}) cannot be stored as JSON: {exc}; return plain data "
-                "(dicts, lists, strings, numbers, dates), or use Options(serializer='dill')") from None
+                "(dicts, lists, strings, numbers, dates), or use Options(serializer='dill', signing_key=...)") from None
     if len(raw) > options.max_payload_bytes:
         raise PayloadTooLarge(f"the return value of task {task_id} ({target}) is {len(raw)} bytes encoded, over "
                               f"max_payload_bytes={options.max_payload_bytes}; store large results elsewhere and "

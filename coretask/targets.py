@@ -89,11 +89,11 @@ def _function_reference(fn: Callable[..., Any]) -> str:
     if fn.__name__ == "<lambda>":
         raise TargetError(
             f"a lambda ({_where(fn)}) cannot be recorded by reference with the JSON serializer; "
-            "use a module-level function, or Options(serializer='dill')")
+            "use a module-level function, or Options(serializer='dill', signing_key=...)")
     if "<locals>" in qualname:
         raise TargetError(
             f"local function {qualname!r} ({_where(fn)}) cannot be recorded by reference with the JSON "
-            "serializer; move it to module level, or use Options(serializer='dill')")
+            "serializer; move it to module level, or use Options(serializer='dill', signing_key=...)")
     ref = f"{fn.__module__}:{qualname}"
     _check_importable(ref, fn)
     return ref

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, ResultUnavailable
 from .options import check_page, check_queue_name, check_tenant
 
 if TYPE_CHECKING:
@@ -81,8 +81,8 @@ class TenantView:
         return self.processor.get_result(task_id, wait, tenant=self.tenant)
 
     def get_batch_results(self, batch_id: str, skip: int = 0, take: int = 100) -> list[TaskOutcome]:
-        if self.get_batch(batch_id) is None:
-            return []
+        if self.get_batch(batch_id) is None:    # another tenant's reads as unknown
+            raise ResultUnavailable(f"batch {batch_id} is unknown, or its record has expired")
         return self.processor.get_batch_results(batch_id, skip, take)
 
     def cancel_task(self, task_id: str) -> bool:

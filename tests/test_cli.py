@@ -429,6 +429,8 @@ def test_usage_errors_exit_2(cli):
     assert cli("status", app="").returncode == 2                      # no --app
     assert cli().returncode == 2                                      # no command
     assert cli("frobnicate").returncode == 2                          # unknown command
+    worker = cli("worker", "--processes", "2")                        # the worker's own command, named
+    assert worker.returncode == 2 and "python -m coretask.worker --app tests.app:processor" in worker.stderr
     bad = cli("status", app="no_such_module:processor")
     assert bad.returncode == 2 and "cannot be imported" in bad.stderr
     assert cli("pause", "not a queue!").returncode == 2               # invalid queue name

@@ -265,7 +265,10 @@ def test_result_ttl_option_and_batch_results_by_page(make_processor, embedded_wo
     assert sorted(o.value["echo"] for o in outcomes if o.state == "succeeded") == [0, 1, 2, 3, 4]
     (failed,) = [o for o in outcomes if o.state == "dead"]
     assert (failed.error_type, failed.error_message, failed.value) == ("RuntimeError", "no", None)
-    assert p.tenant("other").get_batch_results(batch_id) == []
+    # and an id that names no batch (or another tenant's) is said to be unknown, not "no results"
+    for read in (lambda: p.get_batch_results("f" * 32), lambda: p.tenant("other").get_batch_results(batch_id)):
+        with pytest.raises(ResultUnavailable, match="is unknown, or its record has expired"):
+            read()
 
 
 def test_a_result_expires_at_keep_result_when_the_record_is_retained_longer(make_processor, embedded_worker):

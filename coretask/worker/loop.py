@@ -70,7 +70,7 @@ class Recycling:
         ledger = self.ledger
         if self.reason is None:
             if self.max_tasks is not None and ledger.tasks_taken >= self.max_tasks:
-                self._start(f"it took {ledger.tasks_taken} tasks (max_tasks_per_process={self.max_tasks})")
+                self._start(f"max_tasks_per_process={self.max_tasks} reached")
             elif self.max_mib is not None and ledger.tasks_done != self._rss_done:
                 self._rss_done = ledger.tasks_done          # read after every turn in which a task ended
                 if self._process is None:
@@ -86,8 +86,9 @@ class Recycling:
         return free
 
     def _start(self, reason: str) -> None:
-        log.info("worker %s: recycling after %d tasks: %s; finishing %d running tasks, then exiting",
-                 self.worker_id, self.ledger.tasks_done, reason, len(self.ledger.running))
+        done, running = self.ledger.tasks_done, len(self.ledger.running)
+        log.info("worker %s: recycling after %d task%s: %s; finishing %d running task%s, then exiting",
+                 self.worker_id, done, "" if done == 1 else "s", reason, running, "" if running == 1 else "s")
         self.reason = reason
         self.ledger.quiet = True
 
