@@ -118,7 +118,7 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if quarantined:
         print(f"quarantined: {quarantined} damaged task records (python -m coretask quarantine)")
     print()
-    _queue_table(out, queues)
+    _queue_table(out, queues, paused)
     if shards:
         print()
         out.table(["SHARD", "PREFIX", "QUEUED", "IN FLIGHT", "DELAYED", "DEAD"],
@@ -131,7 +131,7 @@ def cmd_status(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
 
 def cmd_queues(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     queues = _queues(p)
-    out.data(queues) if out.json else _queue_table(out, queues)
+    out.data(queues) if out.json else _queue_table(out, queues, p.is_paused)
     return OK
 
 
@@ -141,9 +141,12 @@ def _queues(p: TaskProcessor) -> list[Any]:
     return [known.get(n) or p.get_queue(n) for n in names]
 
 
-def _queue_table(out: Out, queues: list[Any]) -> None:
+def _queue_table(out: Out, queues: list[Any], everything_paused: bool) -> None:
+    """PAUSED is the queue's own pause; under a global pause every queue reads "all" (a queue
+    shown as not paused then would read as one where work can start)."""
     out.table(["QUEUE", "QUEUED", "IN FLIGHT", "DELAYED", "DEAD", "PAUSED"],
-              [[q.name, q.queued, q.in_flight, q.delayed, q.dead, q.paused] for q in queues])
+              [[q.name, q.queued, q.in_flight, q.delayed, q.dead, "all" if everything_paused else q.paused]
+               for q in queues])
 
 
 def _known_queue(p: TaskProcessor, name: str) -> bool:

@@ -118,6 +118,8 @@ def test_pause_and_resume(processor, cli):
     assert ok(cli("pause")).strip() == "paused everything"
     assert processor.is_paused
     assert json.loads(ok(cli("status", "--json")))["paused"] is True
+    # (every queue reads paused "all": "no" would read as a queue where work can start)
+    assert [line.split()[-1] for line in ok(cli("queues")).splitlines()[1:]] == ["all"]
     assert json.loads(ok(cli("resume", "--json"))) == {"paused": False, "queue": None, "changed": True}
     assert not processor.is_paused
     assert ok(cli("pause", "default")).strip() == "paused queue default"

@@ -206,10 +206,12 @@ def test_standalone_password_is_http_basic_auth(processor: TaskProcessor) -> Non
     import base64
 
     client = create_app(processor, password="pw").test_client()
-    assert client.get("/").status_code == 401
+    none = client.get("/")
+    assert none.status_code == 401 and b"password required" in none.data
     assert "Basic" in client.get("/").headers["WWW-Authenticate"]
     bad = base64.b64encode(b"admin:nope").decode()
-    assert client.get("/", headers={"Authorization": f"Basic {bad}"}).status_code == 401
+    wrong = client.get("/", headers={"Authorization": f"Basic {bad}"})
+    assert wrong.status_code == 401 and b"wrong password" in wrong.data
     good = base64.b64encode(b"admin:pw").decode()
     assert client.get("/", headers={"Authorization": f"Basic {good}"}).status_code == 200
 

@@ -13,6 +13,7 @@ import shutil
 import socket
 import threading
 import uuid
+from datetime import timedelta
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -185,6 +186,27 @@ def test_batch_progress_moves_live_and_cancel_stops_a_running_batch(dash: Dash, 
     info = processor.wait_for_batch(slow, 20)
     assert info.state == "canceled" and info.canceled == 3 and info.done == 0
     expect(page.get_by_role("button", name="Cancel batch")).to_be_hidden()
+
+
+def test_a_page_whose_task_is_gone_says_so_and_stops_claiming_it_is_live(dash: Dash,
+                                                                          processor: TaskProcessor) -> None:
+    # Given a task's page open (a delayed task), and the task deleted meanwhile (as a finished
+    # task that keeps no record leaves)
+    tid = processor.enqueue_task("default", "acme", td.steps, 1, 0.01, delay_until=timedelta(hours=1))
+    page = dash.go(f"/tasks/{tid}")
+    expect(page.locator(".live-dot")).to_be_visible()
+    assert processor.delete_task(tid)
+    # Then the open page says so above its last state and no longer shows itself as live
+    expect(page.locator("#gone")).to_contain_text("no longer kept")
+    expect(page.locator(".live-dot")).to_be_hidden()
+    # And the page, loaded again, says what is gone and why, with the navigation (a bare 404 before)
+    response = page.goto(f"{dash.url}/tasks/{tid}")
+    assert response is not None and response.status == 404
+    expect(page.locator("#not-found")).to_contain_text(f"task {tid} is not visible here")
+    expect(page.locator("#not-found")).to_contain_text("task_retention")
+    expect(page.get_by_role("link", name="Tenants")).to_be_visible()
+    # (the browser reports each 404 answer on the console: those are this test's, and expected)
+    dash.errors[:] = [e for e in dash.errors if "404" not in e]
 
 
 def test_retry_a_dead_task_and_find_it_by_id(dash: Dash, processor: TaskProcessor,

@@ -28,6 +28,9 @@ from ..processor import TaskProcessor
 from ..tenancy import TenantView
 from .actions import add_actions
 from .scope import Scope
+
+NOT_KEPT = ("unknown, another tenant's, or finished and no longer kept (Options.task_retention keeps finished "
+            "tasks for a while)")
 from .security import csrf_token
 from .views import add_pages, fmt_dt, progress_text, runtime
 
@@ -84,6 +87,26 @@ def blueprint(target: TaskProcessor | TenantView, read_only: bool = False, *, na
 
         return render_template("coretask_dashboard/unavailable.html", error=redact_url(str(exc)),
                                kind=type(exc).__name__), 503
+
+    @bp.errorhandler(404)
+    def not_found(exc: Exception) -> tuple[Any, int]:
+        """A page whose object is gone (a task finished and not kept, a batch past its
+        retention) says what and why, with the navigation; its live twin answers JSON, which
+        tells the open page to stop claiming it is live (dashboard.js)."""
+        from flask import jsonify, render_template
+
+        if "/live/" in request.path:
+            return jsonify({"gone": True}), 404
+        args = request.view_args or {}
+        if "task_id" in args:
+            what, why = f"task {args['task_id']}", NOT_KEPT
+        elif "batch_id" in args:
+            what, why = f"batch {args['batch_id']}", "unknown, another tenant's, or past its retention"
+        elif "name" in args:
+            what, why = f"queue {args['name']}", "not a queue of this deployment"
+        else:
+            what, why = "this page", "unknown here"
+        return render_template("coretask_dashboard/not_found.html", what=what, why=why), 404
 
     add_pages(bp, scope)
     add_actions(bp, scope, read_only)

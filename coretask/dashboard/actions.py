@@ -65,9 +65,11 @@ def add_actions(bp: Blueprint, scope: Scope, read_only: bool) -> None:
             (scope.processor.pause_queue if action == "pause" else scope.processor.resume_queue)(name)
             return back(f"Queue {name} {action}d.")
         if action == "retry-dead":
-            return back(f"{scope.retry_all_dead(name)} dead tasks of queue {name} moved back to work.")
+            n = scope.retry_all_dead(name)
+            return back(f"{n} dead task{'' if n == 1 else 's'} of queue {name} moved back to work.")
         if action == "discard-dead":
-            return back(f"{scope.discard_all_dead(name)} dead tasks of queue {name} discarded.")
+            n = scope.discard_all_dead(name)
+            return back(f"{n} dead task{'' if n == 1 else 's'} of queue {name} discarded.")
         abort(404)
 
     @bp.post("/do/worker/<name>/<action>")

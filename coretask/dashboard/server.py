@@ -64,8 +64,10 @@ def create_app(target: TaskProcessor | TenantView, *, read_only: bool = False, p
     if password:
         @app.before_request
         def authenticate() -> Any:
-            if not password_ok(request.headers.get("Authorization"), password):
-                return Response("coretask dashboard: password required\n", 401, {"WWW-Authenticate": REALM})
+            given = request.headers.get("Authorization")
+            if not password_ok(given, password):
+                said = "wrong password" if given else "password required"
+                return Response(f"coretask dashboard: {said}\n", 401, {"WWW-Authenticate": REALM})
             return None
 
     @app.get("/favicon.ico")

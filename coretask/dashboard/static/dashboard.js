@@ -69,9 +69,31 @@
     });
   }
 
+  // The page's object is gone (a task finished and not kept, a batch past its retention): say
+  // so above what the page last showed, and stop updating it.
+  function gone() {
+    var note = document.createElement("p");
+    note.className = "flash coretask-error";
+    note.id = "gone";
+    note.setAttribute("role", "status");
+    note.textContent = "This is no longer kept (it finished, or was deleted): what follows is its last " +
+      "state. Reload the page for the current view.";
+    var main = document.querySelector("main");
+    main.insertBefore(note, main.firstChild);
+    document.querySelectorAll(".live-dot").forEach(function (el) { el.hidden = true; });
+    document.body.setAttribute("data-gone", "1");
+  }
+
   function tick() {
+    var stop = false;
     fetch(url, {credentials: "same-origin", headers: {"Accept": "application/json"}})
-      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (response) {
+        if (response.status === 404) {
+          stop = true;
+          gone();
+        }
+        return response.ok ? response.json() : null;
+      })
       .then(function (data) {
         if (data) {
           apply(data);
@@ -79,7 +101,7 @@
         }
       })
       .catch(function () { /* the next tick tries again */ })
-      .then(function () { window.setTimeout(tick, every); });
+      .then(function () { if (!stop) { window.setTimeout(tick, every); } });
   }
   window.setTimeout(tick, every);
 })();
