@@ -176,8 +176,9 @@ class Introspection:
                 raise ResultUnavailable(f"task {task_id} succeeded; its result was not kept (keep_result=...)")
             # a record kept longer by Options.task_retention still holds the value: keep_result
             # is its reader's promise, so the value reads as expired once keep_result has passed
-            kept_until = to_int(h.get(b"fa")) + to_int(h.get(b"kr"))
-            if kept_until < time.time() * 1000:
+            finished_ms = to_int(h.get(b"fa"))
+            kept_until = finished_ms + to_int(h.get(b"kr"))
+            if finished_ms and kept_until < time.time() * 1000:
                 raise ResultUnavailable(f"task {task_id} succeeded; its result expired at "
                                         f"{ms_to_dt(kept_until):%Y-%m-%d %H:%M:%S} UTC (keep_result)")
             return decode_result(task_id, h[b"rv"], self.options)
