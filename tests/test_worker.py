@@ -204,6 +204,12 @@ def test_an_isolated_task_held_back_waits_in_one_isolation_process(make_processo
     processor = make_processor(strict_queues=False)
     key = prefix + ":slow"
     m = start_manager(processes=1, threads=2)
+    if hold == "tenant at its limit":
+        # the blocker first: started after the 1 s task, under load it could start after that
+        # task had ended, and no task would be left to crash
+        start_manager(processes=1, threads=1, queues="other", strict_queues=False)   # a queue of no Options
+        processor.enqueue_task("other", "acme", tw.sleep_with_context, prefix + ":blocker", 8.0)
+        wait_until(lambda: r.llen(prefix + ":blocker:started") == 1, 20, "the blocker running")
     processor.enqueue_task("default", "acme", tw.sleep_with_context, key, 1.0)
     wait_until(lambda: r.llen(key + ":started") == 1, 20, "the task started")
     [(_, _, pid1)] = runs(r, key + ":started")
@@ -212,9 +218,6 @@ def test_an_isolated_task_held_back_waits_in_one_isolation_process(make_processo
     elif hold == "queue paused":
         processor.pause_queue("default")
     else:
-        start_manager(processes=1, threads=1, queues="other", strict_queues=False)   # a queue of no Options
-        processor.enqueue_task("other", "acme", tw.sleep_with_context, prefix + ":blocker", 4.0)
-        wait_until(lambda: r.llen(prefix + ":blocker:started") == 1, 20, "the blocker running")
         processor.set_tenant_limit("acme", 1)
     # When its worker process is killed, and the task goes to isolation behind the hold
     os.kill(pid1, signal.SIGKILL)
