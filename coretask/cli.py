@@ -185,7 +185,7 @@ def cmd_pause(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
         return NOT_FOUND
     # said as it was found: "paused queue x" twice would read as two changes
     if a.tenant:
-        was = a.tenant in p.get_paused_tenants()
+        was = p.is_tenant_paused(a.tenant)
         (p.pause_tenant if pause else p.resume_tenant)(a.tenant)
         return _said(out, {"paused": pause, "tenant": a.tenant, "changed": was != pause},
                      _pause_said(a.command, f"tenant {a.tenant}", was == pause))
@@ -226,7 +226,7 @@ def _pause_worker(p: TaskProcessor, a: argparse.Namespace, out: Out, pause: bool
 def cmd_rebalance(p: TaskProcessor, a: argparse.Namespace, out: Out) -> int:
     if _unknown_tenant(p, a, a.tenant):
         return NOT_FOUND
-    if p.options.shards > 1 and a.tenant not in p.get_paused_tenants():
+    if p.options.shards > 1 and not p.is_tenant_paused(a.tenant):
         _err(f"tenant {a.tenant} is not paused: pause it first ({a.run_as} pause --tenant {a.tenant}), so that no "
              "worker takes a task while it moves; resume it afterwards")
         return USAGE

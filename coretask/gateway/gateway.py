@@ -124,9 +124,8 @@ class Gateway(OneShard):
         (its layout stays as it was), so turning sharding on (1 -> N) is the change allowed."""
         key = self.keys.shard_count
         recorded = self._redis.get(key)
-        if recorded is None and shards > 1:
-            self._redis.set(key, shards, nx=True)      # of two first starts, one count wins
-            recorded = self._redis.get(key)
+        if recorded is None and shards > 1 and not self._redis.set(key, shards, nx=True):
+            recorded = self._redis.get(key)             # another first start won: its count stands
         if recorded is not None and int(recorded) != shards:
             raise ConfigurationError(
                 f"this deployment runs {int(recorded)} shards (recorded in {key} when it first ran with "

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["DESCENDANTS_GRACE", "SHOWN_DESCENDANTS", "descendants_of", "end_descendants", "end_processes"]
+__all__ = ["descendants_of", "end_descendants", "end_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -29,30 +29,32 @@ def descendants_of(pid: int) -> list:
         return []
 
 
-def end_processes(procs: list, grace: float) -> list[str]:
-    """SIGTERM each, SIGKILL what still runs ``grace`` seconds later; returns "name[pid]" of
-    those that were running."""
+def end_processes(procs: list, who: str) -> None:
+    """SIGTERM each, SIGKILL what still runs DESCENDANTS_GRACE seconds later, and say which
+    (``who`` ended them, for the log line). Never raises: its caller is ending a process."""
     import psutil
-    named = []
-    for p in procs:
-        try:
-            named.append(f"{p.name()}[{p.pid}]")
-            p.terminate()
-        except psutil.Error:
-            continue
-    _, alive = psutil.wait_procs(procs, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    return named
-
-
-def end_descendants(pid: int, grace: float) -> list[str]:
-    """End every process ``pid`` started (see the module docstring); never raises."""
     try:
-        return end_processes(descendants_of(pid), grace)
-    except Exception as exc:   # the worker is on its way out: a failure here must not stop that
-        log.warning("could not end the processes started by process %d: %s", pid, exc)
-        return []
+        named = []
+        for p in procs:
+            try:
+                named.append(f"{p.name()}[{p.pid}]")
+                p.terminate()
+            except psutil.Error:
+                continue
+        _, alive = psutil.wait_procs(procs, timeout=DESCENDANTS_GRACE)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+    except Exception as exc:
+        log.warning("%s: could not end the processes its tasks started: %s", who, exc)
+        return
+    if named:
+        log.warning("%s: ended %d process(es) its tasks had started (%s)", who, len(named),
+                    ", ".join(named[:SHOWN_DESCENDANTS]))
+
+
+def end_descendants(pid: int, who: str) -> None:
+    """End every process ``pid`` started (see the module docstring)."""
+    end_processes(descendants_of(pid), who)

@@ -62,7 +62,7 @@ class Maintenance:
         now = time.monotonic()
         self.due = {name: now for name in self.intervals}
         self.delay = BACKOFF_START
-        self.lost_since: float | None = None    # monotonic time of the first failed call in a row
+        self.lost = False                       # a call failed since the last one that succeeded
 
     def tick(self) -> float:
         """Run what is due; return seconds until the next timer."""
@@ -88,17 +88,16 @@ class Maintenance:
     # ------------------------------------------------------------------------ Redis errors
 
     def backoff(self, stop: threading.Event) -> None:
-        if self.lost_since is None:
-            self.lost_since = time.monotonic()
+        self.lost = True
         self.due["unreceived"] = 0.0    # a fetch may have run without its reply reaching us
         stop.wait(self.delay)
         self.delay = min(self.delay * 2, BACKOFF_MAX)
 
     def connected(self) -> None:
         """A call succeeded: an outage ends (the one line that says so: throttle.Outage)."""
-        if self.lost_since is not None:
+        if self.lost:
             OUTAGE.reachable(f"worker {self.worker_id}")
-            self.lost_since = None
+            self.lost = False
         self.delay = BACKOFF_START
 
     # ------------------------------------------------------------------------------ timers

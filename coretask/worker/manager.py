@@ -28,7 +28,7 @@ from ..errors import ConfigurationError, StoreUnavailable
 from ..gateway import Failure, Outcomes, Overdue
 from ..logs import configure as configure_logs
 from ..signing import TaskGuard
-from .descendants import DESCENDANTS_GRACE, SHOWN_DESCENDANTS, descendants_of, end_processes
+from .descendants import descendants_of, end_processes
 from .leases import Leases
 from .process import Configured, WorkerProcess, new_worker_id
 from ..throttle import OUTAGE, LogThrottle
@@ -354,10 +354,7 @@ class Manager:
         procs = descendants_of(child.process.pid)      # listed while they still descend from it
         child.process.kill()
         child.process.join(5)
-        ended = end_processes(procs, DESCENDANTS_GRACE)
-        if ended:
-            log.warning("manager: ended %d process(es) the tasks of %s had started (%s)", len(ended),
-                        child.worker_id, ", ".join(ended[:SHOWN_DESCENDANTS]))
+        end_processes(procs, f"manager, for worker {child.worker_id}")
 
     def _fail_timed_out(self, child: Child, tasks: list[Overdue]) -> None:
         """Tasks past their time limit whose process had to be ended: each attempt counts as

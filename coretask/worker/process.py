@@ -24,7 +24,7 @@ from ..signing import TaskGuard
 from ..throttle import OUTAGE
 from .aborts import Aborts
 from .control import Control
-from .descendants import DESCENDANTS_GRACE, SHOWN_DESCENDANTS, end_descendants
+from .descendants import end_descendants
 from .leases import Leases
 from .ledger import Ledger
 from .loop import Loop, Recycling
@@ -152,9 +152,6 @@ class WorkerProcess:
             self.gateway.send_outcomes(self.id, outcomes)
         except Exception:
             log.exception("worker %s: could not hand tasks back; their leases will expire", self.id)
-        ended = end_descendants(os.getpid(), DESCENDANTS_GRACE)
-        if ended:
-            log.warning("worker %s: ended %d process(es) its tasks had started (%s)", self.id, len(ended),
-                        ", ".join(ended[:SHOWN_DESCENDANTS]))
+        end_descendants(os.getpid(), f"worker {self.id}")
         if self.on_exit_request is not None:
             self.on_exit_request()

@@ -186,8 +186,7 @@ class Runner:
                 chain.after_task(ctx, SUCCEEDED, task.result, None)
             self.ledger.succeeded(task, duration_ms, result)
         elif task.abort_reason == "timeout":
-            limit = task.leased.timeout_ms / 1000
-            timeout = TaskTimeout(f"ran past its time limit of {limit:g}s")   # the id and target are beside it
+            timeout = _timeout(task)
             timeout.__cause__ = error
             self._failed(task, timeout, duration_ms)
         elif isinstance(error, TaskCanceled) or task.abort_reason is not None:
@@ -211,9 +210,7 @@ class Runner:
         """A timed-out task ignored its abort past cancel_grace, so its process is about to end
         (called from the loop thread): its attempt is failed here as the task's own thread
         would have failed it, with its run time, the retry delay, the log line and middleware."""
-        limit = task.leased.timeout_ms / 1000
-        self._failed(task, TaskTimeout(f"ran past its time limit of {limit:g}s and ignored the abort for "
-                                       "cancel_grace; its worker process ended"),
+        self._failed(task, _timeout(task, " and ignored the abort for cancel_grace; its worker process ended"),
                      int((time.monotonic() - task.started) * 1000))
 
     def _failed(self, task: Task, error: BaseException, duration_ms: int) -> None:
@@ -376,6 +373,11 @@ def _sched_batch() -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))     # 0: the calling thread (Linux)
     except OSError as exc:       # a seccomp profile may forbid it: the tasks run all the same
         log.debug("could not set SCHED_BATCH on task thread: %s", exc)
+
+
+def _timeout(task: Task, then: str = "") -> TaskTimeout:
+    """The error of an attempt past its time limit (the task's id and target are beside it)."""
+    return TaskTimeout(f"ran past its time limit of {task.leased.timeout_ms / 1000:g}s{then}")
 
 
 def _failure(task: Task, error: BaseException, duration_ms: int, *, delay_ms: int = 0,
